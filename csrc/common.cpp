@@ -1,0 +1,61 @@
+#include <sstream>
+
+#include "ops.h"
+
+namespace lstm_fused {
+
+Peephole parse_peephole(c10::string_view peephole) {
+  if (peephole == "none") return Peephole::None;
+  if (peephole == "diagonal") return Peephole::Diagonal;
+  if (peephole == "full") return Peephole::Full;
+  TORCH_CHECK_VALUE(false, "lstm_fused: peephole must be 'none', 'diagonal' or 'full', got '",
+                    std::string(peephole), "'");
+}
+
+void check_arg(const Tensor& t, const char* name, const Tensor& like, at::IntArrayRef sizes) {
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "lstm_fused: expected ", name,
+                   " to have dtype ", like.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "lstm_fused: expected ", name, " on device ",
+              like.device(), ", got ", t.device());
+  TORCH_CHECK_VALUE(t.sizes() == sizes, "lstm_fused: expected ", name, " of shape ", sizes,
+                    ", got ", t.sizes());
+}
+
+void check_weight_ch(const OptTensor& weight_ch, Peephole peephole, bool coupled, int64_t hidden,
+                     const Tensor& like) {
+  const int64_t P = num_peepholes(coupled);
+  switch (peephole) {
+    case Peephole::None:
+      TORCH_CHECK_VALUE(!weight_ch.has_value(),
+                        "lstm_fused: weight_ch was given but peephole is 'none'");
+      return;
+    case Peephole::Diagonal:
+      TORCH_CHECK_VALUE(weight_ch.has_value(), "lstm_fused: peephole='diagonal' needs weight_ch");
+      check_arg(*weight_ch, "weight_ch", like, {P, hidden});
+      return;
+    case Peephole::Full:
+      TORCH_CHECK_VALUE(weight_ch.has_value(), "lstm_fused: peephole='full' needs weight_ch");
+      check_arg(*weight_ch, "weight_ch", like, {P * hidden, hidden});
+      TORCH_CHECK(false, "lstm_fused: peephole='full' is not implemented by the fused ops yet");
+  }
+}
+
+Tensor rows_contiguous(const Tensor& t) {
+  // Rows may be strided, even broadcast (stride 0): the kernels only read such inputs.
+  return (t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1)) ? t : t.contiguous();
+}
+
+Tensor diagonal_peephole_grad(const Tensor& grad_z, const Tensor& c_prev, const Tensor& c,
+                              bool coupled) {
+  const int64_t H = c.size(-1);
+  auto block = [&](int k) { return grad_z.narrow(1, k * H, H); };
+  std::vector<Tensor> rows;
+  if (!coupled) rows.push_back((block(GateLayout<false>::i) * c_prev).sum(0));
+  const int f = coupled ? GateLayout<true>::f : GateLayout<false>::f;
+  const int o = coupled ? GateLayout<true>::o : GateLayout<false>::o;
+  rows.push_back((block(f) * c_prev).sum(0));
+  rows.push_back((block(o) * c).sum(0));
+  return at::stack(rows);
+}
+
+}  // namespace lstm_fused

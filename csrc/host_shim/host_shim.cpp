@@ -1,0 +1,70 @@
+// Runs the CUDA kernels of cuda/pointwise_kernels.cuh on the CPU, for tests on machines without
+// a GPU: __global__ and __device__ become plain host code, and a launch walks every block and
+// thread of the grid in order. The launch geometry can be forced, so tests cover several.
+#include <optional>
+
+#include <ATen/ATen.h>
+
+#define LSTM_FUSED_HOST_SHIM 1
+#define __host__
+#define __device__
+#define __global__
+
+namespace lstm_fused::host_shim {
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+}  // namespace lstm_fused::host_shim
+
+using lstm_fused::host_shim::blockDim;
+using lstm_fused::host_shim::blockIdx;
+using lstm_fused::host_shim::gridDim;
+using lstm_fused::host_shim::threadIdx;
+
+namespace lstm_fused {
+struct LaunchGeometry;
+LaunchGeometry host_shim_geometry(int64_t elements);
+}  // namespace lstm_fused
+
+#define LSTM_GEOMETRY(elements) ::lstm_fused::host_shim_geometry(elements)
+#define LSTM_LAUNCH(kernel, geometry, ...)                                   \
+  do {                                                                       \
+    using namespace ::lstm_fused::host_shim;                                 \
+    gridDim = dim3{static_cast<unsigned>((geometry).blocks)};                \
+    blockDim = dim3{static_cast<unsigned>((geometry).threads)};              \
+    for (unsigned b = 0; b < gridDim.x; ++b) {                               \
+      for (unsigned t = 0; t < blockDim.x; ++t) {                            \
+        blockIdx = dim3{b};                                                  \
+        threadIdx = dim3{t};                                                 \
+        kernel(__VA_ARGS__);                                                 \
+      }                                                                      \
+    }                                                                        \
+  } while (0)
+
+#include "../cuda/pointwise_kernels.cuh"
+#include "host_shim.h"
+
+namespace lstm_fused {
+
+namespace {
+thread_local std::optional<LaunchGeometry> forced_geometry;
+}
+
+LaunchGeometry host_shim_geometry(int64_t elements) {
+  return forced_geometry ? *forced_geometry : pointwise_geometry(elements);
+}
+
+const PointwiseKernels& host_shim_kernels() {
+  static const PointwiseKernels kernels{launch_pointwise_forward, launch_pointwise_backward};
+  return kernels;
+}
+
+ScopedHostShimGeometry::ScopedHostShimGeometry(int64_t blocks, int64_t threads) {
+  TORCH_CHECK(blocks >= 0 && threads >= 0, "host shim geometry must be non-negative");
+  if (blocks > 0 && threads > 0) forced_geometry = LaunchGeometry{blocks, threads};
+}
+
+ScopedHostShimGeometry::~ScopedHostShimGeometry() { forced_geometry.reset(); }
+
+}  // namespace lstm_fused

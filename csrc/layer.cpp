@@ -1,0 +1,303 @@
+// One LSTM layer in one direction over a whole sequence, padded [T, B, I] or packed [N, I] with
+// per-step batch sizes. The time loop is here, in C++, and is the same for every device:
+//   forward,  once:      gates = x W_ih^T + b_ih + b_hh           (one GEMM over all steps)
+//             per step:  gates_t += h_{t-1} W_hh^T                (one GEMM, in place)
+//                        pointwise forward                        (one kernel; gates_t becomes
+//                                                                  the activated gates, saved)
+//   backward, per step:  pointwise backward -> dz_t, dc_{t-1}      (one kernel)
+//                        dh_{t-1} = dz_t W_hh                     (one GEMM)
+//             once:      dW_ih, dW_hh, dx, bias and peephole gradients over all T*B rows.
+// With a projection (proj_size > 0) each step has one more GEMM (h = r W_hr^T) and the
+// backward one more add and GEMM.
+#include <numeric>
+
+#include "ops.h"
+
+namespace lstm_fused {
+
+namespace {
+
+// Which rows are active at each time step. Padded input: every step has all B rows. Packed
+// input: the first batch_sizes[t] rows (sequences sorted by decreasing length).
+struct Schedule {
+  std::vector<int64_t> sizes;    // rows active at time t
+  std::vector<int64_t> offsets;  // first row of time t in the [N, ...] layouts
+  int64_t batch = 0;             // B, the rows of the states
+  int64_t rows = 0;              // N = sum(sizes)
+  bool ragged = false;           // some step has fewer than B rows
+  bool reverse = false;
+
+  int64_t steps() const { return static_cast<int64_t>(sizes.size()); }
+  // Time index of the s-th processed step.
+  int64_t time(int64_t s) const { return reverse ? steps() - 1 - s : s; }
+};
+
+Schedule make_schedule(const Tensor& input, at::OptionalIntArrayRef batch_sizes, bool reverse) {
+  Schedule s;
+  s.reverse = reverse;
+  if (batch_sizes.has_value()) {
+    TORCH_CHECK_VALUE(input.dim() == 2,
+                      "lstm_fused: packed input (with batch_sizes) must be 2-D [N, input_size], "
+                      "got ", input.sizes());
+    int64_t previous = std::numeric_limits<int64_t>::max();
+    for (const int64_t size : *batch_sizes) {
+      TORCH_CHECK_VALUE(size > 0 && size <= previous,
+                        "lstm_fused: batch_sizes must be positive and non-increasing, got ",
+                        *batch_sizes);
+      previous = size;
+      s.offsets.push_back(s.rows);
+      s.sizes.push_back(size);
+      s.rows += size;
+    }
+    TORCH_CHECK_VALUE(s.rows == input.size(0), "lstm_fused: batch_sizes sum to ", s.rows,
+                      " but the packed input has ", input.size(0), " rows");
+    s.batch = s.sizes.empty() ? 0 : s.sizes.front();
+  } else {
+    TORCH_CHECK_VALUE(input.dim() == 3, "lstm_fused: expected input of shape [T, B, input_size], "
+                      "got ", input.sizes());
+    const int64_t T = input.size(0);
+    s.batch = input.size(1);
+    for (int64_t t = 0; t < T; ++t) {
+      s.offsets.push_back(t * s.batch);
+      s.sizes.push_back(s.batch);
+    }
+    s.rows = T * s.batch;
+  }
+  s.ragged = std::any_of(s.sizes.begin(), s.sizes.end(),
+                         [&](int64_t size) { return size != s.batch; });
+  return s;
+}
+
+struct LayerShape {
+  Peephole peephole;
+  int64_t gates, hidden, proj, input;
+};
+
+LayerShape check_layer(const Tensor& input, const Tensor& h0, const Tensor& c0,
+                       const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias_ih,
+                       const OptTensor& bias_hh, const OptTensor& weight_ch,
+                       const OptTensor& weight_hr, const Schedule& schedule,
+                       c10::string_view peephole, bool coupled) {
+  LayerShape shape{parse_peephole(peephole), num_gates(coupled), 0, 0, input.size(-1)};
+  TORCH_CHECK_VALUE(weight_ih.dim() == 2 && weight_ih.size(0) % shape.gates == 0,
+                    "lstm_fused: expected weight_ih of shape [", shape.gates,
+                    "*hidden_size, input_size] for this variant, got ", weight_ih.sizes());
+  shape.hidden = weight_ih.size(0) / shape.gates;
+  shape.proj = weight_hr ? weight_hr->size(0) : shape.hidden;
+  const int64_t GH = shape.gates * shape.hidden;
+  check_arg(weight_ih, "weight_ih", input, {GH, shape.input});
+  check_arg(weight_hh, "weight_hh", input, {GH, shape.proj});
+  if (bias_ih) check_arg(*bias_ih, "bias_ih", input, {GH});
+  if (bias_hh) check_arg(*bias_hh, "bias_hh", input, {GH});
+  if (weight_hr) check_arg(*weight_hr, "weight_hr", input, {shape.proj, shape.hidden});
+  check_weight_ch(weight_ch, shape.peephole, coupled, shape.hidden, input);
+  check_arg(h0, "h0", input, {schedule.batch, shape.proj});
+  check_arg(c0, "c0", input, {schedule.batch, shape.hidden});
+  return shape;
+}
+
+// [N, D]: for every row, the state it started its step from. `states` holds the state after each
+// row's step ([N, D], same layout), `initial` the initial states [B, D].
+Tensor previous_states(const Tensor& states, const Tensor& initial, const Schedule& s) {
+  const int64_t B = s.batch, N = s.rows;
+  if (!s.ragged) {
+    if (N == 0) return states;
+    return s.reverse ? at::cat({states.narrow(0, B, N - B), initial})
+                     : at::cat({initial, states.narrow(0, 0, N - B)});
+  }
+  std::vector<int64_t> index(N);
+  for (int64_t t = 0; t < s.steps(); ++t) {
+    const int64_t prev = s.reverse ? t + 1 : t - 1;
+    const bool has_prev = prev >= 0 && prev < s.steps();
+    for (int64_t b = 0; b < s.sizes[t]; ++b) {
+      index[s.offsets[t] + b] = has_prev && b < s.sizes[prev] ? s.offsets[prev] + b : N + b;
+    }
+  }
+  const Tensor index_tensor = at::tensor(index, at::kLong).to(states.device());
+  return at::cat({states, initial}).index_select(0, index_tensor);
+}
+
+Tensor input_bias(const OptTensor& bias_ih, const OptTensor& bias_hh) {
+  if (bias_ih && bias_hh) return *bias_ih + *bias_hh;
+  if (bias_ih) return *bias_ih;
+  if (bias_hh) return *bias_hh;
+  return Tensor();
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
+    const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
+    const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
+    const OptTensor& weight_ch, const OptTensor& weight_hr, at::OptionalIntArrayRef batch_sizes,
+    bool reverse, c10::string_view peephole, bool coupled, const PointwiseKernels& kernels) {
+  const Schedule s = make_schedule(input, batch_sizes, reverse);
+  const LayerShape shape = check_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
+                                       weight_ch, weight_hr, s, peephole, coupled);
+  const c10::OptionalDeviceGuard guard(input.device());
+  const int64_t B = s.batch, H = shape.hidden, R = shape.proj, N = s.rows;
+  const bool projected = weight_hr.has_value();
+  const auto options = input.options();
+
+  const Tensor x = input.reshape({N, shape.input});
+  const Tensor bias = input_bias(bias_ih, bias_hh);
+  Tensor gates = bias.defined() ? at::addmm(bias, x, weight_ih.t()) : at::mm(x, weight_ih.t());
+  Tensor cells = at::empty({N, H}, options);
+  Tensor output = at::empty({N, R}, options);
+  Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
+  // Packed input needs a running h; padded input reads h_{t-1} straight from the output.
+  Tensor h_state = s.ragged ? h0.clone(at::MemoryFormat::Contiguous) : Tensor();
+  Tensor unprojected = projected ? at::empty({B, H}, options) : Tensor();
+  const Tensor weight_hh_t = weight_hh.t();
+  const Tensor weight_hr_t = projected ? weight_hr->t() : Tensor();
+  const Tensor w_ch = weight_ch ? weight_ch->contiguous() : Tensor();
+
+  ForwardStep p{};
+  p.weight_ch = w_ch.defined() ? w_ch.data_ptr() : nullptr;
+  p.hidden = H, p.coupled = coupled, p.peephole = shape.peephole, p.dtype = input.scalar_type();
+  p.z_stride = p.gates_stride = gates.stride(0);
+  p.c_prev_stride = p.c_state_stride = p.c_out_stride = H;
+  for (int64_t step = 0; step < s.steps(); ++step) {
+    const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
+    Tensor z = gates.narrow(0, row, n);
+    const Tensor h_prev = s.ragged    ? h_state.narrow(0, 0, n)
+                          : step == 0 ? h0
+                                      : output.narrow(0, s.offsets[s.time(step - 1)], n);
+    z.addmm_(h_prev, weight_hh_t);
+
+    p.z = p.gates_out = z.data_ptr();
+    p.c_prev = p.c_state = c_state.data_ptr();
+    p.c_out = row_ptr(cells, row);
+    p.h_out = projected ? unprojected.data_ptr() : row_ptr(output, row);
+    p.h_out_stride = projected ? H : R;
+    p.h_state = s.ragged && !projected ? h_state.data_ptr() : nullptr;
+    p.h_state_stride = R;
+    p.rows = n;
+    {
+      RECORD_FUNCTION("lstm_fused::pointwise_forward", {});
+      kernels.forward(p);
+    }
+    if (projected) {
+      Tensor h = output.narrow(0, row, n);
+      at::mm_out(h, unprojected.narrow(0, 0, n), weight_hr_t);
+      if (s.ragged) h_state.narrow(0, 0, n).copy_(h);
+    }
+  }
+
+  Tensor h_n = s.ragged          ? h_state
+               : s.steps() == 0 ? h0.clone(at::MemoryFormat::Contiguous)
+                                 : output.narrow(0, s.offsets[s.time(s.steps() - 1)], B).clone();
+  const auto lead = input.sizes().slice(0, input.dim() - 1);
+  auto with_last = [&](int64_t last) {
+    std::vector<int64_t> sizes(lead.begin(), lead.end());
+    sizes.push_back(last);
+    return sizes;
+  };
+  return {output.view(with_last(R)), h_n, c_state, gates.view(with_last(shape.gates * H)),
+          cells.view(with_last(H))};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
+    const OptTensor& grad_output, const OptTensor& grad_h_n, const OptTensor& grad_c_n,
+    const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
+    const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
+    const OptTensor& weight_ch, const OptTensor& weight_hr, const Tensor& output,
+    const Tensor& gates, const Tensor& cells, at::OptionalIntArrayRef batch_sizes, bool reverse,
+    c10::string_view peephole, bool coupled, bool need_input_grad,
+    const PointwiseKernels& kernels) {
+  const Schedule s = make_schedule(input, batch_sizes, reverse);
+  const LayerShape shape = check_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
+                                       weight_ch, weight_hr, s, peephole, coupled);
+  const c10::OptionalDeviceGuard guard(input.device());
+  const int64_t B = s.batch, H = shape.hidden, R = shape.proj, N = s.rows;
+  const int64_t GH = shape.gates * H;
+  const bool projected = weight_hr.has_value();
+  const auto options = input.options();
+
+  const Tensor x = input.reshape({N, shape.input});
+  const Tensor out = output.reshape({N, R});
+  const Tensor saved_gates = gates.reshape({N, GH}).contiguous();
+  const Tensor c_all = cells.reshape({N, H}).contiguous();
+  const Tensor c_init = c0.contiguous();
+  check_arg(out, "output", input, {N, R});
+  check_arg(saved_gates, "gates", input, {N, GH});
+  check_arg(c_all, "cells", input, {N, H});
+  const Tensor grad_out = grad_output ? grad_output->reshape({N, R}).contiguous() : Tensor();
+  if (grad_h_n) check_arg(*grad_h_n, "grad_h_n", input, {B, R});
+  if (grad_c_n) check_arg(*grad_c_n, "grad_c_n", input, {B, H});
+
+  Tensor grad_z = at::empty({N, GH}, options);
+  Tensor dh_state = grad_h_n ? grad_h_n->clone(at::MemoryFormat::Contiguous)
+                             : at::zeros({B, R}, options);
+  Tensor dc_state = grad_c_n ? grad_c_n->clone(at::MemoryFormat::Contiguous)
+                             : at::zeros({B, H}, options);
+  // With a projection: the total gradient of every h_t (for dW_hr) and of the unprojected r_t.
+  Tensor grad_h_all = projected ? at::empty({N, R}, options) : Tensor();
+  Tensor grad_unprojected = projected ? at::empty({B, H}, options) : Tensor();
+  const Tensor w_ch = weight_ch ? weight_ch->contiguous() : Tensor();
+
+  BackwardStep p{};
+  p.weight_ch = w_ch.defined() ? w_ch.data_ptr() : nullptr;
+  p.hidden = H, p.coupled = coupled, p.peephole = shape.peephole, p.dtype = input.scalar_type();
+  p.dc_in = p.dc_prev_out = dc_state.data_ptr();
+  p.dc_in_stride = p.dc_prev_stride = H;
+  p.gates_stride = p.grad_z_stride = GH;
+  p.c_stride = H;
+  p.c_prev_tail = c_init.data_ptr(), p.c_prev_tail_stride = H;
+  for (int64_t step = s.steps() - 1; step >= 0; --step) {
+    const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
+    if (projected) {
+      Tensor dh = grad_h_all.narrow(0, row, n);
+      if (grad_out.defined()) {
+        at::add_out(dh, dh_state.narrow(0, 0, n), grad_out.narrow(0, row, n));
+      } else {
+        dh.copy_(dh_state.narrow(0, 0, n));
+      }
+      Tensor dr = grad_unprojected.narrow(0, 0, n);
+      at::mm_out(dr, dh, *weight_hr);
+      p.grad_h = grad_unprojected.data_ptr(), p.grad_h_stride = H;
+      p.grad_h2 = nullptr;
+    } else {
+      p.grad_h = grad_out.defined() ? row_ptr(grad_out, row) : nullptr;
+      p.grad_h_stride = R;
+      p.grad_h2 = dh_state.data_ptr(), p.grad_h2_stride = R;
+    }
+    if (step == 0) {
+      p.c_prev = c_init.data_ptr(), p.c_prev_stride = H, p.c_prev_rows = n;
+    } else {
+      const int64_t prev = s.time(step - 1);
+      p.c_prev = row_ptr(c_all, s.offsets[prev]), p.c_prev_stride = H;
+      p.c_prev_rows = s.sizes[prev];
+    }
+    p.gates = row_ptr(saved_gates, row);
+    p.c = row_ptr(c_all, row);
+    p.grad_z = row_ptr(grad_z, row);
+    p.rows = n;
+    {
+      RECORD_FUNCTION("lstm_fused::pointwise_backward", {});
+      kernels.backward(p);
+    }
+    Tensor dh_prev = dh_state.narrow(0, 0, n);
+    at::mm_out(dh_prev, grad_z.narrow(0, row, n), weight_hh);
+  }
+
+  Tensor grad_input = need_input_grad ? grad_z.mm(weight_ih).view(input.sizes())
+                                      : at::empty({0}, options);
+  Tensor grad_weight_ih = grad_z.t().mm(x);
+  Tensor grad_weight_hh = grad_z.t().mm(previous_states(out, h0, s));
+  Tensor grad_bias = grad_z.sum(0);
+  Tensor grad_weight_ch =
+      shape.peephole == Peephole::Diagonal
+          ? diagonal_peephole_grad(grad_z, previous_states(c_all, c_init, s), c_all, coupled)
+          : at::empty({0}, options);
+  Tensor grad_weight_hr = at::empty({0}, options);
+  if (projected) {
+    const int o = coupled ? GateLayout<true>::o : GateLayout<false>::o;
+    const Tensor unprojected = saved_gates.narrow(1, o * H, H) * c_all.tanh();
+    grad_weight_hr = grad_h_all.t().mm(unprojected);
+  }
+  return {grad_input, dh_state, dc_state, grad_weight_ih, grad_weight_hh, grad_bias,
+          grad_weight_ch, grad_weight_hr};
+}
+
+}  // namespace lstm_fused

@@ -1,0 +1,109 @@
+// Per-element LSTM math, written once and shared by the CPU kernels (scalar and SIMD) and the
+// CUDA kernels (device code, and the same kernels run on the host by the test shim).
+//
+// Everything here is templated on a value type V that only needs +, -, * and the two
+// activations below; V is float/double on the GPU and in scalar CPU code, and
+// at::vec::Vectorized<float|double> in the SIMD CPU code (see cpu/vec_math.h).
+//
+// Notation (DESIGN.md section 1): z_* are gate pre-activations with everything that comes
+// from a GEMM already added (W_ih x + b_ih + W_hh h + b_hh, and for "full" peepholes the
+// W_c* c terms); w_c* are the diagonal peephole weights for one hidden unit.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(LSTM_FUSED_HOST_SHIM)
+#define LSTM_HD __host__ __device__
+#else
+#define LSTM_HD
+#endif
+
+namespace lstm_fused {
+
+// How the gates see the cell state. Full peepholes enter the pre-activations through GEMMs,
+// so the pointwise math only distinguishes "diagonal" from "no per-element peephole term".
+enum class Peephole : int { None = 0, Diagonal = 1, Full = 2 };
+
+// Scalar activations. expf/tanhf are the C functions that exist both on the host and in CUDA
+// device code, so this header needs no device-specific branches.
+LSTM_HD inline float lstm_exp(float x) { return expf(x); }
+LSTM_HD inline double lstm_exp(double x) { return exp(x); }
+LSTM_HD inline float lstm_tanh(float x) { return tanhf(x); }
+LSTM_HD inline double lstm_tanh(double x) { return tanh(x); }
+
+template <typename V>
+LSTM_HD inline V lstm_sigmoid(V x) {
+  return V(1) / (V(1) + lstm_exp(V(0) - x));
+}
+
+// Activated gates of one hidden unit. For coupled (CIFG) cells i is 1 - f and is not stored.
+template <typename V>
+struct Gates {
+  V i, f, g, o;
+};
+
+// Forward, part 1: input/forget/cell gates and the new cell state.
+//   f = sigmoid(z_f + w_cf c_prev);  i = coupled ? 1 - f : sigmoid(z_i + w_ci c_prev)
+//   g = tanh(z_g);                   c = f c_prev + i g
+template <bool kCoupled, bool kDiagonal, typename V>
+LSTM_HD inline V cell_update(V z_i, V z_f, V z_g, V c_prev, V w_ci, V w_cf, Gates<V>& gates) {
+  gates.f = lstm_sigmoid(kDiagonal ? z_f + w_cf * c_prev : z_f);
+  if (kCoupled) {
+    gates.i = V(1) - gates.f;
+  } else {
+    gates.i = lstm_sigmoid(kDiagonal ? z_i + w_ci * c_prev : z_i);
+  }
+  gates.g = lstm_tanh(z_g);
+  return gates.f * c_prev + gates.i * gates.g;
+}
+
+// Forward, part 2: the output gate sees the NEW cell state.
+//   o = sigmoid(z_o + w_co c);  returns h = o tanh(c)   (before any projection)
+template <bool kDiagonal, typename V>
+LSTM_HD inline V cell_output(V z_o, V c, V w_co, Gates<V>& gates) {
+  gates.o = lstm_sigmoid(kDiagonal ? z_o + w_co * c : z_o);
+  return gates.o * lstm_tanh(c);
+}
+
+// Gradients with respect to the gate pre-activations (z_*) and the previous cell state.
+template <typename V>
+struct CellGrads {
+  V dz_i, dz_f, dz_g, dz_o, dc_prev;
+};
+
+// Backward, part 1: output gate. dh is the gradient of o tanh(c); dc_in the gradient that
+// reaches c from later steps (or from c_n). Returns dz_o and adds to dc every path through c:
+//   dc = dc_in + dh o (1 - tanh(c)^2) + w_co dz_o
+// (for full peepholes the W_co^T dz_o term is added by a GEMM between part 1 and part 2).
+template <bool kDiagonal, typename V>
+LSTM_HD inline V output_backward(V dh, V dc_in, V c, V o, V w_co, V& dc) {
+  const V tanh_c = lstm_tanh(c);
+  const V dz_o = dh * tanh_c * o * (V(1) - o);
+  dc = dc_in + dh * o * (V(1) - tanh_c * tanh_c);
+  if (kDiagonal) dc = dc + w_co * dz_o;
+  return dz_o;
+}
+
+// Backward, part 2: from dc (total gradient of c) to dz_i, dz_f, dz_g and dc_prev.
+// Coupled: i = 1 - f, so the input-gate path reaches z_f with a minus sign.
+template <bool kCoupled, bool kDiagonal, typename V>
+LSTM_HD inline void cell_update_backward(V dc, V c_prev, const Gates<V>& gates, V w_ci, V w_cf,
+                                         CellGrads<V>& grads) {
+  const V di = dc * gates.g;
+  const V df = dc * c_prev;
+  grads.dz_g = dc * gates.i * (V(1) - gates.g * gates.g);
+  if (kCoupled) {
+    grads.dz_i = V(0);
+    grads.dz_f = (df - di) * gates.f * (V(1) - gates.f);
+  } else {
+    grads.dz_i = di * gates.i * (V(1) - gates.i);
+    grads.dz_f = df * gates.f * (V(1) - gates.f);
+  }
+  grads.dc_prev = dc * gates.f;
+  if (kDiagonal) {
+    grads.dc_prev = grads.dc_prev + w_cf * grads.dz_f;
+    if (!kCoupled) grads.dc_prev = grads.dc_prev + w_ci * grads.dz_i;
+  }
+}
+
+}  // namespace lstm_fused

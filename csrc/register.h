@@ -1,0 +1,60 @@
+// Binds the device-generic drivers of ops.h to a device's kernel table, with the exact C++
+// signatures of the schemas in register.cpp.
+#pragma once
+
+#include "ops.h"
+
+namespace lstm_fused {
+
+using KernelTable = const PointwiseKernels& (*)();
+
+template <KernelTable kKernels>
+struct DeviceOps {
+  static std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& gates, const Tensor& c_prev,
+                                                         const OptTensor& weight_ch,
+                                                         c10::string_view peephole, bool coupled) {
+    return lstm_fused::cell_forward(gates, c_prev, weight_ch, peephole, coupled, kKernels());
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> cell_backward(
+      const OptTensor& grad_h, const OptTensor& grad_c, const Tensor& gates, const Tensor& c_prev,
+      const Tensor& c, const OptTensor& weight_ch, c10::string_view peephole, bool coupled) {
+    return lstm_fused::cell_backward(grad_h, grad_c, gates, c_prev, c, weight_ch, peephole,
+                                     coupled, kKernels());
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
+      const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
+      const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
+      const OptTensor& weight_ch, const OptTensor& weight_hr,
+      at::OptionalIntArrayRef batch_sizes, bool reverse, c10::string_view peephole,
+      bool coupled) {
+    return lstm_fused::layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
+                                     weight_ch, weight_hr, batch_sizes, reverse, peephole,
+                                     coupled, kKernels());
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+  layer_backward(const OptTensor& grad_output, const OptTensor& grad_h_n,
+                 const OptTensor& grad_c_n, const Tensor& input, const Tensor& h0,
+                 const Tensor& c0, const Tensor& weight_ih, const Tensor& weight_hh,
+                 const OptTensor& bias_ih, const OptTensor& bias_hh, const OptTensor& weight_ch,
+                 const OptTensor& weight_hr, const Tensor& output, const Tensor& gates,
+                 const Tensor& cells, at::OptionalIntArrayRef batch_sizes, bool reverse,
+                 c10::string_view peephole, bool coupled, bool need_input_grad) {
+    return lstm_fused::layer_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih,
+                                      weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, output,
+                                      gates, cells, batch_sizes, reverse, peephole, coupled,
+                                      need_input_grad, kKernels());
+  }
+};
+
+#define LSTM_FUSED_IMPL_ALL(m, Ops)                 \
+  do {                                              \
+    m.impl("cell_forward", &Ops::cell_forward);     \
+    m.impl("cell_backward", &Ops::cell_backward);   \
+    m.impl("layer_forward", &Ops::layer_forward);   \
+    m.impl("layer_backward", &Ops::layer_backward); \
+  } while (0)
+
+}  // namespace lstm_fused

@@ -1,0 +1,29 @@
+"""lstm_fused: fused peephole and coupled-gate (CIFG) LSTMs for PyTorch, on CPU and CUDA.
+
+    import lstm_fused
+    lstm = lstm_fused.LSTM(input_size, hidden_size, peephole="diagonal", coupled=True)
+    output, (h_n, c_n) = lstm(x)
+"""
+
+from . import functional, ops, reference
+from .modules import (
+    LSTM,
+    CoupledLSTM,
+    CoupledLSTMCell,
+    LSTMCell,
+    PeepholeLSTM,
+    PeepholeLSTMCell,
+)
+
+__all__ = [
+    "LSTM",
+    "LSTMCell",
+    "PeepholeLSTM",
+    "PeepholeLSTMCell",
+    "CoupledLSTM",
+    "CoupledLSTMCell",
+    "functional",
+    "ops",
+    "reference",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,118 @@
+"""The registered operators (schemas and device kernels are in C++, csrc/register.cpp): their
+fake (meta) kernels for torch.compile / export, and their autograd formulas.
+
+    torch.ops.lstm_fused.cell_forward(gates [B, G*H], c_prev [B, H], weight_ch, peephole, coupled)
+        -> (h [B, H], c [B, H], gates_out [B, G*H])
+    torch.ops.lstm_fused.layer_forward(input [T, B, I] | [N, I], h0 [B, R], c0 [B, H], weight_ih,
+        weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, batch_sizes, reverse, peephole, coupled)
+        -> (output [T, B, R] | [N, R], h_n [B, R], c_n [B, H], gates, cells)
+
+`peephole` is the string "none", "diagonal" or "full"; `gates`/`cells` are what the backward
+needs (activated gates and cell states of every step). The *_backward ops are what autograd calls.
+"""
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers the operators)
+
+ops = torch.ops.lstm_fused
+OP_NAMES = ("cell_forward", "cell_backward", "layer_forward", "layer_backward")
+BUILT_WITH_CUDA = bool(_C.built_with_cuda)
+
+
+def num_gates(coupled: bool) -> int:
+    return 3 if coupled else 4
+
+
+# --- fake kernels: output shapes only --------------------------------------------------------
+
+
+@torch.library.register_fake("lstm_fused::cell_forward")
+def _cell_forward_fake(gates, c_prev, weight_ch, peephole, coupled):
+    return c_prev.new_empty(c_prev.shape), c_prev.new_empty(c_prev.shape), gates.new_empty(gates.shape)
+
+
+@torch.library.register_fake("lstm_fused::cell_backward")
+def _cell_backward_fake(grad_h, grad_c, gates, c_prev, c, weight_ch, peephole, coupled):
+    grad_weight_ch = (
+        weight_ch.new_empty(weight_ch.shape) if peephole == "diagonal" else c.new_empty(0)
+    )
+    return gates.new_empty(gates.shape), c_prev.new_empty(c_prev.shape), grad_weight_ch
+
+
+@torch.library.register_fake("lstm_fused::layer_forward")
+def _layer_forward_fake(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
+                        weight_hr, batch_sizes, reverse, peephole, coupled):
+    lead = input.shape[:-1]
+    gate_rows, hidden, proj = weight_ih.shape[0], c0.shape[-1], h0.shape[-1]
+    return (input.new_empty(*lead, proj), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+            input.new_empty(*lead, gate_rows), input.new_empty(*lead, hidden))
+
+
+@torch.library.register_fake("lstm_fused::layer_backward")
+def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh,
+                         bias_ih, bias_hh, weight_ch, weight_hr, output, gates, cells,
+                         batch_sizes, reverse, peephole, coupled, need_input_grad):
+    empty = input.new_empty(0)
+    return (input.new_empty(input.shape) if need_input_grad else empty,
+            h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+            weight_ih.new_empty(weight_ih.shape), weight_hh.new_empty(weight_hh.shape),
+            input.new_empty(weight_ih.shape[0]),
+            weight_ch.new_empty(weight_ch.shape) if peephole == "diagonal" else empty,
+            weight_hr.new_empty(weight_hr.shape) if weight_hr is not None else empty)
+
+
+# --- autograd --------------------------------------------------------------------------------
+
+
+def _cell_setup_context(ctx, inputs, output):
+    gates, c_prev, weight_ch, peephole, coupled = inputs
+    _, c, gates_out = output
+    ctx.save_for_backward(gates_out, c_prev, c, weight_ch)
+    ctx.peephole, ctx.coupled = peephole, coupled
+    ctx.mark_non_differentiable(gates_out)
+
+
+def _cell_backward(ctx, grad_h, grad_c, _grad_gates_out):
+    gates_out, c_prev, c, weight_ch = ctx.saved_tensors
+    grad_gates, grad_c_prev, grad_weight_ch = ops.cell_backward(
+        grad_h, grad_c, gates_out, c_prev, c, weight_ch, ctx.peephole, ctx.coupled)
+    return grad_gates, grad_c_prev, grad_weight_ch if weight_ch is not None else None, None, None
+
+
+torch.library.register_autograd(
+    "lstm_fused::cell_forward", _cell_backward, setup_context=_cell_setup_context)
+
+
+def _layer_setup_context(ctx, inputs, output):
+    (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
+     batch_sizes, reverse, peephole, coupled) = inputs
+    out, _, _, gates, cells = output
+    ctx.save_for_backward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
+                          weight_hr, out, gates, cells)
+    ctx.options = (batch_sizes, reverse, peephole, coupled)
+    ctx.mark_non_differentiable(gates, cells)
+
+
+def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+    (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
+     out, gates, cells) = ctx.saved_tensors
+    batch_sizes, reverse, peephole, coupled = ctx.options
+    need_input_grad = ctx.needs_input_grad[0]
+    (grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_ch,
+     grad_weight_hr) = ops.layer_backward(
+        grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
+        weight_ch, weight_hr, out, gates, cells, batch_sizes, reverse, peephole, coupled,
+        need_input_grad)
+
+    def when(present, grad):
+        return grad if present else None
+
+    return (when(need_input_grad, grad_input), grad_h0, grad_c0, grad_weight_ih, grad_weight_hh,
+            when(bias_ih is not None, grad_bias), when(bias_hh is not None, grad_bias),
+            when(weight_ch is not None, grad_weight_ch), when(weight_hr is not None, grad_weight_hr),
+            None, None, None, None)
+
+
+torch.library.register_autograd(
+    "lstm_fused::layer_forward", _layer_backward, setup_context=_layer_setup_context)
