@@ -1,0 +1,52 @@
+"""Shared helpers: the variants, random parameters for them, and comparison tolerances."""
+
+import itertools
+
+import pytest
+import torch
+
+# (peephole, coupled): the variants the fused kernels implement.
+VARIANTS = [(None, False), ("diagonal", False), (None, True), ("diagonal", True)]
+
+
+def variant_id(variant):
+    peephole, coupled = variant
+    return f"{peephole or 'nopeep'}-{'coupled' if coupled else 'standard'}"
+
+
+variant_params = pytest.mark.parametrize("variant", VARIANTS, ids=[variant_id(v) for v in VARIANTS])
+
+
+def make_params(input_size, hidden, *, peephole=None, coupled=False, bias=True, proj=0,
+                dtype=torch.float64, device="cpu", requires_grad=False, generator=None, scale=0.5):
+    """(weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr) for one cell/direction."""
+    G, P = (3, 2) if coupled else (4, 3)
+    R = proj or hidden
+
+    def rand(*shape):
+        t = (torch.rand(*shape, generator=generator, dtype=torch.float64) * 2 - 1) * scale
+        return t.to(dtype=dtype, device=device).requires_grad_(requires_grad)
+
+    weight_ch = None
+    if peephole == "diagonal":
+        weight_ch = rand(P, hidden)
+    elif peephole == "full":
+        weight_ch = rand(P * hidden, hidden)
+    return (rand(G * hidden, input_size), rand(G * hidden, R),
+            rand(G * hidden) if bias else None, rand(G * hidden) if bias else None,
+            weight_ch, rand(R, hidden) if proj else None)
+
+
+def assert_close(actual, expected, dtype, what=""):
+    """float64: 1e-10; float32: 1e-5 relative (with a small absolute floor); half types: loose."""
+    tol = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5),
+           torch.bfloat16: (2e-2, 2e-2), torch.float16: (5e-3, 5e-3)}[dtype]
+    torch.testing.assert_close(actual, expected, rtol=tol[0], atol=tol[1], msg=lambda m: f"{what}: {m}")
+
+
+def grid(**axes):
+    """Cartesian product of keyword axes, as pytest params with readable ids."""
+    names = list(axes)
+    combos = list(itertools.product(*axes.values()))
+    ids = ["-".join(f"{n}={v}" for n, v in zip(names, c)) for c in combos]
+    return pytest.mark.parametrize(",".join(names), combos, ids=ids)
