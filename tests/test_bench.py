@@ -1,0 +1,126 @@
+"""The benchmark CLI (lstm_fused.bench) at a toy grid: it runs, writes its JSON and PNG, and the
+JSON has the documented fields. Correctness only: nothing here asserts on speed."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from lstm_fused import bench
+
+TOY = ["--sizes", "4,2,6,5", "--headline", "4,2,6,5", "--warmup", "1", "--repeats", "2",
+       "--min-repeats", "1", "--point-budget", "0.5"]
+
+ROW_FIELDS = {"T", "B", "I", "H", "mode", "candidate", "kind", "variant", "status", "note",
+              "median_ms", "q1_ms", "q3_ms", "iqr_ms", "min_ms", "max_ms", "repeats", "times_ms",
+              "flops", "gflops", "pct_peak", "ratio_vs_nn", "check_max_abs_diff"}
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # without the torch.compile candidate (its compile dominates); see test_compiled_cell_*
+    result = bench.main(TOY + ["--candidates", "nn,nn-native,fused,reference", "--out", str(out)])
+    return out, result
+
+
+def test_writes_json_and_png(toy_run):
+    out, result = toy_run
+    assert (out / "bench.png").stat().st_size > 1000
+    with open(out / "bench.json") as f:
+        data = json.load(f)
+    assert data["results"] == json.loads(json.dumps(result["results"]))
+    meta = data["meta"]
+    for key in ("torch", "threads", "device", "dtype", "sizes", "modes", "gemm_peak", "compile",
+                "elapsed_s"):
+        assert key in meta, key
+    assert meta["threads"] == 2 and meta["device"] == "cpu" and meta["dtype"] == "float32"
+    assert meta["gemm_peak"]["peak_gflops"] > 0
+
+
+def test_every_candidate_and_mode_is_reported(toy_run):
+    _, result = toy_run
+    rows = result["results"]
+    assert {r["mode"] for r in rows} == {"fwd", "fwdbwd"}
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"nn", "nn-native", "fused", "reference"}
+    for mode in ("fwd", "fwdbwd"):
+        variants = {r["variant"] for r in rows if r["kind"] == "fused" and r["mode"] == mode}
+        assert variants == {"vanilla", "diagonal", "coupled", "diagonal+coupled", "full"}
+    for r in rows:
+        if r["status"] == "skipped":  # only "full" while the fused ops do not implement it
+            assert r["variant"] == "full" and r["note"].startswith("skipped")
+            continue
+        assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
+        assert len(r["times_ms"]) == r["repeats"] >= 1
+        assert r["min_ms"] <= r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] <= r["max_ms"]
+        assert r["gflops"] > 0 and math.isfinite(r["ratio_vs_nn"])
+        assert r["flops"] == bench.gemm_flops(4, 2, 6, 5, r["variant"], 0, r["mode"])
+        # every candidate computes the same function as the reference loop
+        assert r["check_max_abs_diff"] < 1e-4, r
+    base = [r for r in rows if r["kind"] == "nn"]
+    assert all(r["ratio_vs_nn"] == 1.0 for r in base)
+
+
+def test_gemm_flops():
+    # forward 2*T*B*(I+R)*G*H; coupled has 3 gate blocks; fwd+bwd = 3x forward
+    assert bench.gemm_flops(100, 64, 256, 256) == 2 * 100 * 64 * 512 * 4 * 256
+    assert bench.gemm_flops(1, 1, 2, 3, "coupled") == 2 * 5 * 3 * 3
+    assert bench.gemm_flops(1, 1, 2, 3, mode="fwdbwd") == 3 * bench.gemm_flops(1, 1, 2, 3)
+    assert bench.gemm_flops(1, 1, 2, 4, proj=2) == 2 * 4 * 4 * 4 + 2 * 4 * 2
+    assert bench.gemm_flops(1, 1, 2, 3, "full") == 2 * 5 * 4 * 3 + 2 * 3 * 3 * 3
+
+
+def test_cli_arguments_are_validated(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--sizes", "1,2,3"])
+    assert "T,B,I,H" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", "vanilla,nope"])
+    assert "unknown" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_device_cuda_errors_clearly_without_cuda(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--device", "cuda", "--quick", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "CUDA is not available" in err
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_loop_layer_matches_reference_layer():
+    """The compiled-cell candidate's Python time loop, here around the eager cell."""
+    from conftest import make_params
+
+    from lstm_fused import reference
+
+    g = torch.Generator().manual_seed(0)
+    for peephole, coupled in bench.VARIANTS.values():
+        params = make_params(3, 4, peephole=peephole, coupled=coupled, generator=g)
+        x = torch.randn(5, 2, 3, generator=g, dtype=torch.float64)
+        h0 = torch.randn(2, 4, generator=g, dtype=torch.float64)
+        c0 = torch.randn(2, 4, generator=g, dtype=torch.float64)
+        for reverse in (False, True):
+            kw = {"peephole": peephole, "coupled": coupled, "reverse": reverse}
+            out, (h, c) = bench.make_loop_layer(reference.lstm_cell)(x, h0, c0, *params, **kw)
+            ref, (h_ref, c_ref) = reference.lstm_layer(x, h0, c0, *params, **kw)
+            torch.testing.assert_close(out, ref)
+            torch.testing.assert_close(h, h_ref)
+            torch.testing.assert_close(c, c_ref)
+
+
+@pytest.mark.slow
+def test_compiled_cell_falls_back_to_aot_eager_on_timeout():
+    """An inductor compile over --compile-timeout is abandoned for aot_eager, and labelled."""
+    cell, label, info = bench.prepare_compiled_cell("inductor", ["diagonal"], torch.device("cpu"),
+                                                    torch.float32, timeout=0.01)
+    assert info["backend"] == "aot_eager" and "fallback" in label
+    assert "_Timeout" in info["fallback_reason"]
+    out, _ = bench.make_loop_layer(cell)(
+        torch.randn(3, 2, 4), torch.zeros(2, 5), torch.zeros(2, 5), torch.randn(20, 4),
+        torch.randn(20, 5), None, None, torch.randn(3, 5), None, peephole="diagonal",
+        coupled=False)
+    assert out.shape == (3, 2, 5)
