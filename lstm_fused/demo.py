@@ -223,7 +223,7 @@ def plot(summary: dict, models: dict, cfg: Config, path: Path) -> None:
             ax.axvline(t0[b].item(), color=colors[b], ls="--", lw=0.8)
             ax.axhline(0.5 + offset, color="grey", lw=0.5)
         seed0 = summary[name]["runs"][0]
-        ax.set_title(f"{name}, seed 0: {seed0['correct']:.0%} exactly right")
+        ax.set_title(f"{name} (seed 0: {seed0['correct']:.0%} exact)", fontsize=10)
         ax.set_xlabel("t")
         ax.set_yticks([])
     fig.axes[0].set_ylabel("sigmoid(output), 3 test sequences\n(dotted: target, dashed: trigger)")
