@@ -1,5 +1,6 @@
 // One LSTM time step: the fused pointwise kernel on gate pre-activations that the caller's GEMMs
-// produced (as torch.nn.LSTMCell does with _thnn_fused_lstm_cell).
+// produced (as torch.nn.LSTMCell does with _thnn_fused_lstm_cell). Full peepholes add their
+// GEMMs here: W_c(i,f) c_prev before the kernel, W_co c_t between its two parts.
 #include "ops.h"
 
 namespace lstm_fused {
@@ -20,6 +21,17 @@ CellShape check_cell(const Tensor& gates, const Tensor& c_prev, const OptTensor&
   return {B, H};
 }
 
+// Full peepholes: the input/forget blocks (rows of weight_ch and columns of z) and the output one.
+Tensor input_peephole_columns(const Tensor& t, int64_t H, bool coupled) {
+  return t.narrow(1, 0, peephole_input_blocks(coupled) * H);
+}
+Tensor input_peephole_weight(const Tensor& w, int64_t H, bool coupled) {
+  return w.narrow(0, 0, peephole_input_blocks(coupled) * H);
+}
+Tensor output_peephole_weight(const Tensor& w, int64_t H, bool coupled) {
+  return w.narrow(0, peephole_input_blocks(coupled) * H, H);
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& gates, const Tensor& c_prev,
@@ -29,22 +41,32 @@ std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& gates, const Tenso
   const Peephole kind = parse_peephole(peephole);
   const auto [B, H] = check_cell(gates, c_prev, weight_ch, kind, coupled);
   const c10::OptionalDeviceGuard guard(c_prev.device());
-  const Tensor z = rows_contiguous(gates), cp = rows_contiguous(c_prev);
+  const bool full = kind == Peephole::Full;
+  const Tensor cp = rows_contiguous(c_prev);
   const Tensor w = weight_ch ? weight_ch->contiguous() : Tensor();
-  Tensor gates_out = at::empty({B, z.size(1)}, z.options());
+  // Full peepholes change the pre-activations, so they work on a copy (which becomes gates_out).
+  const Tensor z = full ? gates.clone(at::MemoryFormat::Contiguous) : rows_contiguous(gates);
+  Tensor gates_out = full ? z : at::empty({B, z.size(1)}, z.options());
   Tensor c = at::empty({B, H}, z.options()), h = at::empty({B, H}, z.options());
-  if (B > 0) {
-    ForwardStep p{};
-    p.z = z.data_ptr(), p.z_stride = z.stride(0);
-    p.gates_out = gates_out.data_ptr(), p.gates_stride = gates_out.stride(0);
-    p.c_prev = cp.data_ptr(), p.c_prev_stride = cp.stride(0);
-    p.weight_ch = w.defined() ? w.data_ptr() : nullptr;
-    p.c_out = c.data_ptr(), p.c_out_stride = H;
-    p.h_out = h.data_ptr(), p.h_out_stride = H;
-    p.rows = B, p.hidden = H, p.coupled = coupled, p.peephole = kind, p.dtype = z.scalar_type();
-    RECORD_FUNCTION("lstm_fused::pointwise_forward", {});
-    kernels.forward(p);
+  if (B == 0) return {h, c, gates_out};
+
+  ForwardStep p{};
+  p.z = z.data_ptr(), p.z_stride = z.stride(0);
+  p.gates_out = gates_out.data_ptr(), p.gates_stride = gates_out.stride(0);
+  p.c_prev = cp.data_ptr(), p.c_prev_stride = cp.stride(0);
+  p.weight_ch = w.defined() && !full ? w.data_ptr() : nullptr;
+  p.c_out = c.data_ptr(), p.c_out_stride = H;
+  p.h_out = h.data_ptr(), p.h_out_stride = H;
+  p.rows = B, p.hidden = H, p.coupled = coupled, p.peephole = kind, p.dtype = z.scalar_type();
+  if (full) {
+    input_peephole_columns(gates_out, H, coupled).addmm_(cp, input_peephole_weight(w, H, coupled).t());
+    p.part = Part::Update;
+    run_forward(kernels, p);
+    gates_out.narrow(1, output_gate(coupled) * H, H)
+        .addmm_(c, output_peephole_weight(w, H, coupled).t());
+    p.part = Part::Output;
   }
+  run_forward(kernels, p);
   return {h, c, gates_out};
 }
 
@@ -59,6 +81,7 @@ std::tuple<Tensor, Tensor, Tensor> cell_backward(const OptTensor& grad_h, const 
   if (grad_h) check_arg(*grad_h, "grad_h", c_prev, {B, H});
   if (grad_c) check_arg(*grad_c, "grad_c", c_prev, {B, H});
   const c10::OptionalDeviceGuard guard(c_prev.device());
+  const bool full = kind == Peephole::Full;
   const Tensor g = rows_contiguous(gates), cp = rows_contiguous(c_prev), cc = rows_contiguous(c);
   const Tensor dh = grad_h ? rows_contiguous(*grad_h) : Tensor();
   const Tensor dc = grad_c ? rows_contiguous(*grad_c) : Tensor();
@@ -75,16 +98,24 @@ std::tuple<Tensor, Tensor, Tensor> cell_backward(const OptTensor& grad_h, const 
     p.gates = g.data_ptr(), p.gates_stride = g.stride(0);
     p.c_prev = cp.data_ptr(), p.c_prev_stride = cp.stride(0), p.c_prev_rows = B;
     p.c = cc.data_ptr(), p.c_stride = cc.stride(0);
-    p.weight_ch = w.defined() ? w.data_ptr() : nullptr;
+    p.weight_ch = w.defined() && !full ? w.data_ptr() : nullptr;
     p.grad_z = grad_z.data_ptr(), p.grad_z_stride = grad_z.stride(0);
     p.rows = B, p.hidden = H, p.coupled = coupled, p.peephole = kind, p.dtype = g.scalar_type();
-    RECORD_FUNCTION("lstm_fused::pointwise_backward", {});
-    kernels.backward(p);
+    if (full) {
+      p.part = Part::Output;  // dz_o, and dc without the W_co path
+      run_backward(kernels, p);
+      grad_c_prev.addmm_(grad_z.narrow(1, output_gate(coupled) * H, H),
+                         output_peephole_weight(w, H, coupled));
+      p.part = Part::Update;  // from the total dc in grad_c_prev
+      p.dc_in = grad_c_prev.data_ptr(), p.dc_in_stride = H;
+    }
+    run_backward(kernels, p);
+    if (full) {
+      grad_c_prev.addmm_(input_peephole_columns(grad_z, H, coupled),
+                         input_peephole_weight(w, H, coupled));
+    }
   }
-  Tensor grad_weight_ch = kind == Peephole::Diagonal
-                              ? diagonal_peephole_grad(grad_z, cp, cc, coupled)
-                              : at::empty({0}, g.options());
-  return {grad_z, grad_c_prev, grad_weight_ch};
+  return {grad_z, grad_c_prev, peephole_grad(kind, grad_z, cp, cc, coupled)};
 }
 
 }  // namespace lstm_fused

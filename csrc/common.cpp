@@ -36,7 +36,7 @@ void check_weight_ch(const OptTensor& weight_ch, Peephole peephole, bool coupled
     case Peephole::Full:
       TORCH_CHECK_VALUE(weight_ch.has_value(), "lstm_fused: peephole='full' needs weight_ch");
       check_arg(*weight_ch, "weight_ch", like, {P * hidden, hidden});
-      TORCH_CHECK(false, "lstm_fused: peephole='full' is not implemented by the fused ops yet");
+      return;
   }
 }
 
@@ -45,17 +45,22 @@ Tensor rows_contiguous(const Tensor& t) {
   return (t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1)) ? t : t.contiguous();
 }
 
-Tensor diagonal_peephole_grad(const Tensor& grad_z, const Tensor& c_prev, const Tensor& c,
-                              bool coupled) {
+Tensor peephole_grad(Peephole peephole, const Tensor& grad_z, const Tensor& c_prev,
+                     const Tensor& c, bool coupled) {
   const int64_t H = c.size(-1);
-  auto block = [&](int k) { return grad_z.narrow(1, k * H, H); };
-  std::vector<Tensor> rows;
-  if (!coupled) rows.push_back((block(GateLayout<false>::i) * c_prev).sum(0));
-  const int f = coupled ? GateLayout<true>::f : GateLayout<false>::f;
-  const int o = coupled ? GateLayout<true>::o : GateLayout<false>::o;
-  rows.push_back((block(f) * c_prev).sum(0));
-  rows.push_back((block(o) * c).sum(0));
-  return at::stack(rows);
+  const int64_t k = peephole_input_blocks(coupled) * H;
+  const Tensor dz_in = grad_z.narrow(1, 0, k);  // i, f (or f): they see c_prev
+  const Tensor dz_o = grad_z.narrow(1, output_gate(coupled) * H, H);  // o sees c
+  switch (peephole) {
+    case Peephole::Diagonal:
+      return at::cat({(dz_in.reshape({-1, k / H, H}) * c_prev.unsqueeze(1)).sum(0),
+                      (dz_o * c).sum(0, /*keepdim=*/true)});
+    case Peephole::Full:
+      return at::cat({dz_in.t().mm(c_prev), dz_o.t().mm(c)});
+    case Peephole::None:
+      break;
+  }
+  return at::empty({0}, grad_z.options());
 }
 
 }  // namespace lstm_fused

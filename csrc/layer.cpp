@@ -124,6 +124,37 @@ Tensor input_bias(const OptTensor& bias_ih, const OptTensor& bias_hh) {
   return Tensor();
 }
 
+// Full peepholes keep h and c side by side in one running state [B, R + H], so that ONE GEMM
+// against [W_hh | W_c(i,f) over zero rows for g, o] adds both the recurrent and the input/forget
+// peephole terms (and, transposed, returns both dh_{t-1} and that part of dc_{t-1}).
+Tensor stacked_recurrent_weight(const Tensor& weight_hh, const Tensor& weight_ch, bool coupled) {
+  const int64_t H = weight_ch.size(1);
+  const int64_t k = peephole_input_blocks(coupled) * H;
+  Tensor peephole = at::zeros({weight_hh.size(0), H}, weight_hh.options());
+  peephole.narrow(0, 0, k).copy_(weight_ch.narrow(0, 0, k));
+  return at::cat({weight_hh, peephole}, 1);
+}
+
+// The running states of a layer: h_{t-1} (for packed input or full peepholes; padded input reads
+// it from the output) and c_{t-1}, as views into one buffer for full peepholes.
+struct RunningState {
+  Tensor hc, h, c;
+
+  RunningState(const Tensor& h_init, const Tensor& c_init, bool full, bool need_h) {
+    if (full) {
+      hc = at::cat({h_init, c_init}, 1);
+      h = hc.narrow(1, 0, h_init.size(1));
+      c = hc.narrow(1, h_init.size(1), c_init.size(1));
+    } else {
+      c = c_init.clone(at::MemoryFormat::Contiguous);
+      if (need_h) h = h_init.clone(at::MemoryFormat::Contiguous);
+    }
+  }
+  // Final values as tensors of their own (the views of `hc` would alias each other).
+  Tensor final_h() const { return hc.defined() ? h.clone(at::MemoryFormat::Contiguous) : h; }
+  Tensor final_c() const { return hc.defined() ? c.clone(at::MemoryFormat::Contiguous) : c; }
+};
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
@@ -137,6 +168,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   const c10::OptionalDeviceGuard guard(input.device());
   const int64_t B = s.batch, H = shape.hidden, R = shape.proj, N = s.rows;
   const bool projected = weight_hr.has_value();
+  const bool full = shape.peephole == Peephole::Full;
   const auto options = input.options();
 
   const Tensor x = input.reshape({N, shape.input});
@@ -144,47 +176,53 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   Tensor gates = bias.defined() ? at::addmm(bias, x, weight_ih.t()) : at::mm(x, weight_ih.t());
   Tensor cells = at::empty({N, H}, options);
   Tensor output = at::empty({N, R}, options);
-  Tensor c_state = c0.clone(at::MemoryFormat::Contiguous);
-  // Packed input needs a running h; padded input reads h_{t-1} straight from the output.
-  Tensor h_state = s.ragged ? h0.clone(at::MemoryFormat::Contiguous) : Tensor();
+  RunningState state(h0, c0, full, s.ragged);
   Tensor unprojected = projected ? at::empty({B, H}, options) : Tensor();
-  const Tensor weight_hh_t = weight_hh.t();
-  const Tensor weight_hr_t = projected ? weight_hr->t() : Tensor();
   const Tensor w_ch = weight_ch ? weight_ch->contiguous() : Tensor();
+  const Tensor recurrent_weight_t =
+      (full ? stacked_recurrent_weight(weight_hh, w_ch, coupled) : weight_hh).t();
+  const Tensor output_peephole_t =
+      full ? w_ch.narrow(0, peephole_input_blocks(coupled) * H, H).t() : Tensor();
+  const int64_t o_column = output_gate(coupled) * H;
 
   ForwardStep p{};
-  p.weight_ch = w_ch.defined() ? w_ch.data_ptr() : nullptr;
+  p.weight_ch = shape.peephole == Peephole::Diagonal ? w_ch.data_ptr() : nullptr;
   p.hidden = H, p.coupled = coupled, p.peephole = shape.peephole, p.dtype = input.scalar_type();
   p.z_stride = p.gates_stride = gates.stride(0);
-  p.c_prev_stride = p.c_state_stride = p.c_out_stride = H;
+  p.c_prev = p.c_state = state.c.data_ptr();
+  p.c_prev_stride = p.c_state_stride = state.c.stride(0);
+  p.c_out_stride = H;
+  p.h_out_stride = projected ? H : R;
+  p.h_state = state.h.defined() && !projected ? state.h.data_ptr() : nullptr;
+  p.h_state_stride = state.h.defined() ? state.h.stride(0) : 0;
   for (int64_t step = 0; step < s.steps(); ++step) {
     const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
     Tensor z = gates.narrow(0, row, n);
-    const Tensor h_prev = s.ragged    ? h_state.narrow(0, 0, n)
-                          : step == 0 ? h0
-                                      : output.narrow(0, s.offsets[s.time(step - 1)], n);
-    z.addmm_(h_prev, weight_hh_t);
+    const Tensor recurrent_input = full        ? state.hc.narrow(0, 0, n)
+                                   : s.ragged  ? state.h.narrow(0, 0, n)
+                                   : step == 0 ? h0
+                                               : output.narrow(0, s.offsets[s.time(step - 1)], n);
+    z.addmm_(recurrent_input, recurrent_weight_t);
 
     p.z = p.gates_out = z.data_ptr();
-    p.c_prev = p.c_state = c_state.data_ptr();
     p.c_out = row_ptr(cells, row);
     p.h_out = projected ? unprojected.data_ptr() : row_ptr(output, row);
-    p.h_out_stride = projected ? H : R;
-    p.h_state = s.ragged && !projected ? h_state.data_ptr() : nullptr;
-    p.h_state_stride = R;
     p.rows = n;
-    {
-      RECORD_FUNCTION("lstm_fused::pointwise_forward", {});
-      kernels.forward(p);
+    if (full) {
+      p.part = Part::Update;
+      run_forward(kernels, p);
+      z.narrow(1, o_column, H).addmm_(cells.narrow(0, row, n), output_peephole_t);
+      p.part = Part::Output;
     }
+    run_forward(kernels, p);
     if (projected) {
       Tensor h = output.narrow(0, row, n);
-      at::mm_out(h, unprojected.narrow(0, 0, n), weight_hr_t);
-      if (s.ragged) h_state.narrow(0, 0, n).copy_(h);
+      at::mm_out(h, unprojected.narrow(0, 0, n), weight_hr->t());
+      if (state.h.defined()) state.h.narrow(0, 0, n).copy_(h);
     }
   }
 
-  Tensor h_n = s.ragged          ? h_state
+  Tensor h_n = state.h.defined()  ? state.final_h()
                : s.steps() == 0 ? h0.clone(at::MemoryFormat::Contiguous)
                                  : output.narrow(0, s.offsets[s.time(s.steps() - 1)], B).clone();
   const auto lead = input.sizes().slice(0, input.dim() - 1);
@@ -193,8 +231,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     sizes.push_back(last);
     return sizes;
   };
-  return {output.view(with_last(R)), h_n, c_state, gates.view(with_last(shape.gates * H)),
-          cells.view(with_last(H))};
+  return {output.view(with_last(R)), h_n, state.final_c(),
+          gates.view(with_last(shape.gates * H)), cells.view(with_last(H))};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
@@ -212,6 +250,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const int64_t B = s.batch, H = shape.hidden, R = shape.proj, N = s.rows;
   const int64_t GH = shape.gates * H;
   const bool projected = weight_hr.has_value();
+  const bool full = shape.peephole == Peephole::Full;
   const auto options = input.options();
 
   const Tensor x = input.reshape({N, shape.input});
@@ -227,32 +266,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   if (grad_c_n) check_arg(*grad_c_n, "grad_c_n", input, {B, H});
 
   Tensor grad_z = at::empty({N, GH}, options);
-  Tensor dh_state = grad_h_n ? grad_h_n->clone(at::MemoryFormat::Contiguous)
-                             : at::zeros({B, R}, options);
-  Tensor dc_state = grad_c_n ? grad_c_n->clone(at::MemoryFormat::Contiguous)
-                             : at::zeros({B, H}, options);
+  // The gradients flowing back through the running states, dh_{t} and dc_{t}.
+  const RunningState grad_state(grad_h_n ? *grad_h_n : at::zeros({B, R}, options),
+                                grad_c_n ? *grad_c_n : at::zeros({B, H}, options), full, true);
   // With a projection: the total gradient of every h_t (for dW_hr) and of the unprojected r_t.
   Tensor grad_h_all = projected ? at::empty({N, R}, options) : Tensor();
   Tensor grad_unprojected = projected ? at::empty({B, H}, options) : Tensor();
   const Tensor w_ch = weight_ch ? weight_ch->contiguous() : Tensor();
+  const Tensor recurrent_weight = full ? stacked_recurrent_weight(weight_hh, w_ch, coupled)
+                                       : weight_hh;
+  const Tensor output_peephole =
+      full ? w_ch.narrow(0, peephole_input_blocks(coupled) * H, H) : Tensor();
+  const int64_t o_column = output_gate(coupled) * H;
 
   BackwardStep p{};
-  p.weight_ch = w_ch.defined() ? w_ch.data_ptr() : nullptr;
+  p.weight_ch = shape.peephole == Peephole::Diagonal ? w_ch.data_ptr() : nullptr;
   p.hidden = H, p.coupled = coupled, p.peephole = shape.peephole, p.dtype = input.scalar_type();
-  p.dc_in = p.dc_prev_out = dc_state.data_ptr();
-  p.dc_in_stride = p.dc_prev_stride = H;
+  p.dc_in = p.dc_prev_out = grad_state.c.data_ptr();
+  p.dc_in_stride = p.dc_prev_stride = grad_state.c.stride(0);
   p.gates_stride = p.grad_z_stride = GH;
   p.c_stride = H;
   p.c_prev_tail = c_init.data_ptr(), p.c_prev_tail_stride = H;
+  // Full peepholes add dh_{t-1} and part of dc_{t-1} with one accumulating GEMM, so the kernel
+  // zeroes dh after reading it.
+  p.consume_grad_h2 = full;
   for (int64_t step = s.steps() - 1; step >= 0; --step) {
     const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
+    Tensor dh_running = grad_state.h.narrow(0, 0, n);
     if (projected) {
       Tensor dh = grad_h_all.narrow(0, row, n);
       if (grad_out.defined()) {
-        at::add_out(dh, dh_state.narrow(0, 0, n), grad_out.narrow(0, row, n));
+        at::add_out(dh, dh_running, grad_out.narrow(0, row, n));
       } else {
-        dh.copy_(dh_state.narrow(0, 0, n));
+        dh.copy_(dh_running);
       }
+      if (full) dh_running.zero_();
       Tensor dr = grad_unprojected.narrow(0, 0, n);
       at::mm_out(dr, dh, *weight_hr);
       p.grad_h = grad_unprojected.data_ptr(), p.grad_h_stride = H;
@@ -260,7 +308,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     } else {
       p.grad_h = grad_out.defined() ? row_ptr(grad_out, row) : nullptr;
       p.grad_h_stride = R;
-      p.grad_h2 = dh_state.data_ptr(), p.grad_h2_stride = R;
+      p.grad_h2 = grad_state.h.data_ptr(), p.grad_h2_stride = grad_state.h.stride(0);
     }
     if (step == 0) {
       p.c_prev = c_init.data_ptr(), p.c_prev_stride = H, p.c_prev_rows = n;
@@ -273,12 +321,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     p.c = row_ptr(c_all, row);
     p.grad_z = row_ptr(grad_z, row);
     p.rows = n;
-    {
-      RECORD_FUNCTION("lstm_fused::pointwise_backward", {});
-      kernels.backward(p);
+    Tensor dz = grad_z.narrow(0, row, n);
+    if (full) {
+      p.part = Part::Output;
+      run_backward(kernels, p);
+      grad_state.c.narrow(0, 0, n).addmm_(dz.narrow(1, o_column, H), output_peephole);
+      p.part = Part::Update;
     }
-    Tensor dh_prev = dh_state.narrow(0, 0, n);
-    at::mm_out(dh_prev, grad_z.narrow(0, row, n), weight_hh);
+    run_backward(kernels, p);
+    if (full) {
+      grad_state.hc.narrow(0, 0, n).addmm_(dz, recurrent_weight);
+    } else {
+      at::mm_out(dh_running, dz, weight_hh);
+    }
   }
 
   Tensor grad_input = need_input_grad ? grad_z.mm(weight_ih).view(input.sizes())
@@ -287,17 +342,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   Tensor grad_weight_hh = grad_z.t().mm(previous_states(out, h0, s));
   Tensor grad_bias = grad_z.sum(0);
   Tensor grad_weight_ch =
-      shape.peephole == Peephole::Diagonal
-          ? diagonal_peephole_grad(grad_z, previous_states(c_all, c_init, s), c_all, coupled)
-          : at::empty({0}, options);
+      shape.peephole == Peephole::None
+          ? at::empty({0}, options)
+          : peephole_grad(shape.peephole, grad_z, previous_states(c_all, c_init, s), c_all,
+                          coupled);
   Tensor grad_weight_hr = at::empty({0}, options);
   if (projected) {
-    const int o = coupled ? GateLayout<true>::o : GateLayout<false>::o;
-    const Tensor unprojected = saved_gates.narrow(1, o * H, H) * c_all.tanh();
+    const Tensor unprojected = saved_gates.narrow(1, o_column, H) * c_all.tanh();
     grad_weight_hr = grad_h_all.t().mm(unprojected);
   }
-  return {grad_input, dh_state, dc_state, grad_weight_ih, grad_weight_hh, grad_bias,
-          grad_weight_ch, grad_weight_hr};
+  return {grad_input, grad_state.final_h(), grad_state.final_c(), grad_weight_ih, grad_weight_hh,
+          grad_bias, grad_weight_ch, grad_weight_hr};
 }
 
 }  // namespace lstm_fused

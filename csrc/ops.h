@@ -56,13 +56,30 @@ void check_weight_ch(const OptTensor& weight_ch, Peephole peephole, bool coupled
 // The tensor itself when its last dimension is contiguous (the kernels' only layout need).
 Tensor rows_contiguous(const Tensor& t);
 
+// Every kernel launch, on every device, shows in profiles as its own labelled range.
+inline void run_forward(const PointwiseKernels& kernels, const ForwardStep& step) {
+  RECORD_FUNCTION("lstm_fused::pointwise_forward", {});
+  kernels.forward(step);
+}
+inline void run_backward(const PointwiseKernels& kernels, const BackwardStep& step) {
+  RECORD_FUNCTION("lstm_fused::pointwise_backward", {});
+  kernels.backward(step);
+}
+
 inline void* row_ptr(const Tensor& t, int64_t row) {
   return static_cast<char*>(t.data_ptr()) + row * t.stride(0) * t.element_size();
 }
 
-// d loss / d weight_ch for diagonal peepholes, rows (i, f, o) or (f, o):
-// sums over rows of dz_gate * (c_prev for i and f, c for o).
-Tensor diagonal_peephole_grad(const Tensor& grad_z, const Tensor& c_prev, const Tensor& c,
-                              bool coupled);
+// Peephole blocks that see c_prev: (i, f), or f when coupled. They are the first blocks of both
+// weight_ch and z, so one column slice of z and one row slice of weight_ch cover them.
+inline int peephole_input_blocks(bool coupled) { return num_peepholes(coupled) - 1; }
+inline int output_gate(bool coupled) {
+  return coupled ? GateLayout<true>::o : GateLayout<false>::o;
+}
+
+// d loss / d weight_ch over all rows: blocks (i, f, o) or (f, o) pair dz of the gate with c_prev
+// (i, f) or c (o); summed elementwise (diagonal) or as a GEMM (full). Empty for no peephole.
+Tensor peephole_grad(Peephole peephole, const Tensor& grad_z, const Tensor& c_prev,
+                     const Tensor& c, bool coupled);
 
 }  // namespace lstm_fused

@@ -8,9 +8,11 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <ATen/OpMathType.h>
 #include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
 
 #include "lstm_math.h"
 
@@ -29,6 +31,11 @@ struct GateLayout {
   static constexpr int peep_f = kCoupled ? 0 : 1;
   static constexpr int peep_o = kCoupled ? 1 : 2;
 };
+
+// Full peepholes put a GEMM inside the step (W_co c_t needs the new c_t, and the backward needs
+// W_co^T dz_o before the rest), so their step runs as two kernels: Update, GEMM, Output forward,
+// and Output, GEMM, Update backward. The other variants run the whole step (All) in one kernel.
+enum class Part : int { All = 0, Update = 1, Output = 2 };
 
 inline int num_gates(bool coupled) { return coupled ? 3 : 4; }
 inline int num_peepholes(bool coupled) { return coupled ? 2 : 3; }
@@ -53,14 +60,16 @@ struct ForwardStep {
   int64_t hidden;
   bool coupled;
   Peephole peephole;
+  Part part;                // Output reads z_o and the c_out written by Update
   c10::ScalarType dtype;
 };
 
 struct BackwardStep {
   const void* grad_h;       // [rows, H] gradient of o * tanh(c); null means zero
   int64_t grad_h_stride;
-  const void* grad_h2;      // optional second addend of that gradient (recurrent path)
+  void* grad_h2;            // optional second addend of that gradient (recurrent path)
   int64_t grad_h2_stride;
+  bool consume_grad_h2;     // Output part: zero grad_h2 after reading it (so a GEMM can add to it)
   const void* dc_in;        // [rows, H] gradient reaching c from later steps; null means zero
   int64_t dc_in_stride;
   void* dc_prev_out;        // [rows, H] gradient of c_prev (may alias dc_in)
@@ -81,6 +90,7 @@ struct BackwardStep {
   int64_t hidden;
   bool coupled;
   Peephole peephole;
+  Part part;                // Output: dz_o and dc without W_co^T dz_o; Update: the rest from dc
   c10::ScalarType dtype;
 };
 
@@ -95,13 +105,18 @@ struct ScalarIO {
 };
 
 // Computes the forward step for hidden units [j, j + n) of one row. IO decides how many values
-// one V holds (1 on the GPU, a SIMD register on the CPU).
-template <typename IO, bool kCoupled, bool kDiagonal>
+// one V holds (1 on the GPU, a SIMD register on the CPU). All loads come before all stores, so z
+// may alias gates_out and c_prev may alias c_state.
+template <typename IO, bool kCoupled, bool kDiagonal, Part kPart>
 LSTM_HD inline void forward_chunk(const ForwardStep& p, int64_t row, int64_t j, int n) {
   using S = typename IO::storage_t;
   using V = typename IO::V;
   using L = GateLayout<kCoupled>;
   const int64_t H = p.hidden;
+  const S* z = static_cast<const S*>(p.z) + row * p.z_stride + j;
+  S* out = static_cast<S*>(p.gates_out) + row * p.gates_stride + j;
+  S* c_out = static_cast<S*>(p.c_out) + row * p.c_out_stride + j;
+  Gates<V> gates;
 
   V w_ci(0), w_cf(0), w_co(0);
   if (kDiagonal) {
@@ -110,34 +125,39 @@ LSTM_HD inline void forward_chunk(const ForwardStep& p, int64_t row, int64_t j, 
     w_cf = IO::load(w + L::peep_f * H, n);
     w_co = IO::load(w + L::peep_o * H, n);
   }
-  const S* z = static_cast<const S*>(p.z) + row * p.z_stride + j;
-  const V c_prev = IO::load(static_cast<const S*>(p.c_prev) + row * p.c_prev_stride + j, n);
-  const V z_i = kCoupled ? V(0) : IO::load(z + L::i * H, n);
-  const V z_f = IO::load(z + L::f * H, n);
-  const V z_g = IO::load(z + L::g * H, n);
-  const V z_o = IO::load(z + L::o * H, n);
-
-  Gates<V> gates;
-  const V c = cell_update<kCoupled, kDiagonal>(z_i, z_f, z_g, c_prev, w_ci, w_cf, gates);
+  V c(0), z_o(0);
+  if (kPart == Part::Output) {
+    c = IO::load(c_out, n);
+    z_o = IO::load(z + L::o * H, n);
+  } else {
+    const V c_prev = IO::load(static_cast<const S*>(p.c_prev) + row * p.c_prev_stride + j, n);
+    const V z_i = kCoupled ? V(0) : IO::load(z + L::i * H, n);
+    const V z_f = IO::load(z + L::f * H, n);
+    const V z_g = IO::load(z + L::g * H, n);
+    if (kPart == Part::All) z_o = IO::load(z + L::o * H, n);
+    c = cell_update<kCoupled, kDiagonal>(z_i, z_f, z_g, c_prev, w_ci, w_cf, gates);
+    if (!kCoupled) IO::store(out + L::i * H, gates.i, n);
+    IO::store(out + L::f * H, gates.f, n);
+    IO::store(out + L::g * H, gates.g, n);
+    IO::store(c_out, c, n);
+    if (p.c_state) IO::store(static_cast<S*>(p.c_state) + row * p.c_state_stride + j, c, n);
+    if (kPart == Part::Update) return;
+  }
   const V h = cell_output<kDiagonal>(z_o, c, w_co, gates);
-
-  S* out = static_cast<S*>(p.gates_out) + row * p.gates_stride + j;
-  if (!kCoupled) IO::store(out + L::i * H, gates.i, n);
-  IO::store(out + L::f * H, gates.f, n);
-  IO::store(out + L::g * H, gates.g, n);
   IO::store(out + L::o * H, gates.o, n);
-  IO::store(static_cast<S*>(p.c_out) + row * p.c_out_stride + j, c, n);
-  if (p.c_state) IO::store(static_cast<S*>(p.c_state) + row * p.c_state_stride + j, c, n);
   IO::store(static_cast<S*>(p.h_out) + row * p.h_out_stride + j, h, n);
   if (p.h_state) IO::store(static_cast<S*>(p.h_state) + row * p.h_state_stride + j, h, n);
 }
 
-template <typename IO, bool kCoupled, bool kDiagonal>
+template <typename IO, bool kCoupled, bool kDiagonal, Part kPart>
 LSTM_HD inline void backward_chunk(const BackwardStep& p, int64_t row, int64_t j, int n) {
   using S = typename IO::storage_t;
   using V = typename IO::V;
   using L = GateLayout<kCoupled>;
   const int64_t H = p.hidden;
+  const S* saved = static_cast<const S*>(p.gates) + row * p.gates_stride + j;
+  S* dz = static_cast<S*>(p.grad_z) + row * p.grad_z_stride + j;
+  S* dc_prev_out = static_cast<S*>(p.dc_prev_out) + row * p.dc_prev_stride + j;
 
   V w_ci(0), w_cf(0), w_co(0);
   if (kDiagonal) {
@@ -146,55 +166,67 @@ LSTM_HD inline void backward_chunk(const BackwardStep& p, int64_t row, int64_t j
     w_cf = IO::load(w + L::peep_f * H, n);
     w_co = IO::load(w + L::peep_o * H, n);
   }
-  V dh(0), dc_in(0);
-  if (p.grad_h) dh = IO::load(static_cast<const S*>(p.grad_h) + row * p.grad_h_stride + j, n);
-  if (p.grad_h2) {
-    dh = dh + IO::load(static_cast<const S*>(p.grad_h2) + row * p.grad_h2_stride + j, n);
-  }
+  V dc_in(0);
   if (p.dc_in) dc_in = IO::load(static_cast<const S*>(p.dc_in) + row * p.dc_in_stride + j, n);
 
-  const S* saved = static_cast<const S*>(p.gates) + row * p.gates_stride + j;
+  V dc = dc_in;  // the Update part receives the total dc
+  if (kPart != Part::Update) {
+    V dh(0);
+    if (p.grad_h) dh = IO::load(static_cast<const S*>(p.grad_h) + row * p.grad_h_stride + j, n);
+    if (p.grad_h2) {
+      S* grad_h2 = static_cast<S*>(p.grad_h2) + row * p.grad_h2_stride + j;
+      dh = dh + IO::load(grad_h2, n);
+      if (p.consume_grad_h2) IO::store(grad_h2, V(0), n);
+    }
+    const V o = IO::load(saved + L::o * H, n);
+    const V c = IO::load(static_cast<const S*>(p.c) + row * p.c_stride + j, n);
+    const V dz_o = output_backward<kDiagonal>(dh, dc_in, c, o, w_co, dc);
+    IO::store(dz + L::o * H, dz_o, n);
+    if (kPart == Part::Output) {
+      IO::store(dc_prev_out, dc, n);
+      return;
+    }
+  }
   Gates<V> gates;
   gates.f = IO::load(saved + L::f * H, n);
   gates.i = kCoupled ? V(1) - gates.f : IO::load(saved + L::i * H, n);
   gates.g = IO::load(saved + L::g * H, n);
-  gates.o = IO::load(saved + L::o * H, n);
   const S* c_prev_row = row < p.c_prev_rows
                             ? static_cast<const S*>(p.c_prev) + row * p.c_prev_stride
                             : static_cast<const S*>(p.c_prev_tail) + row * p.c_prev_tail_stride;
   const V c_prev = IO::load(c_prev_row + j, n);
-  const V c = IO::load(static_cast<const S*>(p.c) + row * p.c_stride + j, n);
-
-  V dc(0);
-  const V dz_o = output_backward<kDiagonal>(dh, dc_in, c, gates.o, w_co, dc);
   CellGrads<V> grads;
   cell_update_backward<kCoupled, kDiagonal>(dc, c_prev, gates, w_ci, w_cf, grads);
-
-  S* dz = static_cast<S*>(p.grad_z) + row * p.grad_z_stride + j;
   if (!kCoupled) IO::store(dz + L::i * H, grads.dz_i, n);
   IO::store(dz + L::f * H, grads.dz_f, n);
   IO::store(dz + L::g * H, grads.dz_g, n);
-  IO::store(dz + L::o * H, dz_o, n);
-  IO::store(static_cast<S*>(p.dc_prev_out) + row * p.dc_prev_stride + j, grads.dc_prev, n);
+  IO::store(dc_prev_out, grads.dc_prev, n);
 }
 
-// Turns runtime flags into compile-time constants so the hot loops carry no variant branches.
-#define LSTM_BOOL_SWITCH(COND, NAME, ...) \
-  [&] {                                   \
-    if (COND) {                           \
-      constexpr static bool NAME = true;  \
-      return __VA_ARGS__();               \
-    } else {                              \
-      constexpr static bool NAME = false; \
-      return __VA_ARGS__();               \
-    }                                     \
-  }()
+// Calls f(coupled, diagonal, part) with std::integral_constant arguments, so the kernels are
+// instantiated per variant and the hot loops carry no variant branches.
+template <bool kValue>
+using BoolConstant = std::integral_constant<bool, kValue>;
+template <Part kValue>
+using PartConstant = std::integral_constant<Part, kValue>;
 
-#define LSTM_VARIANT_SWITCH(STEP, ...)                                          \
-  LSTM_BOOL_SWITCH((STEP).coupled, kCoupled, [&] {                              \
-    return LSTM_BOOL_SWITCH((STEP).peephole == ::lstm_fused::Peephole::Diagonal, \
-                            kDiagonal, __VA_ARGS__);                            \
-  })
+template <typename Step, typename F>
+inline void variant_switch(const Step& step, const F& f) {
+  auto with_coupled = [&](auto coupled) {
+    switch (step.peephole) {
+      case Peephole::None:
+        return f(coupled, BoolConstant<false>{}, PartConstant<Part::All>{});
+      case Peephole::Diagonal:
+        return f(coupled, BoolConstant<true>{}, PartConstant<Part::All>{});
+      case Peephole::Full:
+        TORCH_CHECK(step.part != Part::All, "lstm_fused: a full-peephole step runs in two parts");
+        return step.part == Part::Update
+                   ? f(coupled, BoolConstant<false>{}, PartConstant<Part::Update>{})
+                   : f(coupled, BoolConstant<false>{}, PartConstant<Part::Output>{});
+    }
+  };
+  return step.coupled ? with_coupled(BoolConstant<true>{}) : with_coupled(BoolConstant<false>{});
+}
 
 // One kernel table per device; the drivers in cell.cpp and layer.cpp are device-generic.
 struct PointwiseKernels {

@@ -35,7 +35,7 @@ def _cell_forward_fake(gates, c_prev, weight_ch, peephole, coupled):
 @torch.library.register_fake("lstm_fused::cell_backward")
 def _cell_backward_fake(grad_h, grad_c, gates, c_prev, c, weight_ch, peephole, coupled):
     grad_weight_ch = (
-        weight_ch.new_empty(weight_ch.shape) if peephole == "diagonal" else c.new_empty(0)
+        weight_ch.new_empty(weight_ch.shape) if peephole != "none" else c.new_empty(0)
     )
     return gates.new_empty(gates.shape), c_prev.new_empty(c_prev.shape), grad_weight_ch
 
@@ -58,7 +58,7 @@ def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_
             h0.new_empty(h0.shape), c0.new_empty(c0.shape),
             weight_ih.new_empty(weight_ih.shape), weight_hh.new_empty(weight_hh.shape),
             input.new_empty(weight_ih.shape[0]),
-            weight_ch.new_empty(weight_ch.shape) if peephole == "diagonal" else empty,
+            weight_ch.new_empty(weight_ch.shape) if peephole != "none" else empty,
             weight_hr.new_empty(weight_hr.shape) if weight_hr is not None else empty)
 
 

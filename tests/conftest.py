@@ -5,8 +5,9 @@ import itertools
 import pytest
 import torch
 
-# (peephole, coupled): the variants the fused kernels implement.
-VARIANTS = [(None, False), ("diagonal", False), (None, True), ("diagonal", True)]
+# (peephole, coupled): every variant the fused ops implement.
+VARIANTS = [(None, False), ("diagonal", False), ("full", False),
+            (None, True), ("diagonal", True), ("full", True)]
 
 
 def variant_id(variant):
@@ -15,6 +16,13 @@ def variant_id(variant):
 
 
 variant_params = pytest.mark.parametrize("variant", VARIANTS, ids=[variant_id(v) for v in VARIANTS])
+
+
+def make_weight_ch(peephole, coupled, hidden, generator, dtype=torch.float32):
+    """Random weight_ch for a variant: [P, H] diagonal, [P*H, H] full, None otherwise."""
+    P = 2 if coupled else 3
+    shape = {"diagonal": (P, hidden), "full": (P * hidden, hidden)}.get(peephole)
+    return None if shape is None else torch.randn(*shape, generator=generator).to(dtype)
 
 
 def make_params(input_size, hidden, *, peephole=None, coupled=False, bias=True, proj=0,

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import VARIANTS, assert_close, grid, make_params, variant_params
+from conftest import VARIANTS, assert_close, grid, make_params, make_weight_ch, variant_params
 
 import lstm_fused
 from lstm_fused import functional, reference
@@ -106,7 +106,7 @@ def test_vanilla_cell_matches_torch_lstmcell(bias, dtype):
         assert_close(p.grad, q.grad, dtype, name)
 
 
-@pytest.mark.parametrize("peephole", [None, "diagonal"])
+@pytest.mark.parametrize("peephole", [None, "diagonal", "full"])
 def test_coupled_cell_equals_standard_with_negated_forget_weights(peephole):
     """sigma(-z) = 1 - sigma(z): coupled == standard whose i-gate parameters are -f's."""
     torch.manual_seed(0)
@@ -118,8 +118,9 @@ def test_coupled_cell_equals_standard_with_negated_forget_weights(peephole):
             w = getattr(coupled, name)  # blocks (f, g, o)
             getattr(standard, name).copy_(torch.cat([-w[:H], w]))
         if peephole:
-            w = coupled.weight_ch  # rows (f, o)
-            standard.weight_ch.copy_(torch.stack([-w[0], w[0], w[1]]))
+            w = coupled.weight_ch  # rows (diagonal) or blocks of H rows (full): (f, o)
+            f, o = w.chunk(2)
+            standard.weight_ch.copy_(torch.cat([-f, f, o]))
     x = torch.randn(4, 3, dtype=torch.float64)
     hx = (torch.randn(4, H, dtype=torch.float64), torch.randn(4, H, dtype=torch.float64))
     for a, b in zip(coupled(x, hx), standard(x, hx)):
@@ -146,7 +147,7 @@ def test_cell_module_conventions(variant):
     assert names["weight_ih"].shape == ((3 if coupled else 4) * 4, 3)
     assert ("weight_ch" in names) == (peephole is not None)
     text = repr(cell)
-    assert "LSTMCell(3, 4" in text and (("peephole='diagonal'" in text) == (peephole is not None))
+    assert "LSTMCell(3, 4" in text and ((f"peephole='{peephole}'" in text) == (peephole is not None))
     assert ("coupled=True" in text) == coupled
 
 
@@ -166,7 +167,7 @@ def test_opcheck_cell_ops(variant):
     g = torch.Generator().manual_seed(0)
     B, H = 3, 5
     G = 3 if coupled else 4
-    weight_ch = torch.randn(G - 1, H, generator=g) if peephole else None
+    weight_ch = make_weight_ch(peephole, coupled, H, g)
     gates = torch.randn(B, G * H, generator=g)
     c_prev = torch.randn(B, H, generator=g)
     torch.library.opcheck(ops.cell_forward, (gates, c_prev, weight_ch, kind, coupled))
@@ -212,3 +213,29 @@ def test_cell_bfloat16_cpu():
         for a, b in zip(out, ref):
             assert a.dtype == torch.bfloat16
             torch.testing.assert_close(a.float(), b, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_full_peephole_with_diagonal_blocks_equals_diagonal(coupled):
+    """Full peepholes whose [H, H] blocks are diagonal matrices are the diagonal variant,
+    forward and backward (the gradient of the full blocks' diagonals is the diagonal gradient)."""
+    g = torch.Generator().manual_seed(3)
+    B, I, H = 4, 3, 6
+    x, h, c = cell_inputs(B, I, H, torch.float64, g, requires_grad=True)
+    w_ih, w_hh, b_ih, b_hh, w_diag, _ = make_params(I, H, peephole="diagonal", coupled=coupled,
+                                                    generator=g, requires_grad=True)
+    w_full = torch.cat([torch.diag(row) for row in w_diag.detach()]).requires_grad_()
+    diag = functional.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_diag, peephole="diagonal",
+                                coupled=coupled)
+    full = functional.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_full, peephole="full",
+                                coupled=coupled)
+    for a, b in zip(full, diag):
+        assert_close(a, b, torch.float64, "forward")
+    loss = lambda out: (out[0] * torch.linspace(-1, 1, out[0].numel()).view_as(out[0])).sum() + out[1].sum()
+    g_diag = torch.autograd.grad(loss(diag), [x, h, c, w_diag])
+    g_full = torch.autograd.grad(loss(full), [x, h, c, w_full])
+    for a, b in zip(g_full[:3], g_diag[:3]):
+        assert_close(a, b, torch.float64, "backward")
+    P = w_diag.shape[0]
+    diagonals = torch.stack([blk.diagonal() for blk in g_full[3].view(P, H, H)])
+    assert_close(diagonals, g_diag[3], torch.float64, "peephole weight gradient")

@@ -4,7 +4,7 @@ dtype dispatch that a GPU runs, at several launch geometries."""
 
 import pytest
 import torch
-from conftest import VARIANTS, grid, make_params, variant_params
+from conftest import VARIANTS, grid, make_params, make_weight_ch, variant_params
 
 from lstm_fused.ops import ops
 
@@ -31,7 +31,7 @@ def test_cell_kernels_match_cpu(variant, dtype, geometry):
     G = 3 if coupled else 4
     gates = torch.randn(B, G * H, generator=g).to(dtype)
     c_prev = torch.randn(B, H, generator=g).to(dtype)
-    weight_ch = torch.randn(G - 1, H, generator=g).to(dtype) if peephole else None
+    weight_ch = make_weight_ch(peephole, coupled, H, g, dtype)
 
     expected = ops.cell_forward(gates, c_prev, weight_ch, kind, coupled)
     got = shim.cell_forward(gates, c_prev, weight_ch, kind, coupled, *geometry)

@@ -179,10 +179,14 @@ def test_device_operations_per_step(variant):
         out, _ = module(x)
         out.sum().backward()
 
+    # One recurrent GEMM + one fused kernel; full peepholes add a GEMM and a second kernel part.
+    limit = 4 if peephole == "full" else 2
     per_step, kids = children_per_step(forward, 10, 30, "lstm_fused::layer_forward")
-    assert per_step <= 2, kids
+    assert per_step <= limit, kids
+    assert "lstm_fused::pointwise_forward" in kids
     per_step, kids = children_per_step(forward_backward, 10, 30, "lstm_fused::layer_backward")
-    assert per_step <= 2, kids
+    assert per_step <= limit, kids
+    assert "lstm_fused::pointwise_backward" in kids
 
 
 @variant_params
@@ -276,3 +280,28 @@ def test_zero_length_and_empty_batch(variant):
     assert out.shape == (0, 2, 4) and h.shape == (1, 2, 4)
     out, (h, c) = m(torch.randn(5, 0, 3))
     assert out.shape == (5, 0, 4) and c.shape == (1, 0, 4)
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_full_peephole_layer_with_diagonal_blocks_equals_diagonal(coupled, packed):
+    torch.manual_seed(0)
+    kwargs = dict(num_layers=2, bidirectional=True, coupled=coupled, dtype=torch.float64)
+    diag = lstm_fused.LSTM(I, H, peephole="diagonal", **kwargs)
+    full = lstm_fused.LSTM(I, H, peephole="full", **kwargs)
+    state = diag.state_dict()
+    for name, w in list(state.items()):
+        if name.startswith("weight_ch"):
+            state[name] = torch.cat([torch.diag(row) for row in w])
+    full.load_state_dict(state)
+    g = torch.Generator().manual_seed(1)
+    x, to_padded = make_input("packed" if packed else "padded", False, torch.float64, g)
+    a, b = run(full, x, None, to_padded), run(diag, x, None, to_padded)
+    for u, v in zip(a, b):
+        assert_close(u, v, torch.float64, "forward")
+    ga, gb = grads_of(full, leaf_input(x), a), grads_of(diag, leaf_input(x), b)
+    for (name, _), u, v in zip([("input", None)] + list(full.named_parameters()), ga, gb):
+        if name.startswith("weight_ch"):
+            P = v.shape[0]
+            u = torch.stack([blk.diagonal() for blk in u.view(P, H, H)])
+        assert_close(u, v, torch.float64, name)

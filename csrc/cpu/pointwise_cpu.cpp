@@ -50,9 +50,9 @@ void for_each_chunk(int64_t rows, int64_t hidden, int width, const Chunk& chunk)
 void forward_cpu(const ForwardStep& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_fused_forward_cpu", [&] {
     using IO = CpuIO<scalar_t>;
-    LSTM_VARIANT_SWITCH(p, [&] {
+    variant_switch(p, [&](auto coupled, auto diagonal, auto part) {
       for_each_chunk(p.rows, p.hidden, IO::kWidth, [&](int64_t row, int64_t j, int n) {
-        forward_chunk<IO, kCoupled, kDiagonal>(p, row, j, n);
+        forward_chunk<IO, decltype(coupled)::value, decltype(diagonal)::value, decltype(part)::value>(p, row, j, n);
       });
     });
   });
@@ -61,9 +61,9 @@ void forward_cpu(const ForwardStep& p) {
 void backward_cpu(const BackwardStep& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_fused_backward_cpu", [&] {
     using IO = CpuIO<scalar_t>;
-    LSTM_VARIANT_SWITCH(p, [&] {
+    variant_switch(p, [&](auto coupled, auto diagonal, auto part) {
       for_each_chunk(p.rows, p.hidden, IO::kWidth, [&](int64_t row, int64_t j, int n) {
-        backward_chunk<IO, kCoupled, kDiagonal>(p, row, j, n);
+        backward_chunk<IO, decltype(coupled)::value, decltype(diagonal)::value, decltype(part)::value>(p, row, j, n);
       });
     });
   });

@@ -27,23 +27,25 @@ inline LaunchGeometry pointwise_geometry(int64_t elements) {
   return {std::max<int64_t>(blocks, 1), kThreads};
 }
 
-template <typename scalar_t, bool kCoupled, bool kDiagonal>
+template <typename scalar_t, bool kCoupled, bool kDiagonal, Part kPart>
 __global__ void lstm_pointwise_forward_kernel(const ForwardStep p) {
   const int64_t total = p.rows * p.hidden;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += stride) {
-    forward_chunk<ScalarIO<scalar_t>, kCoupled, kDiagonal>(p, idx / p.hidden, idx % p.hidden, 1);
+    forward_chunk<ScalarIO<scalar_t>, kCoupled, kDiagonal, kPart>(p, idx / p.hidden,
+                                                               idx % p.hidden, 1);
   }
 }
 
-template <typename scalar_t, bool kCoupled, bool kDiagonal>
+template <typename scalar_t, bool kCoupled, bool kDiagonal, Part kPart>
 __global__ void lstm_pointwise_backward_kernel(const BackwardStep p) {
   const int64_t total = p.rows * p.hidden;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += stride) {
-    backward_chunk<ScalarIO<scalar_t>, kCoupled, kDiagonal>(p, idx / p.hidden, idx % p.hidden, 1);
+    backward_chunk<ScalarIO<scalar_t>, kCoupled, kDiagonal, kPart>(p, idx / p.hidden,
+                                                               idx % p.hidden, 1);
   }
 }
 
@@ -52,8 +54,9 @@ inline void launch_pointwise_forward(const ForwardStep& p) {
   if (elements == 0) return;
   const LaunchGeometry geometry = LSTM_GEOMETRY(elements);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_pointwise_forward", [&] {
-    LSTM_VARIANT_SWITCH(p, [&] {
-      auto* kernel = &lstm_pointwise_forward_kernel<scalar_t, kCoupled, kDiagonal>;
+    variant_switch(p, [&](auto coupled, auto diagonal, auto part) {
+      auto* kernel = &lstm_pointwise_forward_kernel<scalar_t, decltype(coupled)::value,
+                                                      decltype(diagonal)::value, decltype(part)::value>;
       LSTM_LAUNCH(kernel, geometry, p);
     });
   });
@@ -64,8 +67,9 @@ inline void launch_pointwise_backward(const BackwardStep& p) {
   if (elements == 0) return;
   const LaunchGeometry geometry = LSTM_GEOMETRY(elements);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_pointwise_backward", [&] {
-    LSTM_VARIANT_SWITCH(p, [&] {
-      auto* kernel = &lstm_pointwise_backward_kernel<scalar_t, kCoupled, kDiagonal>;
+    variant_switch(p, [&](auto coupled, auto diagonal, auto part) {
+      auto* kernel = &lstm_pointwise_backward_kernel<scalar_t, decltype(coupled)::value,
+                                                      decltype(diagonal)::value, decltype(part)::value>;
       LSTM_LAUNCH(kernel, geometry, p);
     });
   });
