@@ -2,6 +2,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#define LSTM_KERNELS_NAMESPACE cuda
 #define LSTM_GEOMETRY(elements) ::lstm_fused::pointwise_geometry(elements)
 #define LSTM_LAUNCH(kernel, geometry, ...)                                          \
   do {                                                                              \
@@ -16,7 +17,8 @@
 namespace lstm_fused {
 
 const PointwiseKernels& cuda_kernels() {
-  static const PointwiseKernels kernels{launch_pointwise_forward, launch_pointwise_backward};
+  static const PointwiseKernels kernels{cuda::launch_pointwise_forward,
+                                          cuda::launch_pointwise_backward};
   return kernels;
 }
 

@@ -1,7 +1,9 @@
 // CUDA pointwise kernels and their launchers. This file is compiled twice: by nvcc for the GPU
 // (pointwise_cuda.cu) and by the host compiler for the test shim (host_shim/host_shim.cpp),
 // which defines __global__/__device__ away and runs every block and thread in a loop. The
-// including file defines LSTM_LAUNCH(kernel, geometry, args...) and LSTM_GEOMETRY(elements).
+// including file defines LSTM_LAUNCH(kernel, geometry, args...), LSTM_GEOMETRY(elements) and
+// LSTM_KERNELS_NAMESPACE: the kernels and launchers of the two builds live in different namespaces
+// (lstm_fused::cuda, lstm_fused::host_shim), so the linker can never mistake one for the other.
 //
 // Kernels are grid-stride loops over rows * hidden elements with no block-level barriers, so any
 // launch geometry is correct and the shim can run them thread by thread.
@@ -26,6 +28,8 @@ inline LaunchGeometry pointwise_geometry(int64_t elements) {
   const int64_t blocks = std::min<int64_t>((elements + kThreads - 1) / kThreads, kMaxBlocks);
   return {std::max<int64_t>(blocks, 1), kThreads};
 }
+
+namespace LSTM_KERNELS_NAMESPACE {
 
 template <typename scalar_t, bool kCoupled, bool kDiagonal, Part kPart>
 __global__ void lstm_pointwise_forward_kernel(const ForwardStep p) {
@@ -75,4 +79,5 @@ inline void launch_pointwise_backward(const BackwardStep& p) {
   });
 }
 
+}  // namespace LSTM_KERNELS_NAMESPACE
 }  // namespace lstm_fused

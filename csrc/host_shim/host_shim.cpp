@@ -27,6 +27,7 @@ struct LaunchGeometry;
 LaunchGeometry host_shim_geometry(int64_t elements);
 }  // namespace lstm_fused
 
+#define LSTM_KERNELS_NAMESPACE host_shim
 #define LSTM_GEOMETRY(elements) ::lstm_fused::host_shim_geometry(elements)
 #define LSTM_LAUNCH(kernel, geometry, ...)                                   \
   do {                                                                       \
@@ -56,7 +57,8 @@ LaunchGeometry host_shim_geometry(int64_t elements) {
 }
 
 const PointwiseKernels& host_shim_kernels() {
-  static const PointwiseKernels kernels{launch_pointwise_forward, launch_pointwise_backward};
+  static const PointwiseKernels kernels{host_shim::launch_pointwise_forward,
+                                          host_shim::launch_pointwise_backward};
   return kernels;
 }
 
