@@ -74,6 +74,8 @@ def _sources(pattern):
 
 
 cxx_flags = ["-O3", "-std=c++20", "-Wall", "-Wno-unused-function"]
+# Order matters for the CPU kernels: the baseline pointwise_cpu.cpp links before its AVX2 and
+# AVX-512 twins, so any inline function the linker shares between them is the baseline copy.
 sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/host_shim/*.cpp")
 include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = []

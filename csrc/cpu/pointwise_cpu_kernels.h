@@ -1,0 +1,95 @@
+// CPU pointwise kernels: the shared chunk functions of pointwise.h, run over rows with
+// at::parallel_for and over hidden units with SIMD registers (float/double) or one value at a
+// time in float math (half/bfloat16 storage).
+//
+// This file is compiled once per instruction set, like ATen's own CPU kernels: the including
+// file (pointwise_cpu*.cpp) defines CPU_CAPABILITY (DEFAULT, AVX2, AVX512) and enables the
+// matching instructions, so at::vec::Vectorized is the native SIMD type of that level, and
+// everything here lives in lstm_fused::CPU_CAPABILITY. pointwise_cpu.cpp picks one at run time.
+#pragma once
+
+#include <algorithm>
+#include <type_traits>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+// SIMD overloads of the activations, visible to the templates of lstm_math.h.
+namespace lstm_fused {
+template <typename T>
+inline at::vec::Vectorized<T> lstm_exp(at::vec::Vectorized<T> x) { return x.exp(); }
+template <typename T>
+inline at::vec::Vectorized<T> lstm_tanh(at::vec::Vectorized<T> x) { return x.tanh(); }
+}  // namespace lstm_fused
+
+#include "../pointwise.h"
+
+namespace lstm_fused::CPU_CAPABILITY {
+
+// The IO types and everything instantiated with them have internal linkage, so the copies
+// compiled for different instruction sets never meet in the linker.
+namespace {
+
+template <typename scalar_t>
+struct SimdIO {
+  using storage_t = scalar_t;
+  using V = at::vec::Vectorized<scalar_t>;
+  static constexpr int kWidth = V::size();
+  static V load(const scalar_t* p, int n) { return n == kWidth ? V::loadu(p) : V::loadu(p, n); }
+  static void store(scalar_t* p, V v, int n) { v.store(p, n); }
+};
+
+template <typename scalar_t>
+struct ScalarCpuIO : ScalarIO<scalar_t> {};
+
+// SIMD for the types Vectorized computes in natively, one value at a time otherwise.
+template <typename scalar_t>
+using CpuIO = std::conditional_t<std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>,
+                                 SimdIO<scalar_t>, ScalarCpuIO<scalar_t>>;
+
+template <typename Chunk>
+void for_each_chunk(int64_t rows, int64_t hidden, int width, const Chunk& chunk) {
+  // About 32k element-operations per task; each element costs a few dozen flops.
+  const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(hidden, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t j = 0; j < hidden; j += width) {
+        chunk(row, j, static_cast<int>(std::min<int64_t>(width, hidden - j)));
+      }
+    }
+  });
+}
+
+void forward_cpu(const ForwardStep& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_fused_forward_cpu", [&] {
+    using IO = CpuIO<scalar_t>;
+    variant_switch(p, [&](auto coupled, auto diagonal, auto part) {
+      for_each_chunk(p.rows, p.hidden, IO::kWidth, [&](int64_t row, int64_t j, int n) {
+        forward_chunk<IO, decltype(coupled)::value, decltype(diagonal)::value,
+                      decltype(part)::value>(p, row, j, n);
+      });
+    });
+  });
+}
+
+void backward_cpu(const BackwardStep& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_fused_backward_cpu", [&] {
+    using IO = CpuIO<scalar_t>;
+    variant_switch(p, [&](auto coupled, auto diagonal, auto part) {
+      for_each_chunk(p.rows, p.hidden, IO::kWidth, [&](int64_t row, int64_t j, int n) {
+        backward_chunk<IO, decltype(coupled)::value, decltype(diagonal)::value,
+                       decltype(part)::value>(p, row, j, n);
+      });
+    });
+  });
+}
+
+}  // namespace
+
+const PointwiseKernels& kernels() {
+  static const PointwiseKernels table{forward_cpu, backward_cpu};
+  return table;
+}
+
+}  // namespace lstm_fused::CPU_CAPABILITY
