@@ -1,12 +1,13 @@
 // One LSTM layer in one direction over a whole sequence, padded [T, B, I] or packed [N, I] with
 // per-step batch sizes. The time loop is here, in C++, and is the same for every device:
 //   forward,  once:      gates = x W_ih^T + b_ih + b_hh           (one GEMM over all steps)
-//             per step:  gates_t += h_{t-1} W_hh^T                (one GEMM, in place)
-//                        pointwise forward                        (one kernel; gates_t becomes
-//                                                                  the activated gates, saved)
+//             per step:  z_t = gates_t + h_{t-1} W_hh^T           (one GEMM)
+//                        pointwise forward                        (one kernel; writes the
+//                                                                  activated gates over gates_t)
 //   backward, per step:  pointwise backward -> dz_t, dc_{t-1}      (one kernel)
 //                        dh_{t-1} = dz_t W_hh                     (one GEMM)
 //             once:      dW_ih, dW_hh, dx, bias and peephole gradients over all T*B rows.
+// The GEMMs go through gemm_nt() (gemm.cpp): oneDNN's matmul on the CPU, ATen's elsewhere.
 // With a projection (proj_size > 0) each step has one more GEMM (h = r W_hr^T) and the
 // backward one more add and GEMM.
 #include <numeric>
@@ -173,14 +174,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
 
   const Tensor x = input.reshape({N, shape.input});
   const Tensor bias = input_bias(bias_ih, bias_hh);
-  Tensor gates = bias.defined() ? at::addmm(bias, x, weight_ih.t()) : at::mm(x, weight_ih.t());
+  Tensor gates = gemm_nt(x, weight_ih, bias.defined() ? OptTensor(bias) : std::nullopt);
   Tensor cells = at::empty({N, H}, options);
   Tensor output = at::empty({N, R}, options);
   RunningState state(h0, c0, full, s.ragged);
   Tensor unprojected = projected ? at::empty({B, H}, options) : Tensor();
   const Tensor w_ch = weight_ch ? weight_ch->contiguous() : Tensor();
-  const Tensor recurrent_weight_t =
-      (full ? stacked_recurrent_weight(weight_hh, w_ch, coupled) : weight_hh).t();
+  const Tensor recurrent_weight =
+      full ? stacked_recurrent_weight(weight_hh, w_ch, coupled) : weight_hh.contiguous();
   const Tensor output_peephole_t =
       full ? w_ch.narrow(0, peephole_input_blocks(coupled) * H, H).t() : Tensor();
   const int64_t o_column = output_gate(coupled) * H;
@@ -188,7 +189,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   ForwardStep p{};
   p.weight_ch = shape.peephole == Peephole::Diagonal ? w_ch.data_ptr() : nullptr;
   p.hidden = H, p.coupled = coupled, p.peephole = shape.peephole, p.dtype = input.scalar_type();
-  p.z_stride = p.gates_stride = gates.stride(0);
+  p.gates_stride = gates.stride(0);
   p.c_prev = p.c_state = state.c.data_ptr();
   p.c_prev_stride = p.c_state_stride = state.c.stride(0);
   p.c_out_stride = H;
@@ -197,14 +198,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   p.h_state_stride = state.h.defined() ? state.h.stride(0) : 0;
   for (int64_t step = 0; step < s.steps(); ++step) {
     const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
-    Tensor z = gates.narrow(0, row, n);
     const Tensor recurrent_input = full        ? state.hc.narrow(0, 0, n)
                                    : s.ragged  ? state.h.narrow(0, 0, n)
                                    : step == 0 ? h0
                                                : output.narrow(0, s.offsets[s.time(step - 1)], n);
-    z.addmm_(recurrent_input, recurrent_weight_t);
-
-    p.z = p.gates_out = z.data_ptr();
+    // z_t = x_t W_ih^T + b (computed for all steps above) + h_{t-1} W_hh^T, a step-sized temporary;
+    // the kernel writes the activated gates over the input projection's rows.
+    const Tensor z = gemm_nt(recurrent_input, recurrent_weight, std::nullopt, gates.narrow(0, row, n));
+    p.z = z.data_ptr(), p.z_stride = z.stride(0);
+    p.gates_out = row_ptr(gates, row);
     p.c_out = row_ptr(cells, row);
     p.h_out = projected ? unprojected.data_ptr() : row_ptr(output, row);
     p.rows = n;
@@ -274,7 +276,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   Tensor grad_unprojected = projected ? at::empty({B, H}, options) : Tensor();
   const Tensor w_ch = weight_ch ? weight_ch->contiguous() : Tensor();
   const Tensor recurrent_weight = full ? stacked_recurrent_weight(weight_hh, w_ch, coupled)
-                                       : weight_hh;
+                                       : weight_hh.t().contiguous();  // [R, G*H] for gemm_nt()
   const Tensor output_peephole =
       full ? w_ch.narrow(0, peephole_input_blocks(coupled) * H, H) : Tensor();
   const int64_t o_column = output_gate(coupled) * H;
@@ -290,9 +292,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   // Full peepholes add dh_{t-1} and part of dc_{t-1} with one accumulating GEMM, so the kernel
   // zeroes dh after reading it.
   p.consume_grad_h2 = full;
+  // dh_t arriving through the recurrence. Padded input takes each step's GEMM result as it is;
+  // packed input and full peepholes accumulate in the running state (packed: its rows of
+  // sequences that end at an earlier step still hold their grad_h_n).
+  Tensor dh_carry = grad_state.h;
+  const bool carry_in_state = full || s.ragged;
   for (int64_t step = s.steps() - 1; step >= 0; --step) {
     const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
-    Tensor dh_running = grad_state.h.narrow(0, 0, n);
+    Tensor dh_running = dh_carry.narrow(0, 0, n);
     if (projected) {
       Tensor dh = grad_h_all.narrow(0, row, n);
       if (grad_out.defined()) {
@@ -308,7 +315,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     } else {
       p.grad_h = grad_out.defined() ? row_ptr(grad_out, row) : nullptr;
       p.grad_h_stride = R;
-      p.grad_h2 = grad_state.h.data_ptr(), p.grad_h2_stride = grad_state.h.stride(0);
+      p.grad_h2 = dh_running.data_ptr(), p.grad_h2_stride = dh_running.stride(0);
     }
     if (step == 0) {
       p.c_prev = c_init.data_ptr(), p.c_prev_stride = H, p.c_prev_rows = n;
@@ -331,12 +338,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     run_backward(kernels, p);
     if (full) {
       grad_state.hc.narrow(0, 0, n).addmm_(dz, recurrent_weight);
-    } else {
+    } else if (carry_in_state) {
       at::mm_out(dh_running, dz, weight_hh);
+    } else {
+      dh_carry = gemm_nt(dz, recurrent_weight);
     }
   }
 
-  Tensor grad_input = need_input_grad ? grad_z.mm(weight_ih).view(input.sizes())
+  Tensor grad_input = need_input_grad ? gemm_nt(grad_z, weight_ih.t()).view(input.sizes())
                                       : at::empty({0}, options);
   Tensor grad_weight_ih = grad_z.t().mm(x);
   Tensor grad_weight_hh = grad_z.t().mm(previous_states(out, h0, s));
@@ -351,7 +360,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const Tensor unprojected = saved_gates.narrow(1, o_column, H) * c_all.tanh();
     grad_weight_hr = grad_h_all.t().mm(unprojected);
   }
-  return {grad_input, grad_state.final_h(), grad_state.final_c(), grad_weight_ih, grad_weight_hh,
+  return {grad_input, carry_in_state ? grad_state.final_h() : dh_carry, grad_state.final_c(), grad_weight_ih, grad_weight_hh,
           grad_bias, grad_weight_ch, grad_weight_hr};
 }
 

@@ -56,6 +56,11 @@ void check_weight_ch(const OptTensor& weight_ch, Peephole peephole, bool coupled
 // The tensor itself when its last dimension is contiguous (the kernels' only layout need).
 Tensor rows_contiguous(const Tensor& t);
 
+// x [M, K] · weight [N, K]ᵀ (+ bias [N]) (+ addend [M, N]), a new [M, N] tensor: the GEMMs of the
+// time loops. oneDNN's matmul on the CPU (float32, bfloat16), ATen's addmm elsewhere.
+Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias = std::nullopt,
+              const OptTensor& addend = std::nullopt);
+
 // Every kernel launch, on every device, shows in profiles as its own labelled range.
 inline void run_forward(const PointwiseKernels& kernels, const ForwardStep& step) {
   RECORD_FUNCTION("lstm_fused::pointwise_forward", {});
