@@ -9,6 +9,8 @@ Candidates, all fed the same input and (per variant) the same weights:
     nn.LSTM (oneDNN)     torch.nn.LSTM as shipped; on CPU the oneDNN (mkldnn) RNN path. The baseline.
     nn.LSTM (native)     torch.nn.LSTM with oneDNN disabled (torch.backends.mkldnn.flags(enabled=False)).
     fused <variant>      lstm_fused.LSTM: vanilla, diagonal peephole, coupled, diagonal+coupled, full.
+    fused ... (ATen GEMM) the first fused variant with its CPU GEMMs through ATen (MKL) instead of
+                         oneDNN's matmul (LSTM_FUSED_CPU_GEMM=aten): the measurement behind the default.
     reference loop       lstm_fused.reference.lstm_layer, a plain-PyTorch Python time loop.
     compiled cell loop   torch.compile(lstm_fused.reference.lstm_cell) called in a Python time loop
                          (inductor; falls back to aot_eager, labelled, if inductor fails or is slow).
@@ -68,7 +70,7 @@ VARIANTS = {
     "diagonal+coupled": ("diagonal", True),
     "full": ("full", False),
 }
-CANDIDATE_KINDS = ("nn", "nn-native", "fused", "reference", "compiled")
+CANDIDATE_KINDS = ("nn", "nn-native", "fused", "fused-aten", "reference", "compiled")
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +148,21 @@ def call_with_timeout(fn, seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+@contextlib.contextmanager
+def _environ(**values):
+    """Environment variables set for the duration of the block (read by the C++ ops per call)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -307,6 +324,14 @@ def build_candidates(args, I, H, compiled_cell, compiled_label, fused_skips) -> 
                                        note=fused_skips[variant], skipped=True))
             else:
                 cands.append(Candidate(f"fused {variant}", "fused", variant, fused_module(variant)))
+    if "fused-aten" in args.candidates and not cuda:
+        # The same fused layer with its CPU GEMMs through ATen (MKL) instead of oneDNN's matmul:
+        # the measurement behind csrc/gemm.cpp's choice.
+        for variant in args.variants[:1]:
+            if variant not in fused_skips:
+                cands.append(Candidate(f"fused {variant} (ATen GEMM)", "fused-aten", variant,
+                                       fused_module(variant),
+                                       context=lambda: _environ(LSTM_FUSED_CPU_GEMM="aten")))
     if "reference" in args.candidates:
         for variant in args.ref_variants:
             cands.append(Candidate(f"reference loop {variant}", "reference", variant,

@@ -21,7 +21,8 @@ ROW_FIELDS = {"T", "B", "I", "H", "mode", "candidate", "kind", "variant", "statu
 def toy_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # without the torch.compile candidate (its compile dominates); see test_compiled_cell_*
-    result = bench.main(TOY + ["--candidates", "nn,nn-native,fused,reference", "--out", str(out)])
+    result = bench.main(TOY + ["--candidates", "nn,nn-native,fused,fused-aten,reference",
+                               "--out", str(out)])
     return out, result
 
 
@@ -44,7 +45,7 @@ def test_every_candidate_and_mode_is_reported(toy_run):
     rows = result["results"]
     assert {r["mode"] for r in rows} == {"fwd", "fwdbwd"}
     kinds = {r["kind"] for r in rows}
-    assert kinds == {"nn", "nn-native", "fused", "reference"}
+    assert kinds == {"nn", "nn-native", "fused", "fused-aten", "reference"}
     for mode in ("fwd", "fwdbwd"):
         variants = {r["variant"] for r in rows if r["kind"] == "fused" and r["mode"] == mode}
         assert variants == {"vanilla", "diagonal", "coupled", "diagonal+coupled", "full"}

@@ -51,7 +51,7 @@ def test_each_cpu_kernel_build_matches_reference(level):
     if machine not in LEVELS or capability_order(level) > capability_order(machine):
         pytest.skip(f"this CPU supports up to {machine}, not {level}")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=level, PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, "-c", CHECK.format(expected=level.upper())], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", CHECK.format(expected=level.upper())],
+                         check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().endswith("ok")

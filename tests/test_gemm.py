@@ -29,8 +29,8 @@ def test_cpu_gemm_backends_match_reference(variant, backend, packed, monkeypatch
     monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", backend)
     peephole, coupled = variant
     torch.manual_seed(0)
-    kwargs = dict(num_layers=2, bidirectional=True, proj_size=3, peephole=peephole,
-                  coupled=coupled)
+    kwargs = {"num_layers": 2, "bidirectional": True, "proj_size": 3, "peephole": peephole,
+              "coupled": coupled}
     fused = lstm_fused.LSTM(5, 7, **kwargs)
     ref = lstm_fused.LSTM(5, 7, **kwargs)
     ref.load_state_dict(fused.state_dict())
