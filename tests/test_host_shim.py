@@ -38,7 +38,7 @@ def test_cell_kernels_match_cpu(variant, dtype, geometry):
     for a, b in zip(got, expected):
         close(a, b, dtype)
 
-    h, c, gates_out = expected
+    _, c, gates_out = expected
     grad_h = torch.randn(B, H, generator=g).to(dtype)
     grad_c = torch.randn(B, H, generator=g).to(dtype)
     for gh, gc in [(grad_h, grad_c), (None, grad_c), (grad_h, None)]:
@@ -66,8 +66,7 @@ def layer_case(variant, dtype, packed, reverse, proj, g):
 
 
 @variant_params
-@grid(dtype=[torch.float32, torch.float64, torch.bfloat16], packed=[False, True],
-      reverse=[False, True], proj=[0, 2])
+@grid(dtype=DTYPES, packed=[False, True], reverse=[False, True], proj=[0, 2])
 def test_layer_with_cuda_kernels_matches_cpu(variant, dtype, packed, reverse, proj):
     g = torch.Generator().manual_seed(1)
     args = layer_case(variant, dtype, packed, reverse, proj, g)
