@@ -19,6 +19,7 @@ from lstm_fused import _C, ops
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_step_cost
 import ptxas_usage
 
 needs_cuda_build = pytest.mark.skipif(not ops.BUILT_WITH_CUDA,
@@ -302,3 +303,48 @@ def test_cuda_suite_skips_visibly_without_a_gpu():
     assert re.fullmatch(r"=* ?\d+ skipped, \d+ deselected in .*", summary), summary
     assert "no CUDA device" in result.stdout
     assert int(summary.split(" skipped")[0].split()[-1]) >= 20
+
+
+# --- docs/gpu.md's cost model ------------------------------------------------------------------
+
+def test_gpu_doc_shows_the_cost_model_output():
+    doc = (ROOT / "docs" / "gpu.md").read_text()
+    begin = doc.index("-->\n", doc.index("<!-- cost-model:begin")) + len("-->\n")
+    end = doc.index("<!-- cost-model:end -->")
+    assert doc[begin:end] == gpu_step_cost.render_markdown(), \
+        "rerun: python benchmarks/gpu_step_cost.py and paste into docs/gpu.md"
+
+
+# The benchmark's names of the cost model's variants (it has no coupled full-peephole variant).
+BENCH_NAMES = {"vanilla": "vanilla", "diagonal": "diagonal", "coupled": "coupled",
+               "coupled+diagonal": "diagonal+coupled", "full": "full"}
+
+
+@pytest.mark.parametrize("variant", [v for v in gpu_step_cost.VARIANTS if v.name in BENCH_NAMES],
+                         ids=lambda v: v.name)
+def test_cost_model_flops_agree_with_the_benchmark(variant):
+    """Two derivations of the GEMM FLOPs: the benchmark's (useful FLOPs, backward = 2x forward)
+    and the cost model's (what layer.cpp executes). They agree except for full peepholes, whose
+    stacked recurrent GEMM also multiplies zero blocks, so executes more."""
+    from lstm_fused import bench
+
+    name, m = BENCH_NAMES[variant.name], gpu_step_cost
+    forward = m.T * m.gemm_flops_per_step(variant, "forward")
+    both = forward + m.T * m.gemm_flops_per_step(variant, "backward")
+    useful_forward = bench.gemm_flops(m.T, m.B, m.I, m.H, name, 0, "fwd")
+    useful_both = bench.gemm_flops(m.T, m.B, m.I, m.H, name, 0, "fwdbwd")
+    if variant.peephole == "full":
+        assert forward > useful_forward and both > useful_both
+    else:
+        assert (forward, both) == (useful_forward, useful_both)
+
+
+def test_cost_model_pointwise_traffic():
+    """The standard forward step moves 12 values per element (5 loads, 7 stores): 1.5 MiB at
+    B=64, H=512 in float32; bf16 halves it; coupling drops one block each way."""
+    vanilla, coupled = gpu_step_cost.VARIANTS[0], gpu_step_cost.VARIANTS[2]
+    fp32 = gpu_step_cost.step_cost(vanilla, "float32", "forward")
+    assert (fp32["loads"], fp32["stores"], fp32["pointwise_bytes"]) == (5, 7, 3 << 19)
+    assert gpu_step_cost.step_cost(vanilla, "bfloat16", "forward")["pointwise_bytes"] == 3 << 18
+    assert gpu_step_cost.pointwise_values_per_element(coupled, "forward") == (4, 6)
+    assert gpu_step_cost.pointwise_values_per_element(coupled, "backward") == (8, 4)
