@@ -431,12 +431,14 @@ def layer_design_bytes(T, B, I, H, G, P, peephole, element_size, param_bytes):
     (DESIGN.md section 4, csrc/layer.cpp). Per row of the N = T*B rows, in the storage dtype:
     forward, kept for backward: gates G*H, cells H, output H; backward: the incoming output
     gradient H, grad_z G*H, the previous outputs H (for dW_hh), grad_input I; with peepholes
-    also the previous cells H and the peephole products P*H in float. Plus parameter
-    gradients."""
+    also the previous cells H and peephole_grad's float temporaries (the products, P*H; for
+    half types also the float copies of dz and c it multiplies, 2*H at its peak). Plus
+    parameter gradients."""
     N = T * B
     per_row = (2 * G * H + 4 * H + I) * element_size
     if peephole:
-        per_row += H * element_size + P * H * 4
+        products = P * H if element_size == 4 else (P + 2) * H
+        per_row += H * element_size + products * 4
     return N * per_row + param_bytes
 
 
