@@ -243,7 +243,7 @@ HOST_SYNC = re.compile(r"\.item\s*[<(]|\.cpu\s*\(|\bkCPU\b|cudaDeviceSynchronize
 KNOWN_HOST_TRANSFERS = {
     ("csrc/layer.cpp", "const Tensor index_tensor = at::tensor(index, at::kLong).to(states.device());"):
         "previous_states (packed input only): row index built on the host and copied to the "
-        "device; to be replaced by device-side narrow copies (see docs/gpu.md)",
+        "device; a device-only replacement (one at::cat of row ranges) is pending (docs/gpu.md)",
     ("lstm_fused/functional.py", "return batch_sizes.tolist()"):
         "PackedSequence.batch_sizes is a CPU tensor by PyTorch's contract: no device involved",
 }
