@@ -5,6 +5,8 @@ torch.compile(mode="reduce-overhead"), peak memory of a layer, and no host synch
 Without a GPU every test here is reported as skipped, with the reason (pytest -rs)."""
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import lstm_fused
 from lstm_fused import functional, reference
 from lstm_fused.ops import BUILT_WITH_CUDA, OP_NAMES, ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 pytestmark = [
     pytest.mark.cuda,
@@ -244,6 +248,71 @@ def test_full_peephole_with_diagonal_blocks_equals_diagonal_on_cuda(coupled):
     names = ["output", "h_n", "c_n", "grad input"]
     for a, b, name in zip(run_module(full, x)[:4], run_module(diag, x)[:4], names):
         assert_agree(a, b, torch.float64, name)
+
+
+def test_coupled_layer_equals_standard_with_negated_forget_weights_on_cuda():
+    """sigma(-z) = 1 - sigma(z): a coupled LSTM is nn.LSTM (cuDNN) whose input-gate weights and
+    biases are minus the forget gate's."""
+    torch.manual_seed(16)
+    H = 6
+    ours = lstm_fused.CoupledLSTM(4, H, num_layers=2, bidirectional=True, device=CUDA,
+                                  dtype=torch.float64)
+    theirs = torch.nn.LSTM(4, H, num_layers=2, bidirectional=True, device=CUDA,
+                           dtype=torch.float64)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            getattr(theirs, name).copy_(torch.cat([-p[:H], p]))
+    x = torch.randn(5, 3, 4, device=CUDA, dtype=torch.float64)
+    out, (h_n, c_n) = ours(x)
+    expected_out, (expected_h_n, expected_c_n) = theirs(x)
+    for a, b, name in zip((out, h_n, c_n), (expected_out, expected_h_n, expected_c_n),
+                          ("output", "h_n", "c_n")):
+        assert_agree(a, b, torch.float64, name)
+
+
+@variant_params
+def test_strided_and_broadcast_inputs_on_cuda(variant):
+    """The kernels read rows with any stride, even a broadcast (stride 0) cell state."""
+    peephole, coupled = variant
+    kind = peephole or "none"
+    g = torch.Generator().manual_seed(17)
+    B, H, G = 5, 9, (3 if coupled else 4)
+    gates = torch.randn(B, 2 * G * H, generator=g).to(CUDA)[:, ::2]
+    c_row = torch.randn(1, H, generator=g).to(CUDA)
+    weight_ch = to_device(make_weight_ch(peephole, coupled, H, g))
+    got = ops.cell_forward(gates, c_row.expand(B, H), weight_ch, kind, coupled)
+    expected = ops.cell_forward(gates.contiguous(), c_row.repeat(B, 1), weight_ch, kind, coupled)
+    for a, b, name in zip(got, expected, ("h", "c", "gates_out")):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+@variant_params
+def test_kernels_per_time_step_on_cuda(variant):
+    """CUDA kernels per step, counted by the profiler, are those docs/gpu.md counts (one more per
+    GEMM allowed: cuBLAS may split a GEMM in two)."""
+    import gpu_step_cost  # benchmarks/, on sys.path above
+
+    peephole, coupled = variant
+    module = lstm_fused.LSTM(8, 16, peephole=peephole, coupled=coupled, device=CUDA)
+
+    def kernels(steps, direction):
+        x = torch.randn(steps, 4, 8, device=CUDA, requires_grad=True)
+        out = module(x)[0] if direction == "backward" else None
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            if out is None:
+                with torch.no_grad():
+                    module(x)
+            else:
+                out.sum().backward()
+            torch.cuda.synchronize()
+        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+
+    model_variant = next(v for v in gpu_step_cost.VARIANTS
+                         if (v.peephole, v.coupled) == (peephole, coupled))
+    for direction in ("forward", "backward"):
+        expected = gpu_step_cost.launches_per_step(model_variant, direction)
+        per_step = (kernels(30, direction) - kernels(10, direction)) / 20
+        assert expected <= per_step <= 1.5 * expected, (direction, per_step, expected)
 
 
 @variant_params
