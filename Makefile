@@ -1,13 +1,14 @@
 # make run    set up .venv, build, run the main job (demo + benchmark table)
 # make test   set up .venv, build, run the whole test suite
 # make build  set-up alone (incremental: ninja recompiles only what changed)
+# make test-gpu  the CUDA suite (skipped, with the reason, where no GPU is present)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 PYTEST_FLAGS ?= -q -rs
 
-.PHONY: build run test test-gpu bench lint clean
+.PHONY: build run test test-gpu ptxas bench lint clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +25,13 @@ run: build
 test: build
 	$(PY) -m pytest tests $(PYTEST_FLAGS)
 
+# The CUDA suite; without a GPU every test is reported as skipped, with the reason (exit 0).
 test-gpu: build
 	$(PY) -m pytest tests -m cuda $(PYTEST_FLAGS)
+
+# Re-record ptxas's register/spill report of the CUDA kernels (docs/ptxas/, ~20 s, no GPU needed).
+ptxas: $(STAMP)
+	$(PY) benchmarks/ptxas_usage.py
 
 bench: build
 	$(PY) -m lstm_fused.bench

@@ -1,5 +1,7 @@
 #include <sstream>
 
+#include <ATen/OpMathType.h>
+
 #include "ops.h"
 
 namespace lstm_fused {
@@ -52,10 +54,15 @@ Tensor peephole_grad(Peephole peephole, const Tensor& grad_z, const Tensor& c_pr
   const Tensor dz_in = grad_z.narrow(1, 0, k);  // i, f (or f): they see c_prev
   const Tensor dz_o = grad_z.narrow(1, output_gate(coupled) * H, H);  // o sees c
   switch (peephole) {
-    case Peephole::Diagonal:
-      return at::cat({(dz_in.reshape({-1, k / H, H}) * c_prev.unsqueeze(1)).sum(0),
-                      (dz_o * c).sum(0, /*keepdim=*/true)});
-    case Peephole::Full:
+    case Peephole::Diagonal: {
+      // Sums over all T*B rows: products and sums in the op-math type (float for half and
+      // bfloat16 storage, so no product is rounded to 8 bits before it is added), cast back once.
+      const auto math = at::toOpMathType(grad_z.scalar_type());
+      const Tensor in = (dz_in.to(math).reshape({-1, k / H, H}) * c_prev.to(math).unsqueeze(1));
+      const Tensor out = dz_o.to(math) * c.to(math);
+      return at::cat({in.sum(0), out.sum(0, /*keepdim=*/true)}).to(grad_z.scalar_type());
+    }
+    case Peephole::Full:  // GEMMs: cuBLAS and the CPU BLAS accumulate half/bfloat16 in float
       return at::cat({dz_in.t().mm(c_prev), dz_o.t().mm(c)});
     case Peephole::None:
       break;

@@ -45,6 +45,23 @@ def make_params(input_size, hidden, *, peephole=None, coupled=False, bias=True, 
             weight_ch, rand(R, hidden) if proj else None)
 
 
+def layer_op_args(variant, dtype, packed, reverse, proj, generator, device="cpu"):
+    """Arguments of torch.ops.lstm_fused.layer_forward for a small layer (T=4, B=3, I=5, H=6),
+    padded or packed (batch sizes 3, 3, 2, 1)."""
+    peephole, coupled = variant
+    T, B, I, H = 4, 3, 5, 6
+    params = make_params(I, H, peephole=peephole, coupled=coupled, proj=proj, dtype=dtype,
+                         device=device, generator=generator)
+    R = proj or H
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
+
+    batch_sizes = [3, 3, 2, 1] if packed else None
+    x = rand(sum(batch_sizes), I) if packed else rand(T, B, I)
+    return (x, rand(B, R), rand(B, H), *params, batch_sizes, reverse, peephole or "none", coupled)
+
+
 def assert_close(actual, expected, dtype, what=""):
     """float64: 1e-10; float32: 1e-5 relative (with a small absolute floor); half types: loose."""
     tol = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5),

@@ -4,7 +4,7 @@ dtype dispatch that a GPU runs, at several launch geometries."""
 
 import pytest
 import torch
-from conftest import VARIANTS, grid, make_params, make_weight_ch, variant_params
+from conftest import VARIANTS, grid, layer_op_args, make_weight_ch, variant_params
 
 from lstm_fused.ops import ops
 
@@ -38,7 +38,7 @@ def test_cell_kernels_match_cpu(variant, dtype, geometry):
     for a, b in zip(got, expected):
         close(a, b, dtype)
 
-    h, c, gates_out = expected
+    _, c, gates_out = expected
     grad_h = torch.randn(B, H, generator=g).to(dtype)
     grad_c = torch.randn(B, H, generator=g).to(dtype)
     for gh, gc in [(grad_h, grad_c), (None, grad_c), (grad_h, None)]:
@@ -48,29 +48,11 @@ def test_cell_kernels_match_cpu(variant, dtype, geometry):
             close(a, b, dtype)
 
 
-def layer_case(variant, dtype, packed, reverse, proj, g):
-    peephole, coupled = variant
-    T, B, I, H = 4, 3, 5, 6
-    params = make_params(I, H, peephole=peephole, coupled=coupled, proj=proj, dtype=dtype,
-                         generator=g)
-    R = proj or H
-    if packed:
-        batch_sizes = [3, 3, 2, 1]
-        x = torch.randn(sum(batch_sizes), I, generator=g).to(dtype)
-    else:
-        batch_sizes = None
-        x = torch.randn(T, B, I, generator=g).to(dtype)
-    h0 = torch.randn(B, R, generator=g).to(dtype)
-    c0 = torch.randn(B, H, generator=g).to(dtype)
-    return (x, h0, c0, *params, batch_sizes, reverse, peephole or "none", coupled)
-
-
 @variant_params
-@grid(dtype=[torch.float32, torch.float64, torch.bfloat16], packed=[False, True],
-      reverse=[False, True], proj=[0, 2])
+@grid(dtype=DTYPES, packed=[False, True], reverse=[False, True], proj=[0, 2])
 def test_layer_with_cuda_kernels_matches_cpu(variant, dtype, packed, reverse, proj):
     g = torch.Generator().manual_seed(1)
-    args = layer_case(variant, dtype, packed, reverse, proj, g)
+    args = layer_op_args(variant, dtype, packed, reverse, proj, g)
     geometry = (3, 7)
     expected = ops.layer_forward(*args)
     got = shim.layer_forward(*args, *geometry)

@@ -31,36 +31,70 @@ inline LaunchGeometry pointwise_geometry(int64_t elements) {
 
 namespace LSTM_KERNELS_NAMESPACE {
 
-template <typename scalar_t, bool kCoupled, bool kDiagonal, Part kPart>
-__global__ void lstm_pointwise_forward_kernel(const ForwardStep p) {
+// The variant a kernel is instantiated for, as a named type: profilers (Nsight Systems/Compute,
+// torch.profiler) show template arguments, and `lstm_fused_pointwise_forward<c10::Half,
+// coupled_diagonal_peephole>` says what runs where `<c10::Half, true, true, (Part)0>` would not.
+template <bool kCoupled, bool kDiagonal, Part kPart>
+struct NamedVariant;
+
+#define LSTM_FUSED_NAMED_VARIANT(name, coupled, diagonal, part)  \
+  struct name {                                                  \
+    static constexpr bool kCoupled = coupled;                    \
+    static constexpr bool kDiagonal = diagonal;                  \
+    static constexpr Part kPart = part;                          \
+  };                                                             \
+  template <>                                                    \
+  struct NamedVariant<coupled, diagonal, part> {                 \
+    using type = name;                                           \
+  }
+
+// Full peepholes run each step as two kernels around a GEMM (see Part in pointwise.h).
+LSTM_FUSED_NAMED_VARIANT(standard, false, false, Part::All);
+LSTM_FUSED_NAMED_VARIANT(standard_diagonal_peephole, false, true, Part::All);
+LSTM_FUSED_NAMED_VARIANT(standard_full_peephole_update, false, false, Part::Update);
+LSTM_FUSED_NAMED_VARIANT(standard_full_peephole_output, false, false, Part::Output);
+LSTM_FUSED_NAMED_VARIANT(coupled, true, false, Part::All);
+LSTM_FUSED_NAMED_VARIANT(coupled_diagonal_peephole, true, true, Part::All);
+LSTM_FUSED_NAMED_VARIANT(coupled_full_peephole_update, true, false, Part::Update);
+LSTM_FUSED_NAMED_VARIANT(coupled_full_peephole_output, true, false, Part::Output);
+#undef LSTM_FUSED_NAMED_VARIANT
+
+// One time step of the fused LSTM pointwise math for `rows` x `hidden` elements: activations,
+// peepholes, cell update and output (forward); their gradients (backward).
+template <typename scalar_t, typename Variant>
+__global__ void lstm_fused_pointwise_forward(const ForwardStep p) {
   const int64_t total = p.rows * p.hidden;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += stride) {
-    forward_chunk<ScalarIO<scalar_t>, kCoupled, kDiagonal, kPart>(p, idx / p.hidden,
-                                                               idx % p.hidden, 1);
+    forward_chunk<ScalarIO<scalar_t>, Variant::kCoupled, Variant::kDiagonal, Variant::kPart>(
+        p, idx / p.hidden, idx % p.hidden, 1);
   }
 }
 
-template <typename scalar_t, bool kCoupled, bool kDiagonal, Part kPart>
-__global__ void lstm_pointwise_backward_kernel(const BackwardStep p) {
+template <typename scalar_t, typename Variant>
+__global__ void lstm_fused_pointwise_backward(const BackwardStep p) {
   const int64_t total = p.rows * p.hidden;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += stride) {
-    backward_chunk<ScalarIO<scalar_t>, kCoupled, kDiagonal, kPart>(p, idx / p.hidden,
-                                                               idx % p.hidden, 1);
+    backward_chunk<ScalarIO<scalar_t>, Variant::kCoupled, Variant::kDiagonal, Variant::kPart>(
+        p, idx / p.hidden, idx % p.hidden, 1);
   }
 }
+
+// The named variant of variant_switch's integral_constant arguments.
+template <typename Coupled, typename Diagonal, typename PartOf>
+using VariantOf = typename NamedVariant<Coupled::value, Diagonal::value, PartOf::value>::type;
 
 inline void launch_pointwise_forward(const ForwardStep& p) {
   const int64_t elements = p.rows * p.hidden;
   if (elements == 0) return;
   const LaunchGeometry geometry = LSTM_GEOMETRY(elements);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_pointwise_forward", [&] {
-    variant_switch(p, [&](auto coupled, auto diagonal, auto part) {
-      auto* kernel = &lstm_pointwise_forward_kernel<scalar_t, decltype(coupled)::value,
-                                                      decltype(diagonal)::value, decltype(part)::value>;
+    variant_switch(p, [&](auto is_coupled, auto is_diagonal, auto part) {
+      using Variant = VariantOf<decltype(is_coupled), decltype(is_diagonal), decltype(part)>;
+      auto* kernel = &lstm_fused_pointwise_forward<scalar_t, Variant>;
       LSTM_LAUNCH(kernel, geometry, p);
     });
   });
@@ -71,9 +105,9 @@ inline void launch_pointwise_backward(const BackwardStep& p) {
   if (elements == 0) return;
   const LaunchGeometry geometry = LSTM_GEOMETRY(elements);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_pointwise_backward", [&] {
-    variant_switch(p, [&](auto coupled, auto diagonal, auto part) {
-      auto* kernel = &lstm_pointwise_backward_kernel<scalar_t, decltype(coupled)::value,
-                                                      decltype(diagonal)::value, decltype(part)::value>;
+    variant_switch(p, [&](auto is_coupled, auto is_diagonal, auto part) {
+      using Variant = VariantOf<decltype(is_coupled), decltype(is_diagonal), decltype(part)>;
+      auto* kernel = &lstm_fused_pointwise_backward<scalar_t, Variant>;
       LSTM_LAUNCH(kernel, geometry, p);
     });
   });
