@@ -60,8 +60,9 @@ Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                               c10::List<std::optional<c10::Scalar>>(), std::nullopt);
   }
   if (!addend) return bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  Tensor out = at::addmm(*addend, x, weight.t());
-  return bias ? out.add_(*bias) : out;
+  // In place: an out-of-place addmm would first copy the addend (one more kernel per step).
+  addend->addmm_(x, weight.t());
+  return bias ? addend->add_(*bias) : *addend;
 }
 
 }  // namespace lstm_fused

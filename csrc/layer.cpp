@@ -98,24 +98,36 @@ LayerShape check_layer(const Tensor& input, const Tensor& h0, const Tensor& c0,
 }
 
 // [N, D]: for every row, the state it started its step from. `states` holds the state after each
-// row's step ([N, D], same layout), `initial` the initial states [B, D].
+// row's step ([N, D], same layout), `initial` the initial states [B, D]. One concatenation of row
+// ranges of the two, so nothing is built on the host: a host-to-device index copy can
+// synchronise with the GPU and cannot be captured in a CUDA graph.
 Tensor previous_states(const Tensor& states, const Tensor& initial, const Schedule& s) {
-  const int64_t B = s.batch, N = s.rows;
-  if (!s.ragged) {
-    if (N == 0) return states;
-    return s.reverse ? at::cat({states.narrow(0, B, N - B), initial})
-                     : at::cat({initial, states.narrow(0, 0, N - B)});
-  }
-  std::vector<int64_t> index(N);
+  std::vector<Tensor> pieces;
+  const Tensor* last_source = nullptr;
+  int64_t last_start = 0, last_length = 0;
+  auto flush = [&] {
+    if (last_length > 0) pieces.push_back(last_source->narrow(0, last_start, last_length));
+  };
+  // Appends rows [start, start + length) of source, merged with the previous range if adjacent.
+  auto add = [&](const Tensor& source, int64_t start, int64_t length) {
+    if (length == 0) return;
+    if (&source == last_source && last_start + last_length == start) {
+      last_length += length;
+      return;
+    }
+    flush();
+    last_source = &source, last_start = start, last_length = length;
+  };
   for (int64_t t = 0; t < s.steps(); ++t) {
     const int64_t prev = s.reverse ? t + 1 : t - 1;
     const bool has_prev = prev >= 0 && prev < s.steps();
-    for (int64_t b = 0; b < s.sizes[t]; ++b) {
-      index[s.offsets[t] + b] = has_prev && b < s.sizes[prev] ? s.offsets[prev] + b : N + b;
-    }
+    // Rows that also ran at the neighbouring step start from its state, the others from initial.
+    const int64_t carried = has_prev ? std::min(s.sizes[t], s.sizes[prev]) : 0;
+    if (carried > 0) add(states, s.offsets[prev], carried);
+    add(initial, carried, s.sizes[t] - carried);
   }
-  const Tensor index_tensor = at::tensor(index, at::kLong).to(states.device());
-  return at::cat({states, initial}).index_select(0, index_tensor);
+  flush();
+  return pieces.empty() ? states : at::cat(pieces);
 }
 
 Tensor input_bias(const OptTensor& bias_ih, const OptTensor& bias_hh) {
@@ -204,7 +216,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
                                                : output.narrow(0, s.offsets[s.time(step - 1)], n);
     // z_t = x_t W_ih^T + b (computed for all steps above) + h_{t-1} W_hh^T, a step-sized temporary;
     // the kernel writes the activated gates over the input projection's rows.
-    const Tensor z = gemm_nt(recurrent_input, recurrent_weight, std::nullopt, gates.narrow(0, row, n));
+    const Tensor z =
+        gemm_nt(recurrent_input, recurrent_weight, std::nullopt, gates.narrow(0, row, n));
     p.z = z.data_ptr(), p.z_stride = z.stride(0);
     p.gates_out = row_ptr(gates, row);
     p.c_out = row_ptr(cells, row);

@@ -56,8 +56,9 @@ void check_weight_ch(const OptTensor& weight_ch, Peephole peephole, bool coupled
 // The tensor itself when its last dimension is contiguous (the kernels' only layout need).
 Tensor rows_contiguous(const Tensor& t);
 
-// x [M, K] · weight [N, K]ᵀ (+ bias [N]) (+ addend [M, N]), a new [M, N] tensor: the GEMMs of the
-// time loops. oneDNN's matmul on the CPU (float32, bfloat16), ATen's addmm elsewhere.
+// x [M, K] · weight [N, K]ᵀ (+ bias [N]) (+ addend [M, N]) as an [M, N] tensor: the GEMMs of the
+// time loops. oneDNN's matmul on the CPU (float32, bfloat16) into a new tensor; ATen's addmm
+// elsewhere, in place into `addend` when given (so the result may alias, and overwrite, it).
 Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias = std::nullopt,
               const OptTensor& addend = std::nullopt);
 

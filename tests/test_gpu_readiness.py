@@ -241,9 +241,6 @@ HOST_SYNC = re.compile(r"\.item\s*[<(]|\.cpu\s*\(|\bkCPU\b|cudaDeviceSynchronize
                        r"\.nonzero\s*\(|\.is_nonzero\s*\(|\.equal\s*\(")
 # (file, code) pairs known to match, each with the reason it is accepted.
 KNOWN_HOST_TRANSFERS = {
-    ("csrc/layer.cpp", "const Tensor index_tensor = at::tensor(index, at::kLong).to(states.device());"):
-        "previous_states (packed input only): row index built on the host and copied to the "
-        "device; a device-only replacement (one at::cat of row ranges) is pending (docs/gpu.md)",
     ("lstm_fused/functional.py", "return batch_sizes.tolist()"):
         "PackedSequence.batch_sizes is a CPU tensor by PyTorch's contract: no device involved",
 }
