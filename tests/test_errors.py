@@ -2,6 +2,7 @@
 PyTorch user expects, with a message naming the argument and what was expected."""
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pytest
@@ -293,3 +294,17 @@ def test_double_backward_raises_not_supported(module, make_input):
     assert grad.requires_grad
     with pytest.raises(NotImplementedError, match="double backward .* is not supported"):
         torch.autograd.grad(grad.sum(), x)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5, 1.0, -1e-9, 1 + 1e-9])
+def test_dropout_range_is_torch_lstm_range(dropout):
+    """dropout in [0, 1] as torch.nn.LSTM (which accepts 1, zeroing every inter-layer output)."""
+    accepted = 0 <= dropout <= 1
+
+    def expectation(match):
+        return nullcontext() if accepted else pytest.raises(ValueError, match=match)
+
+    with expectation("dropout"):
+        torch.nn.LSTM(I, H, num_layers=2, dropout=dropout)
+    with expectation(r"dropout must be a number in \[0, 1\]"):
+        assert lstm(num_layers=2, dropout=dropout).dropout == dropout
