@@ -16,8 +16,8 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
 from .reference import (
-    _as_batch_sizes,
-    _autocast_enabled,
+    as_batch_sizes,
+    autocast_enabled,
     check_batch_sizes,
     normalize_peephole,
 )
@@ -88,7 +88,7 @@ class _VariantMixin:
             raise RuntimeError(f"{cls}: expected {name} on device {like.device} (the device of "
                                f"{like_name}), got {t.device}")
         # As torch.nn.LSTM: a dtype mismatch is a ValueError, and autocast casts at the op.
-        if t.dtype != like.dtype and not _autocast_enabled(t.device):
+        if t.dtype != like.dtype and not autocast_enabled(t.device):
             raise ValueError(f"{cls}: expected {name} of dtype {like.dtype} (the dtype of "
                              f"{like_name}), got {t.dtype}; convert {name} with "
                              f".to({like.dtype}) or the module with .to({t.dtype})")
@@ -203,11 +203,11 @@ class LSTMCell(_VariantMixin, nn.Module):
         """input [B, I] or [I]; hx (h_0, c_0) each [B, H] or [H] -> (h_1, c_1), same batching."""
         self._check_tensor("input", input, self.weight_ih, "the parameters")
         if input.dim() not in (1, 2):
-            raise ValueError(f"{type(self).__name__}: expected input to be 1-D or 2-D, got {input.dim()}-D "
-                             f"with shape {tuple(input.shape)}")
+            raise ValueError(f"{type(self).__name__}: expected input to be 1-D or 2-D, got "
+                             f"{input.dim()}-D with shape {tuple(input.shape)}")
         if input.shape[-1] != self.input_size:
-            raise ValueError(f"{type(self).__name__}: expected input with {self.input_size} features "
-                             f"(input_size), got {input.shape[-1]}")
+            raise ValueError(f"{type(self).__name__}: expected input with {self.input_size} "
+                             f"features (input_size), got {input.shape[-1]}")
         batched = input.dim() == 2
         state_shape = (input.shape[0], self.hidden_size) if batched else (self.hidden_size,)
         if hx is None:
@@ -357,7 +357,7 @@ class LSTM(_VariantMixin, nn.Module):
             if data.dim() != 2:
                 raise ValueError(f"{cls}: expected PackedSequence data of shape [N, input_size], "
                                  f"got {tuple(data.shape)}")
-            sizes = _as_batch_sizes(batch_sizes)
+            sizes = as_batch_sizes(batch_sizes)
             check_batch_sizes(sizes, data.shape[0])
             return data, sizes, sorted_indices, unsorted_indices, True, sizes[0] if sizes else 0
         self._check_tensor("input", input, self.weight_ih_l0, "the parameters")

@@ -82,7 +82,7 @@ def _require_tensor(name: str, t, optional: bool = False) -> None:
         raise TypeError(f"expected {name} to be {expected}, got {type(t).__name__}")
 
 
-def _autocast_enabled(device: torch.device) -> bool:
+def autocast_enabled(device: torch.device) -> bool:
     return device.type != "meta" and torch.is_autocast_enabled(device.type)
 
 
@@ -92,7 +92,7 @@ def _check_dtypes_and_devices(input: Tensor, named: dict[str, Tensor | None]) ->
     if not input.is_floating_point():
         raise TypeError(f"expected input to be a floating-point tensor (float64, float32, "
                         f"float16 or bfloat16), got {input.dtype}")
-    autocast = _autocast_enabled(input.device)
+    autocast = autocast_enabled(input.device)
     for name, t in named.items():
         if t is None:
             continue
@@ -217,7 +217,7 @@ def check_layer_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weig
         if input.shape[1] != B:
             raise ValueError(f"input has batch {input.shape[1]} but hx/cx have {B} rows")
         return None
-    sizes = _as_batch_sizes(batch_sizes)
+    sizes = as_batch_sizes(batch_sizes)
     if input.dim() != 2:
         raise ValueError(f"packed input must be [N, I]; got {tuple(input.shape)}")
     check_batch_sizes(sizes, input.shape[0])
@@ -344,14 +344,14 @@ def lstm_cell(
                  peephole, coupled)
 
 
-def _as_batch_sizes(batch_sizes) -> list[int]:
+def as_batch_sizes(batch_sizes) -> list[int]:
     """batch_sizes as a list of ints: from a 1-D integer tensor or a sequence of ints."""
     expected = "a 1-D integer tensor or a list of ints"
     if isinstance(batch_sizes, Tensor):
         if batch_sizes.dim() != 1:
             raise ValueError(f"expected batch_sizes to be {expected}; got shape "
                              f"{tuple(batch_sizes.shape)}")
-        if batch_sizes.is_floating_point() or batch_sizes.is_complex() or batch_sizes.dtype == torch.bool:
+        if batch_sizes.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
             raise TypeError(f"expected batch_sizes to be {expected}; got dtype {batch_sizes.dtype}")
         return batch_sizes.tolist()
     if isinstance(batch_sizes, Sequence) and all(
