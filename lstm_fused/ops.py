@@ -13,7 +13,7 @@ needs (activated gates and cell states of every step). The *_backward ops are wh
 
 import torch
 
-from . import _C  # noqa: F401  (loading the library registers the operators)
+from . import _C  # loading the library registers the operators
 
 ops = torch.ops.lstm_fused
 OP_NAMES = ("cell_forward", "cell_backward", "layer_forward", "layer_backward")
@@ -66,7 +66,7 @@ def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_
 
 
 def _cell_setup_context(ctx, inputs, output):
-    gates, c_prev, weight_ch, peephole, coupled = inputs
+    _gates, c_prev, weight_ch, peephole, coupled = inputs
     _, c, gates_out = output
     ctx.save_for_backward(gates_out, c_prev, c, weight_ch)
     ctx.peephole, ctx.coupled = peephole, coupled
