@@ -225,11 +225,34 @@ FUNCTIONAL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("twin", [functional.lstm_layer, reference.lstm_layer],
-                         ids=["fused", "reference"])
-@pytest.mark.parametrize("case", FUNCTIONAL_CASES, ids=lambda case: case.what)
-def test_functional_rejects_bad_input_by_name(case, twin):
-    """The fused layer and its plain-PyTorch twin reject the same inputs, with the same words."""
+def cell_args(**overrides):
+    """Valid arguments of functional.lstm_cell (vanilla), with some replaced."""
+    args = layer_args(input=torch.zeros(B, I))
+    args.update(overrides)
+    return args
+
+
+FUNCTIONAL_CELL_CASES = [
+    Bad("cell input 3-D", cell_args(input=torch.zeros(T, B, I)), ValueError,
+        r"expected input of shape \[B, input_size\], got \(5, 2, 3\)"),
+    Bad("cell hx of hidden_size with a projection",
+        cell_args(weight_hh=torch.zeros(4 * H, 2), weight_hr=torch.zeros(2, H)), ValueError, r"hx must have last dimension 2 \(proj_size or hidden_size\); got \(2, 4\)"),
+    Bad("cell cx batch mismatch", cell_args(cx=torch.zeros(B + 1, H)), ValueError,
+        r"expected cx of shape \[2, 4\] \(batch of input, hidden_size\), got \(3, 4\)"),
+]
+
+TWINS = {"fused layer": (functional.lstm_layer, FUNCTIONAL_CASES),
+         "reference layer": (reference.lstm_layer, FUNCTIONAL_CASES),
+         "fused cell": (functional.lstm_cell, FUNCTIONAL_CELL_CASES),
+         "reference cell": (reference.lstm_cell, FUNCTIONAL_CELL_CASES)}
+
+
+@pytest.mark.parametrize("twin, case", [
+    pytest.param(function, case, id=f"{name}: {case.what}")
+    for name, (function, cases) in TWINS.items() for case in cases])
+def test_functional_rejects_bad_input_by_name(twin, case):
+    """The fused functions and their plain-PyTorch twins reject the same inputs, with the same
+    words."""
     with pytest.raises(case.error, match=case.match) as raised:
         twin(**case.given)
     assert type(raised.value) is case.error, raised.value
@@ -281,7 +304,10 @@ def test_module_and_op_reject_bad_input_by_name(case):
 
 
 def test_table_covers_at_least_25_bad_inputs():
-    assert len(MODULE_CASES) + len(FUNCTIONAL_CASES) + len(OP_CASES) >= 25
+    tables = [MODULE_CASES, FUNCTIONAL_CASES, FUNCTIONAL_CELL_CASES, OP_CASES]
+    assert sum(len(table) for table in tables) >= 25
+    for table in tables:  # within a table, each case is a different input
+        assert len({case.what for case in table}) == len(table)
 
 
 @pytest.mark.parametrize("module, make_input", [
