@@ -15,6 +15,7 @@ CellShape check_cell(const Tensor& gates, const Tensor& c_prev, const OptTensor&
                      Peephole peephole, bool coupled) {
   TORCH_CHECK_VALUE(c_prev.dim() == 2, "lstm_fused: expected c_prev of shape [B, H], got ",
                     c_prev.sizes());
+  check_floating(c_prev, "c_prev");
   const int64_t B = c_prev.size(0), H = c_prev.size(1);
   check_arg(gates, "gates", c_prev, {B, num_gates(coupled) * H});
   check_weight_ch(weight_ch, peephole, coupled, H, c_prev);

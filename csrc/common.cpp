@@ -14,6 +14,12 @@ Peephole parse_peephole(c10::string_view peephole) {
                     std::string(peephole), "'");
 }
 
+void check_floating(const Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "lstm_fused: expected ", name,
+                   " to be a floating-point tensor (float64, float32, float16 or bfloat16), got ",
+                   t.scalar_type());
+}
+
 void check_arg(const Tensor& t, const char* name, const Tensor& like, at::IntArrayRef sizes) {
   TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "lstm_fused: expected ", name,
                    " to have dtype ", like.scalar_type(), ", got ", t.scalar_type());

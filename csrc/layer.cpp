@@ -80,6 +80,7 @@ LayerShape check_layer(const Tensor& input, const Tensor& h0, const Tensor& c0,
                        const OptTensor& weight_hr, const Schedule& schedule,
                        c10::string_view peephole, bool coupled) {
   LayerShape shape{parse_peephole(peephole), num_gates(coupled), 0, 0, input.size(-1)};
+  check_floating(input, "input");
   TORCH_CHECK_VALUE(weight_ih.dim() == 2 && weight_ih.size(0) % shape.gates == 0,
                     "lstm_fused: expected weight_ih of shape [", shape.gates,
                     "*hidden_size, input_size] for this variant, got ", weight_ih.sizes());

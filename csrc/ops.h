@@ -46,6 +46,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
 
 Peephole parse_peephole(c10::string_view peephole);
 
+// The kernels compute in floating point only: anything else is rejected up front, by name.
+void check_floating(const Tensor& t, const char* name);
+
 // Checks a tensor argument: dtype and device equal to `like`, and the expected sizes.
 void check_arg(const Tensor& t, const char* name, const Tensor& like, at::IntArrayRef sizes);
 

@@ -7,16 +7,11 @@ G gate blocks (4, or 3 when coupled), P peephole blocks (3, or 2 when coupled).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .ops import ops
-from .reference import normalize_peephole
-
-
-def _peephole_arg(peephole) -> str:
-    return normalize_peephole(peephole) or "none"
+from .reference import check_cell_args, check_layer_args, normalize_peephole
 
 
 def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
@@ -26,21 +21,17 @@ def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_h
     """One fused time step. input [B, I], hx [B, R], cx [B, H] -> (h [B, R], c [B, H]).
 
     The two GEMMs run as torch ops; activations, peepholes, the cell update and the output
-    gate run as ONE fused kernel (`torch.ops.lstm_fused.cell_forward`).
+    gate run as ONE fused kernel (`torch.ops.lstm_fused.cell_forward`). Arguments are checked
+    as by the twin, `lstm_fused.reference.lstm_cell`: each error names the argument.
     """
+    peephole = normalize_peephole(peephole)
+    check_cell_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
+                    peephole, coupled)
     gates = F.linear(input, weight_ih, bias_ih) + F.linear(hx, weight_hh, bias_hh)
-    h, c, _ = ops.cell_forward(gates, cx, weight_ch, _peephole_arg(peephole), coupled)
+    h, c, _ = ops.cell_forward(gates, cx, weight_ch, peephole or "none", bool(coupled))
     if weight_hr is not None:
         h = F.linear(h, weight_hr)
     return h, c
-
-
-def _batch_sizes_list(batch_sizes) -> list[int] | None:
-    if batch_sizes is None:
-        return None
-    if isinstance(batch_sizes, Tensor):
-        return batch_sizes.tolist()
-    return [int(b) for b in batch_sizes]
 
 
 def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
@@ -52,11 +43,15 @@ def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_
 
     Padded: input [T, B, I] -> output [T, B, R]. Packed: input [N, I] with `batch_sizes`
     (non-increasing, as in PackedSequence) -> output [N, R]. `reverse` runs from the last step
-    to the first. Returns (output, (h_n [B, R], c_n [B, H])).
+    to the first. Returns (output, (h_n [B, R], c_n [B, H])). Arguments are checked as by the
+    twin, `lstm_fused.reference.lstm_layer`: each error names the argument.
     """
+    peephole = normalize_peephole(peephole)
+    sizes = check_layer_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
+                             weight_hr, peephole, coupled, batch_sizes)
     output, h_n, c_n, _, _ = ops.layer_forward(
-        input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-        _batch_sizes_list(batch_sizes), reverse, _peephole_arg(peephole), coupled)
+        input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, sizes,
+        bool(reverse), peephole or "none", bool(coupled))
     return output, (h_n, c_n)
 
 

@@ -15,7 +15,12 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
-from .reference import normalize_peephole
+from .reference import (
+    as_batch_sizes,
+    autocast_enabled,
+    check_batch_sizes,
+    normalize_peephole,
+)
 
 
 class _VariantMixin:
@@ -72,6 +77,71 @@ class _VariantMixin:
             s += ", coupled=True"
         return s
 
+    # --- argument checks: each error names the argument and what was expected ----------------
+
+    def _check_tensor(self, name, t, like, like_name):
+        """t is a Tensor on like's device and (outside autocast) of like's dtype."""
+        cls = type(self).__name__
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{cls}: expected {name} to be a Tensor, got {type(t).__name__}")
+        if t.device != like.device:
+            raise RuntimeError(f"{cls}: expected {name} on device {like.device} (the device of "
+                               f"{like_name}), got {t.device}")
+        # As torch.nn.LSTM: a dtype mismatch is a ValueError, and autocast casts at the op.
+        if t.dtype != like.dtype and not autocast_enabled(t.device):
+            raise ValueError(f"{cls}: expected {name} of dtype {like.dtype} (the dtype of "
+                             f"{like_name}), got {t.dtype}; convert {name} with "
+                             f".to({like.dtype}) or the module with .to({t.dtype})")
+
+    def _check_state(self, name, state, expected):
+        if tuple(state.shape) != tuple(expected):
+            raise ValueError(f"{type(self).__name__}: expected {name} of shape {tuple(expected)}, "
+                             f"got {tuple(state.shape)}")
+
+    def _unpack_hx(self, hx):
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError(f"{type(self).__name__}: expected hx to be a tuple (h_0, c_0), got "
+                            f"{type(hx).__name__}")
+        return hx
+
+    # --- state_dict: a parameter set of another variant fails with a message saying so -------
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if strict:
+            found = self._state_dict_variant_differences(state_dict, prefix)
+            if found:
+                error_msgs.append(
+                    f"the state_dict is for another LSTM variant than this {type(self).__name__} "
+                    f"(peephole={self.peephole!r}, coupled={self.coupled}): {'; '.join(found)}. "
+                    f"Build the module with the options the state_dict was saved with.")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _state_dict_variant_differences(self, state_dict, prefix) -> list[str]:
+        """How the first layer's parameters in state_dict show a different (peephole, coupled)."""
+        suffix = self._first_suffix
+        H, found = self.hidden_size, []
+        weight_ih = state_dict.get(prefix + "weight_ih" + suffix)
+        if weight_ih is None:
+            return found
+        for coupled, gates in ((True, 3), (False, 4)):
+            if coupled != self.coupled and weight_ih.shape[0] == gates * H:
+                found.append(f"weight_ih{suffix} has {gates}*hidden_size rows, as with "
+                             f"coupled={coupled}")
+        weight_ch = state_dict.get(prefix + "weight_ch" + suffix)
+        if weight_ch is None and self.peephole is not None:
+            found.append(f"it has no weight_ch{suffix}, as with peephole=None")
+        elif weight_ch is not None and self.peephole is None:
+            found.append(f"it has weight_ch{suffix}, as with peephole='diagonal' or 'full'")
+        elif weight_ch is not None and tuple(weight_ch.shape) != tuple(
+                getattr(self, "weight_ch" + suffix).shape):
+            kind = "diagonal" if weight_ch.shape[0] in (2, 3) else "full"
+            if kind != self.peephole:
+                found.append(f"weight_ch{suffix} has shape {tuple(weight_ch.shape)}, as with "
+                             f"peephole={kind!r}")
+        return found
+
 
 class LSTMCell(_VariantMixin, nn.Module):
     r"""One LSTM step, optionally with peepholes and/or coupled input/forget gates.
@@ -90,6 +160,8 @@ class LSTMCell(_VariantMixin, nn.Module):
     weight_ch [P, H] (diagonal) or [P*H, H] (full); G = 3 coupled else 4, P = 2 coupled else 3.
     """
 
+    _first_suffix = ""
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, peephole=None,
                  coupled: bool = False, device=None, dtype=None) -> None:
         super().__init__()
@@ -98,6 +170,29 @@ class LSTMCell(_VariantMixin, nn.Module):
         self._make_parameters("", self.input_size, self.hidden_size, 0, factory)
         self.reset_parameters()
 
+    @classmethod
+    def from_torch(cls, cell: nn.LSTMCell) -> LSTMCell:
+        """A vanilla lstm_fused.LSTMCell with the options, device, dtype and weights of `cell`
+        (weight_ih [4H, I], weight_hh [4H, H], bias_ih and bias_hh [4H])."""
+        if not isinstance(cell, nn.LSTMCell):
+            raise TypeError(f"LSTMCell.from_torch: expected a torch.nn.LSTMCell, got "
+                            f"{type(cell).__name__}")
+        weight = cell.weight_ih
+        ours = LSTMCell(cell.input_size, cell.hidden_size, bias=cell.bias, device=weight.device,
+                        dtype=weight.dtype)
+        ours.load_state_dict(cell.state_dict())
+        return ours.train(cell.training)
+
+    def to_torch(self) -> nn.LSTMCell:
+        """The torch.nn.LSTMCell with this cell's options, device, dtype and weights; only for
+        the vanilla variant (peephole=None, coupled=False), which is exactly nn.LSTMCell."""
+        _require_vanilla(self, "to_torch")
+        weight = self.weight_ih
+        theirs = nn.LSTMCell(self.input_size, self.hidden_size, bias=self.bias,
+                             device=weight.device, dtype=weight.dtype)
+        theirs.load_state_dict(self.state_dict())
+        return theirs.train(self.training)
+
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if not self.bias:
@@ -105,24 +200,26 @@ class LSTMCell(_VariantMixin, nn.Module):
         return s + self._variant_repr()
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
+        """input [B, I] or [I]; hx (h_0, c_0) each [B, H] or [H] -> (h_1, c_1), same batching."""
+        self._check_tensor("input", input, self.weight_ih, "the parameters")
         if input.dim() not in (1, 2):
-            raise ValueError(f"LSTMCell: expected input to be 1-D or 2-D, got {input.dim()}-D "
-                             f"with shape {tuple(input.shape)}")
+            raise ValueError(f"{type(self).__name__}: expected input to be 1-D or 2-D, got "
+                             f"{input.dim()}-D with shape {tuple(input.shape)}")
+        if input.shape[-1] != self.input_size:
+            raise ValueError(f"{type(self).__name__}: expected input with {self.input_size} "
+                             f"features (input_size), got {input.shape[-1]}")
         batched = input.dim() == 2
-        if not batched:
-            input = input.unsqueeze(0)
+        state_shape = (input.shape[0], self.hidden_size) if batched else (self.hidden_size,)
         if hx is None:
-            zeros = input.new_zeros(input.shape[0], self.hidden_size)
+            zeros = input.new_zeros(state_shape)
             hx = (zeros, zeros)
         else:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError("LSTMCell: hx must be a tuple (h_0, c_0)")
-            expected = 2 if batched else 1
+            hx = self._unpack_hx(hx)
             for name, state in zip(("h_0", "c_0"), hx):
-                if state.dim() != expected:
-                    raise ValueError(f"LSTMCell: expected {name} to be {expected}-D for "
-                                     f"{expected}-D input, got {state.dim()}-D")
-            hx = hx if batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+                self._check_tensor(name, state, input, "input")
+                self._check_state(name, state, state_shape)
+        if not batched:
+            input, hx = input.unsqueeze(0), (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         h, c = functional.lstm_cell(input, hx[0], hx[1], *self._parameters_for(""),
                                     peephole=self.peephole, coupled=self.coupled)
         if not batched:
@@ -154,6 +251,7 @@ class LSTM(_VariantMixin, nn.Module):
 
     # The per-layer function; tests swap in lstm_fused.reference.lstm_layer (same signature).
     _layer_fn = staticmethod(functional.lstm_layer)
+    _first_suffix = "_l0"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
@@ -190,6 +288,39 @@ class LSTM(_VariantMixin, nn.Module):
                 self._make_parameters(suffix, layer_input, R, self.proj_size, factory)
         self.reset_parameters()
 
+    @classmethod
+    def from_torch(cls, lstm: nn.LSTM) -> LSTM:
+        """A vanilla lstm_fused.LSTM (peephole=None, coupled=False) with the options, device,
+        dtype, weights and training mode of `lstm`: same parameter names and shapes
+        (weight_ih_l{k} [4H, I_k], weight_hh_l{k} [4H, R], biases [4H], weight_hr_l{k} [R, H]),
+        so both compute the same function."""
+        if not isinstance(lstm, nn.LSTM):
+            raise TypeError(f"LSTM.from_torch: expected a torch.nn.LSTM, got {type(lstm).__name__}")
+        weight = lstm.weight_ih_l0
+        with warnings.catch_warnings():  # nn.LSTM already warned about its own options
+            warnings.simplefilter("ignore", UserWarning)
+            ours = LSTM(lstm.input_size, lstm.hidden_size, num_layers=lstm.num_layers,
+                        bias=lstm.bias, batch_first=lstm.batch_first, dropout=lstm.dropout,
+                        bidirectional=lstm.bidirectional, proj_size=lstm.proj_size,
+                        device=weight.device, dtype=weight.dtype)
+        ours.load_state_dict(lstm.state_dict())
+        return ours.train(lstm.training)
+
+    def to_torch(self) -> nn.LSTM:
+        """The torch.nn.LSTM with this module's options, device, dtype, weights and training
+        mode; only for the vanilla variant (peephole=None, coupled=False), which is exactly
+        nn.LSTM."""
+        _require_vanilla(self, "to_torch")
+        weight = self.weight_ih_l0
+        with warnings.catch_warnings():  # this module already warned about its own options
+            warnings.simplefilter("ignore", UserWarning)
+            theirs = nn.LSTM(self.input_size, self.hidden_size, num_layers=self.num_layers,
+                             bias=self.bias, batch_first=self.batch_first, dropout=self.dropout,
+                             bidirectional=self.bidirectional, proj_size=self.proj_size,
+                             device=weight.device, dtype=weight.dtype)
+        theirs.load_state_dict(self.state_dict())
+        return theirs.train(self.training)
+
     def _suffixes(self, layer):
         return [f"_l{layer}"] + ([f"_l{layer}_reverse"] if self.bidirectional else [])
 
@@ -216,33 +347,43 @@ class LSTM(_VariantMixin, nn.Module):
             s += ", bidirectional=True"
         return s + self._variant_repr()
 
-    def _check_state(self, name, state, expected):
-        if state.shape != expected:
-            raise ValueError(f"LSTM: expected {name} of shape {tuple(expected)}, got "
-                             f"{tuple(state.shape)}")
+    def _unpack_input(self, input):
+        """(data [T, B, I] or packed [N, I], batch_sizes list or None, sorted_indices,
+        unsorted_indices, batched, batch B), after checking input."""
+        cls = type(self).__name__
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            self._check_tensor("input", data, self.weight_ih_l0, "the parameters")
+            if data.dim() != 2:
+                raise ValueError(f"{cls}: expected PackedSequence data of shape [N, input_size], "
+                                 f"got {tuple(data.shape)}")
+            sizes = as_batch_sizes(batch_sizes)
+            check_batch_sizes(sizes, data.shape[0])
+            return data, sizes, sorted_indices, unsorted_indices, True, sizes[0] if sizes else 0
+        self._check_tensor("input", input, self.weight_ih_l0, "the parameters")
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{cls}: expected input to be 2-D (unbatched) or 3-D, got "
+                             f"{input.dim()}-D with shape {tuple(input.shape)}")
+        batched = input.dim() == 3
+        data = input if batched else input.unsqueeze(1)
+        if batched and self.batch_first:
+            data = data.transpose(0, 1)
+        return data, None, None, None, batched, data.shape[1]
 
     def forward(self, input, hx: tuple[Tensor, Tensor] | None = None):
-        packed = isinstance(input, PackedSequence)
-        if packed:
-            data, batch_sizes, sorted_indices, unsorted_indices = input
-            batch = int(batch_sizes[0]) if len(batch_sizes) else 0
-            batched = True
-        else:
-            if not isinstance(input, Tensor):
-                raise TypeError(f"LSTM: input must be a Tensor or PackedSequence, got "
-                                f"{type(input).__name__}")
-            if input.dim() not in (2, 3):
-                raise ValueError(f"LSTM: expected input to be 2-D (unbatched) or 3-D, got "
-                                 f"{input.dim()}-D with shape {tuple(input.shape)}")
-            batched = input.dim() == 3
-            data = input if batched else input.unsqueeze(1)
-            if batched and self.batch_first:
-                data = data.transpose(0, 1)
-            batch_sizes = sorted_indices = unsorted_indices = None
-            batch = data.shape[1]
+        if not isinstance(input, (Tensor, PackedSequence)):
+            raise TypeError(f"{type(self).__name__}: expected input to be a Tensor or "
+                            f"PackedSequence, got {type(input).__name__}")
+        data, batch_sizes, sorted_indices, unsorted_indices, batched, batch = (
+            self._unpack_input(input))
+        packed = batch_sizes is not None
         if data.shape[-1] != self.input_size:
-            raise ValueError(f"LSTM: expected input with {self.input_size} features (input_size),"
-                             f" got {data.shape[-1]}")
+            raise ValueError(f"{type(self).__name__}: expected input with {self.input_size} "
+                             f"features (input_size), got {data.shape[-1]}")
+        if (len(batch_sizes) if packed else data.shape[0]) == 0:
+            # As torch.nn.LSTM, which refuses an empty sequence.
+            raise ValueError(f"{type(self).__name__}: expected sequence length to be larger "
+                             f"than 0, got input of shape {tuple(data.shape)}")
 
         directions = 2 if self.bidirectional else 1
         state_rows = self.num_layers * directions
@@ -250,14 +391,14 @@ class LSTM(_VariantMixin, nn.Module):
             h0 = data.new_zeros(state_rows, batch, self._output_size)
             c0 = data.new_zeros(state_rows, batch, self.hidden_size)
         else:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
-            h0, c0 = hx
+            h0, c0 = self._unpack_hx(hx)
+            for name, state in (("h_0", h0), ("c_0", c0)):
+                self._check_tensor(name, state, data, "input")
             if not batched:
                 for name, state in (("h_0", h0), ("c_0", c0)):
                     if state.dim() != 2:
-                        raise ValueError(f"LSTM: for unbatched 2-D input, {name} should also be"
-                                         f" 2-D but got {state.dim()}-D")
+                        raise ValueError(f"{type(self).__name__}: for unbatched 2-D input, "
+                                         f"{name} should also be 2-D but got {state.dim()}-D")
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
             self._check_state("h_0", h0, (state_rows, batch, self._output_size))
             self._check_state("c_0", c0, (state_rows, batch, self.hidden_size))
@@ -287,7 +428,8 @@ class LSTM(_VariantMixin, nn.Module):
             if unsorted_indices is not None:
                 h_n = h_n.index_select(1, unsorted_indices)
                 c_n = c_n.index_select(1, unsorted_indices)
-            output = PackedSequence(layer_input, batch_sizes, sorted_indices, unsorted_indices)
+            output = PackedSequence(layer_input, input.batch_sizes, sorted_indices,
+                                    unsorted_indices)
             return output, (h_n, c_n)
         output = layer_input
         if not batched:
@@ -295,6 +437,13 @@ class LSTM(_VariantMixin, nn.Module):
         if self.batch_first:
             output = output.transpose(0, 1)
         return output, (h_n, c_n)
+
+
+def _require_vanilla(module, method):
+    if module.peephole is not None or module.coupled:
+        raise ValueError(f"{type(module).__name__}.{method}() needs the vanilla variant "
+                         f"(peephole=None, coupled=False), the only one torch.nn has; this module "
+                         f"has peephole={module.peephole!r}, coupled={module.coupled}")
 
 
 class PeepholeLSTM(LSTM):

@@ -120,3 +120,17 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cel
 
 torch.library.register_autograd(
     "lstm_fused::layer_forward", _layer_backward, setup_context=_layer_setup_context)
+
+
+# --- double backward: refused with a clear error, not an error from inside a kernel ----------
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "lstm_fused: double backward (a gradient of a gradient, e.g. autograd.grad(..., "
+        "create_graph=True) followed by another backward through it) is not supported by the "
+        "fused ops; lstm_fused.reference, their plain-PyTorch twin, supports it")
+
+
+for _backward_op in ("lstm_fused::cell_backward", "lstm_fused::layer_backward"):
+    torch.library.register_autograd(_backward_op, _no_double_backward)

@@ -1,0 +1,145 @@
+"""Property-based tests (hypothesis): random variants, options and shapes, the fused ops against
+their plain-PyTorch twin (lstm_fused.reference) in float64, forward and gradients."""
+
+import pytest
+import torch
+from conftest import VARIANTS, assert_close, make_params
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import lstm_fused
+from lstm_fused import functional, reference
+
+pytestmark = pytest.mark.filterwarnings("ignore:dropout option adds dropout")
+
+# Random but bounded: a failure prints the example and a blob to reproduce it.
+PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, database=None, print_blob=True)
+
+
+@st.composite
+def lstm_cases(draw):
+    """(module options, input shape mode, sizes, lengths for packed input, with_state, seed)."""
+    peephole, coupled = draw(st.sampled_from(VARIANTS))
+    hidden = draw(st.integers(1, 8))
+    options = {"peephole": peephole, "coupled": coupled,
+               "num_layers": draw(st.integers(1, 3)), "bidirectional": draw(st.booleans()),
+               "proj_size": draw(st.integers(0, hidden - 1)), "bias": draw(st.booleans()),
+               "batch_first": draw(st.booleans()), "dropout": draw(st.sampled_from([0.0, 0.4]))}
+    mode = draw(st.sampled_from(["padded", "packed", "unbatched"]))
+    steps = draw(st.integers(1, 6))
+    batch = draw(st.integers(1 if mode == "packed" else 0, 4))
+    lengths = draw(st.lists(st.integers(1, steps), min_size=batch, max_size=batch))
+    sizes = {"input": draw(st.integers(1, 5)), "hidden": hidden, "steps": steps, "batch": batch}
+    return options, mode, sizes, lengths, draw(st.booleans()), draw(st.integers(0, 2 ** 16))
+
+
+def run_module(module, x, hx, mode, lengths, seed):
+    """Outputs (as padded tensors) and the gradients of a fixed weighting of them."""
+    x = x.detach().requires_grad_()
+    inp = x
+    if mode == "packed":
+        inp = pack_padded_sequence(x, torch.tensor(lengths), batch_first=module.batch_first,
+                                   enforce_sorted=False)
+    torch.manual_seed(seed)  # the same dropout masks for the fused module and its twin
+    out, (h_n, c_n) = module(inp, hx)
+    if mode == "packed":
+        out = pad_packed_sequence(out, batch_first=module.batch_first)[0]
+    outputs = [out, h_n, c_n]
+    weights = torch.Generator().manual_seed(seed)
+    loss = sum((t * torch.randn(t.shape, generator=weights, dtype=t.dtype)).sum()
+               for t in outputs)
+    leaves = [x, *module.parameters(), *(hx or ())]
+    return outputs + list(torch.autograd.grad(loss, leaves, allow_unused=True))
+
+
+@PROPERTY_SETTINGS
+@given(lstm_cases())
+def test_lstm_module_matches_reference(case):
+    options, mode, sizes, lengths, with_state, seed = case
+    torch.manual_seed(seed)
+    fused = lstm_fused.LSTM(sizes["input"], sizes["hidden"], dtype=torch.float64, **options)
+    twin = lstm_fused.LSTM(sizes["input"], sizes["hidden"], dtype=torch.float64, **options)
+    twin.load_state_dict(fused.state_dict())
+    twin._layer_fn = reference.lstm_layer
+
+    g = torch.Generator().manual_seed(seed)
+    T, B = sizes["steps"], sizes["batch"]
+    shape = {"unbatched": (T, sizes["input"])}.get(
+        mode, (B, T, sizes["input"]) if options["batch_first"] else (T, B, sizes["input"]))
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    hx = None
+    if with_state:
+        rows = fused.num_layers * (2 if fused.bidirectional else 1)
+        batch = () if mode == "unbatched" else (B,)
+        hx = tuple(torch.randn(rows, *batch, size, generator=g, dtype=torch.float64)
+                   .requires_grad_() for size in (fused.proj_size or sizes["hidden"],
+                                                  sizes["hidden"]))
+    got = run_module(fused, x, hx, mode, lengths, seed)
+    want = run_module(twin, x, hx, mode, lengths, seed)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        if b is None:  # a parameter the outputs do not depend on
+            assert a is None or not a.any()
+        else:
+            assert_close(a, b, torch.float64, f"{options} {mode} {sizes}")
+
+
+@st.composite
+def cell_cases(draw):
+    peephole, coupled = draw(st.sampled_from(VARIANTS))
+    hidden = draw(st.integers(1, 8))
+    return {"peephole": peephole, "coupled": coupled, "bias": draw(st.booleans()),
+            "proj": draw(st.integers(0, hidden - 1)), "hidden": hidden,
+            "input": draw(st.integers(1, 5)), "batch": draw(st.integers(0, 5)),
+            "seed": draw(st.integers(0, 2 ** 16))}
+
+
+@PROPERTY_SETTINGS
+@given(cell_cases())
+def test_functional_cell_matches_reference(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    B, I, H, R = case["batch"], case["input"], case["hidden"], case["proj"] or case["hidden"]
+    params = make_params(I, H, peephole=case["peephole"], coupled=case["coupled"],
+                         bias=case["bias"], proj=case["proj"], requires_grad=True, generator=g)
+    x, hx, cx = (torch.randn(B, n, generator=g, dtype=torch.float64).requires_grad_()
+                 for n in (I, R, H))
+    leaves = [x, hx, cx, *(p for p in params if p is not None)]
+
+    def run(cell):
+        h, c = cell(x, hx, cx, *params, peephole=case["peephole"], coupled=case["coupled"])
+        loss = (h * torch.linspace(-1, 1, h.numel(), dtype=h.dtype).view_as(h)).sum() + c.sum()
+        return [h, c, *torch.autograd.grad(loss, leaves)]
+
+    for a, b in zip(run(functional.lstm_cell), run(reference.lstm_cell)):
+        assert_close(a, b, torch.float64, str(case))
+
+
+@PROPERTY_SETTINGS
+@given(st.sampled_from(VARIANTS), st.integers(1, 5), st.lists(st.integers(1, 6), min_size=1,
+                                                               max_size=5),
+       st.booleans(), st.integers(0, 2 ** 16))
+def test_packed_layer_op_equals_each_sequence_run_alone(variant, hidden, lengths, reverse, seed):
+    """The fused layer on a packed batch gives each sequence exactly what it gives that sequence
+    alone (no leaking between rows, each row ends at its own length), in either direction."""
+    peephole, coupled = variant
+    lengths = sorted(lengths, reverse=True)
+    g = torch.Generator().manual_seed(seed)
+    params = make_params(3, hidden, peephole=peephole, coupled=coupled, generator=g)
+    sequences = [torch.randn(n, 3, generator=g, dtype=torch.float64) for n in lengths]
+    h0, c0 = (torch.randn(len(lengths), hidden, generator=g, dtype=torch.float64)
+              for _ in range(2))
+    padded = torch.nn.utils.rnn.pad_sequence(sequences)
+    packed = pack_padded_sequence(padded, torch.tensor(lengths))
+    out, (h_n, c_n) = functional.lstm_layer(packed.data, h0, c0, *params, peephole=peephole,
+                                            coupled=coupled, reverse=reverse,
+                                            batch_sizes=packed.batch_sizes)
+    out = pad_packed_sequence(packed._replace(data=out))[0]
+    for b, seq in enumerate(sequences):
+        alone, (h_b, c_b) = functional.lstm_layer(
+            seq.unsqueeze(1), h0[b:b + 1], c0[b:b + 1], *params, peephole=peephole,
+            coupled=coupled, reverse=reverse)
+        assert_close(out[:len(seq), b], alone[:, 0], torch.float64, "output")
+        assert not out[len(seq):, b].any()  # padding stays zero
+        assert_close(h_n[b], h_b[0], torch.float64, "h_n")
+        assert_close(c_n[b], c_b[0], torch.float64, "c_n")
