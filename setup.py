@@ -74,6 +74,10 @@ def _sources(pattern):
 
 
 cxx_flags = ["-O3", "-std=c++20", "-Wall", "-Wno-unused-function"]
+# at::parallel_for is a header template: without OpenMP at OUR compile time it runs every chunk on
+# one thread. libgomp itself is the one torch already loaded (same soname).
+openmp_flags = ["-fopenmp"] if sys.platform.startswith("linux") else []
+cxx_flags += openmp_flags
 # Order matters for the CPU kernels: the baseline pointwise_cpu.cpp links before its AVX2 and
 # AVX-512 twins, so any inline function the linker shares between them is the baseline copy.
 sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/host_shim/*.cpp")
@@ -109,6 +113,7 @@ setup(
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
+            extra_link_args=openmp_flags,
         )
     ],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -1,7 +1,8 @@
-// The GEMM of the time loops: x·weightᵀ (+ addend). On the CPU, float32/bfloat16/half go through
-// oneDNN's matmul (torch's own mkldnn::_linear_pointwise, the library torch.nn.LSTM trains with
-// on CPU); everything else, CUDA included, through ATen's addmm/mm. Which one is faster at LSTM
-// step sizes is measured by `python -m lstm_fused.bench --gemm` (see benchmarks/README.md).
+// The GEMMs of the time loops: x·weightᵀ (+ bias) (+ addend). On the CPU, large enough float32 and
+// bfloat16 GEMMs go through oneDNN's matmul (torch's own mkldnn::_linear_pointwise; oneDNN is the
+// library torch.nn.LSTM trains with on CPU); everything else, CUDA included, through ATen's
+// addmm/mm. Which is faster where was measured with `python -m lstm_fused.bench --candidates
+// nn,fused,fused-aten` (the fused-aten candidate forces ATen).
 #include <cstdlib>
 #include <cstring>
 
@@ -37,23 +38,45 @@ const OneDnnLinear& onednn() {
   return ops;
 }
 
-// LSTM_FUSED_CPU_GEMM=aten|onednn overrides the default, for benchmarks and tests.
-bool prefer_onednn() {
+// Where oneDNN's matmul beat ATen's (MKL) in `python -m lstm_fused.bench --candidates
+// nn,fused,fused-aten` on our 2-thread AMD EPYC: with at least 1024 output features and 256 inputs
+// (H = 256: the forward 0.92x ATen's time, H = 1024: 0.74x forward, 0.84x forward+backward);
+// below that ATen was faster (H = 64: 1.7x, H = 128, B = 16: 1.35x, and the H = 256 backward GEMMs,
+// [B, 4H] x [4H, H], 1.07x). `env`: LSTM_FUSED_CPU_GEMM=aten|onednn overrides the choice.
+constexpr int64_t kOneDnnMinOutputs = 1024, kOneDnnMinInputs = 256;
+
+enum class Choice { Auto, Aten, OneDnn };
+
+Choice forced_choice() {
   const char* choice = std::getenv("LSTM_FUSED_CPU_GEMM");
-  return choice == nullptr || std::strcmp(choice, "aten") != 0;
+  if (choice == nullptr) return Choice::Auto;
+  if (std::strcmp(choice, "aten") == 0) return Choice::Aten;
+  if (std::strcmp(choice, "onednn") == 0) return Choice::OneDnn;
+  return Choice::Auto;
 }
 
-bool use_onednn(const Tensor& x) {
+bool use_onednn(const Tensor& x, const Tensor& weight) {
   const auto dtype = x.scalar_type();
-  return x.device().is_cpu() && (dtype == at::kFloat || dtype == at::kBFloat16) &&
-         onednn().unary.has_value() && x.size(0) > 0 && x.size(1) > 0 && prefer_onednn();
+  if (!x.device().is_cpu() || (dtype != at::kFloat && dtype != at::kBFloat16) ||
+      !onednn().unary.has_value() || x.size(0) == 0 || x.size(1) == 0) {
+    return false;
+  }
+  switch (forced_choice()) {
+    case Choice::Aten:
+      return false;
+    case Choice::OneDnn:
+      return true;
+    case Choice::Auto:
+      break;
+  }
+  return weight.size(0) >= kOneDnnMinOutputs && weight.size(1) >= kOneDnnMinInputs;
 }
 
 }  // namespace
 
 Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias,
               const OptTensor& addend) {
-  if (use_onednn(x)) {
+  if (use_onednn(x, weight)) {
     const Tensor w = weight.contiguous();
     if (addend) return onednn().binary->call(x.contiguous(), addend->contiguous(), w, bias, "add");
     return onednn().unary->call(x.contiguous(), w, bias, "none",

@@ -1,5 +1,5 @@
-"""The time loops' GEMMs (csrc/gemm.cpp) run through oneDNN's matmul on the CPU for float32 and
-bfloat16, through ATen elsewhere; LSTM_FUSED_CPU_GEMM=aten forces ATen. Both must give the
+"""The time loops' GEMMs (csrc/gemm.cpp) run through oneDNN's matmul on the CPU for large enough
+float32 and bfloat16 GEMMs, through ATen elsewhere; LSTM_FUSED_CPU_GEMM=aten|onednn forces one. Both must give the
 reference's results, forward and backward, padded and packed."""
 
 import pytest
@@ -41,19 +41,23 @@ def test_cpu_gemm_backends_match_reference(variant, backend, packed, monkeypatch
         assert_close(a, b, torch.float32, f"{backend}")
 
 
-def test_onednn_gemm_is_used_for_float32_on_cpu():
-    """The profile of a float32 layer shows oneDNN's matmul, and only ATen's when forced."""
-    m = lstm_fused.LSTM(4, 8)
-    x = torch.randn(3, 2, 4)
+def uses_onednn(module, x):
+    with torch.profiler.profile() as prof:
+        module(x)[0].sum().backward()
+    return "mkldnn::_linear_pointwise" in {e.key for e in prof.key_averages()}
 
-    def gemm_ops():
-        with torch.profiler.profile() as prof:
-            m(x)[0].sum().backward()
-        return {e.key for e in prof.key_averages()}
 
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("torch was built without oneDNN")
-    assert "mkldnn::_linear_pointwise" in gemm_ops()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LSTM_FUSED_CPU_GEMM", "aten")
-        assert "mkldnn::_linear_pointwise" not in gemm_ops()
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_gemm_choice_follows_size_and_environment(monkeypatch):
+    """Automatic: oneDNN for >= 1024 output features and >= 256 inputs (H = 256: W_ih, W_hh are
+    [1024, 256]), ATen below; LSTM_FUSED_CPU_GEMM forces either."""
+    big, big_x = lstm_fused.LSTM(256, 256), torch.randn(2, 3, 256)
+    small, small_x = lstm_fused.LSTM(4, 8), torch.randn(2, 3, 4)
+    monkeypatch.delenv("LSTM_FUSED_CPU_GEMM", raising=False)
+    assert uses_onednn(big, big_x)
+    assert not uses_onednn(small, small_x)
+    monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", "aten")
+    assert not uses_onednn(big, big_x)
+    monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", "onednn")
+    assert uses_onednn(small, small_x)
+    assert not uses_onednn(small.double(), small_x.double())  # oneDNN has no float64 matmul
