@@ -1,0 +1,50 @@
+// Turns on an instruction set for the rest of the including file (GCC): the target pragma, and the
+// macros that a -m flag would define and that headers test (sleef.h picks its SIMD declarations by
+// them; the pragma alone does not define them). Include it before anything else, after defining
+// LSTM_FUSED_TARGET_AVX2 or LSTM_FUSED_TARGET_AVX512.
+#pragma once
+
+#if defined(LSTM_FUSED_TARGET_AVX512)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt")
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(LSTM_FUSED_TARGET_AVX2)
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#else
+#error "define LSTM_FUSED_TARGET_AVX2 or LSTM_FUSED_TARGET_AVX512 before including target_isa.h"
+#endif
+
+#if defined(LSTM_FUSED_TARGET_AVX512)
+#ifndef __AVX512F__
+#define __AVX512F__ 1
+#endif
+#ifndef __AVX512BW__
+#define __AVX512BW__ 1
+#endif
+#ifndef __AVX512VL__
+#define __AVX512VL__ 1
+#endif
+#ifndef __AVX512DQ__
+#define __AVX512DQ__ 1
+#endif
+#endif
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#ifndef __BMI__
+#define __BMI__ 1
+#endif
+#ifndef __BMI2__
+#define __BMI2__ 1
+#endif
