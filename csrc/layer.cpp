@@ -374,7 +374,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const Tensor unprojected = saved_gates.narrow(1, o_column, H) * c_all.tanh();
     grad_weight_hr = grad_h_all.t().mm(unprojected);
   }
-  return {grad_input, carry_in_state ? grad_state.final_h() : dh_carry, grad_state.final_c(), grad_weight_ih, grad_weight_hh,
+  const Tensor grad_h0 = carry_in_state ? grad_state.final_h() : dh_carry;
+  return {grad_input, grad_h0, grad_state.final_c(), grad_weight_ih, grad_weight_hh,
           grad_bias, grad_weight_ch, grad_weight_hr};
 }
 
