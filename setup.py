@@ -43,8 +43,8 @@ cuda_home = _find_cuda_home() if mode != "cpu" else None
 if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
 
-import torch  # noqa: E402
-from torch.utils import cpp_extension  # noqa: E402
+import torch
+from torch.utils import cpp_extension
 
 with_cuda = mode != "cpu" and cuda_home is not None and torch.version.cuda is not None
 if mode == "cuda" and not with_cuda:

@@ -17,11 +17,11 @@ from .modules import (
 
 __all__ = [
     "LSTM",
+    "CoupledLSTM",
+    "CoupledLSTMCell",
     "LSTMCell",
     "PeepholeLSTM",
     "PeepholeLSTMCell",
-    "CoupledLSTM",
-    "CoupledLSTMCell",
     "functional",
     "ops",
     "reference",

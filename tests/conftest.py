@@ -69,9 +69,11 @@ def assert_close(actual, expected, dtype, what=""):
     torch.testing.assert_close(actual, expected, rtol=tol[0], atol=tol[1], msg=lambda m: f"{what}: {m}")
 
 
-def grid(**axes):
-    """Cartesian product of keyword axes, as pytest params with readable ids."""
+def grid(*, where=None, **axes):
+    """Cartesian product of keyword axes, as pytest params with readable ids; `where(**combo)`
+    keeps only the combinations that make sense."""
     names = list(axes)
-    combos = list(itertools.product(*axes.values()))
+    combos = [c for c in itertools.product(*axes.values())
+              if where is None or where(**dict(zip(names, c)))]
     ids = ["-".join(f"{n}={v}" for n, v in zip(names, c)) for c in combos]
     return pytest.mark.parametrize(",".join(names), combos, ids=ids)

@@ -43,21 +43,21 @@ def test_forced_cpu_only_build_passes_cpu_tests(tmp_path):
         else:
             shutil.copy(src, tmp_path / item)
     env = dict(os.environ, LSTM_FUSED_BUILD="cpu", MAX_JOBS="2")
-    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
-                           env=env, capture_output=True, text=True, timeout=1200)
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], check=False,
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     assert "building the CPU operators only (LSTM_FUSED_BUILD=cpu)" in build.stdout
     assert "nvcc" not in build.stdout
     check = subprocess.run(
-        [sys.executable, "-c", "import lstm_fused, torch; from lstm_fused import ops; "
-         "assert not ops.BUILT_WITH_CUDA; "
-         "assert not torch._C._dispatch_has_kernel_for_dispatch_key("
-         "'lstm_fused::layer_forward', 'CUDA')"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [sys.executable, "-c", ("import lstm_fused, torch; from lstm_fused import ops; "
+                                "assert not ops.BUILT_WITH_CUDA; "
+                                "assert not torch._C._dispatch_has_kernel_for_dispatch_key("
+                                "'lstm_fused::layer_forward', 'CUDA')")],
+        check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stderr
     tests = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
          "tests/test_cell.py", "tests/test_host_shim.py", "-k", "not compile"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+        check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert tests.returncode == 0, tests.stdout[-3000:]
     assert " passed" in tests.stdout

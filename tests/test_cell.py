@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from conftest import VARIANTS, assert_close, grid, make_params, make_weight_ch, variant_params
+from conftest import (
+    VARIANTS,
+    assert_close,
+    grid,
+    make_params,
+    make_weight_ch,
+    variant_params,
+)
 
 import lstm_fused
 from lstm_fused import functional, reference
@@ -173,7 +180,7 @@ def test_opcheck_cell_ops(variant):
     torch.library.opcheck(ops.cell_forward, (gates, c_prev, weight_ch, kind, coupled))
     torch.library.opcheck(ops.cell_forward, (gates.requires_grad_(), c_prev.requires_grad_(),
                                              weight_ch, kind, coupled))
-    h, c, gates_out = ops.cell_forward(gates.detach(), c_prev.detach(), weight_ch, kind, coupled)
+    _h, c, gates_out = ops.cell_forward(gates.detach(), c_prev.detach(), weight_ch, kind, coupled)
     torch.library.opcheck(ops.cell_backward, (torch.randn(B, H), torch.randn(B, H), gates_out,
                                               c_prev.detach(), c, weight_ch, kind, coupled))
     torch.library.opcheck(ops.cell_backward, (None, torch.randn(B, H), gates_out,
