@@ -73,7 +73,8 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
-cxx_flags = ["-O3", "-std=c++20", "-Wall", "-Wno-unused-function"]
+# -Wno-unknown-pragmas: torch's vectorised headers carry `#pragma unroll` for other compilers.
+cxx_flags = ["-O3", "-std=c++20", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
 # at::parallel_for is a header template: without OpenMP at OUR compile time it runs every chunk on
 # one thread. libgomp itself is the one torch already loaded (same soname).
 openmp_flags = ["-fopenmp"] if sys.platform.startswith("linux") else []

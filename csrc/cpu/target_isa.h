@@ -4,6 +4,13 @@
 // LSTM_FUSED_TARGET_AVX2 or LSTM_FUSED_TARGET_AVX512.
 #pragma once
 
+// Two warnings that only these files trigger, both from headers, neither about our code: GCC 12's
+// false -W(maybe-)uninitialized on its own `__m256i __Y = __Y;` idiom for undefined vectors, and
+// -Wpsabi notes on ATen's vector-returning lambdas (inlined here, never an ABI boundary).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #if defined(LSTM_FUSED_TARGET_AVX512)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt")
 #define CPU_CAPABILITY AVX512
