@@ -77,3 +77,23 @@ def grid(*, where=None, **axes):
               if where is None or where(**dict(zip(names, c)))]
     ids = ["-".join(f"{n}={v}" for n, v in zip(names, c)) for c in combos]
     return pytest.mark.parametrize(",".join(names), combos, ids=ids)
+
+
+def gradcheck_fused_cell(peephole, coupled, *, bias=True, device="cpu"):
+    """float64 gradcheck of the fused cell (functional.lstm_cell) with respect to the input, both
+    states and every parameter present, B = 3, I = 4, H = 5."""
+    from lstm_fused import functional
+
+    g = torch.Generator().manual_seed(0)
+    x, h, c = (torch.randn(3, n, generator=g, dtype=torch.float64).to(device).requires_grad_()
+               for n in (4, 5, 5))
+    params = make_params(4, 5, peephole=peephole, coupled=coupled, bias=bias, device=device,
+                         requires_grad=True, generator=g)
+    present = [p for p in params if p is not None]
+
+    def cell(x, h, c, *weights):
+        it = iter(weights)
+        full = [next(it) if p is not None else None for p in params]
+        return functional.lstm_cell(x, h, c, *full, peephole=peephole, coupled=coupled)
+
+    return torch.autograd.gradcheck(cell, (x, h, c, *present))

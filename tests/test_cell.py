@@ -5,6 +5,7 @@ import torch
 from conftest import (
     VARIANTS,
     assert_close,
+    gradcheck_fused_cell,
     grid,
     make_params,
     make_weight_ch,
@@ -26,19 +27,7 @@ def cell_inputs(B, I, H, dtype, generator, requires_grad=False, proj=0):
 @variant_params
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradcheck_cell(variant, bias):
-    peephole, coupled = variant
-    g = torch.Generator().manual_seed(0)
-    x, h, c = cell_inputs(3, 4, 5, torch.float64, g, requires_grad=True)
-    params = make_params(4, 5, peephole=peephole, coupled=coupled, bias=bias, requires_grad=True,
-                         generator=g)
-    present = [p for p in params if p is not None]
-
-    def cell(x, h, c, *weights):
-        it = iter(weights)
-        full = [next(it) if p is not None else None for p in params]
-        return functional.lstm_cell(x, h, c, *full, peephole=peephole, coupled=coupled)
-
-    assert torch.autograd.gradcheck(cell, (x, h, c, *present))
+    assert gradcheck_fused_cell(*variant, bias=bias)
 
 
 @variant_params

@@ -12,16 +12,16 @@ import pytest
 import torch
 from conftest import (
     VARIANTS,
+    gradcheck_fused_cell,
     grid,
     layer_op_args,
-    make_params,
     make_weight_ch,
     variant_params,
 )
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_fused
-from lstm_fused import functional, reference
+from lstm_fused import reference
 from lstm_fused.ops import BUILT_WITH_CUDA, OP_NAMES, ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -169,20 +169,7 @@ def test_gradcheck_layer_on_cuda(variant, packed):
 
 @variant_params
 def test_gradcheck_cell_on_cuda(variant):
-    peephole, coupled = variant
-    g = torch.Generator().manual_seed(0)
-    x, h, c = (torch.randn(3, n, generator=g, dtype=torch.float64).to(CUDA).requires_grad_()
-               for n in (4, 5, 5))
-    params = make_params(4, 5, peephole=peephole, coupled=coupled, device=CUDA,
-                         requires_grad=True, generator=g)
-    present = [p for p in params if p is not None]
-
-    def cell(x, h, c, *weights):
-        it = iter(weights)
-        full = [next(it) if p is not None else None for p in params]
-        return functional.lstm_cell(x, h, c, *full, peephole=peephole, coupled=coupled)
-
-    assert torch.autograd.gradcheck(cell, (x, h, c, *present))
+    assert gradcheck_fused_cell(*variant, device=CUDA)
 
 
 def run_module(module, x, lengths=None):
