@@ -7,7 +7,7 @@
 //   backward, per step:  pointwise backward -> dz_t, dc_{t-1}      (one kernel)
 //                        dh_{t-1} = dz_t W_hh                     (one GEMM)
 //             once:      dW_ih, dW_hh, dx, bias and peephole gradients over all T*B rows.
-// The GEMMs go through gemm_nt() (gemm.cpp): oneDNN's matmul on the CPU, ATen's elsewhere.
+// The GEMMs go through gemm_nt() (gemm.cpp): oneDNN's matmul or ATen's, whichever measured faster.
 // With a projection (proj_size > 0) each step has one more GEMM (h = r W_hr^T) and the
 // backward one more add and GEMM.
 #include <numeric>
@@ -215,8 +215,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
                                    : s.ragged  ? state.h.narrow(0, 0, n)
                                    : step == 0 ? h0
                                                : output.narrow(0, s.offsets[s.time(step - 1)], n);
-    // z_t = x_t W_ih^T + b (computed for all steps above) + h_{t-1} W_hh^T, a step-sized temporary;
-    // the kernel writes the activated gates over the input projection's rows.
+    // z_t = x_t W_ih^T + b (computed for all steps above) + h_{t-1} W_hh^T: in place in the gates
+    // rows (ATen) or a step-sized temporary (oneDNN); the kernel writes the activated gates there.
     const Tensor z =
         gemm_nt(recurrent_input, recurrent_weight, std::nullopt, gates.narrow(0, row, n));
     p.z = z.data_ptr(), p.z_stride = z.stride(0);

@@ -60,8 +60,9 @@ void check_weight_ch(const OptTensor& weight_ch, Peephole peephole, bool coupled
 Tensor rows_contiguous(const Tensor& t);
 
 // x [M, K] · weight [N, K]ᵀ (+ bias [N]) (+ addend [M, N]) as an [M, N] tensor: the GEMMs of the
-// time loops. oneDNN's matmul on the CPU (float32, bfloat16) into a new tensor; ATen's addmm
-// elsewhere, in place into `addend` when given (so the result may alias, and overwrite, it).
+// time loops. oneDNN's matmul for large enough float32/bfloat16 GEMMs on the CPU, into a new
+// tensor; ATen's addmm otherwise, in place into `addend` when given (so the result may alias, and
+// overwrite, it).
 Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias = std::nullopt,
               const OptTensor& addend = std::nullopt);
 
