@@ -40,6 +40,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
+from unittest import mock
 
 import torch
 from torch import nn
@@ -148,21 +149,6 @@ def call_with_timeout(fn, seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-
-
-@contextlib.contextmanager
-def _environ(**values):
-    """Environment variables set for the duration of the block (read by the C++ ops per call)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -327,11 +313,12 @@ def build_candidates(args, I, H, compiled_cell, compiled_label, fused_skips) -> 
     if "fused-aten" in args.candidates and not cuda:
         # The same fused layer with its CPU GEMMs through ATen (MKL) instead of oneDNN's matmul:
         # the measurement behind csrc/gemm.cpp's choice.
+        aten_gemm = {"LSTM_FUSED_CPU_GEMM": "aten"}
         for variant in args.variants[:1]:
             if variant not in fused_skips:
                 cands.append(Candidate(f"fused {variant} (ATen GEMM)", "fused-aten", variant,
                                        fused_module(variant),
-                                       context=lambda: _environ(LSTM_FUSED_CPU_GEMM="aten")))
+                                       context=lambda: mock.patch.dict(os.environ, aten_gemm)))
     if "reference" in args.candidates:
         for variant in args.ref_variants:
             cands.append(Candidate(f"reference loop {variant}", "reference", variant,
