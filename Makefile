@@ -19,8 +19,8 @@ build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace --force
 
 run: build
-	$(PY) -m lstm_fused.demo
-	$(PY) -m lstm_fused.bench --quick
+	PYTHONPATH=$(CURDIR) $(PY) examples/demo.py
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench.py --quick
 
 test: build
 	$(PY) -m pytest tests $(PYTEST_FLAGS)
@@ -34,7 +34,7 @@ ptxas: $(STAMP)
 	$(PY) benchmarks/ptxas_usage.py
 
 bench: build
-	$(PY) -m lstm_fused.bench
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lstm_fused tests benchmarks setup.py

@@ -1,7 +1,7 @@
 // The GEMMs of the time loops: x·weightᵀ (+ bias) (+ addend). On the CPU, large enough float32 and
 // bfloat16 GEMMs go through oneDNN's matmul (torch's own mkldnn::_linear_pointwise; oneDNN is the
 // library torch.nn.LSTM trains with on CPU); everything else, CUDA included, through ATen's
-// addmm/mm. Which is faster where was measured with `python -m lstm_fused.bench --candidates
+// addmm/mm. Which is faster where was measured with `python benchmarks/bench.py --candidates
 // nn,fused,fused-aten` (the fused-aten candidate forces ATen).
 #include <cstdlib>
 #include <cstring>
@@ -38,7 +38,7 @@ const OneDnnLinear& onednn() {
   return ops;
 }
 
-// Where oneDNN's matmul beat ATen's (MKL) in `python -m lstm_fused.bench --candidates
+// Where oneDNN's matmul beat ATen's (MKL) in `python benchmarks/bench.py --candidates
 // nn,fused,fused-aten` on our 2-thread AMD EPYC: with at least 1024 output features and 256 inputs
 // (H = 256: the forward 0.92x ATen's time, H = 1024: 0.74x forward, 0.84x forward+backward);
 // below that ATen was faster (H = 64: 1.7x, H = 128, B = 16: 1.35x, and the H = 256 backward GEMMs,

@@ -1,9 +1,18 @@
 """Shared helpers: the variants, random parameters for them, and comparison tolerances."""
 
 import itertools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# The benchmark and the demo live beside the package (benchmarks/, examples/), not in it: the
+# tests import them as scripts.
+ROOT = Path(__file__).resolve().parents[1]
+for _tools in ("benchmarks", "examples"):
+    if str(ROOT / _tools) not in sys.path:
+        sys.path.insert(0, str(ROOT / _tools))
 
 # (peephole, coupled): every variant the fused ops implement.
 VARIANTS = [(None, False), ("diagonal", False), ("full", False),

@@ -1,4 +1,4 @@
-"""The benchmark CLI (lstm_fused.bench) at a toy grid: it runs, writes its JSON and PNG, and the
+"""The benchmark CLI (benchmarks/bench.py) at a toy grid: it runs, writes its JSON and PNG, and the
 JSON has the documented fields. Correctness only: nothing here asserts on speed."""
 
 import json
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lstm_fused import bench
+import bench  # benchmarks/, on sys.path (conftest.py)
 
 TOY = ["--sizes", "4,2,6,5", "--headline", "4,2,6,5", "--warmup", "1", "--repeats", "2",
        "--min-repeats", "1", "--point-budget", "0.5"]

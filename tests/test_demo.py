@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from lstm_fused import demo
+import demo  # examples/, on sys.path (conftest.py)
 
 
 def test_timed_spikes_places_trigger_and_target_delay_apart():

@@ -324,7 +324,7 @@ def test_cost_model_flops_agree_with_the_benchmark(variant):
     """Two derivations of the GEMM FLOPs: the benchmark's (useful FLOPs, backward = 2x forward)
     and the cost model's (what layer.cpp executes). They agree except for full peepholes, whose
     stacked recurrent GEMM also multiplies zero blocks, so executes more."""
-    from lstm_fused import bench
+    import bench  # benchmarks/
 
     name, m = BENCH_NAMES[variant.name], gpu_step_cost
     forward = m.T * m.gemm_flops_per_step(variant, "forward")

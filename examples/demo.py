@@ -1,6 +1,6 @@
 """Precise timing: do peepholes help an LSTM count time? A small study with our fused layers.
 
-Run it:  python -m lstm_fused.demo [--full | --seeds N --steps N] [--out results/demo]
+Run it:  python examples/demo.py [--full | --seeds N --steps N] [--out results/demo]
 
 The task (timed spike generation)
 ---------------------------------
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .modules import LSTM
+from lstm_fused import LSTM
 
 VARIANTS = {
     "vanilla": {"peephole": None, "coupled": False},
@@ -259,7 +259,7 @@ def write_results(summary: dict, models: dict, cfg: Config, out: Path, seconds: 
 # ----------------------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None) -> tuple[Config, Path]:
-    parser = argparse.ArgumentParser(prog="python -m lstm_fused.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python examples/demo.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("results/demo"))
     parser.add_argument("--full", action="store_true", help="longer study: 20 seeds, 2000 steps")

@@ -1,9 +1,9 @@
 """Benchmark the fused LSTM variants against torch.nn.LSTM and plain-PyTorch loops.
 
-    python -m lstm_fused.bench            # default grid (includes the headline T=100, B=64, I=H=256)
-    python -m lstm_fused.bench --quick    # tiny grid, < 1 min (used by `make run`)
-    python -m lstm_fused.bench --full     # bigger grid
-    python -m lstm_fused.bench --sizes 100,64,256,256 --modes fwd --profile
+    python benchmarks/bench.py            # default grid (includes the headline T=100, B=64, I=H=256)
+    python benchmarks/bench.py --quick    # tiny grid, < 1 min (used by `make run`)
+    python benchmarks/bench.py --full     # bigger grid
+    python benchmarks/bench.py --sizes 100,64,256,256 --modes fwd --profile
 
 Candidates, all fed the same input and (per variant) the same weights:
     nn.LSTM (oneDNN)     torch.nn.LSTM as shipped; on CPU the oneDNN (mkldnn) RNN path. The baseline.
@@ -647,7 +647,7 @@ def _csv(choices):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lstm_fused.bench", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 1)[1])
     grid = p.add_mutually_exclusive_group()
@@ -708,7 +708,7 @@ def main(argv=None) -> dict:
     timer = Timer(device)
     t_start = time.perf_counter()
 
-    print(f"lstm_fused.bench: torch {torch.__version__}, device {args.device}, threads "
+    print(f"benchmarks/bench.py: torch {torch.__version__}, device {args.device}, threads "
           f"{torch.get_num_threads()}, dtype {str(args.dtype).replace('torch.', '')}, "
           f"{len(sizes)} size(s) x {len(args.modes)} mode(s)", flush=True)
     peak = measure_gemm_peak(args.headline, args, timer)
