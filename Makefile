@@ -1,43 +1,46 @@
 # make run    set up .venv, build, run the main job (demo + benchmark table)
 # make test   set up .venv, build, run the whole test suite
-# make build  set-up alone (incremental: ninja recompiles only what changed)
+# make build  set-up alone: an editable install into .venv (incremental: ninja recompiles only
+#             what changed), so `import lstm_fused` works from any directory with .venv's python
+# make test-quick  the suite without the tests marked slow (the edit loop)
 # make test-gpu  the CUDA suite (skipped, with the reason, where no GPU is present)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 PYTEST_FLAGS ?= -q -rs
+PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: build run test test-gpu ptxas bench lint clean
+.PHONY: build run test test-quick test-gpu bench lint clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PIP) install -q -r requirements.txt
 	touch $(STAMP)
 
+# --no-build-isolation: build against the torch in .venv (the one the extension will run with).
 build: $(STAMP)
-	$(PY) setup.py -q build_ext --inplace --force
+	$(PIP) install -q --no-build-isolation --no-deps -e .
 
 run: build
-	PYTHONPATH=$(CURDIR) $(PY) examples/demo.py
-	PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench.py --quick
+	$(PY) examples/demo.py
+	$(PY) benchmarks/bench.py --quick
 
 test: build
 	$(PY) -m pytest tests $(PYTEST_FLAGS)
+
+test-quick: build
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_FLAGS)
 
 # The CUDA suite; without a GPU every test is reported as skipped, with the reason (exit 0).
 test-gpu: build
 	$(PY) -m pytest tests -m cuda $(PYTEST_FLAGS)
 
-# Re-record ptxas's register/spill report of the CUDA kernels (docs/ptxas/, ~20 s, no GPU needed).
-ptxas: $(STAMP)
-	$(PY) benchmarks/ptxas_usage.py
-
 bench: build
-	PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lstm_fused tests benchmarks setup.py
+	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf build lstm_fused/*.so
+	rm -rf build lstm_fused/*.so *.egg-info

@@ -1,5 +1,6 @@
 """Builds lstm_fused._C: the C++ CPU operators always, the CUDA kernels when a CUDA toolkit and a
-CUDA build of torch are present.
+CUDA build of torch are present. The package metadata is in pyproject.toml; install with pip
+(`pip install --no-build-isolation -e .`, what `make build` runs; see the README).
 
 Environment switches:
   LSTM_FUSED_BUILD=auto|cpu|cuda   auto (default) builds CUDA when it can; cpu never; cuda must.
@@ -12,6 +13,7 @@ import glob
 import os
 import shutil
 import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -79,12 +81,20 @@ cxx_flags = ["-O3", "-std=c++20", "-Wall", "-Wno-unused-function", "-Wno-unknown
 # one thread. libgomp itself is the one torch already loaded (same soname).
 openmp_flags = ["-fopenmp"] if sys.platform.startswith("linux") else []
 cxx_flags += openmp_flags
-# Order matters for the CPU kernels: the baseline pointwise_cpu.cpp links before its AVX2 and
-# AVX-512 twins, so any inline function the linker shares between them is the baseline copy.
-sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/host_shim/*.cpp")
+# The link order of the CPU kernels does not matter: the AVX2 / AVX-512 builds keep their inline
+# functions in namespaces of their own (csrc/cpu/target_isa.h), so the linker never merges them
+# with the baseline copies. The host shim (csrc/host_shim/) is test-only: tests/conftest.py
+# builds it as a library of its own.
+sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
 include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = []
 extra_compile_args = {"cxx": cxx_flags}
+
+# A register spill in our kernels fails the build: ptxas warns about it (-warn-spills) and its
+# -Werror makes its warnings errors (ptxas's own flag: nvcc's and the host compiler's warnings
+# are unaffected). tests/test_build.py checks that a spilling kernel fails with these flags.
+NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills",
+              "-Xptxas=-Werror"]
 
 if with_cuda:
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -94,19 +104,25 @@ if with_cuda:
     sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
     include_dirs += _nvidia_wheel_includes()
     define_macros.append(("LSTM_FUSED_WITH_CUDA", "1"))
-    extra_compile_args["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr",
-                                  "-Xptxas=-warn-spills"]
+    extra_compile_args["nvcc"] = NVCC_FLAGS
     Extension = cpp_extension.CUDAExtension
 else:
     Extension = cpp_extension.CppExtension
 
+
+
+class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """torch's ninja build, with its objects kept in build/ across builds: pip's editable and
+    isolated builds pass a fresh temporary build_temp each time, so ninja would recompile every
+    file."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        platform = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+        self.build_temp = os.path.join(ROOT, "build", f"temp.{platform}")
+
+
 setup(
-    name="lstm_fused",
-    version="0.1.0",
-    description="Fused peephole and coupled-gate LSTM operators for PyTorch (CPU and CUDA)",
-    packages=["lstm_fused"],
-    python_requires=">=3.10",
-    install_requires=["torch>=2.6"],
     ext_modules=[
         Extension(
             name="lstm_fused._C",
@@ -117,5 +133,5 @@ setup(
             extra_link_args=openmp_flags,
         )
     ],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension},
 )
