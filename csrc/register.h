@@ -1,10 +1,30 @@
-// Binds the device-generic drivers of ops.h to a device's kernel table, with the exact C++
-// signatures of the schemas in register.cpp.
+// The operator schemas, and the device-generic drivers of ops.h bound to a device's kernel table
+// with the exact C++ signatures of those schemas.
 #pragma once
 
 #include "ops.h"
 
 namespace lstm_fused {
+
+// The operator schemas, written once: register.cpp declares them as torch.ops.lstm_fused.*, the
+// test-only host shim (host_shim/register_shim.cpp) with two extra arguments (EXTRA).
+#define LSTM_FUSED_SCHEMAS(EXTRA)                                                               \
+  "cell_forward(Tensor gates, Tensor c_prev, Tensor? weight_ch, str peephole, bool coupled" EXTRA \
+  ") -> (Tensor h, Tensor c, Tensor gates_out)",                                                \
+      "cell_backward(Tensor? grad_h, Tensor? grad_c, Tensor gates, Tensor c_prev, Tensor c, "   \
+      "Tensor? weight_ch, str peephole, bool coupled" EXTRA                                     \
+      ") -> (Tensor grad_gates, Tensor grad_c_prev, Tensor grad_weight_ch)",                    \
+      "layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "  \
+      "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_ch, Tensor? weight_hr, "                \
+      "int[]? batch_sizes, bool reverse, str peephole, bool coupled" EXTRA                      \
+      ") -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)",               \
+      "layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "  \
+      "Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "             \
+      "Tensor? bias_hh, Tensor? weight_ch, Tensor? weight_hr, Tensor output, Tensor gates, "    \
+      "Tensor cells, int[]? batch_sizes, bool reverse, str peephole, bool coupled, "            \
+      "bool need_input_grad" EXTRA                                                              \
+      ") -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, "        \
+      "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_ch, Tensor grad_weight_hr)"
 
 using KernelTable = const PointwiseKernels& (*)();
 

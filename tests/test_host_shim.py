@@ -1,29 +1,39 @@
 """The CUDA kernels (csrc/cuda/pointwise_kernels.cuh), compiled for the host and run block by block
 and thread by thread on the CPU, against the CPU kernels: the same launch code, indexing and
-dtype dispatch that a GPU runs, at several launch geometries."""
+dtype dispatch that a GPU runs, at several launch geometries. The shim is a test-only library
+(conftest.load_host_shim); the installed package does not register it."""
 
 import pytest
 import torch
-from conftest import VARIANTS, grid, layer_op_args, make_weight_ch, variant_params
+from conftest import (
+    assert_close,
+    grid,
+    host_shim_launches,
+    layer_op_args,
+    make_weight_ch,
+    variant_params,
+)
 
 from lstm_fused.ops import ops
-
-shim = torch.ops.lstm_fused_host_shim
 
 # (blocks, threads): (0, 0) is the geometry the CUDA launcher picks; the others force fewer
 # threads than elements (grid-stride loop), odd sizes, and more threads than elements.
 GEOMETRIES = [(0, 0), (1, 32), (3, 7), (64, 256)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-TOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def close(a, b, dtype):
-    torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype])
+    assert_close(a, b, dtype, kind="kernels")
+
+
+def cuda_default_geometry(elements):
+    """The grid csrc/cuda/pointwise_kernels.cuh's pointwise_geometry picks: 256-thread blocks."""
+    return (min(-(-elements // 256), 65535), 256)
 
 
 @variant_params
 @grid(dtype=DTYPES, geometry=GEOMETRIES)
-def test_cell_kernels_match_cpu(variant, dtype, geometry):
+def test_cell_kernels_match_cpu(host_shim, variant, dtype, geometry):
     peephole, coupled = variant
     kind = peephole or "none"
     g = torch.Generator().manual_seed(0)
@@ -34,7 +44,7 @@ def test_cell_kernels_match_cpu(variant, dtype, geometry):
     weight_ch = make_weight_ch(peephole, coupled, H, g, dtype)
 
     expected = ops.cell_forward(gates, c_prev, weight_ch, kind, coupled)
-    got = shim.cell_forward(gates, c_prev, weight_ch, kind, coupled, *geometry)
+    got = host_shim.cell_forward(gates, c_prev, weight_ch, kind, coupled, *geometry)
     for a, b in zip(got, expected):
         close(a, b, dtype)
 
@@ -43,19 +53,20 @@ def test_cell_kernels_match_cpu(variant, dtype, geometry):
     grad_c = torch.randn(B, H, generator=g).to(dtype)
     for gh, gc in [(grad_h, grad_c), (None, grad_c), (grad_h, None)]:
         expected = ops.cell_backward(gh, gc, gates_out, c_prev, c, weight_ch, kind, coupled)
-        got = shim.cell_backward(gh, gc, gates_out, c_prev, c, weight_ch, kind, coupled, *geometry)
+        got = host_shim.cell_backward(gh, gc, gates_out, c_prev, c, weight_ch, kind, coupled,
+                                      *geometry)
         for a, b in zip(got, expected):
             close(a, b, dtype)
 
 
 @variant_params
 @grid(dtype=DTYPES, packed=[False, True], reverse=[False, True], proj=[0, 2])
-def test_layer_with_cuda_kernels_matches_cpu(variant, dtype, packed, reverse, proj):
+def test_layer_with_cuda_kernels_matches_cpu(host_shim, variant, dtype, packed, reverse, proj):
     g = torch.Generator().manual_seed(1)
     args = layer_op_args(variant, dtype, packed, reverse, proj, g)
     geometry = (3, 7)
     expected = ops.layer_forward(*args)
-    got = shim.layer_forward(*args, *geometry)
+    got = host_shim.layer_forward(*args, *geometry)
     for a, b in zip(got, expected):
         close(a, b, dtype)
 
@@ -63,26 +74,56 @@ def test_layer_with_cuda_kernels_matches_cpu(variant, dtype, packed, reverse, pr
     grads = [torch.randn(t.shape, generator=g).to(dtype) for t in (out, h_n, c_n)]
     backward_args = (*grads, *args[:9], out, gates, cells, *args[9:], True)
     expected = ops.layer_backward(*backward_args)
-    got = shim.layer_backward(*backward_args, *geometry)
+    got = host_shim.layer_backward(*backward_args, *geometry)
     for a, b in zip(got, expected):
         close(a, b, dtype)
 
 
-def test_shim_covers_every_op():
+def test_shim_covers_every_op(host_shim):
     for name in ("cell_forward", "cell_backward", "layer_forward", "layer_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lstm_fused_host_shim::{name}",
                                                               "CPU")
 
 
-@pytest.mark.parametrize("variant", VARIANTS[:1])
-def test_shim_geometry_is_really_forced(variant):
-    """A grid smaller than the work must still cover every element (grid-stride loop); this
-    fails if the forced geometry were ignored and the kernel indexed only threadIdx."""
+@pytest.mark.parametrize("geometry", [(1, 1), (2, 3), (1000, 1024)])
+def test_forced_geometry_is_the_geometry_that_runs(host_shim, geometry):
+    """The shim runs exactly the forced grid (every block, every thread), and a grid smaller than
+    the work still covers every element (grid-stride loop)."""
     g = torch.Generator().manual_seed(0)
     gates = torch.randn(7, 4 * 50, generator=g)
     c_prev = torch.randn(7, 50, generator=g)
     expected = ops.cell_forward(gates, c_prev, None, "none", False)
-    for geometry in [(1, 1), (2, 3), (1000, 1024)]:
-        got = shim.cell_forward(gates, c_prev, None, "none", False, *geometry)
-        for a, b in zip(got, expected):
-            close(a, b, torch.float32)
+    host_shim_launches()  # forget earlier launches
+    got = host_shim.cell_forward(gates, c_prev, None, "none", False, *geometry)
+    blocks, threads = geometry
+    assert host_shim_launches() == [(blocks, threads, blocks * threads)]
+    for a, b in zip(got, expected):
+        close(a, b, torch.float32)
+
+
+@pytest.mark.parametrize("rows, hidden", [(7, 50), (3, 1000)])
+def test_default_geometry_is_the_cuda_launchers(host_shim, rows, hidden):
+    gates = torch.randn(rows, 4 * hidden)
+    c_prev = torch.randn(rows, hidden)
+    host_shim_launches()
+    host_shim.cell_forward(gates, c_prev, None, "none", False, 0, 0)
+    blocks, threads = cuda_default_geometry(rows * hidden)
+    assert host_shim_launches() == [(blocks, threads, blocks * threads)]
+
+
+@variant_params
+def test_layer_launches_one_pointwise_kernel_per_step(host_shim, variant):
+    """Forward and backward: one fused kernel per time step, two (around the W_co GEMM) for full
+    peepholes, all at the forced grid."""
+    peephole, _ = variant
+    g = torch.Generator().manual_seed(2)
+    args = layer_op_args(variant, torch.float32, False, False, 0, g)
+    steps = args[0].shape[0]
+    per_step = 2 if peephole == "full" else 1
+    host_shim_launches()
+    out, _, _, gates, cells = host_shim.layer_forward(*args, 3, 7)
+    assert host_shim_launches() == [(3, 7, 21)] * (steps * per_step)
+    backward_args = (torch.ones_like(out), None, None, *args[:9], out, gates, cells, *args[9:],
+                     True)
+    host_shim.layer_backward(*backward_args, 3, 7)
+    assert host_shim_launches() == [(3, 7, 21)] * (steps * per_step)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import VARIANTS, assert_close, variant_params
+from conftest import VARIANTS, assert_close, load_host_shim, variant_params
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstm_fused
@@ -136,7 +136,7 @@ def test_nan_and_inf_propagate_as_in_the_reference(variant):
     got, want = outputs_and_grads(fused, x), outputs_and_grads(twin, x)
     assert got[0].isnan().any()  # the NaN did reach the output
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, equal_nan=True)
+        assert_close(a, b, torch.float64, equal_nan=True)
 
 
 def test_nan_and_inf_propagate_as_in_torch_lstm():
@@ -145,7 +145,7 @@ def test_nan_and_inf_propagate_as_in_torch_lstm():
     ours = lstm_fused.LSTM.from_torch(theirs)
     x = poisoned_input()
     for a, b in zip(ours(x)[0], theirs(x)[0]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, equal_nan=True)
+        assert_close(a, b, torch.float64, equal_nan=True)
 
 
 # --- index arithmetic past 2^31 ------------------------------------------------------------------
@@ -164,7 +164,7 @@ def strided_past_int32(rows):
 
 CELL_OPS = {"cpu kernels": lambda *args: ops.cell_forward(*args),
             "cuda kernels on the host shim":
-                lambda *args: torch.ops.lstm_fused_host_shim.cell_forward(*args, 0, 0)}
+                lambda *args: load_host_shim().cell_forward(*args, 0, 0)}
 
 
 @pytest.mark.parametrize("kernels", list(CELL_OPS))

@@ -1,7 +1,9 @@
 // Runs the CUDA kernels of cuda/pointwise_kernels.cuh on the CPU, for tests on machines without
 // a GPU: __global__ and __device__ become plain host code, and a launch walks every block and
-// thread of the grid in order. The launch geometry can be forced, so tests cover several.
+// thread of the grid in order. The launch geometry can be forced, so tests cover several, and
+// every launch is recorded, so tests see the geometry that really ran.
 #include <optional>
+#include <vector>
 
 #include <ATen/ATen.h>
 
@@ -15,6 +17,7 @@ struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
 thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+thread_local std::vector<int64_t> launch_log;  // (blocks, threads, thread runs) per launch
 }  // namespace lstm_fused::host_shim
 
 using lstm_fused::host_shim::blockDim;
@@ -34,13 +37,16 @@ LaunchGeometry host_shim_geometry(int64_t elements);
     using namespace ::lstm_fused::host_shim;                                 \
     gridDim = dim3{static_cast<unsigned>((geometry).blocks)};                \
     blockDim = dim3{static_cast<unsigned>((geometry).threads)};              \
+    int64_t runs = 0;                                                        \
     for (unsigned b = 0; b < gridDim.x; ++b) {                               \
       for (unsigned t = 0; t < blockDim.x; ++t) {                            \
         blockIdx = dim3{b};                                                  \
         threadIdx = dim3{t};                                                 \
         kernel(__VA_ARGS__);                                                 \
+        ++runs;                                                              \
       }                                                                      \
     }                                                                        \
+    launch_log.insert(launch_log.end(), {gridDim.x, blockDim.x, runs});      \
   } while (0)
 
 #include "../cuda/pointwise_kernels.cuh"
@@ -68,5 +74,11 @@ ScopedHostShimGeometry::ScopedHostShimGeometry(int64_t blocks, int64_t threads) 
 }
 
 ScopedHostShimGeometry::~ScopedHostShimGeometry() { forced_geometry.reset(); }
+
+std::vector<int64_t> host_shim_take_launches() {
+  std::vector<int64_t> launches;
+  launches.swap(host_shim::launch_log);
+  return launches;
+}
 
 }  // namespace lstm_fused

@@ -1,0 +1,43 @@
+// torch.ops.lstm_fused_host_shim.*: the lstm_fused operators running the CUDA kernels on the CPU,
+// for tests only. This file, host_shim.cpp and the device-generic drivers (cell.cpp, layer.cpp,
+// ...) form a library of their own that tests/host_shim.py builds and loads; the installed
+// lstm_fused._C never contains it. Each op takes the launch grid as two extra arguments (0, 0 =
+// the grid the CUDA launcher would choose), and `launches` reports what the kernels ran.
+#include <torch/library.h>
+
+#include "../register.h"
+#include "host_shim.h"
+
+namespace lstm_fused {
+
+namespace {
+
+template <auto kOp>
+struct WithShimGeometry;
+
+template <typename R, typename... Args, R (*kOp)(Args...)>
+struct WithShimGeometry<kOp> {
+  static R call(Args... args, int64_t blocks, int64_t threads) {
+    const ScopedHostShimGeometry geometry(blocks, threads);
+    return kOp(args...);
+  }
+};
+
+using Shim = DeviceOps<host_shim_kernels>;
+
+}  // namespace
+
+TORCH_LIBRARY(lstm_fused_host_shim, m) {
+  for (const char* schema : {LSTM_FUSED_SCHEMAS(", int blocks, int threads")}) m.def(schema);
+  // (blocks, threads, thread runs) of every kernel launch since the last call, flattened.
+  m.def("launches() -> int[]", &host_shim_take_launches);
+}
+
+TORCH_LIBRARY_IMPL(lstm_fused_host_shim, CPU, m) {
+  m.impl("cell_forward", &WithShimGeometry<&Shim::cell_forward>::call);
+  m.impl("cell_backward", &WithShimGeometry<&Shim::cell_backward>::call);
+  m.impl("layer_forward", &WithShimGeometry<&Shim::layer_forward>::call);
+  m.impl("layer_backward", &WithShimGeometry<&Shim::layer_backward>::call);
+}
+
+}  // namespace lstm_fused
