@@ -3,14 +3,17 @@
 //
 // Everything here is templated on a value type V that only needs +, -, * and the two
 // activations below; V is float/double on the GPU and in scalar CPU code, and
-// at::vec::Vectorized<float|double> in the SIMD CPU code (see cpu/vec_math.h).
+// at::vec::Vectorized<float|double> in the SIMD CPU code (whose lstm_exp/lstm_tanh overloads are
+// in cpu/pointwise_cpu_kernels.h).
 //
-// Notation (DESIGN.md section 1): z_* are gate pre-activations with everything that comes
+// Notation (docs/design.md section 1): z_* are gate pre-activations with everything that comes
 // from a GEMM already added (W_ih x + b_ih + W_hh h + b_hh, and for "full" peepholes the
 // W_c* c terms); w_c* are the diagonal peephole weights for one hidden unit.
 #pragma once
 
 #include <cmath>
+
+#include "isa_namespace.h"
 
 #if defined(__CUDACC__) || defined(LSTM_FUSED_HOST_SHIM)
 #define LSTM_HD __host__ __device__
@@ -23,6 +26,10 @@ namespace lstm_fused {
 // How the gates see the cell state. Full peepholes enter the pre-activations through GEMMs,
 // so the pointwise math only distinguishes "diagonal" from "no per-element peephole term".
 enum class Peephole : int { None = 0, Diagonal = 1, Full = 2 };
+
+// The functions below are compiled into every kernel build, some with AVX2 / AVX-512 enabled;
+// the inline namespace gives each build its own copies (see isa_namespace.h).
+inline namespace LSTM_FUSED_ISA {
 
 // Scalar activations. expf/tanhf are the C functions that exist both on the host and in CUDA
 // device code, so this header needs no device-specific branches.
@@ -106,4 +113,5 @@ LSTM_HD inline void cell_update_backward(V dc, V c_prev, const Gates<V>& gates, 
   }
 }
 
+}  // namespace LSTM_FUSED_ISA
 }  // namespace lstm_fused

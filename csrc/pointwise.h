@@ -18,27 +18,10 @@
 
 namespace lstm_fused {
 
-// Gate blocks of H columns in z and in the saved gates: (i, f, g, o), or (f, g, o) when
-// coupled. Peephole rows of weight_ch: (i, f, o), or (f, o) when coupled.
-template <bool kCoupled>
-struct GateLayout {
-  static constexpr int kGates = kCoupled ? 3 : 4;
-  static constexpr int i = 0;  // unused when coupled
-  static constexpr int f = kCoupled ? 0 : 1;
-  static constexpr int g = kCoupled ? 1 : 2;
-  static constexpr int o = kCoupled ? 2 : 3;
-  static constexpr int peep_i = 0;  // unused when coupled
-  static constexpr int peep_f = kCoupled ? 0 : 1;
-  static constexpr int peep_o = kCoupled ? 1 : 2;
-};
-
 // Full peepholes put a GEMM inside the step (W_co c_t needs the new c_t, and the backward needs
 // W_co^T dz_o before the rest), so their step runs as two kernels: Update, GEMM, Output forward,
 // and Output, GEMM, Update backward. The other variants run the whole step (All) in one kernel.
 enum class Part : int { All = 0, Update = 1, Output = 2 };
-
-inline int num_gates(bool coupled) { return coupled ? 3 : 4; }
-inline int num_peepholes(bool coupled) { return coupled ? 2 : 3; }
 
 struct ForwardStep {
   const void* z;            // [rows, G*H] gate pre-activations (may alias gates_out)
@@ -93,6 +76,26 @@ struct BackwardStep {
   Part part;                // Output: dz_o and dc without W_co^T dz_o; Update: the rest from dc
   c10::ScalarType dtype;
 };
+
+// The inline code below is compiled once per kernel build; see isa_namespace.h.
+inline namespace LSTM_FUSED_ISA {
+
+// Gate blocks of H columns in z and in the saved gates: (i, f, g, o), or (f, g, o) when
+// coupled. Peephole rows of weight_ch: (i, f, o), or (f, o) when coupled.
+template <bool kCoupled>
+struct GateLayout {
+  static constexpr int kGates = kCoupled ? 3 : 4;
+  static constexpr int i = 0;  // unused when coupled
+  static constexpr int f = kCoupled ? 0 : 1;
+  static constexpr int g = kCoupled ? 1 : 2;
+  static constexpr int o = kCoupled ? 2 : 3;
+  static constexpr int peep_i = 0;  // unused when coupled
+  static constexpr int peep_f = kCoupled ? 0 : 1;
+  static constexpr int peep_o = kCoupled ? 1 : 2;
+};
+
+inline int num_gates(bool coupled) { return coupled ? 3 : 4; }
+inline int num_peepholes(bool coupled) { return coupled ? 2 : 3; }
 
 // One value at a time, computed in the op-math type (float for half/bfloat16 storage).
 template <typename scalar_t>
@@ -228,6 +231,8 @@ inline void variant_switch(const Step& step, const F& f) {
   return step.coupled ? with_coupled(BoolConstant<true>{}) : with_coupled(BoolConstant<false>{});
 }
 
+}  // namespace LSTM_FUSED_ISA
+
 // One kernel table per device; the drivers in cell.cpp and layer.cpp are device-generic.
 struct PointwiseKernels {
   void (*forward)(const ForwardStep&);
@@ -236,6 +241,6 @@ struct PointwiseKernels {
 
 const PointwiseKernels& cpu_kernels();
 const PointwiseKernels& cuda_kernels();       // only in CUDA builds
-const PointwiseKernels& host_shim_kernels();  // the CUDA kernels, run on the CPU
+const PointwiseKernels& host_shim_kernels();  // the CUDA kernels, run on the CPU (tests only)
 
 }  // namespace lstm_fused

@@ -5,7 +5,9 @@
 // This file is compiled once per instruction set, like ATen's own CPU kernels: the including
 // file (pointwise_cpu*.cpp) defines CPU_CAPABILITY (DEFAULT, AVX2, AVX512) and enables the
 // matching instructions, so at::vec::Vectorized is the native SIMD type of that level, and
-// everything here lives in lstm_fused::CPU_CAPABILITY. pointwise_cpu.cpp picks one at run time.
+// everything here lives in lstm_fused::CPU_CAPABILITY (the inline math of lstm_math.h and
+// pointwise.h in lstm_fused::LSTM_FUSED_ISA: ../isa_namespace.h). pointwise_cpu.cpp picks one
+// build at run time.
 #pragma once
 
 #include <algorithm>
@@ -15,8 +17,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
-// SIMD overloads of the activations, visible to the templates of lstm_math.h.
+#include "../isa_namespace.h"
+
+// SIMD overloads of the activations, visible to the templates of lstm_math.h (declared before
+// them, in their namespace).
 namespace lstm_fused {
+inline namespace LSTM_FUSED_ISA {
 template <typename T>
 inline at::vec::Vectorized<T> lstm_exp(at::vec::Vectorized<T> x) { return x.exp(); }
 // float: ATen's polynomial exp (20 ULP, ~1e-6 relative), as its softmax uses; the 1-ULP Sleef exp
@@ -24,6 +30,7 @@ inline at::vec::Vectorized<T> lstm_exp(at::vec::Vectorized<T> x) { return x.exp(
 inline at::vec::Vectorized<float> lstm_exp(at::vec::Vectorized<float> x) { return x.exp_u20(); }
 template <typename T>
 inline at::vec::Vectorized<T> lstm_tanh(at::vec::Vectorized<T> x) { return x.tanh(); }
+}  // namespace LSTM_FUSED_ISA
 }  // namespace lstm_fused
 
 #include "../pointwise.h"
