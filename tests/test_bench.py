@@ -3,6 +3,7 @@ JSON has the documented fields. Correctness only: nothing here asserts on speed.
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -60,8 +61,22 @@ def test_every_candidate_and_mode_is_reported(toy_run):
         assert r["flops"] == bench.gemm_flops(4, 2, 6, 5, r["variant"], 0, r["mode"])
         # every candidate computes the same function as the reference loop
         assert r["check_max_abs_diff"] < 1e-4, r
-    base = [r for r in rows if r["kind"] == "nn"]
-    assert all(r["ratio_vs_nn"] == 1.0 for r in base)
+
+
+def test_ratio_is_the_median_of_same_round_ratios(toy_run):
+    """ratio_vs_nn: each round's candidate time over nn.LSTM's time in that round, then the median
+    (rounds saw the same machine noise, so they are compared pairwise)."""
+    _, result = toy_run
+    rows = [r for r in result["results"] if r["status"] == "ok"]
+    for mode in ("fwd", "fwdbwd"):
+        [base] = [r for r in rows if r["kind"] == "nn" and r["mode"] == mode]
+        others = [r for r in rows if r["kind"] != "nn" and r["mode"] == mode]
+        assert others
+        for r in others:
+            assert len(r["times_ms"]) == len(base["times_ms"])
+            pairs = zip(r["times_ms"], base["times_ms"])
+            expected = statistics.median(ours / theirs for ours, theirs in pairs)
+            assert r["ratio_vs_nn"] == pytest.approx(expected, rel=1e-12), r["candidate"]
 
 
 def test_gemm_flops():

@@ -5,6 +5,7 @@ import torch
 from conftest import (
     VARIANTS,
     assert_close,
+    assert_close_scaled,
     gradcheck_fused_cell,
     grid,
     make_params,
@@ -208,7 +209,7 @@ def test_cell_bfloat16_cpu():
         ref = reference.lstm_cell(x, h, c, *params, peephole=peephole, coupled=coupled)
         for a, b in zip(out, ref):
             assert a.dtype == torch.bfloat16
-            torch.testing.assert_close(a.float(), b, rtol=3e-2, atol=3e-2)
+            assert_close_scaled(a, b, torch.bfloat16, "bf16 cell")
 
 
 @pytest.mark.parametrize("coupled", [False, True])

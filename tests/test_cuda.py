@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    TOLERANCES,
     VARIANTS,
     gradcheck_fused_cell,
     grid,
@@ -36,8 +37,7 @@ pytestmark = [
 CUDA = torch.device("cuda")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # CPU vs CUDA: same kernels' math, different GEMM summation order; relative to the largest value.
-AGREEMENT_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2,
-                 torch.bfloat16: 4e-2}
+AGREEMENT_TOL = TOLERANCES["devices"]
 
 
 @pytest.fixture(autouse=True)
@@ -484,7 +484,7 @@ def test_torch_compile_reduce_overhead(variant):
 
 def layer_design_bytes(T, B, I, H, G, P, peephole, element_size, param_bytes):
     """Peak bytes a one-layer fwd+bwd allocates beyond its inputs, counted from the design
-    (DESIGN.md section 4, csrc/layer.cpp). Per row of the N = T*B rows, in the storage dtype:
+    (docs/design.md section 4, csrc/layer.cpp). Per row of the N = T*B rows, in the storage dtype:
     forward, kept for backward: gates G*H, cells H, output H; backward: the incoming output
     gradient H, grad_z G*H, the previous outputs H (for dW_hh), grad_input I; with peepholes
     also the previous cells H and peephole_grad's float temporaries (the products, P*H; for

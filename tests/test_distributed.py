@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import VARIANTS, variant_id
+from conftest import TOLERANCES, VARIANTS, variant_id
 from torch import nn
 
 import lstm_fused
@@ -46,7 +46,7 @@ CONFIGS = {
     "stack": {"num_layers": 2, "bidirectional": True, "proj_size": 3},  # 2 layers x 2 directions
     "single": {"num_layers": 1},
 }
-RTOL = ATOL = 1e-5  # float32 (as conftest.assert_close)
+RTOL = ATOL = TOLERANCES["reference"][torch.float32]
 
 
 # --- parent side: pytest ---------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """lstm_fused.LSTM in the rest of the PyTorch stack: torch.compile, torch.export, state_dict,
-pickle, deepcopy, and conversion from and to torch.nn.LSTM / LSTMCell."""
+pickle, deepcopy, conversion from and to torch.nn.LSTM / LSTMCell, and profiler labels."""
 
 import copy
 import io
+import json
 import pickle
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from conftest import VARIANTS, assert_close, grid, variant_id, variant_params
 
 import lstm_fused
+from lstm_fused.ops import OP_NAMES
 
 T, B, I, H = 5, 3, 4, 6
 
@@ -189,3 +191,34 @@ def test_only_the_vanilla_variant_converts_to_torch(variant):
     peephole, coupled = variant
     with pytest.raises(ValueError, match="needs the vanilla variant"):
         lstm_fused.LSTM(I, H, peephole=peephole, coupled=coupled).to_torch()
+
+
+# --- profiler labels ---------------------------------------------------------------------------
+
+
+def _chrome_trace_names(fn, tmp_path):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    path = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    return {e["name"] for e in events if e.get("name", "").startswith("lstm_fused::")}
+
+
+@pytest.mark.parametrize("peephole", [None, "full"])
+def test_cpu_profiler_trace_labels_every_op(peephole, tmp_path):
+    """An LSTM and an LSTMCell forward+backward leave a lstm_fused::<op> range for every
+    operator and for every pointwise kernel launch in a chrome trace."""
+    module = lstm_fused.LSTM(4, 6, peephole=peephole)
+    cell = lstm_fused.LSTMCell(4, 6, peephole=peephole)
+    x = torch.randn(3, 2, 4, requires_grad=True)
+
+    def train_step():
+        out, _ = module(x)
+        h, c = cell(x[0])
+        (out.sum() + h.sum() + c.sum()).backward()
+
+    names = _chrome_trace_names(train_step, tmp_path)
+    expected = {f"lstm_fused::{name}" for name in OP_NAMES}
+    expected |= {"lstm_fused::pointwise_forward", "lstm_fused::pointwise_backward"}
+    assert names == expected

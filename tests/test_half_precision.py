@@ -1,25 +1,17 @@
-"""float16 / bfloat16 storage on the CPU: layers and cells against the float32 reference (the
-kernels compute in float and cast back), and the weight-gradient reductions accumulating in
-float. The same checks on CUDA are in test_cuda.py."""
+"""float16 / bfloat16 on the CPU: layers and cells with half storage against the float32 reference
+(the kernels compute in float and cast back), the weight-gradient reductions accumulating in
+float, and torch.autocast (every op has an autocast kernel; backward ops keep the forward's dtype).
+The same checks on CUDA are in test_cuda.py."""
 
 import pytest
 import torch
-from conftest import grid, variant_params
+from conftest import assert_close_scaled, grid, variant_params
 
 import lstm_fused
 from lstm_fused import reference
-from lstm_fused.ops import ops
+from lstm_fused.ops import OP_NAMES, ops
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
-# Relative to the largest reference value: a few steps of 8-bit (bf16) / 11-bit (fp16) storage.
-HALF_TOL = {torch.bfloat16: 4e-2, torch.float16: 8e-3}
-
-
-def assert_close_to_float32(actual, expected, dtype, what):
-    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}"
-    scale = expected.abs().max().clamp(min=1.0)
-    error = (actual.float() - expected).abs().max()
-    assert error <= HALF_TOL[dtype] * scale, f"{what}: max error {error:.3g}, scale {scale:.3g}"
 
 
 def outputs_and_grads(module, x, seed=5):
@@ -47,7 +39,8 @@ def test_half_layer_matches_float32_reference(variant, dtype, bidirectional, pro
     expected = outputs_and_grads(ref, x.float().requires_grad_())
     names = ["output", "h_n", "c_n", "grad input"] + [n for n, _ in half.named_parameters()]
     for a, b, name in zip(got, expected, names):
-        assert_close_to_float32(a, b, dtype, name)
+        assert a.dtype == dtype, f"{name}: {a.dtype}"
+        assert_close_scaled(a, b, dtype, name)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -66,7 +59,8 @@ def test_half_packed_layer_matches_float32_reference(dtype):
         return [out.data, h_n, c_n]
 
     for a, b, name in zip(run(half, x), run(ref, x.float()), ["output", "h_n", "c_n"]):
-        assert_close_to_float32(a, b, dtype, name)
+        assert a.dtype == dtype, f"{name}: {a.dtype}"
+        assert_close_scaled(a, b, dtype, name)
 
 
 @variant_params
@@ -80,7 +74,8 @@ def test_half_cell_matches_float32_reference(variant, dtype):
     expected = reference.lstm_cell(x, h, c, *params, peephole=peephole, coupled=coupled)
     got = half(x.to(dtype), (h.to(dtype), c.to(dtype)))
     for a, b, name in zip(got, expected, ("h", "c")):
-        assert_close_to_float32(a, b, dtype, name)
+        assert a.dtype == dtype, f"{name}: {a.dtype}"
+        assert_close_scaled(a, b, dtype, name)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -102,3 +97,108 @@ def test_diagonal_peephole_gradient_accumulates_in_float(dtype):
                        (dz[:, 3 * H:] * c.double()).sum(0, keepdim=True)])
     relative = ((grad_weight_ch.double() - exact).abs() / exact.abs()).max()
     assert relative <= torch.finfo(dtype).eps, f"{relative / torch.finfo(dtype).eps:.1f} ulp"
+
+
+# --- autocast ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["AutocastCPU", "AutocastCUDA"])
+def test_every_op_has_an_autocast_kernel(key):
+    for name in OP_NAMES:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lstm_fused::{name}", key), name
+
+
+@variant_params
+def test_cpu_autocast_runs_layers_in_bfloat16(variant):
+    peephole, coupled = variant
+    torch.manual_seed(0)
+    module = lstm_fused.LSTM(6, 8, num_layers=2, peephole=peephole, coupled=coupled)
+    x = torch.randn(7, 3, 6, requires_grad=True)
+    expected = module(x)
+    expected_grads = torch.autograd.grad(expected[0].sum(), [x, *module.parameters()])
+    with torch.autocast("cpu"):  # bfloat16 is CPU autocast's default
+        out, (h_n, c_n) = module(x)
+    for got, want in zip((out, h_n, c_n), (expected[0], *expected[1])):
+        assert got.dtype == torch.bfloat16
+        assert_close_scaled(got, want, torch.bfloat16, "output", kind="autocast")
+    # Gradients flow back through autocast's casts to the float32 leaves, in float32.
+    grads = torch.autograd.grad(out.float().sum(), [x, *module.parameters()])
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == torch.float32
+        assert_close_scaled(got, want, torch.bfloat16, "grad", kind="autocast_grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_autocast_follows_the_requested_dtype(dtype):
+    module = lstm_fused.LSTM(4, 5, peephole="full")
+    with torch.autocast("cpu", dtype=dtype):
+        out, (h_n, c_n) = module(torch.randn(3, 2, 4))
+    assert out.dtype == h_n.dtype == c_n.dtype == dtype
+
+
+@variant_params
+def test_cpu_autocast_cell_with_float32_state(variant):
+    """Under autocast the gate GEMMs (F.linear) return bf16 while a user's state stays fp32;
+    without an autocast kernel the fused op would reject the mixed dtypes."""
+    peephole, coupled = variant
+    torch.manual_seed(1)
+    cell = lstm_fused.LSTMCell(5, 16, peephole=peephole, coupled=coupled)
+    x, hx = torch.randn(4, 5), (torch.randn(4, 16), torch.randn(4, 16))
+    expected = cell(x, hx)
+    with torch.autocast("cpu"):
+        got = cell(x, hx)
+    for a, b in zip(got, expected):
+        assert a.dtype == torch.bfloat16
+        assert_close_scaled(a, b, torch.bfloat16, "cell", kind="autocast")
+
+
+def test_cpu_autocast_under_torch_compile():
+    torch.manual_seed(2)
+    module = lstm_fused.LSTM(4, 6, peephole="diagonal")
+    x = torch.randn(5, 2, 4)
+
+    def run(x):
+        with torch.autocast("cpu"):
+            return module(x)[0]
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    got, expected = compiled(x), run(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def _cell_backward_case(dtype):
+    g = torch.Generator().manual_seed(3)
+    gates, c_prev = torch.randn(3, 4 * 5, generator=g), torch.randn(3, 5, generator=g)
+    weight_ch = torch.randn(3, 5, generator=g)
+    _, c, gates_out = ops.cell_forward(gates, c_prev, weight_ch, "diagonal", False)
+    grad_h = torch.randn(3, 5, generator=g).to(dtype)
+    return grad_h, None, gates_out, c_prev, c, weight_ch, "diagonal", False
+
+
+def test_backward_ops_keep_the_forward_dtype_under_autocast():
+    """A float32 forward's backward stays float32 inside an autocast region, and a gradient
+    arriving in bf16 is brought to the forward's dtype instead of failing the dtype check."""
+    float32_case = _cell_backward_case(torch.float32)
+    bf16_grad_case = _cell_backward_case(torch.bfloat16)  # same tensors, grad_h rounded to bf16
+    expected = ops.cell_backward(*float32_case)
+    expected_mixed = ops.cell_backward(bf16_grad_case[0].float(), *bf16_grad_case[1:])
+    with torch.autocast("cpu"):
+        got = ops.cell_backward(*float32_case)
+        got_mixed = ops.cell_backward(*bf16_grad_case)
+    for a, b in zip((*got, *got_mixed), (*expected, *expected_mixed)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_layer_backward_keeps_the_forward_dtype_under_autocast():
+    torch.manual_seed(4)
+    module = lstm_fused.LSTM(3, 4, peephole="diagonal", proj_size=2)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    out = module(x)[0]
+    expected = torch.autograd.grad(out.sum(), [x, *module.parameters()], retain_graph=True)
+    with torch.autocast("cpu"):
+        got = torch.autograd.grad(out.sum(), [x, *module.parameters()])
+    for a, b in zip(got, expected):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
