@@ -81,8 +81,9 @@ CANDIDATE_KINDS = ("nn", "nn-native", "fused", "fused-aten", "reference", "compi
 
 def gemm_flops(T, B, I, H, variant="vanilla", proj=0, mode="fwd") -> int:
     """GEMM FLOPs of one layer: forward 2*T*B*(I+R)*G*H (+ 2*T*B*H*R projection, + 2*T*B*P*H*H
-    full peepholes); forward+backward counts the backward as 2x the forward."""
-    peephole, coupled = VARIANTS[variant]
+    full peepholes); forward+backward counts the backward as 2x the forward. `variant` is a name
+    of VARIANTS or a (peephole, coupled) pair. The one FLOP model (gpu_step_cost.py uses it)."""
+    peephole, coupled = VARIANTS[variant] if isinstance(variant, str) else variant
     G, P = (3, 2) if coupled else (4, 3)
     R = proj or H
     fwd = 2 * T * B * (I + R) * G * H

@@ -8,8 +8,8 @@ The counts come from the code, not from profiling: GEMM shapes from csrc/layer.c
 recurrent GEMM per step, the input projection and weight gradients as GEMMs over all T*B rows),
 values loaded and stored per element by forward_chunk/backward_chunk in csrc/pointwise.h, and
 kernel launches per step from the time loops (tests/test_layer.py::test_device_operations_per_step
-counts them with the profiler on the CPU). tests/test_gpu_readiness.py checks that docs/gpu.md
-shows exactly what this file prints.
+counts them with the profiler on the CPU). GEMM FLOPs come from the benchmark's model
+(bench.gemm_flops).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+
+from bench import gemm_flops  # benchmarks/bench.py, beside this script
 
 T, B, I, H = 100, 64, 512, 512  # the configuration docs/gpu.md answers for
 
@@ -74,21 +76,14 @@ def launches_per_step(v: Variant, direction: str) -> int:
 
 
 def gemm_flops_per_step(v: Variant, direction: str) -> int:
-    """GEMM FLOPs per step; work done once per sequence (input projection, weight gradients)
-    is divided by T."""
-    G, P, R = v.gates, v.peepholes, H
-    # Full peepholes stack [W_hh | W_c(i,f)] so one GEMM over [h, c] adds both (layer.cpp).
-    K = R + H if v.peephole == "full" else R
-    recurrent = 2 * B * K * G * H
-    output_peephole = 2 * B * H * H if v.peephole == "full" else 0
-    input_projection = 2 * B * I * G * H
-    if direction == "forward":
-        return recurrent + output_peephole + input_projection
-    # backward: dh GEMM per step; then dx, dW_ih and dW_hh over all rows; full: dc GEMM per step
-    # and the peephole weight gradient GEMMs over all rows.
-    weight_grads = 2 * (2 * B * I * G * H) + 2 * B * R * G * H
-    peephole_grads = 2 * B * P * H * H if v.peephole == "full" else 0
-    return recurrent + output_peephole + weight_grads + peephole_grads
+    """GEMM FLOPs per step as layer.cpp executes them: the benchmark's FLOP model (bench.py,
+    useful FLOPs; backward = 2x forward; work done once per sequence divided by T), plus, for full
+    peepholes, the zero blocks that the stacked recurrent GEMM multiplies: [W_hh | W_c(i,f)] over
+    [h, c] (layer.cpp) multiplies c by all G gate blocks where P - 1 carry peepholes, 2*B*H*H*(G -
+    P + 1) = 4*B*H*H more FLOPs per step, in the forward and again in the backward."""
+    useful = gemm_flops(1, B, I, H, (v.peephole, v.coupled), 0, "fwd")
+    stacked_zero_blocks = 2 * B * H * H * (v.gates - v.peepholes + 1) if v.peephole == "full" else 0
+    return useful * (1 if direction == "forward" else 2) + stacked_zero_blocks
 
 
 def step_cost(v: Variant, dtype: str, direction: str) -> dict:
