@@ -1,7 +1,7 @@
 """Plain-PyTorch reference implementation of the LSTM variants in ``lstm_fused``.
 
 This module is the ground truth the fused C++/CUDA ops are tested against. It is written
-equation by equation so it can be checked line by line against DESIGN.md section 1:
+equation by equation so it can be checked line by line against docs/design.md section 1:
 
     z = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh        split into blocks of H:
                                                      (i, f, g, o), or (f, g, o) when coupled

@@ -33,7 +33,7 @@ def rand(*shape, seed=None):
 
 
 def make_params(I, H, *, peephole=None, coupled=False, proj=0, bias=True, seed=0):
-    """Random parameters in the layout of DESIGN.md section 2 (cell names, no _l{k} suffix)."""
+    """Random parameters in the layout of docs/design.md section 2 (cell names, no _l{k} suffix)."""
     torch.manual_seed(seed)
     G = 3 if coupled else 4
     P = 2 if coupled else 3
