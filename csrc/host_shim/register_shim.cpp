@@ -1,6 +1,6 @@
 // torch.ops.lstm_fused_host_shim.*: the lstm_fused operators running the CUDA kernels on the CPU,
 // for tests only. This file, host_shim.cpp and the device-generic drivers (cell.cpp, layer.cpp,
-// ...) form a library of their own that tests/host_shim.py builds and loads; the installed
+// ...) form a library of their own that tests/conftest.py builds and loads; the installed
 // lstm_fused._C never contains it. Each op takes the launch grid as two extra arguments (0, 0 =
 // the grid the CUDA launcher would choose), and `launches` reports what the kernels ran.
 #include <torch/library.h>
