@@ -254,6 +254,7 @@ def test_host_sync_pattern_catches(code):
 # --- the CUDA suite without a GPU --------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: make test-gpu runs it")
 def test_cuda_suite_skips_visibly_without_a_gpu():
     """`make test-gpu` (pytest -m cuda) exits 0 here and reports every CUDA test as skipped

@@ -48,6 +48,7 @@ def capability_order(name):
     return LEVELS.index(name.lower())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", LEVELS)
 def test_each_cpu_kernel_build_matches_reference(level):
     machine = torch.backends.cpu.get_cpu_capability().lower()

@@ -47,6 +47,7 @@ CONFIGS = {
     "single": {"num_layers": 1},
 }
 RTOL = ATOL = TOLERANCES["reference"][torch.float32]
+pytestmark = pytest.mark.slow  # worker processes: torch import, process groups, compiles
 
 
 # --- parent side: pytest ---------------------------------------------------------------------
