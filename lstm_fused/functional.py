@@ -3,6 +3,10 @@
 
 Shapes: B batch, I input size, H hidden size, R projection size (H without projection),
 G gate blocks (4, or 3 when coupled), P peephole blocks (3, or 2 when coupled).
+
+`lstm_cell` / `lstm_layer` validate their arguments (lstm_fused._checks) and run the fused ops;
+`fused_cell` / `fused_layer` only run them, for callers that have validated already (the
+modules validate their own arguments once, as torch.nn.LSTM does).
 """
 
 from __future__ import annotations
@@ -10,8 +14,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import check_cell_args, check_layer_args, normalize_peephole
 from .ops import ops
-from .reference import check_cell_args, check_layer_args, normalize_peephole
 
 
 def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
@@ -21,12 +25,22 @@ def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_h
     """One fused time step. input [B, I], hx [B, R], cx [B, H] -> (h [B, R], c [B, H]).
 
     The two GEMMs run as torch ops; activations, peepholes, the cell update and the output
-    gate run as ONE fused kernel (`torch.ops.lstm_fused.cell_forward`). Arguments are checked
-    as by the twin, `lstm_fused.reference.lstm_cell`: each error names the argument.
+    gate run as ONE fused kernel (`torch.ops.lstm_fused.cell_forward`). Each bad argument is
+    named in the error (the twin, `lstm_fused.reference.lstm_cell`, rejects the same).
     """
     peephole = normalize_peephole(peephole)
     check_cell_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
                     peephole, coupled)
+    return fused_cell(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
+                      weight_hr, peephole=peephole, coupled=coupled)
+
+
+def fused_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+               bias_ih: Tensor | None, bias_hh: Tensor | None, weight_ch: Tensor | None,
+               weight_hr: Tensor | None, *, peephole: str | None,
+               coupled: bool) -> tuple[Tensor, Tensor]:
+    """`lstm_cell` without the argument checks; `peephole` in canonical form (None,
+    "diagonal" or "full")."""
     gates = F.linear(input, weight_ih, bias_ih) + F.linear(hx, weight_hh, bias_hh)
     h, c, _ = ops.cell_forward(gates, cx, weight_ch, peephole or "none", bool(coupled))
     if weight_hr is not None:
@@ -43,16 +57,27 @@ def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_
 
     Padded: input [T, B, I] -> output [T, B, R]. Packed: input [N, I] with `batch_sizes`
     (non-increasing, as in PackedSequence) -> output [N, R]. `reverse` runs from the last step
-    to the first. Returns (output, (h_n [B, R], c_n [B, H])). Arguments are checked as by the
-    twin, `lstm_fused.reference.lstm_layer`: each error names the argument.
+    to the first. Returns (output, (h_n [B, R], c_n [B, H])). Each bad argument is named in
+    the error (the twin, `lstm_fused.reference.lstm_layer`, rejects the same).
     """
     peephole = normalize_peephole(peephole)
     sizes = check_layer_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                              weight_hr, peephole, coupled, batch_sizes)
+    return fused_layer(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
+                       weight_hr, peephole=peephole, coupled=coupled, reverse=reverse,
+                       batch_sizes=sizes)
+
+
+def fused_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                bias_ih: Tensor | None, bias_hh: Tensor | None, weight_ch: Tensor | None,
+                weight_hr: Tensor | None, *, peephole: str | None, coupled: bool,
+                reverse: bool, batch_sizes: list[int] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """`lstm_layer` without the argument checks; `peephole` in canonical form, `batch_sizes` a
+    list of ints or None."""
     output, h_n, c_n, _, _ = ops.layer_forward(
-        input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, sizes,
+        input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, batch_sizes,
         bool(reverse), peephole or "none", bool(coupled))
     return output, (h_n, c_n)
 
 
-__all__ = ["lstm_cell", "lstm_layer"]
+__all__ = ["fused_cell", "fused_layer", "lstm_cell", "lstm_layer"]

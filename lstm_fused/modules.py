@@ -6,7 +6,6 @@ variants. Parameter names, shapes, gate order and calling conventions are nn.LST
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import torch
@@ -15,11 +14,11 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
-from .reference import (
-    as_batch_sizes,
-    autocast_enabled,
-    check_batch_sizes,
-    normalize_peephole,
+from ._checks import (
+    check_cell_forward,
+    check_cell_options,
+    check_lstm_forward,
+    check_lstm_options,
 )
 
 
@@ -27,15 +26,12 @@ class _VariantMixin:
     """Parameters and repr shared by the cell and the layer stack."""
 
     def _init_variant(self, input_size, hidden_size, bias, peephole, coupled):
-        if not isinstance(hidden_size, numbers.Integral) or hidden_size <= 0:
-            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
-        if not isinstance(input_size, numbers.Integral) or input_size < 0:
-            raise ValueError(f"input_size must be a non-negative integer, got {input_size!r}")
-        self.input_size = int(input_size)
-        self.hidden_size = int(hidden_size)
-        self.bias = bool(bias)
-        self.peephole = normalize_peephole(peephole)
-        self.coupled = bool(coupled)
+        """Sets the options; `peephole` is already checked and in canonical form."""
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.peephole = peephole
+        self.coupled = coupled
         self.num_gates = 3 if self.coupled else 4
         self.num_peepholes = 2 if self.coupled else 3
 
@@ -77,32 +73,15 @@ class _VariantMixin:
             s += ", coupled=True"
         return s
 
-    # --- argument checks: each error names the argument and what was expected ----------------
+    # --- torch.ao.quantization: no quantized version, and no silent skip -------------------
 
-    def _check_tensor(self, name, t, like, like_name):
-        """t is a Tensor on like's device and (outside autocast) of like's dtype."""
-        cls = type(self).__name__
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{cls}: expected {name} to be a Tensor, got {type(t).__name__}")
-        if t.device != like.device:
-            raise RuntimeError(f"{cls}: expected {name} on device {like.device} (the device of "
-                               f"{like_name}), got {t.device}")
-        # As torch.nn.LSTM: a dtype mismatch is a ValueError, and autocast casts at the op.
-        if t.dtype != like.dtype and not autocast_enabled(t.device):
-            raise ValueError(f"{cls}: expected {name} of dtype {like.dtype} (the dtype of "
-                             f"{like_name}), got {t.dtype}; convert {name} with "
-                             f".to({like.dtype}) or the module with .to({t.dtype})")
-
-    def _check_state(self, name, state, expected):
-        if tuple(state.shape) != tuple(expected):
-            raise ValueError(f"{type(self).__name__}: expected {name} of shape {tuple(expected)}, "
-                             f"got {tuple(state.shape)}")
-
-    def _unpack_hx(self, hx):
-        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            raise TypeError(f"{type(self).__name__}: expected hx to be a tuple (h_0, c_0), got "
-                            f"{type(hx).__name__}")
-        return hx
+    def __setattr__(self, name, value):
+        # torch.ao.quantization (quantize_dynamic, prepare, prepare_qat) assigns every module
+        # its `qconfig` before swapping the modules it knows by exact type, which never
+        # includes ours: the module would silently stay in floating point.
+        if name == "qconfig":
+            _refuse_quantization(self, value)
+        super().__setattr__(name, value)
 
     # --- state_dict: a parameter set of another variant fails with a message saying so -------
 
@@ -165,6 +144,7 @@ class LSTMCell(_VariantMixin, nn.Module):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, peephole=None,
                  coupled: bool = False, device=None, dtype=None) -> None:
         super().__init__()
+        peephole = check_cell_options(input_size, hidden_size, bias, peephole, coupled)
         self._init_variant(input_size, hidden_size, bias, peephole, coupled)
         factory = {"device": device, "dtype": dtype}
         self._make_parameters("", self.input_size, self.hidden_size, 0, factory)
@@ -200,28 +180,19 @@ class LSTMCell(_VariantMixin, nn.Module):
         return s + self._variant_repr()
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
-        """input [B, I] or [I]; hx (h_0, c_0) each [B, H] or [H] -> (h_1, c_1), same batching."""
-        self._check_tensor("input", input, self.weight_ih, "the parameters")
-        if input.dim() not in (1, 2):
-            raise ValueError(f"{type(self).__name__}: expected input to be 1-D or 2-D, got "
-                             f"{input.dim()}-D with shape {tuple(input.shape)}")
-        if input.shape[-1] != self.input_size:
-            raise ValueError(f"{type(self).__name__}: expected input with {self.input_size} "
-                             f"features (input_size), got {input.shape[-1]}")
+        """input [B, I] or [I]; hx (h_0, c_0) each [B, H] or [H] -> (h_1, c_1), same batching.
+        Bad arguments raise what torch.nn.LSTMCell raises (lstm_fused._checks)."""
+        check_cell_forward(self, input, hx)
         batched = input.dim() == 2
-        state_shape = (input.shape[0], self.hidden_size) if batched else (self.hidden_size,)
-        if hx is None:
-            zeros = input.new_zeros(state_shape)
-            hx = (zeros, zeros)
-        else:
-            hx = self._unpack_hx(hx)
-            for name, state in zip(("h_0", "c_0"), hx):
-                self._check_tensor(name, state, input, "input")
-                self._check_state(name, state, state_shape)
         if not batched:
-            input, hx = input.unsqueeze(0), (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        h, c = functional.lstm_cell(input, hx[0], hx[1], *self._parameters_for(""),
-                                    peephole=self.peephole, coupled=self.coupled)
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = input.new_zeros(input.shape[0], self.hidden_size)
+            hx = (zeros, zeros)
+        elif not batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        h, c = functional.fused_cell(input, hx[0], hx[1], *self._parameters_for(""),
+                                     peephole=self.peephole, coupled=self.coupled)
         if not batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
@@ -249,8 +220,9 @@ class LSTM(_VariantMixin, nn.Module):
     weight_ch_l{k} [P, H] (diagonal) or [P*H, H] (full), weight_hr_l{k} [R, H].
     """
 
-    # The per-layer function; tests swap in lstm_fused.reference.lstm_layer (same signature).
-    _layer_fn = staticmethod(functional.lstm_layer)
+    # The per-layer function, called with arguments checked already; tests swap in
+    # lstm_fused.reference.lstm_layer (same signature).
+    _layer_fn = staticmethod(functional.fused_layer)
     _first_suffix = "_l0"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -258,26 +230,18 @@ class LSTM(_VariantMixin, nn.Module):
                  proj_size: int = 0, peephole=None, coupled: bool = False, device=None,
                  dtype=None) -> None:
         super().__init__()
+        peephole = check_lstm_options(input_size, hidden_size, num_layers, bias, batch_first,
+                                      dropout, bidirectional, proj_size, peephole, coupled)
         self._init_variant(input_size, hidden_size, bias, peephole, coupled)
-        if not isinstance(num_layers, numbers.Integral) or num_layers < 1:
-            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
-        if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
-                or not 0 <= dropout <= 1):
-            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
-        if not isinstance(proj_size, numbers.Integral) or proj_size < 0:
-            raise ValueError(f"proj_size must be a non-negative integer, got {proj_size!r}")
-        if proj_size >= hidden_size:
-            raise ValueError(f"proj_size ({proj_size}) must be smaller than hidden_size "
-                             f"({hidden_size})")
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
                           f"non-zero dropout expects num_layers greater than 1, but got "
                           f"dropout={dropout} and num_layers={num_layers}", stacklevel=2)
-        self.num_layers = int(num_layers)
-        self.batch_first = bool(batch_first)
+        self.num_layers = num_layers
+        self.batch_first = batch_first
         self.dropout = float(dropout)
-        self.bidirectional = bool(bidirectional)
-        self.proj_size = int(proj_size)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
         self.mode = "LSTM"
         factory = {"device": device, "dtype": dtype}
         directions = 2 if self.bidirectional else 1
@@ -328,6 +292,36 @@ class LSTM(_VariantMixin, nn.Module):
     def _output_size(self) -> int:
         return self.proj_size or self.hidden_size
 
+    # --- nn.LSTM's view of the parameters, for tools that read it (weight_norm, prune, ...) ---
+    # Computed on each access from the module's current attributes, so it stays in sync when a
+    # parameter is replaced (weight_norm / parametrizations, pruning, to(), load_state_dict):
+    # nn.LSTM keeps a cached list and refreshes it in __setattr__ and _apply instead.
+
+    @property
+    def _all_weights(self) -> list[list[str]]:
+        """Parameter names per layer and direction, in nn.LSTM's order (weight_ih, weight_hh,
+        bias_ih, bias_hh, weight_hr); peepholes add weight_ch before weight_hr."""
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        names += ["weight_ch"] if self.peephole is not None else []
+        names += ["weight_hr"] if self.proj_size > 0 else []
+        return [[name + suffix for name in names]
+                for layer in range(self.num_layers) for suffix in self._suffixes(layer)]
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        return [name for names in self._all_weights for name in names]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        """The tensors named by _flat_weights_names, as the module holds them now (Parameters,
+        or plain tensors while a weight_norm or pruning reparametrization is applied)."""
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """The parameters per layer and direction, as nn.LSTM.all_weights."""
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
     def flatten_parameters(self) -> None:
         """No-op, for nn.LSTM compatibility: the fused ops need no flat weight buffer."""
 
@@ -347,43 +341,22 @@ class LSTM(_VariantMixin, nn.Module):
             s += ", bidirectional=True"
         return s + self._variant_repr()
 
-    def _unpack_input(self, input):
-        """(data [T, B, I] or packed [N, I], batch_sizes list or None, sorted_indices,
-        unsorted_indices, batched, batch B), after checking input."""
-        cls = type(self).__name__
-        if isinstance(input, PackedSequence):
-            data, batch_sizes, sorted_indices, unsorted_indices = input
-            self._check_tensor("input", data, self.weight_ih_l0, "the parameters")
-            if data.dim() != 2:
-                raise ValueError(f"{cls}: expected PackedSequence data of shape [N, input_size], "
-                                 f"got {tuple(data.shape)}")
-            sizes = as_batch_sizes(batch_sizes)
-            check_batch_sizes(sizes, data.shape[0])
-            return data, sizes, sorted_indices, unsorted_indices, True, sizes[0] if sizes else 0
-        self._check_tensor("input", input, self.weight_ih_l0, "the parameters")
-        if input.dim() not in (2, 3):
-            raise ValueError(f"{cls}: expected input to be 2-D (unbatched) or 3-D, got "
-                             f"{input.dim()}-D with shape {tuple(input.shape)}")
-        batched = input.dim() == 3
-        data = input if batched else input.unsqueeze(1)
-        if batched and self.batch_first:
-            data = data.transpose(0, 1)
-        return data, None, None, None, batched, data.shape[1]
-
     def forward(self, input, hx: tuple[Tensor, Tensor] | None = None):
-        if not isinstance(input, (Tensor, PackedSequence)):
-            raise TypeError(f"{type(self).__name__}: expected input to be a Tensor or "
-                            f"PackedSequence, got {type(input).__name__}")
-        data, batch_sizes, sorted_indices, unsorted_indices, batched, batch = (
-            self._unpack_input(input))
+        """input [T, B, I] ([B, T, I] if batch_first), [T, I] or a PackedSequence; hx None or
+        (h_0 [D*L, B, R], c_0 [D*L, B, H]) -> (output, (h_n, c_n)) as torch.nn.LSTM. Bad
+        arguments raise what torch.nn.LSTM raises (lstm_fused._checks)."""
+        batch_sizes = check_lstm_forward(self, input, hx)
         packed = batch_sizes is not None
-        if data.shape[-1] != self.input_size:
-            raise ValueError(f"{type(self).__name__}: expected input with {self.input_size} "
-                             f"features (input_size), got {data.shape[-1]}")
-        if (len(batch_sizes) if packed else data.shape[0]) == 0:
-            # As torch.nn.LSTM, which refuses an empty sequence.
-            raise ValueError(f"{type(self).__name__}: expected sequence length to be larger "
-                             f"than 0, got input of shape {tuple(data.shape)}")
+        if packed:
+            data, _, sorted_indices, unsorted_indices = input
+            batched, batch = True, batch_sizes[0]
+        else:
+            sorted_indices = unsorted_indices = None
+            batched = input.dim() == 3
+            data = input if batched else input.unsqueeze(1)
+            if batched and self.batch_first:
+                data = data.transpose(0, 1)
+            batch = data.shape[1]
 
         directions = 2 if self.bidirectional else 1
         state_rows = self.num_layers * directions
@@ -391,17 +364,9 @@ class LSTM(_VariantMixin, nn.Module):
             h0 = data.new_zeros(state_rows, batch, self._output_size)
             c0 = data.new_zeros(state_rows, batch, self.hidden_size)
         else:
-            h0, c0 = self._unpack_hx(hx)
-            for name, state in (("h_0", h0), ("c_0", c0)):
-                self._check_tensor(name, state, data, "input")
+            h0, c0 = hx
             if not batched:
-                for name, state in (("h_0", h0), ("c_0", c0)):
-                    if state.dim() != 2:
-                        raise ValueError(f"{type(self).__name__}: for unbatched 2-D input, "
-                                         f"{name} should also be 2-D but got {state.dim()}-D")
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            self._check_state("h_0", h0, (state_rows, batch, self._output_size))
-            self._check_state("c_0", c0, (state_rows, batch, self.hidden_size))
             if sorted_indices is not None:
                 h0 = h0.index_select(1, sorted_indices)
                 c0 = c0.index_select(1, sorted_indices)
@@ -437,6 +402,25 @@ class LSTM(_VariantMixin, nn.Module):
         if self.batch_first:
             output = output.transpose(0, 1)
         return output, (h_n, c_n)
+
+
+def _refuse_quantization(module, qconfig) -> None:
+    """What torch.ao.quantization gets when it reaches one of our modules (it assigns `qconfig`):
+    with a qconfig (it was asked to quantize this module) a NotImplementedError, without one (it
+    quantizes other modules of the model) a warning that this one stays in floating point."""
+    name = type(module).__name__
+    variant = f"peephole={module.peephole!r}, coupled={module.coupled}"
+    vanilla = module.peephole is None and not module.coupled
+    advice = (f"convert it with {name}.to_torch() before quantizing (the vanilla variant is "
+              f"exactly torch.nn.{'LSTMCell' if isinstance(module, LSTMCell) else 'LSTM'})"
+              if vanilla else "torch has no quantized peephole or coupled-gate LSTM")
+    if qconfig is not None:
+        raise NotImplementedError(
+            f"lstm_fused.{name} ({variant}) cannot be quantized by torch.ao.quantization, which "
+            f"would leave it in floating point without saying so: {advice}; or keep it in "
+            f"floating point by leaving it out of qconfig_spec / qconfig")
+    warnings.warn(f"torch.ao.quantization leaves lstm_fused.{name} ({variant}) in floating "
+                  f"point (it quantizes only its own module types): {advice}", stacklevel=4)
 
 
 def _require_vanilla(module, method):

@@ -8,16 +8,23 @@ fake (meta) kernels for torch.compile / export, and their autograd formulas.
         -> (output [T, B, R] | [N, R], h_n [B, R], c_n [B, H], gates, cells)
 
 `peephole` is the string "none", "diagonal" or "full"; `gates`/`cells` are what the backward
-needs (activated gates and cell states of every step). The *_backward ops are what autograd calls.
+needs (activated gates and cell states of every step). The *_backward ops are what autograd calls
+for a first-order backward; a backward that builds a graph (create_graph=True, for double
+backward) differentiates a recomputation in torch ops instead (lstm_fused._double_backward).
 
 Autocast (CPU and CUDA) kernels are registered in C++ (csrc/autocast.cpp): under torch.autocast the
 forward ops run in the autocast dtype, the backward ops in the dtype of the forward they
 differentiate (docs/gpu.md).
 """
 
+import functools
+
 import torch
 
-from . import _C  # loading the library registers the operators
+from . import (
+    _C,  # loading the library registers the operators
+    _double_backward,
+)
 
 ops = torch.ops.lstm_fused
 OP_NAMES = ("cell_forward", "cell_backward", "layer_forward", "layer_backward")
@@ -70,15 +77,22 @@ def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_
 
 
 def _cell_setup_context(ctx, inputs, output):
-    _, c_prev, weight_ch, peephole, coupled = inputs
+    gates, c_prev, weight_ch, peephole, coupled = inputs
     _, c, gates_out = output
-    ctx.save_for_backward(gates_out, c_prev, c, weight_ch)
+    # The pre-activation gates only serve a double backward; keeping them costs no time.
+    ctx.save_for_backward(gates_out, c_prev, c, weight_ch, gates)
     ctx.peephole, ctx.coupled = peephole, coupled
     ctx.mark_non_differentiable(gates_out)
 
 
 def _cell_backward(ctx, grad_h, grad_c, _grad_gates_out):
-    gates_out, c_prev, c, weight_ch = ctx.saved_tensors
+    gates_out, c_prev, c, weight_ch, gates = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+        forward = functools.partial(_double_backward.cell_pointwise, peephole=ctx.peephole,
+                                    coupled=ctx.coupled)
+        grads = _double_backward.differentiable_gradients(
+            forward, (gates, c_prev, weight_ch), (grad_h, grad_c))
+        return *grads, None, None
     grad_gates, grad_c_prev, grad_weight_ch = ops.cell_backward(
         grad_h, grad_c, gates_out, c_prev, c, weight_ch, ctx.peephole, ctx.coupled)
     return grad_gates, grad_c_prev, grad_weight_ch if weight_ch is not None else None, None, None
@@ -102,6 +116,13 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cel
     (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
      out, gates, cells) = ctx.saved_tensors
     batch_sizes, reverse, peephole, coupled = ctx.options
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+        forward = functools.partial(_double_backward.layer, batch_sizes=batch_sizes,
+                                    reverse=reverse, peephole=peephole, coupled=coupled)
+        grads = _double_backward.differentiable_gradients(
+            forward, (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr),
+            (grad_output, grad_h_n, grad_c_n))
+        return *grads, None, None, None, None
     need_input_grad = ctx.needs_input_grad[0]
     (grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_ch,
      grad_weight_hr) = ops.layer_backward(
@@ -122,14 +143,17 @@ torch.library.register_autograd(
     "lstm_fused::layer_forward", _layer_backward, setup_context=_layer_setup_context)
 
 
-# --- double backward: refused with a clear error, not an error from inside a kernel ----------
+# --- the backward ops themselves are not differentiable ---------------------------------------
+# Autograd never differentiates them: a backward that builds a graph takes the recomputation
+# above. Only a direct call of torch.ops.lstm_fused.*_backward on tensors that require grad
+# comes here, and gets a clear error instead of one from inside a kernel.
 
 
 def _no_double_backward(ctx, *grads):
     raise NotImplementedError(
-        "lstm_fused: double backward (a gradient of a gradient, e.g. autograd.grad(..., "
-        "create_graph=True) followed by another backward through it) is not supported by the "
-        "fused ops; lstm_fused.reference, their plain-PyTorch twin, supports it")
+        "lstm_fused: the *_backward ops are not differentiable; differentiate the forward ops "
+        "(cell_forward, layer_forward) instead, whose backward supports create_graph=True and "
+        "double backward")
 
 
 for _backward_op in ("lstm_fused::cell_backward", "lstm_fused::layer_backward"):

@@ -32,36 +32,14 @@ backward) and any floating dtype, in particular float64 for gradcheck.
 
 from __future__ import annotations
 
-import itertools
-import numbers
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
+# Validation belongs to the library (lstm_fused._checks); the twin calls the same checks so that
+# it rejects the same inputs, and otherwise only computes.
+from ._checks import check_cell_args, check_layer_args, normalize_peephole
+
 __all__ = ["lstm_cell", "lstm_layer", "normalize_peephole"]
-
-_PEEPHOLE_ALLOWED = "None, False, True, 'diagonal' or 'full'"
-
-
-# --------------------------------------------------------------------------------------------
-# Variant bookkeeping
-# --------------------------------------------------------------------------------------------
-
-
-def normalize_peephole(peephole) -> str | None:
-    """Canonical form of the ``peephole`` argument.
-
-    None / False -> None; True / "diagonal" -> "diagonal"; "full" -> "full".
-    Anything else raises ValueError.
-    """
-    if peephole is None or peephole is False:
-        return None
-    if peephole is True:
-        return "diagonal"
-    if isinstance(peephole, str) and peephole in ("diagonal", "full"):
-        return peephole
-    raise ValueError(f"peephole must be one of {_PEEPHOLE_ALLOWED}; got {peephole!r}")
 
 
 def _gate_names(coupled: bool) -> tuple[str, ...]:
@@ -72,166 +50,6 @@ def _gate_names(coupled: bool) -> tuple[str, ...]:
 def _peephole_names(coupled: bool) -> tuple[str, ...]:
     """Order of the peephole rows (diagonal) or [H, H] blocks (full) in weight_ch."""
     return ("f", "o") if coupled else ("i", "f", "o")
-
-
-def _require_tensor(name: str, t, optional: bool = False) -> None:
-    if t is None and optional:
-        return
-    if not isinstance(t, Tensor):
-        expected = "a Tensor or None" if optional else "a Tensor"
-        raise TypeError(f"expected {name} to be {expected}, got {type(t).__name__}")
-
-
-def autocast_enabled(device: torch.device) -> bool:
-    return device.type != "meta" and torch.is_autocast_enabled(device.type)
-
-
-def _check_dtypes_and_devices(input: Tensor, named: dict[str, Tensor | None]) -> None:
-    """input floating point; every other tensor on input's device and (outside autocast, which
-    casts at the op) of input's dtype."""
-    if not input.is_floating_point():
-        raise TypeError(f"expected input to be a floating-point tensor (float64, float32, "
-                        f"float16 or bfloat16), got {input.dtype}")
-    autocast = autocast_enabled(input.device)
-    for name, t in named.items():
-        if t is None:
-            continue
-        if t.device != input.device:
-            raise RuntimeError(f"expected {name} on device {input.device} (the device of input), "
-                               f"got {t.device}")
-        if t.dtype != input.dtype and not autocast:
-            raise TypeError(f"expected {name} of dtype {input.dtype} (the dtype of input), "
-                            f"got {t.dtype}")
-
-
-def _check_args(
-    input: Tensor,
-    hx: Tensor,
-    cx: Tensor,
-    weight_ih: Tensor,
-    weight_hh: Tensor,
-    bias_ih: Tensor | None,
-    bias_hh: Tensor | None,
-    weight_ch: Tensor | None,
-    weight_hr: Tensor | None,
-    peephole: str | None,
-    coupled: bool,
-) -> tuple[int, int]:
-    """Validate types, dtypes, devices and shapes against the variant; return (H, R).
-    ``peephole`` is already normalized. Every error names the argument and what was expected."""
-    required = {"input": input, "hx": hx, "cx": cx, "weight_ih": weight_ih,
-                "weight_hh": weight_hh}
-    optional = {"bias_ih": bias_ih, "bias_hh": bias_hh, "weight_ch": weight_ch,
-                "weight_hr": weight_hr}
-    for name, t in required.items():
-        _require_tensor(name, t)
-    for name, t in optional.items():
-        _require_tensor(name, t, optional=True)
-    del required["input"]
-    _check_dtypes_and_devices(input, required | optional)
-
-    G = len(_gate_names(coupled))
-    P = len(_peephole_names(coupled))
-    kind = "coupled" if coupled else "standard"
-
-    if weight_ih.dim() != 2 or weight_ih.shape[0] % G != 0:
-        raise ValueError(
-            f"weight_ih must have shape [{G}*hidden_size, input_size] for a {kind} LSTM "
-            f"(G={G} gate blocks); got {tuple(weight_ih.shape)}"
-        )
-    H = weight_ih.shape[0] // G
-    I = weight_ih.shape[1]
-    if input.shape[-1] != I:
-        raise ValueError(f"expected input with {I} features (weight_ih is [{G * H}, {I}]), "
-                         f"got {input.shape[-1]}")
-
-    if weight_hr is not None:
-        if weight_hr.dim() != 2 or weight_hr.shape[1] != H:
-            raise ValueError(
-                f"weight_hr must have shape [proj_size, {H}]; got {tuple(weight_hr.shape)}"
-            )
-        R = weight_hr.shape[0]
-    else:
-        R = H
-
-    if tuple(weight_hh.shape) != (G * H, R):
-        raise ValueError(
-            f"weight_hh must have shape [{G * H}, {R}] for a {kind} LSTM with hidden_size={H}"
-            f"{' and proj_size=' + str(R) if weight_hr is not None else ''}; "
-            f"got {tuple(weight_hh.shape)}"
-        )
-    for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
-        if b is not None and tuple(b.shape) != (G * H,):
-            raise ValueError(f"{name} must have shape [{G * H}]; got {tuple(b.shape)}")
-
-    if peephole is None:
-        if weight_ch is not None:
-            raise ValueError("weight_ch was given but peephole is None; pass peephole='diagonal' or 'full'")
-    else:
-        if weight_ch is None:
-            raise ValueError(f"peephole={peephole!r} requires weight_ch, got None")
-        expected = (P, H) if peephole == "diagonal" else (P * H, H)
-        if tuple(weight_ch.shape) != expected:
-            raise ValueError(
-                f"weight_ch for peephole={peephole!r}, coupled={coupled} must have shape "
-                f"{list(expected)} (blocks in order {_peephole_names(coupled)}); "
-                f"got {tuple(weight_ch.shape)}"
-            )
-
-    if hx.shape[-1] != R:
-        raise ValueError(f"hx must have last dimension {R} (proj_size or hidden_size); got {tuple(hx.shape)}")
-    if cx.shape[-1] != H:
-        raise ValueError(f"cx must have last dimension {H} (hidden_size); got {tuple(cx.shape)}")
-    return H, R
-
-
-def check_cell_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-                    peephole: str | None, coupled: bool) -> None:
-    """The checks of :func:`lstm_cell` (shared with lstm_fused.functional.lstm_cell)."""
-    _check_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-                peephole, coupled)
-    if input.dim() != 2:
-        raise ValueError(f"expected input of shape [B, input_size], got {tuple(input.shape)}")
-    B = input.shape[0]
-    for name, state, size in (("hx", hx, hx.shape[-1]), ("cx", cx, cx.shape[-1])):
-        if tuple(state.shape) != (B, size):
-            raise ValueError(f"expected {name} of shape {[B, size]} (batch of input, "
-                             f"{'proj_size or hidden_size' if name == 'hx' else 'hidden_size'}), "
-                             f"got {tuple(state.shape)}")
-
-
-def check_layer_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                     weight_hr, peephole: str | None, coupled: bool,
-                     batch_sizes=None) -> list[int] | None:
-    """The checks of :func:`lstm_layer` (shared with lstm_fused.functional.lstm_layer); returns
-    batch_sizes as a list of ints (None for padded input)."""
-    _check_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-                peephole, coupled)
-    if hx.dim() != 2 or cx.dim() != 2 or hx.shape[0] != cx.shape[0]:
-        raise ValueError(f"expected hx [B, R] and cx [B, H] (2-D, the same B); got hx "
-                         f"{tuple(hx.shape)}, cx {tuple(cx.shape)}")
-    B = hx.shape[0]
-    if batch_sizes is None:
-        if input.dim() != 3:
-            raise ValueError(f"padded input must be [T, B, I]; got {tuple(input.shape)}")
-        if input.shape[1] != B:
-            raise ValueError(f"input has batch {input.shape[1]} but hx/cx have {B} rows")
-        return None
-    sizes = as_batch_sizes(batch_sizes)
-    if input.dim() != 2:
-        raise ValueError(f"packed input must be [N, I]; got {tuple(input.shape)}")
-    check_batch_sizes(sizes, input.shape[0])
-    if sizes and sizes[0] != B:
-        raise ValueError(f"batch_sizes[0] = {sizes[0]} but hx/cx have {B} rows")
-    return sizes
-
-
-def check_batch_sizes(sizes: list[int], rows: int) -> None:
-    """Packed-sequence batch sizes: positive, non-increasing, summing to the packed rows."""
-    if any(s <= 0 for s in sizes) or any(a < b for a, b in itertools.pairwise(sizes)):
-        raise ValueError(f"batch_sizes must be positive and non-increasing; got {sizes}")
-    if sum(sizes) != rows:
-        raise ValueError(f"sum(batch_sizes) = {sum(sizes)} but the packed input has {rows} rows")
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,22 +160,6 @@ def lstm_cell(
                     peephole, coupled)
     return _step(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
                  peephole, coupled)
-
-
-def as_batch_sizes(batch_sizes) -> list[int]:
-    """batch_sizes as a list of ints: from a 1-D integer tensor or a sequence of ints."""
-    expected = "a 1-D integer tensor or a list of ints"
-    if isinstance(batch_sizes, Tensor):
-        if batch_sizes.dim() != 1:
-            raise ValueError(f"expected batch_sizes to be {expected}; got shape "
-                             f"{tuple(batch_sizes.shape)}")
-        if batch_sizes.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
-            raise TypeError(f"expected batch_sizes to be {expected}; got dtype {batch_sizes.dtype}")
-        return batch_sizes.tolist()
-    if isinstance(batch_sizes, Sequence) and all(
-            isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in batch_sizes):
-        return [int(b) for b in batch_sizes]
-    raise TypeError(f"expected batch_sizes to be {expected}; got {batch_sizes!r}")
 
 
 def lstm_layer(

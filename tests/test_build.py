@@ -212,14 +212,15 @@ HOST_SYNC = re.compile(r"\.item\s*[<(]|\.cpu\s*\(|\bkCPU\b|cudaDeviceSynchronize
                        r"\.nonzero\s*\(|\.is_nonzero\s*\(|\.equal\s*\(")
 # (file, code) pairs known to match, each with the reason it is accepted.
 KNOWN_HOST_TRANSFERS = {
-    ("lstm_fused/reference.py", "return batch_sizes.tolist()"):
+    ("lstm_fused/_checks.py", "return batch_sizes.tolist()"):
         "PackedSequence.batch_sizes is a CPU tensor by PyTorch's contract: no device involved",
 }
 # Sources of the CUDA path: the device-generic drivers, CUDA code and the Python op layer
-# (with reference.py, whose argument checks the functional API shares). csrc/cpu/ and
-# csrc/host_shim/ never run with CUDA tensors.
+# (with the argument checks, _checks.py). csrc/cpu/ and csrc/host_shim/ never run with CUDA
+# tensors.
 CUDA_PATH_SOURCES = ["csrc/*.h", "csrc/*.cpp", "csrc/cuda/*", "lstm_fused/ops.py",
-                     "lstm_fused/functional.py", "lstm_fused/modules.py", "lstm_fused/reference.py"]
+                     "lstm_fused/functional.py", "lstm_fused/modules.py", "lstm_fused/_checks.py",
+                     "lstm_fused/_double_backward.py"]
 
 
 def _code_lines(path):

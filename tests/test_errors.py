@@ -1,9 +1,12 @@
 """Bad inputs at every public entry (modules, functional API, ops): each raises the exception a
 PyTorch user expects, with a message naming the argument and what was expected."""
 
+import ast
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -46,72 +49,97 @@ class Bad:
 
 
 MODULE_CASES = [
-    # constructor options
+    # constructor options: torch.nn.LSTM's types and messages
     Bad("dropout above 1", lambda: lstm(num_layers=2, dropout=1.5), ValueError,
-        r"dropout must be a number in \[0, 1\], got 1.5"),
+        r"dropout should be a number in range \[0, 1\] .*, got 1.5"),
     Bad("negative dropout", lambda: lstm(num_layers=2, dropout=-0.1), ValueError,
-        r"dropout must be a number in \[0, 1\], got -0.1"),
+        r"dropout should be a number in range \[0, 1\] .*, got -0.1"),
     Bad("dropout True", lambda: lstm(num_layers=2, dropout=True), ValueError,
-        r"dropout must be a number in \[0, 1\], got True"),
+        r"dropout should be a number in range \[0, 1\] .*, got True"),
     Bad("dropout a string", lambda: lstm(num_layers=2, dropout="0.5"), ValueError,
-        r"dropout must be a number in \[0, 1\], got '0.5'"),
+        r"dropout should be a number in range \[0, 1\] .*, got '0.5'"),
+    Bad("bias an int", lambda: lstm(bias=1), TypeError, r"bias should be of type bool, got: int"),
+    Bad("batch_first a string", lambda: lstm(batch_first="False"), TypeError,
+        r"batch_first should be of type bool, got: str"),
+    Bad("bidirectional a string", lambda: lstm(bidirectional="False"), TypeError,
+        r"bidirectional should be of type bool, got: str"),
+    Bad("coupled an int", lambda: lstm(coupled=1), TypeError,
+        r"coupled should be of type bool, got: int"),
+    Bad("cell bias a string", lambda: lstm_fused.LSTMCell(I, H, bias="True"), TypeError,
+        r"bias should be of type bool, got: str"),
     Bad("peephole misspelt", lambda: lstm(peephole="diag"), ValueError,
         r"peephole must be one of None, False, True, 'diagonal' or 'full'; got 'diag'"),
     Bad("peephole an int", lambda: lstm_fused.LSTMCell(I, H, peephole=1), ValueError,
         r"peephole must be one of .*; got 1"),
+    Bad("input_size a float", lambda: lstm_fused.LSTM(3.0, H), TypeError,
+        r"input_size should be of type int, got: float"),
+    Bad("input_size 0", lambda: lstm_fused.LSTM(0, H), ValueError,
+        r"input_size must be greater than zero"),
     Bad("hidden_size 0", lambda: lstm_fused.LSTM(I, 0), ValueError,
-        r"hidden_size must be a positive integer, got 0"),
+        r"hidden_size must be greater than zero"),
+    Bad("cell hidden_size a float", lambda: lstm_fused.PeepholeLSTMCell(I, 4.0), TypeError,
+        r"hidden_size should be of type int, got: float"),
     Bad("num_layers 0", lambda: lstm(num_layers=0), ValueError,
-        r"num_layers must be a positive integer, got 0"),
+        r"num_layers must be greater than zero"),
+    Bad("num_layers a float", lambda: lstm(num_layers=1.5), TypeError,
+        r"num_layers should be of type int, got: float"),
     Bad("proj_size not below hidden_size", lambda: lstm(proj_size=H), ValueError,
-        r"proj_size \(4\) must be smaller than hidden_size \(4\)"),
+        r"proj_size has to be smaller than hidden_size, got proj_size=4 and hidden_size=4"),
     Bad("negative proj_size", lambda: lstm(proj_size=-1), ValueError,
-        r"proj_size must be a non-negative integer, got -1"),
+        r"proj_size should be a positive integer or zero to disable projections"),
     # LSTM input
     Bad("input a list", lambda: lstm()([[1.0] * I]), TypeError,
         r"LSTM: expected input to be a Tensor or PackedSequence, got list"),
     Bad("input 1-D", lambda: lstm()(seq(I)), ValueError,
-        r"expected input to be 2-D \(unbatched\) or 3-D, got 1-D with shape \(3,\)"),
+        r"LSTM: Expected input to be 2D or 3D, got 1D instead"),
     Bad("input 4-D", lambda: lstm()(seq(1, T, B, I)), ValueError,
-        r"expected input to be 2-D \(unbatched\) or 3-D, got 4-D"),
-    Bad("input_size mismatch", lambda: lstm()(seq(T, B, I + 2)), ValueError,
-        r"expected input with 3 features \(input_size\), got 5"),
+        r"Expected input to be 2D or 3D, got 4D instead"),
+    Bad("input_size mismatch", lambda: lstm()(seq(T, B, I + 2)), RuntimeError,
+        r"input.size\(-1\) must be equal to input_size. Expected 3, got 5"),
     Bad("integer input", lambda: lstm()(seq().long()), ValueError,
-        r"expected input of dtype torch.float32 \(the dtype of the parameters\), got torch.int64"),
+        r"RNN input dtype \(torch.int64\) does not match weight dtype \(torch.float32\)"),
     Bad("float64 input, float32 module", lambda: lstm()(seq().double()), ValueError,
-        r"expected input of dtype torch.float32 \(the dtype of the parameters\), "
-        r"got torch.float64"),
+        r"RNN input dtype \(torch.float64\) does not match weight dtype \(torch.float32\). "
+        r"Convert input: input.to\(torch.float32\), or convert model: model.to\(torch.float64\)"),
     Bad("input on another device", lambda: lstm()(seq(device="meta")), RuntimeError,
-        r"expected input on device cpu \(the device of the parameters\), got meta"),
-    Bad("empty sequence (T = 0)", lambda: lstm()(seq(0, B, I)), ValueError,
-        r"expected sequence length to be larger than 0, got input of shape \(0, 2, 3\)"),
-    Bad("batch_first empty sequence", lambda: lstm(batch_first=True)(seq(B, 0, I)), ValueError,
-        r"expected sequence length to be larger than 0"),
+        r"Input and parameter tensors are not at the same device, found input tensor at meta "
+        r"and parameter tensor at cpu"),
+    Bad("empty sequence (T = 0)", lambda: lstm()(seq(0, B, I)), RuntimeError,
+        r"Expected sequence length to be larger than 0 in RNN; got input of shape \(0, 2, 3\)"),
+    Bad("batch_first empty sequence", lambda: lstm(batch_first=True)(seq(B, 0, I)), RuntimeError,
+        r"Expected sequence length to be larger than 0 in RNN"),
     # LSTM state
     Bad("hx a tensor", lambda: lstm()(seq(), zeros(1, B, H)), TypeError,
         r"expected hx to be a tuple \(h_0, c_0\), got Tensor"),
     Bad("h_0 an int", lambda: lstm()(seq(), (1, zeros(1, B, H))), TypeError,
-        r"expected h_0 to be a Tensor, got int"),
+        r"expected hx\[0\] to be a Tensor, got int"),
     Bad("h_0 batch mismatch", lambda: lstm()(seq(), (zeros(1, 3, H), zeros(1, B, H))),
-        ValueError, r"expected h_0 of shape \(1, 2, 4\), got \(1, 3, 4\)"),
+        RuntimeError, r"Expected hidden\[0\] size \(1, 2, 4\), got \[1, 3, 4\]"),
     Bad("c_0 hidden mismatch", lambda: lstm()(seq(), (zeros(1, B, H), zeros(1, B, 5))),
-        ValueError, r"expected c_0 of shape \(1, 2, 4\), got \(1, 2, 5\)"),
+        RuntimeError, r"Expected hidden\[1\] size \(1, 2, 4\), got \[1, 2, 5\]"),
     Bad("h_0 of hidden_size with a projection",
         lambda: lstm(proj_size=2)(seq(), (zeros(1, B, H), zeros(1, B, H))),
-        ValueError, r"expected h_0 of shape \(1, 2, 2\), got \(1, 2, 4\)"),
+        RuntimeError, r"Expected hidden\[0\] size \(1, 2, 2\), got \[1, 2, 4\]"),
     Bad("h_0 for one layer of two", lambda: lstm(num_layers=2)(seq(), (zeros(1, B, H),) * 2),
-        ValueError, r"expected h_0 of shape \(2, 2, 4\), got \(1, 2, 4\)"),
+        RuntimeError, r"Expected hidden\[0\] size \(2, 2, 4\), got \[1, 2, 4\]"),
     Bad("h_0 for one direction of two",
         lambda: lstm(bidirectional=True)(seq(), (zeros(1, B, H),) * 2),
-        ValueError, r"expected h_0 of shape \(2, 2, 4\), got \(1, 2, 4\)"),
+        RuntimeError, r"Expected hidden\[0\] size \(2, 2, 4\), got \[1, 2, 4\]"),
+    Bad("h_0 2-D for batched input", lambda: lstm()(seq(), (zeros(B, H), zeros(1, B, H))),
+        RuntimeError,
+        r"For batched 3-D input, hx and cx should also be 3-D but got \(2-D, 3-D\) tensors"),
     Bad("h_0 float64", lambda: lstm()(seq(), (zeros(1, B, H).double(), zeros(1, B, H))),
-        ValueError,
-        r"expected h_0 of dtype torch.float32 \(the dtype of input\), got torch.float64"),
+        RuntimeError,
+        r"hx\[0\] dtype \(torch.float64\) does not match input dtype \(torch.float32\)"),
     Bad("c_0 on another device",
         lambda: lstm()(seq(), (zeros(1, B, H), zeros(1, B, H, device="meta"))),
-        RuntimeError, r"expected c_0 on device cpu \(the device of input\), got meta"),
+        RuntimeError, r"Input and hidden tensors are not at the same device, found input tensor "
+        r"at cpu and hidden tensor hx\[1\] at meta"),
     Bad("batched state for unbatched input", lambda: lstm()(seq(T, I), (zeros(1, B, H),) * 2),
-        ValueError, r"for unbatched 2-D input, h_0 should also be 2-D but got 3-D"),
+        RuntimeError,
+        r"For unbatched 2-D input, hx and cx should also be 2-D but got \(3-D, 3-D\) tensors"),
+    Bad("unbatched state of two rows for one layer", lambda: lstm()(seq(T, I), (zeros(2, H),) * 2),
+        RuntimeError, r"Expected hidden\[0\] size \(1, 1, 4\), got \[2, 1, 4\]"),
     # PackedSequence
     Bad("batch sizes summing above the data", lambda: lstm()(packed([2, 2, 2, 1, 1, 1], rows=8)),
         ValueError, r"sum\(batch_sizes\) = 9 but the packed input has 8 rows"),
@@ -123,23 +151,36 @@ MODULE_CASES = [
         r"expected batch_sizes to be a 1-D integer tensor or a list of ints; got dtype"),
     Bad("h_0 batch not batch_sizes[0]",
         lambda: lstm()(packed([3, 2, 1]), (zeros(1, B, H), zeros(1, B, H))),
-        ValueError, r"expected h_0 of shape \(1, 3, 4\), got \(1, 2, 4\)"),
+        RuntimeError, r"Expected hidden\[0\] size \(1, 3, 4\), got \[1, 2, 4\]"),
     Bad("packed data 3-D",
         lambda: lstm()(PackedSequence(seq(), torch.tensor([2, 2]), None, None)),
-        ValueError, r"expected PackedSequence data of shape \[N, input_size\], got \(5, 2, 3\)"),
-    # LSTMCell
+        RuntimeError, r"input must have 2 dimensions, got 3"),
+    Bad("packed data float64",
+        lambda: lstm()(PackedSequence(seq(6, I).double(), torch.tensor([3, 2, 1]), None, None)),
+        ValueError, r"RNN input dtype \(torch.float64\) does not match weight dtype"),
+    # LSTMCell: torch.nn.LSTMCell's types and messages
     Bad("cell input 3-D", lambda: lstm_fused.LSTMCell(I, H)(seq()), ValueError,
-        r"LSTMCell: expected input to be 1-D or 2-D, got 3-D"),
-    Bad("cell input_size mismatch", lambda: lstm_fused.LSTMCell(I, H)(seq(B, 5)), ValueError,
-        r"LSTMCell: expected input with 3 features \(input_size\), got 5"),
+        r"LSTMCell: Expected input to be 1D or 2D, got 3D instead"),
+    Bad("cell input_size mismatch", lambda: lstm_fused.LSTMCell(I, H)(seq(B, 5)), RuntimeError,
+        r"LSTMCell: input has inconsistent input_size: got 5 expected 3"),
     Bad("cell h_0 batch mismatch",
         lambda: lstm_fused.LSTMCell(I, H)(seq(B, I), (zeros(3, H), zeros(B, H))),
-        ValueError, r"LSTMCell: expected h_0 of shape \(2, 4\), got \(3, 4\)"),
+        RuntimeError, r"LSTMCell: Input batch size 2 doesn't match hidden0 batch size 3"),
+    Bad("cell c_0 hidden mismatch",
+        lambda: lstm_fused.LSTMCell(I, H)(seq(B, I), (zeros(B, H), zeros(B, 5))),
+        RuntimeError, r"hidden1 has inconsistent hidden_size: got 5, expected 4"),
+    Bad("cell hx 4-D",
+        lambda: lstm_fused.LSTMCell(I, H)(seq(B, I), (zeros(B, 1, 1, H),) * 2),
+        ValueError, r"Expected hx\[0\] to be 1D or 2D, got 4D instead"),
     Bad("cell batched state for unbatched input",
         lambda: lstm_fused.LSTMCell(I, H)(seq(I), (zeros(H), zeros(B, H))),
-        ValueError, r"LSTMCell: expected c_0 of shape \(4,\), got \(2, 4\)"),
+        RuntimeError, r"LSTMCell: for 1-D input, hx\[1\] should also be 1-D but got 2-D"),
     Bad("cell integer input", lambda: lstm_fused.CoupledLSTMCell(I, H)(seq(B, I).int()),
-        ValueError, r"CoupledLSTMCell: expected input of dtype torch.float32"),
+        RuntimeError, r"CoupledLSTMCell: input dtype \(torch.int32\) does not match weight "
+        r"dtype \(torch.float32\)"),
+    Bad("cell h_0 on another device",
+        lambda: lstm_fused.LSTMCell(I, H)(seq(B, I), (zeros(B, H, device="meta"), zeros(B, H))),
+        RuntimeError, r"Input and hidden tensors are not at the same device"),
     # state_dict of another variant
     Bad("coupled state_dict into a standard LSTM",
         lambda: lstm().load_state_dict(state_dict_of(lstm_fused.CoupledLSTM)), RuntimeError,
@@ -310,20 +351,43 @@ def test_table_covers_at_least_25_bad_inputs():
         assert len({case.what for case in table}) == len(table)
 
 
-@pytest.mark.parametrize("module, make_input", [
-    (lambda: lstm_fused.PeepholeLSTM(I, H, num_layers=2), lambda: seq(requires_grad=True)),
-    (lambda: lstm_fused.CoupledLSTMCell(I, H, peephole="full"),
-     lambda: seq(B, I, requires_grad=True)),
-], ids=["layer", "cell"])
-def test_double_backward_raises_not_supported(module, make_input):
-    """A first backward with create_graph=True works; differentiating it again says clearly
-    that the fused ops do not support it (instead of an error from inside a kernel)."""
-    x = make_input()
-    output = module()(x)[0]
-    (grad,) = torch.autograd.grad(output.pow(2).sum(), x, create_graph=True)
-    assert grad.requires_grad
-    with pytest.raises(NotImplementedError, match="double backward .* is not supported"):
-        torch.autograd.grad(grad.sum(), x)
+def test_modules_validate_once_and_never_use_the_reference():
+    """A module's forward checks its arguments with one call (lstm_fused._checks), not again in
+    functional; no library module but the package's __init__ (which exposes it) imports the
+    reference twin."""
+    from lstm_fused import modules
+
+    package = Path(lstm_fused.__file__).parent
+    for path in package.glob("*.py"):
+        if path.name in ("__init__.py", "reference.py"):
+            continue
+        imported = {alias.name for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) and node.module in (None, "")
+                    for alias in node.names}
+        imported |= {node.module for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {"reference", "lstm_fused.reference"} & imported, path.name
+    refuse = {"side_effect": AssertionError("checked twice")}
+    with mock.patch.object(functional, "check_layer_args", **refuse), \
+            mock.patch.object(functional, "check_cell_args", **refuse), \
+            mock.patch.object(modules, "check_lstm_forward", wraps=modules.check_lstm_forward) as lstm_check, \
+            mock.patch.object(modules, "check_cell_forward", wraps=modules.check_cell_forward) as cell_check:
+        lstm(num_layers=2, bidirectional=True)(seq())
+        lstm_fused.PeepholeLSTMCell(I, H)(seq(B, I))
+    assert lstm_check.call_count == cell_check.call_count == 1
+
+
+def test_backward_ops_called_directly_are_not_differentiable():
+    """Double backward goes through the forward ops (tests/test_torch_parity.py); the backward
+    ops themselves, called on tensors that require grad, say they cannot be differentiated
+    instead of failing inside a kernel."""
+    gates, c_prev = torch.randn(B, 4 * H), torch.randn(B, H)
+    _, c, gates_out = ops.cell_forward(gates, c_prev, None, "none", False)
+    grad_h = torch.randn(B, H, requires_grad=True)
+    grad_gates, _, _ = ops.cell_backward(grad_h, torch.zeros(B, H), gates_out, c_prev, c, None,
+                                         "none", False)
+    with pytest.raises(NotImplementedError, match="the \\*_backward ops are not differentiable"):
+        torch.autograd.grad(grad_gates.sum(), grad_h)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5, 1.0, -1e-9, 1 + 1e-9])
@@ -336,5 +400,5 @@ def test_dropout_range_is_torch_lstm_range(dropout):
 
     with expectation("dropout"):
         torch.nn.LSTM(I, H, num_layers=2, dropout=dropout)
-    with expectation(r"dropout must be a number in \[0, 1\]"):
+    with expectation(r"dropout should be a number in range \[0, 1\]"):
         assert lstm(num_layers=2, dropout=dropout).dropout == dropout

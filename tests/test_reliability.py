@@ -100,7 +100,7 @@ def test_empty_batch_and_empty_sequence_behave_as_torch_lstm(options):
     empty_sequence = torch.randn(*((B, 0) if options.get("batch_first") else (0, B)), I)
     with pytest.raises(RuntimeError, match="sequence length"):
         theirs(empty_sequence)
-    with pytest.raises(ValueError, match="sequence length"):
+    with pytest.raises(RuntimeError, match="sequence length"):
         ours(empty_sequence)
 
 

@@ -1,0 +1,423 @@
+"""Argument validation of every public entry of lstm_fused, in one place.
+
+Each public call validates its arguments once, here, before any kernel runs (the C++ ops check
+again for users who call ``torch.ops.lstm_fused.*`` directly):
+
+- the modules (constructor options, forward arguments) raise what ``torch.nn.LSTM`` /
+  ``torch.nn.LSTMCell`` raise for the same mistake, with their messages where they are useful:
+  ``RuntimeError`` for size, batch and sequence-length mismatches, ``ValueError`` for a bad
+  input rank and (``LSTM``) an input dtype that is not the parameters', ``TypeError`` for a
+  non-bool flag or non-int size;
+- the functional API checks the tensors of one cell or layer against the variant (their shapes
+  follow from the weights), naming the argument and what was expected.
+
+The reference twin (``lstm_fused.reference``) only computes; it calls the functional checks so
+that it rejects the same inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+_PEEPHOLE_ALLOWED = "None, False, True, 'diagonal' or 'full'"
+
+
+# --------------------------------------------------------------------------------------------
+# Variant bookkeeping
+# --------------------------------------------------------------------------------------------
+
+
+def normalize_peephole(peephole) -> str | None:
+    """Canonical form of the ``peephole`` argument.
+
+    None / False -> None; True / "diagonal" -> "diagonal"; "full" -> "full".
+    Anything else raises ValueError.
+    """
+    if peephole is None or peephole is False:
+        return None
+    if peephole is True:
+        return "diagonal"
+    if isinstance(peephole, str) and peephole in ("diagonal", "full"):
+        return peephole
+    raise ValueError(f"peephole must be one of {_PEEPHOLE_ALLOWED}; got {peephole!r}")
+
+
+def _gate_names(coupled: bool) -> tuple[str, ...]:
+    """Order of the gate blocks in weight_ih / weight_hh / biases (DESIGN.md section 2)."""
+    return ("f", "g", "o") if coupled else ("i", "f", "g", "o")
+
+
+def _peephole_names(coupled: bool) -> tuple[str, ...]:
+    """Order of the peephole rows (diagonal) or [H, H] blocks (full) in weight_ch."""
+    return ("f", "o") if coupled else ("i", "f", "o")
+
+
+def _require_tensor(name: str, t, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        expected = "a Tensor or None" if optional else "a Tensor"
+        raise TypeError(f"expected {name} to be {expected}, got {type(t).__name__}")
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    return device.type != "meta" and torch.is_autocast_enabled(device.type)
+
+
+def _check_dtypes_and_devices(input: Tensor, named: dict[str, Tensor | None]) -> None:
+    """input floating point; every other tensor on input's device and (outside autocast, which
+    casts at the op) of input's dtype."""
+    if not input.is_floating_point():
+        raise TypeError(f"expected input to be a floating-point tensor (float64, float32, "
+                        f"float16 or bfloat16), got {input.dtype}")
+    autocast = autocast_enabled(input.device)
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.device != input.device:
+            raise RuntimeError(f"expected {name} on device {input.device} (the device of input), "
+                               f"got {t.device}")
+        if t.dtype != input.dtype and not autocast:
+            raise TypeError(f"expected {name} of dtype {input.dtype} (the dtype of input), "
+                            f"got {t.dtype}")
+
+
+def _check_args(
+    input: Tensor,
+    hx: Tensor,
+    cx: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor | None,
+    bias_hh: Tensor | None,
+    weight_ch: Tensor | None,
+    weight_hr: Tensor | None,
+    peephole: str | None,
+    coupled: bool,
+) -> tuple[int, int]:
+    """Validate types, dtypes, devices and shapes against the variant; return (H, R).
+    ``peephole`` is already normalized. Every error names the argument and what was expected."""
+    required = {"input": input, "hx": hx, "cx": cx, "weight_ih": weight_ih,
+                "weight_hh": weight_hh}
+    optional = {"bias_ih": bias_ih, "bias_hh": bias_hh, "weight_ch": weight_ch,
+                "weight_hr": weight_hr}
+    for name, t in required.items():
+        _require_tensor(name, t)
+    for name, t in optional.items():
+        _require_tensor(name, t, optional=True)
+    del required["input"]
+    _check_dtypes_and_devices(input, required | optional)
+
+    G = len(_gate_names(coupled))
+    P = len(_peephole_names(coupled))
+    kind = "coupled" if coupled else "standard"
+
+    if weight_ih.dim() != 2 or weight_ih.shape[0] % G != 0:
+        raise ValueError(
+            f"weight_ih must have shape [{G}*hidden_size, input_size] for a {kind} LSTM "
+            f"(G={G} gate blocks); got {tuple(weight_ih.shape)}"
+        )
+    H = weight_ih.shape[0] // G
+    I = weight_ih.shape[1]
+    if input.shape[-1] != I:
+        raise ValueError(f"expected input with {I} features (weight_ih is [{G * H}, {I}]), "
+                         f"got {input.shape[-1]}")
+
+    if weight_hr is not None:
+        if weight_hr.dim() != 2 or weight_hr.shape[1] != H:
+            raise ValueError(
+                f"weight_hr must have shape [proj_size, {H}]; got {tuple(weight_hr.shape)}"
+            )
+        R = weight_hr.shape[0]
+    else:
+        R = H
+
+    if tuple(weight_hh.shape) != (G * H, R):
+        raise ValueError(
+            f"weight_hh must have shape [{G * H}, {R}] for a {kind} LSTM with hidden_size={H}"
+            f"{' and proj_size=' + str(R) if weight_hr is not None else ''}; "
+            f"got {tuple(weight_hh.shape)}"
+        )
+    for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
+        if b is not None and tuple(b.shape) != (G * H,):
+            raise ValueError(f"{name} must have shape [{G * H}]; got {tuple(b.shape)}")
+
+    if peephole is None:
+        if weight_ch is not None:
+            raise ValueError("weight_ch was given but peephole is None; pass peephole='diagonal' or 'full'")
+    else:
+        if weight_ch is None:
+            raise ValueError(f"peephole={peephole!r} requires weight_ch, got None")
+        expected = (P, H) if peephole == "diagonal" else (P * H, H)
+        if tuple(weight_ch.shape) != expected:
+            raise ValueError(
+                f"weight_ch for peephole={peephole!r}, coupled={coupled} must have shape "
+                f"{list(expected)} (blocks in order {_peephole_names(coupled)}); "
+                f"got {tuple(weight_ch.shape)}"
+            )
+
+    if hx.shape[-1] != R:
+        raise ValueError(f"hx must have last dimension {R} (proj_size or hidden_size); got {tuple(hx.shape)}")
+    if cx.shape[-1] != H:
+        raise ValueError(f"cx must have last dimension {H} (hidden_size); got {tuple(cx.shape)}")
+    return H, R
+
+
+def check_cell_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
+                    peephole: str | None, coupled: bool) -> None:
+    """The checks of :func:`lstm_cell` (shared with lstm_fused.functional.lstm_cell)."""
+    _check_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
+                peephole, coupled)
+    if input.dim() != 2:
+        raise ValueError(f"expected input of shape [B, input_size], got {tuple(input.shape)}")
+    B = input.shape[0]
+    for name, state, size in (("hx", hx, hx.shape[-1]), ("cx", cx, cx.shape[-1])):
+        if tuple(state.shape) != (B, size):
+            raise ValueError(f"expected {name} of shape {[B, size]} (batch of input, "
+                             f"{'proj_size or hidden_size' if name == 'hx' else 'hidden_size'}), "
+                             f"got {tuple(state.shape)}")
+
+
+def check_layer_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
+                     weight_hr, peephole: str | None, coupled: bool,
+                     batch_sizes=None) -> list[int] | None:
+    """The checks of :func:`lstm_layer` (shared with lstm_fused.functional.lstm_layer); returns
+    batch_sizes as a list of ints (None for padded input)."""
+    _check_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
+                peephole, coupled)
+    if hx.dim() != 2 or cx.dim() != 2 or hx.shape[0] != cx.shape[0]:
+        raise ValueError(f"expected hx [B, R] and cx [B, H] (2-D, the same B); got hx "
+                         f"{tuple(hx.shape)}, cx {tuple(cx.shape)}")
+    B = hx.shape[0]
+    if batch_sizes is None:
+        if input.dim() != 3:
+            raise ValueError(f"padded input must be [T, B, I]; got {tuple(input.shape)}")
+        if input.shape[1] != B:
+            raise ValueError(f"input has batch {input.shape[1]} but hx/cx have {B} rows")
+        return None
+    sizes = as_batch_sizes(batch_sizes)
+    if input.dim() != 2:
+        raise ValueError(f"packed input must be [N, I]; got {tuple(input.shape)}")
+    check_batch_sizes(sizes, input.shape[0])
+    if sizes and sizes[0] != B:
+        raise ValueError(f"batch_sizes[0] = {sizes[0]} but hx/cx have {B} rows")
+    return sizes
+
+
+def check_batch_sizes(sizes: list[int], rows: int) -> None:
+    """Packed-sequence batch sizes: positive, non-increasing, summing to the packed rows."""
+    if any(s <= 0 for s in sizes) or any(a < b for a, b in itertools.pairwise(sizes)):
+        raise ValueError(f"batch_sizes must be positive and non-increasing; got {sizes}")
+    if sum(sizes) != rows:
+        raise ValueError(f"sum(batch_sizes) = {sum(sizes)} but the packed input has {rows} rows")
+
+
+def as_batch_sizes(batch_sizes) -> list[int]:
+    """batch_sizes as a list of ints: from a 1-D integer tensor or a sequence of ints."""
+    expected = "a 1-D integer tensor or a list of ints"
+    if isinstance(batch_sizes, Tensor):
+        if batch_sizes.dim() != 1:
+            raise ValueError(f"expected batch_sizes to be {expected}; got shape "
+                             f"{tuple(batch_sizes.shape)}")
+        if batch_sizes.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+            raise TypeError(f"expected batch_sizes to be {expected}; got dtype {batch_sizes.dtype}")
+        return batch_sizes.tolist()
+    if isinstance(batch_sizes, Sequence) and all(
+            isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in batch_sizes):
+        return [int(b) for b in batch_sizes]
+    raise TypeError(f"expected batch_sizes to be {expected}; got {batch_sizes!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Modules: constructor options, as torch.nn.LSTM's constructor checks them
+# --------------------------------------------------------------------------------------------
+
+
+def _require_type(name: str, value, kind: type) -> None:
+    # bool is an int in Python; torch.nn.LSTM's checks (isinstance) accept it for sizes too.
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
+
+
+def check_cell_options(input_size, hidden_size, bias, peephole, coupled) -> str | None:
+    """Options shared by LSTMCell and LSTM; returns peephole in canonical form.
+
+    Sizes: int (TypeError) and > 0 (ValueError); bias and coupled: bool (TypeError), as
+    torch.nn.LSTM checks bias (torch.nn.LSTMCell checks nothing)."""
+    _require_type("bias", bias, bool)
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+        _require_type(name, value, int)
+        if value <= 0:
+            raise ValueError(f"{name} must be greater than zero")
+    _require_type("coupled", coupled, bool)
+    return normalize_peephole(peephole)
+
+
+def check_lstm_options(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                       bidirectional, proj_size, peephole, coupled) -> str | None:
+    """LSTM's constructor options, with torch.nn.LSTM's exception types and messages (and, where
+    torch accepts a wrong type by accident, e.g. bidirectional="False", a TypeError in the same
+    words); returns peephole in canonical form."""
+    if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
+            or not 0 <= dropout <= 1):
+        raise ValueError(f"dropout should be a number in range [0, 1] representing the "
+                         f"probability of an element being zeroed, got {dropout!r}")
+    _require_type("bias", bias, bool)  # torch.nn.LSTM's order, for the first error to match
+    _require_type("batch_first", batch_first, bool)
+    _require_type("bidirectional", bidirectional, bool)
+    peephole = check_cell_options(input_size, hidden_size, bias, peephole, coupled)
+    _require_type("num_layers", num_layers, int)
+    if num_layers <= 0:
+        raise ValueError("num_layers must be greater than zero")
+    _require_type("proj_size", proj_size, int)
+    if proj_size < 0:
+        raise ValueError("proj_size should be a positive integer or zero to disable projections")
+    if proj_size >= hidden_size:
+        raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size="
+                         f"{proj_size} and hidden_size={hidden_size}")
+    return peephole
+
+
+# --------------------------------------------------------------------------------------------
+# Modules: forward arguments, as torch.nn.LSTM / torch.nn.LSTMCell check them
+# --------------------------------------------------------------------------------------------
+
+
+def _state_pair(cls: str, hx) -> tuple[Tensor, Tensor]:
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise TypeError(f"{cls}: expected hx to be a tuple (h_0, c_0), got {type(hx).__name__}")
+    for index, state in enumerate(hx):
+        if not isinstance(state, Tensor):
+            raise TypeError(f"{cls}: expected hx[{index}] to be a Tensor, got "
+                            f"{type(state).__name__}")
+    return hx[0], hx[1]
+
+
+def _check_states_like_input(cls: str, states, input: Tensor) -> None:
+    """States on input's device and (outside autocast) of its dtype: RuntimeError, as torch."""
+    for index, state in enumerate(states):
+        if state.device != input.device:
+            raise RuntimeError(f"{cls}: Input and hidden tensors are not at the same device, found "
+                               f"input tensor at {input.device} and hidden tensor hx[{index}] at "
+                               f"{state.device}")
+        if state.dtype != input.dtype and not autocast_enabled(input.device):
+            raise RuntimeError(f"{cls}: hx[{index}] dtype ({state.dtype}) does not match input "
+                               f"dtype ({input.dtype})")
+
+
+def _check_device(cls: str, input: Tensor, weight: Tensor) -> None:
+    if input.device != weight.device:
+        raise RuntimeError(f"{cls}: Input and parameter tensors are not at the same device, found "
+                           f"input tensor at {input.device} and parameter tensor at "
+                           f"{weight.device}")
+
+
+def check_lstm_forward(lstm, input, hx) -> list[int] | None:
+    """LSTM.forward(input, hx): input [T, B, I] ([B, T, I] if batch_first), [T, I] or a
+    PackedSequence; hx None or (h_0 [D*L, B, R], c_0 [D*L, B, H]) ([D*L, R], [D*L, H] for
+    unbatched input). Checked in torch.nn.LSTM's order, with its exception types and messages
+    (hidden sizes are compared after unbatched states get their batch dimension of 1, as torch
+    does). Returns the PackedSequence's batch sizes as a list of ints (None for a tensor)."""
+    cls = type(lstm).__name__
+    weight = lstm.weight_ih_l0
+    sizes = None
+    if isinstance(input, PackedSequence):
+        data = input.data
+        _require_tensor("input.data", data)
+        sizes = as_batch_sizes(input.batch_sizes)
+        batched, batch, steps = True, (sizes[0] if sizes else 0), len(sizes)
+        expected_dim = 2
+    elif isinstance(input, Tensor):
+        data = input
+        if data.dim() not in (2, 3):
+            raise ValueError(f"{cls}: Expected input to be 2D or 3D, got {data.dim()}D instead")
+        batched = data.dim() == 3
+        time_dim = 1 if batched and lstm.batch_first else 0
+        batch = data.shape[1 - time_dim] if batched else 1
+        steps = data.shape[time_dim]
+        expected_dim = data.dim()
+    else:
+        raise TypeError(f"{cls}: expected input to be a Tensor or PackedSequence, got "
+                        f"{type(input).__name__}")
+    if hx is not None:
+        states = _state_pair(cls, hx)
+        if sizes is None:
+            dims = 3 if batched else 2
+            if states[0].dim() != dims or states[1].dim() != dims:
+                raise RuntimeError(
+                    f"{cls}: For {'batched 3' if batched else 'unbatched 2'}-D input, hx and cx "
+                    f"should also be {dims}-D but got ({states[0].dim()}-D, {states[1].dim()}-D) "
+                    f"tensors")
+    if data.dtype != weight.dtype and not autocast_enabled(data.device):
+        raise ValueError(f"{cls}: RNN input dtype ({data.dtype}) does not match weight dtype "
+                         f"({weight.dtype}). Convert input: input.to({weight.dtype}), or convert "
+                         f"model: model.to({data.dtype})")
+    if data.dim() != expected_dim:
+        raise RuntimeError(f"{cls}: input must have {expected_dim} dimensions, got {data.dim()}")
+    if data.shape[-1] != lstm.input_size:
+        raise RuntimeError(f"{cls}: input.size(-1) must be equal to input_size. Expected "
+                           f"{lstm.input_size}, got {data.shape[-1]}")
+    if sizes is not None:
+        check_batch_sizes(sizes, data.shape[0])
+    rows = lstm.num_layers * (2 if lstm.bidirectional else 1)
+    if hx is not None:
+        expected = ((rows, batch, lstm.proj_size or lstm.hidden_size),
+                    (rows, batch, lstm.hidden_size))
+        for index, (state, shape) in enumerate(zip(states, expected)):
+            size = list(state.shape) if batched else [state.shape[0], 1, *state.shape[1:]]
+            if tuple(size) != shape:
+                raise RuntimeError(f"{cls}: Expected hidden[{index}] size {shape}, got {size}")
+    _check_device(cls, data, weight)
+    if hx is not None:
+        _check_states_like_input(cls, states, data)
+    if steps == 0:
+        raise RuntimeError(f"{cls}: Expected sequence length to be larger than 0 in RNN; got "
+                           f"input of shape {tuple(data.shape)}")
+    return sizes
+
+
+def check_cell_forward(cell, input, hx) -> None:
+    """LSTMCell.forward(input, hx): input [B, I] or [I]; hx None or (h_0, c_0) each [B, H] (or
+    [H] for unbatched input). Checked as torch.nn.LSTMCell checks them (ValueError for a rank,
+    RuntimeError for a size or batch mismatch, with its messages); a dtype or device mismatch
+    is a RuntimeError, as there."""
+    cls = type(cell).__name__
+    _require_tensor("input", input)
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{cls}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    if hx is not None:
+        states = _state_pair(cls, hx)
+        for index, state in enumerate(states):
+            if state.dim() not in (1, 2):
+                raise ValueError(f"{cls}: Expected hx[{index}] to be 1D or 2D, got "
+                                 f"{state.dim()}D instead")
+            if state.dim() != input.dim():
+                raise RuntimeError(f"{cls}: for {input.dim()}-D input, hx[{index}] should also "
+                                   f"be {input.dim()}-D but got {state.dim()}-D")
+    weight = cell.weight_ih
+    if input.dtype != weight.dtype and not autocast_enabled(input.device):
+        raise RuntimeError(f"{cls}: input dtype ({input.dtype}) does not match weight dtype "
+                           f"({weight.dtype}). Convert input: input.to({weight.dtype}), or "
+                           f"convert model: model.to({input.dtype})")
+    if input.shape[-1] != cell.input_size:
+        raise RuntimeError(f"{cls}: input has inconsistent input_size: got {input.shape[-1]} "
+                           f"expected {cell.input_size}")
+    if hx is not None:
+        batch = input.shape[0] if input.dim() == 2 else 1
+        for index, state in enumerate(states):
+            state = state if state.dim() == 2 else state.unsqueeze(0)
+            if state.shape[0] != batch:
+                raise RuntimeError(f"{cls}: Input batch size {batch} doesn't match hidden{index} "
+                                   f"batch size {state.shape[0]}")
+            if state.shape[1] != cell.hidden_size:
+                raise RuntimeError(f"{cls}: hidden{index} has inconsistent hidden_size: got "
+                                   f"{state.shape[1]}, expected {cell.hidden_size}")
+    _check_device(cls, input, weight)
+    if hx is not None:
+        _check_states_like_input(cls, states, input)

@@ -1,0 +1,91 @@
+"""Double backward of the fused ops: their gradients recomputed with differentiable torch ops.
+
+A backward called while a graph is being built (``autograd.grad(..., create_graph=True)``, as
+in gradient penalties, MAML-style meta-learning or ``gradgradcheck``) must return gradients
+that can be differentiated again. The fused backward kernels cannot, so in that case (and only
+then: the first-order backward never comes here) the op's forward is run again here, from its
+saved inputs, as plain torch ops, and differentiated with ``create_graph=True``. The cost of
+such a backward is one unfused forward and its backward (the speed of the plain-PyTorch loop);
+the second backward then runs through that unfused graph.
+
+The equations are those of DESIGN.md section 1, written once more on purpose: the reference
+twin (lstm_fused.reference) is the tests' oracle and shares no code with the library.
+
+Shapes: B batch, I input, H hidden, R projection (or H), G gate blocks (4, 3 when coupled),
+P peephole blocks (3, 2 when coupled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def cell_pointwise(gates: Tensor, c_prev: Tensor, weight_ch: Tensor | None, peephole: str,
+                   coupled: bool) -> tuple[Tensor, Tensor]:
+    """What ``lstm_fused::cell_forward`` computes: gates [B, G*H] pre-activations in order
+    (i, f, g, o) or, coupled, (f, g, o); c_prev [B, H]; weight_ch [P, H] ("diagonal") or
+    [P*H, H] ("full") for the peepholes in order (i, f, o) or (f, o); peephole "none",
+    "diagonal" or "full" -> (h [B, H], c [B, H])."""
+    blocks = gates.chunk(3 if coupled else 4, dim=-1)
+    z_i, (z_f, z_g, z_o) = (None, blocks) if coupled else (blocks[0], blocks[1:])
+    rows = (None, 0, 1) if coupled else (0, 1, 2)  # peephole row/block of i, f, o
+
+    def peep(c: Tensor, gate: int) -> Tensor | float:
+        if peephole == "none":
+            return 0.0
+        k = rows[gate]
+        if peephole == "diagonal":
+            return weight_ch[k] * c
+        H = c.shape[-1]
+        return c @ weight_ch[k * H:(k + 1) * H].T
+
+    f = torch.sigmoid(z_f + peep(c_prev, 1))
+    i = 1 - f if coupled else torch.sigmoid(z_i + peep(c_prev, 0))
+    c = f * c_prev + i * torch.tanh(z_g)
+    o = torch.sigmoid(z_o + peep(c, 2))
+    return o * torch.tanh(c), c
+
+
+def layer(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+          bias_ih: Tensor | None, bias_hh: Tensor | None, weight_ch: Tensor | None,
+          weight_hr: Tensor | None, batch_sizes: Sequence[int] | None, reverse: bool,
+          peephole: str, coupled: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """What ``lstm_fused::layer_forward`` computes (its first three outputs): input [T, B, I]
+    (or packed [N, I] with batch_sizes), h0 [B, R], c0 [B, H] -> (output [T, B, R] or [N, R],
+    h_n [B, R], c_n [B, H]). At step t only the first batch_sizes[t] rows are active; the
+    others keep their state."""
+    B = h0.shape[0]
+    packed = batch_sizes is not None
+    sizes = list(batch_sizes) if packed else [B] * input.shape[0]
+    projected = F.linear(input, weight_ih, bias_ih)  # every step's input projection at once
+    steps = projected.split(sizes, 0) if packed else projected.unbind(0)
+    h, c = h0, c0
+    outputs: list[Tensor] = [None] * len(sizes)
+    for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
+        n = sizes[t]
+        gates = steps[t] + F.linear(h[:n], weight_hh, bias_hh)
+        h_t, c_t = cell_pointwise(gates, c[:n], weight_ch, peephole, coupled)
+        if weight_hr is not None:
+            h_t = F.linear(h_t, weight_hr)
+        outputs[t] = h_t
+        h, c = torch.cat([h_t, h[n:]]), torch.cat([c_t, c[n:]])
+    if not outputs:  # no time step
+        return input.new_zeros(*input.shape[:-1], h0.shape[-1]), h, c
+    return (torch.cat(outputs) if packed else torch.stack(outputs)), h, c
+
+
+def differentiable_gradients(function: Callable[..., Sequence[Tensor]],
+                             inputs: Sequence[Tensor | None],
+                             grad_outputs: Sequence[Tensor]) -> list[Tensor | None]:
+    """The vector-Jacobian product of function(*inputs) with grad_outputs, for each input that
+    requires grad (None for the others), as tensors that can be differentiated again."""
+    with torch.enable_grad():
+        outputs = function(*inputs)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True,
+                                     allow_unused=True))
+    return [next(grads) if t is not None and t.requires_grad else None for t in inputs]
