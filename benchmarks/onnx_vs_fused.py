@@ -84,6 +84,14 @@ def run(args) -> list[dict]:
     return rows
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python benchmarks/onnx_vs_fused.py",
                                      description=__doc__.split("\n")[0])
@@ -101,7 +109,7 @@ def main(argv=None) -> list[dict]:
     if unknown:
         parser.error(f"unknown --variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     rows = run(args)
-    print(f"T, B, I, H = {args.size}, float32, {args.threads} threads, {platform.processor() or platform.machine()}, "
+    print(f"T, B, I, H = {args.size}, float32, {args.threads} threads, {cpu_name()}, "
           f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; median of {args.repeats}")
     print(f"{'variant':<14}{'fused ms':>10}{'onnxruntime ms':>16}{'ort / fused':>13}{'max |diff|':>12}")
     for row in rows:

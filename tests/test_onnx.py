@@ -239,3 +239,13 @@ def test_import_lstm_fused_does_not_import_onnx():
             "assert not heavy & set(sys.modules), heavy & set(sys.modules); "
             "assert callable(lstm_fused.onnx.export); assert 'onnxscript' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_onnx_benchmark_runs_and_checks_both_outputs():
+    import onnx_vs_fused  # benchmarks/, on sys.path (conftest.py)
+
+    rows = onnx_vs_fused.main(["--size", "4,3,3,4", "--variants", "coupled,full", "--threads",
+                               "1", "--warmup", "0", "--repeats", "1"])
+    assert [row["variant"] for row in rows] == ["coupled", "full"]
+    for row in rows:
+        assert row["fused_ms"] > 0 and row["onnxruntime_ms"] > 0 and row["max_abs_diff"] <= 1e-4
