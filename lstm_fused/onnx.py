@@ -224,7 +224,8 @@ def _step(g: _Nodes, z, c_prev, peepholes: dict, peephole: str, coupled: bool, H
 
 
 def _cell_forward(gates, c_prev, weight_ch, peephole, coupled):
-    """cell_forward(gates [B, G*H], c_prev [B, H], ...) -> (h [B, H], c [B, H])."""
+    """cell_forward(gates [B, G*H], c_prev [B, H], ...) -> (h [B, H], c [B, H]); gates_out,
+    saved for the backward, is not exported."""
     g = _Nodes()
     H = _hidden_size(gates.shape[-1], coupled)
     h, c = _step(g, gates, c_prev, _peephole_terms(g, weight_ch, peephole, coupled, H),
@@ -238,7 +239,8 @@ def _cell_forward(gates, c_prev, weight_ch, peephole, coupled):
 def _layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
                    batch_sizes, reverse, peephole, coupled):
     """layer_forward(input [T, B, I], h0 [B, R], c0 [B, H], ...) -> (output [T, B, R], h_n, c_n):
-    one LSTM node, or a Scan for peephole="full" and projections."""
+    one LSTM node, or a Scan for peephole="full" and projections. The op's two last outputs
+    (gates and cells, saved for the backward) are not exported."""
     if batch_sizes is not None:
         raise ValueError("lstm_fused.onnx: a PackedSequence input cannot be exported; export "
                          "the model on a padded tensor")
