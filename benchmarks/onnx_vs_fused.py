@@ -8,7 +8,9 @@ For each variant, one lstm_fused.LSTM (one layer, float32) is exported with lstm
 onnxruntime CPU session with --threads intra-op threads, next to the module's own forward under
 torch.no_grad() with torch.set_num_threads(--threads), on the same input. Rounds time each
 candidate once in turn; reported are medians in ms and onnxruntime / fused (> 1: ours is faster),
-after checking that both give the same output.
+after checking that both give the same output. On a machine busy with other jobs, set
+OMP_WAIT_POLICY=PASSIVE: with OpenMP's default spinning wait, the fused forward's barriers compete
+with the other jobs and the time measures the load (see the README's Deploying section).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ size and sequence length other than the export's, and compared with eager PyTorc
 import itertools
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -155,16 +156,24 @@ def test_opset_14(variant, options):
 
 
 def test_coupled_mapping_does_not_depend_on_input_forget():
-    """onnx's reference evaluator ignores input_forget and onnxruntime implements another
-    coupling; the export (input_forget=0, input-gate rows = negated forget rows) means the
-    same to both."""
+    """The coupled export (input-gate rows = negated forget rows) gives i = 1 - f whatever a
+    runtime makes of input_forget: exported with 0, and with the attribute flipped to 1 (which
+    onnxruntime implements as f = 1 - i, and onnx's reference evaluator ignores), both
+    onnxruntime and onnx.reference.ReferenceEvaluator give the eager numbers."""
     program, lstm, args = check_layer("diagonal", True, {"bidirectional": True})
-    lstm_nodes = [n for n in program.model_proto.graph.node if n.op_type == "LSTM"]
+    model = program.model_proto
+    lstm_nodes = [n for n in model.graph.node if n.op_type == "LSTM"]
     assert all(onnx.helper.get_node_attr_value(n, "input_forget") == 0 for n in lstm_nodes)
-    reference = ReferenceEvaluator(program.model_proto)
-    feeds = {i.name: t.numpy() for i, t in zip(program.model_proto.graph.input, flat(args))}
-    got = [torch.from_numpy(np.asarray(a)) for a in reference.run(None, feeds)]
-    assert_matches(got, eager(lstm, args), atol=1e-5)
+    expected = eager(lstm, args)
+    feeds = {i.name: t.numpy() for i, t in zip(model.graph.input, flat(args), strict=True)}
+    for input_forget in (0, 1):
+        for node in lstm_nodes:
+            next(a for a in node.attribute if a.name == "input_forget").i = input_forget
+        session = onnxruntime.InferenceSession(model.SerializeToString(),
+                                               providers=["CPUExecutionProvider"])
+        for runtime in (session, ReferenceEvaluator(model)):
+            got = [torch.from_numpy(np.asarray(a)) for a in runtime.run(None, feeds)]
+            assert_matches(got, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[variant_id(v) for v in VARIANTS])
@@ -242,7 +251,7 @@ def test_import_lstm_fused_does_not_import_onnx():
     code = ("import sys, lstm_fused; heavy = {'onnx', 'onnxscript', 'onnx_ir', 'onnxruntime'}; "
             "assert not heavy & set(sys.modules), heavy & set(sys.modules); "
             "assert callable(lstm_fused.onnx.export); assert 'onnxscript' in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
 def test_onnx_benchmark_runs_and_checks_both_outputs():
