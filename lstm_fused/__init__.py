@@ -27,3 +27,12 @@ __all__ = [
     "reference",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # lstm_fused.onnx imports onnx and onnxscript: loaded on first use, not by `import lstm_fused`.
+    if name == "onnx":
+        import importlib
+
+        return importlib.import_module(".onnx", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,332 @@
+"""Export models that use lstm_fused layers or cells to ONNX, with standard operators only.
+
+    import lstm_fused.onnx
+    lstm_fused.onnx.export(model, (x,), "model.onnx")      # batch and time dynamic
+    # or, with torch's exporter directly:
+    torch.onnx.export(model, (x,), "model.onnx", dynamo=True,
+                      custom_translation_table=lstm_fused.onnx.translation_table())
+
+What each fused op becomes (ONNX gate order is i, o, f, c; B = [Wb, Rb]; P order i, o, f):
+
+- `layer_forward` with peephole "none" or "diagonal" and no projection: ONE standard `LSTM`
+  node (direction "forward" or "reverse": a bidirectional module gives one node per layer and
+  direction, as the module runs each direction as its own op). The weights are re-ordered into
+  ONNX's gate order by Slice/Concat nodes that the exporter's optimiser folds into initializers.
+  Coupled gates (i = 1 - f) use `input_forget=0` with the input-gate rows set to the NEGATED
+  forget-gate rows (W, R, both biases and P_i = -w_cf): sigmoid(-z) = 1 - sigmoid(z), so this is
+  exactly i = 1 - f in every runtime (onnxruntime's own input_forget=1 couples the other way,
+  f = 1 - i, and onnx's reference evaluator ignores it).
+- `layer_forward` with peephole "full" or a projection (`proj_size`): the input projection of all
+  steps as one MatMul, then a standard `Scan` over time whose body is the step written with
+  standard ops (MatMul, Sigmoid, Tanh, Mul, Add).
+- `cell_forward` (LSTMCell and variants): the same step ops, a dozen standard nodes.
+- A `PackedSequence` cannot be exported (torch.export cannot trace `pack_padded_sequence`).
+
+Importing this module imports onnx, onnxscript and onnx_ir; `import lstm_fused` does not.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+from onnxscript import evaluator
+
+from .ops import ops
+
+__all__ = ["export", "translation_table"]
+
+
+def translation_table() -> dict[Callable, Callable]:
+    """{torch op overload: ONNX translation} for `torch.onnx.export(..., dynamo=True,
+    custom_translation_table=...)`. Merge it with your own table if you have one."""
+    return {ops.layer_forward.default: _layer_forward, ops.cell_forward.default: _cell_forward}
+
+
+def export(model: torch.nn.Module, args: tuple, f=None, *, dynamic: bool = True,
+           opset_version: int | None = None, **kwargs: Any) -> torch.onnx.ONNXProgram:
+    """Export `model` called on `args` to ONNX through `torch.onnx.export(dynamo=True)` with
+    this module's translation table; returns the ONNXProgram and saves it to `f` if given.
+
+    `dynamic=True` (default) makes every dimension of every tensor in `args` dynamic where the
+    model allows it (`torch.export.Dim.AUTO`): batch and time stay free. Give example sizes of
+    at least 2 (a size-1 dimension may be specialised). Passing `dynamic_shapes` yourself
+    overrides this. `opset_version`: torch's default (20) when None; 14 to 17 are reached by
+    checking that every node means the same at the lower opset (ours do: LSTM, Scan and the
+    element-wise ops), with a ValueError naming the first node that does not. Other keyword
+    arguments go to `torch.onnx.export` (e.g. `input_names`, `verbose`); a
+    `custom_translation_table` of yours is merged with ours.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"lstm_fused.onnx.export: expected model to be a torch.nn.Module, got "
+                        f"{type(model).__name__}")
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    if not isinstance(args, tuple):
+        raise TypeError(f"lstm_fused.onnx.export: expected args to be a tuple of the model's "
+                        f"positional inputs, got {type(args).__name__}")
+    if opset_version is not None and (not isinstance(opset_version, int)
+                                      or opset_version < MIN_OPSET):
+        raise ValueError(f"lstm_fused.onnx.export: opset_version must be an int >= {MIN_OPSET} "
+                         f"(the LSTM operator with peepholes as used here), got {opset_version!r}")
+    table = translation_table()
+    table.update(kwargs.pop("custom_translation_table", None) or {})
+    if dynamic and "dynamic_shapes" not in kwargs and "dynamic_axes" not in kwargs:
+        kwargs["dynamic_shapes"] = torch.utils._pytree.tree_map(_auto_dims, args)
+    lower = opset_version is not None and opset_version < _TORCHLIB_OPSET
+    program = torch.onnx.export(model, args, dynamo=True, custom_translation_table=table,
+                                opset_version=None if lower else opset_version, **kwargs)
+    if lower:
+        _lower_opset(program.model, opset_version)
+    if f is not None:
+        program.save(f)
+    return program
+
+
+MIN_OPSET = 14
+_TORCHLIB_OPSET = 18  # the opset torch's exporter builds with; it cannot convert below it
+
+
+def _lower_opset(model: ir.Model, target: int) -> None:
+    """Relabel `model` to opset `target` after checking that each node (also in Scan bodies)
+    has the same inputs and attributes there: the later versions of our operators only added
+    types or optional attributes. Raises ValueError naming a node that differs."""
+    current = model.opset_imports.get("", target)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain not in ("", "ai.onnx"):
+            raise ValueError(f"lstm_fused.onnx.export: node {node.name!r} is of domain "
+                             f"{node.domain!r}, which opset_version cannot lower")
+        try:
+            old = onnx.defs.get_schema(node.op_type, target, "")
+        except onnx.defs.SchemaError:
+            old = None
+        new = onnx.defs.get_schema(node.op_type, current, "")
+        if old is None or not _same_interface(node, old, new):
+            raise ValueError(f"lstm_fused.onnx.export: node {node.name!r} ({node.op_type}) is "
+                             f"not the same operator at opset_version={target}; export with "
+                             f"opset_version >= {_TORCHLIB_OPSET}")
+    model.opset_imports[""] = target
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+
+
+def _same_interface(node: ir.Node, old, new) -> bool:
+    """The node's inputs and attributes mean the same in schema `old` as in `new`."""
+    if old.since_version == new.since_version:
+        return True
+    variadic = old.inputs and old.inputs[-1].option == onnx.defs.OpSchema.FormalParameterOption.Variadic
+    return ((variadic or len(node.inputs) <= len(old.inputs))
+            and [p.name for p in old.inputs] == [p.name for p in new.inputs][:len(old.inputs)]
+            and set(node.attributes) <= set(old.attributes))
+
+
+def _auto_dims(value):
+    if isinstance(value, torch.Tensor):
+        return {axis: torch.export.Dim.AUTO for axis in range(value.dim())}
+    return None
+
+
+# --- building nodes ----------------------------------------------------------------------------
+
+
+class _Nodes:
+    """Records ONNX nodes with onnx_ir: `g.Sigmoid(x)`, `g.Slice(x, starts, ends, axes)`,
+    `g.LSTM(..., _outputs=3)`. Attributes are keyword arguments. The same code builds the
+    exported graph and the body of a Scan."""
+
+    def __init__(self):
+        self.tape = ir.tape.Tape()
+
+    def __getattr__(self, op_type: str):
+        def node(*inputs, _outputs: int = 1, **attributes):
+            if _outputs == 1:
+                return self.tape.op(op_type, inputs, attributes)
+            return self.tape.op_multi_out(op_type, inputs, attributes, num_outputs=_outputs)
+        return node
+
+    def ints(self, *values: int) -> ir.Value:
+        return self.tape.op("Constant", [], {"value": ir.tensor(np.array(values, np.int64))})
+
+    def rows(self, x: ir.Value, start: int, stop: int, axis: int = 0) -> ir.Value:
+        """x[start:stop] along `axis`."""
+        return self.Slice(x, self.ints(start), self.ints(stop), self.ints(axis))
+
+
+def _emit(g: _Nodes, outputs: list[ir.Value]):
+    """Hands the recorded nodes to torch's exporter (the graph it is translating the current op
+    into) and returns `outputs` as the exporter's own values (through Identity nodes, which its
+    optimiser removes)."""
+    recorder = evaluator.default()
+    if not hasattr(recorder, "nodes"):
+        raise RuntimeError("lstm_fused.onnx: this translation runs only inside "
+                           "torch.onnx.export(..., dynamo=True)")
+    recorder.nodes.extend(g.tape.nodes)
+    identity = recorder.opset.Identity
+    return tuple(identity(value) for value in outputs)
+
+
+def _gate_names(coupled: bool) -> tuple[str, ...]:
+    """Our gate blocks, in the order of the rows of weight_ih / weight_hh / the biases."""
+    return ("f", "g", "o") if coupled else ("i", "f", "g", "o")
+
+
+def _peephole_names(coupled: bool) -> tuple[str, ...]:
+    """Our peephole rows (diagonal) or [H, H] blocks (full), in the order of weight_ch."""
+    return ("f", "o") if coupled else ("i", "f", "o")
+
+
+def _hidden_size(gate_rows, coupled: bool) -> int:
+    """H from G*H, the gate rows of the weights (static, unlike the states' sizes)."""
+    if not isinstance(gate_rows, int):
+        raise TypeError(f"lstm_fused.onnx: the gate size must be static, got {gate_rows}")
+    return gate_rows // (3 if coupled else 4)
+
+
+# --- the cell step with standard ops (cells, and the Scan body) --------------------------------
+
+
+def _peephole_terms(g: _Nodes, weight_ch, peephole: str, coupled: bool, H: int) -> dict:
+    """{gate: weight} for the peephole terms: a row [H] (diagonal: c * w) or the transposed block
+    [H, H] (full: c @ W_ck.T). Empty without peepholes."""
+    if peephole == "none":
+        return {}
+    terms = {}
+    for k, gate in enumerate(_peephole_names(coupled)):
+        if peephole == "diagonal":
+            terms[gate] = g.Reshape(g.rows(weight_ch, k, k + 1), g.ints(H))
+        else:
+            terms[gate] = g.Transpose(g.rows(weight_ch, k * H, (k + 1) * H), perm=[1, 0])
+    return terms
+
+
+def _step(g: _Nodes, z, c_prev, peepholes: dict, peephole: str, coupled: bool, H: int):
+    """One step after the GEMMs: z [B, G*H] (our gate order), c_prev [B, H] -> (h, c), as
+    lstm_fused.reference._step; with coupled gates i = sigmoid(-(z_f + peep_f)) = 1 - f."""
+    blocks = {gate: g.rows(z, k * H, (k + 1) * H, axis=-1)
+              for k, gate in enumerate(_gate_names(coupled))}
+
+    def pre(gate, c):
+        if gate not in peepholes:
+            return blocks[gate]
+        term = g.Mul(c, peepholes[gate]) if peephole == "diagonal" else g.MatMul(c, peepholes[gate])
+        return g.Add(blocks[gate], term)
+
+    z_f = pre("f", c_prev)
+    f = g.Sigmoid(z_f)
+    i = g.Sigmoid(g.Neg(z_f)) if coupled else g.Sigmoid(pre("i", c_prev))
+    c = g.Add(g.Mul(f, c_prev), g.Mul(i, g.Tanh(blocks["g"])))
+    o = g.Sigmoid(pre("o", c))
+    return g.Mul(o, g.Tanh(c)), c
+
+
+def _cell_forward(gates, c_prev, weight_ch, peephole, coupled):
+    """cell_forward(gates [B, G*H], c_prev [B, H], ...) -> (h [B, H], c [B, H]); gates_out,
+    saved for the backward, is not exported."""
+    g = _Nodes()
+    H = _hidden_size(gates.shape[-1], coupled)
+    h, c = _step(g, gates, c_prev, _peephole_terms(g, weight_ch, peephole, coupled, H),
+                 peephole, coupled, H)
+    return _emit(g, [h, c])
+
+
+# --- the layer ---------------------------------------------------------------------------------
+
+
+def _layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
+                   batch_sizes, reverse, peephole, coupled):
+    """layer_forward(input [T, B, I], h0 [B, R], c0 [B, H], ...) -> (output [T, B, R], h_n, c_n):
+    one LSTM node, or a Scan for peephole="full" and projections. The op's two last outputs
+    (gates and cells, saved for the backward) are not exported."""
+    if batch_sizes is not None:
+        raise ValueError("lstm_fused.onnx: a PackedSequence input cannot be exported; export "
+                         "the model on a padded tensor")
+    g = _Nodes()
+    H = _hidden_size(weight_ih.shape[0], coupled)
+    build = _scan_layer if peephole == "full" or weight_hr is not None else _lstm_node
+    outputs = build(g, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
+                    weight_hr, bool(reverse), peephole, bool(coupled), H)
+    return _emit(g, outputs)
+
+
+def _bias(g: _Nodes, bias_ih, bias_hh, rows: int):
+    """(bias_ih, bias_hh) with zeros [rows] for a missing one; None when both are missing."""
+    if bias_ih is None and bias_hh is None:
+        return None
+    present = bias_ih if bias_ih is not None else bias_hh
+    zeros = g.ConstantOfShape(g.ints(rows),
+                              value=ir.tensor(np.zeros(1, present.dtype.numpy())))
+    return (bias_ih if bias_ih is not None else zeros,
+            bias_hh if bias_hh is not None else zeros)
+
+
+def _onnx_gate_order(g: _Nodes, w, coupled: bool, H: int):
+    """Rows of w ([G*H, ...] or [G*H]) from our order to ONNX's (i, o, f, c); coupled: the
+    i rows are the negated f rows."""
+    block = {gate: g.rows(w, k * H, (k + 1) * H) for k, gate in enumerate(_gate_names(coupled))}
+    i = g.Neg(block["f"]) if coupled else block["i"]
+    return g.Concat(i, block["o"], block["f"], block["g"], axis=0)
+
+
+def _lstm_node(g: _Nodes, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
+               weight_hr, reverse, peephole, coupled, H):
+    def one_direction(x):  # [...] -> [1, ...]: the num_directions axis of ONNX's LSTM
+        return g.Unsqueeze(x, g.ints(0))
+
+    W = one_direction(_onnx_gate_order(g, weight_ih, coupled, H))
+    R = one_direction(_onnx_gate_order(g, weight_hh, coupled, H))
+    biases = _bias(g, bias_ih, bias_hh, weight_ih.shape[0])
+    B = None if biases is None else one_direction(
+        g.Concat(*(_onnx_gate_order(g, b, coupled, H) for b in biases), axis=0))
+    P = None
+    if peephole == "diagonal":
+        rows = {gate: g.rows(weight_ch, k, k + 1)
+                for k, gate in enumerate(_peephole_names(coupled))}
+        p_i = g.Neg(rows["f"]) if coupled else rows["i"]
+        P = g.Reshape(g.Concat(p_i, rows["o"], rows["f"], axis=0), g.ints(1, 3 * H))
+    Y, Y_h, Y_c = g.LSTM(input, W, R, B, None, one_direction(h0), one_direction(c0), P,
+                         hidden_size=H, direction="reverse" if reverse else "forward",
+                         input_forget=0, _outputs=3)
+    axis0, axis1 = g.ints(0), g.ints(1)
+    return [g.Squeeze(Y, axis1), g.Squeeze(Y_h, axis0), g.Squeeze(Y_c, axis0)]
+
+
+_scan_counter = itertools.count()
+
+
+def _scan_layer(g: _Nodes, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
+                weight_hr, reverse, peephole, coupled, H):
+    # Input projections of all steps at once: zx [T, B, G*H] = x W_ih^T + b_ih + b_hh.
+    zx = g.MatMul(input, g.Transpose(weight_ih, perm=[1, 0]))
+    biases = _bias(g, bias_ih, bias_hh, weight_ih.shape[0])
+    if biases is not None:
+        zx = g.Add(zx, g.Add(*biases))
+    w_hh_t = g.Transpose(weight_hh, perm=[1, 0])
+    w_hr_t = None if weight_hr is None else g.Transpose(weight_hr, perm=[1, 0])
+    peepholes = _peephole_terms(g, weight_ch, peephole, coupled, H)
+
+    # The body: (h_prev [B, R], c_prev [B, H], zx_t [B, G*H]) -> (h, c, output_t = h).
+    body = _Nodes()
+    dtype = ir.TensorType(input.dtype)
+    batch = h0.shape[0]
+    h_prev = ir.Value(type=dtype, shape=ir.Shape([batch, h0.shape[-1]]))
+    c_prev = ir.Value(type=dtype, shape=ir.Shape([batch, H]))
+    zx_t = ir.Value(type=dtype, shape=ir.Shape([batch, weight_ih.shape[0]]))
+    z = body.Add(zx_t, body.MatMul(h_prev, w_hh_t))
+    h, c = _step(body, z, c_prev, peepholes, peephole, coupled, H)
+    if w_hr_t is not None:
+        h = body.MatMul(h, w_hr_t)
+    graph = ir.Graph([h_prev, c_prev, zx_t], [h, c, body.Identity(h)], nodes=body.tape.nodes,
+                     name="lstm_fused_step")
+    # Names are unique in the whole model, subgraphs included (ONNX's SSA rule).
+    scan = next(_scan_counter)
+    for k, value in enumerate([h_prev, c_prev, zx_t, *(v for n in graph for v in n.outputs)]):
+        value.name = f"lstm_fused_scan{scan}_{k}"
+    directions = [1 if reverse else 0]
+    h_n, c_n, output = g.Scan(h0, c0, zx, body=graph, num_scan_inputs=1,
+                              scan_input_directions=directions,
+                              scan_output_directions=directions, _outputs=3)
+    return [output, h_n, c_n]

@@ -1,0 +1,264 @@
+"""ONNX export (lstm_fused.onnx): every variant and option exported, run in onnxruntime at a batch
+size and sequence length other than the export's, and compared with eager PyTorch."""
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from conftest import VARIANTS, variant_id
+from onnx.reference import ReferenceEvaluator
+
+import lstm_fused
+import lstm_fused.onnx
+
+I, H = 3, 4
+EXPORT_T, EXPORT_B = 3, 2  # the example the model is exported with
+RUN_T, RUN_B = 6, 5  # what the exported model then runs on
+
+# Options of lstm_fused.LSTM. The fast tests cover each variant with the richest option set and
+# each option on some variant; the slow test crosses every variant with every option.
+OPTIONS = {
+    "plain": {},
+    "stacked-bidirectional-batch_first": {"num_layers": 2, "bidirectional": True,
+                                          "batch_first": True},
+    "projection": {"proj_size": 2},
+    "no-bias": {"bias": False},
+}
+
+
+def make_lstm(peephole, coupled, dtype=torch.float32, **options):
+    torch.manual_seed(0)
+    return lstm_fused.LSTM(I, H, peephole=peephole, coupled=coupled, dtype=dtype,
+                           **options).eval()
+
+
+def lstm_inputs(lstm, T, B, initial_states, dtype=torch.float32):
+    """(x,) or (x, (h_0, c_0)) for `lstm` at sequence length T and batch B."""
+    generator = torch.Generator().manual_seed(T * 100 + B)
+    x = torch.randn(*((B, T) if lstm.batch_first else (T, B)), I, generator=generator)
+    if not initial_states:
+        return (x.to(dtype),)
+    rows = lstm.num_layers * (2 if lstm.bidirectional else 1)
+    h0 = torch.randn(rows, B, lstm.proj_size or H, generator=generator)
+    c0 = torch.randn(rows, B, H, generator=generator)
+    return (x.to(dtype), (h0.to(dtype), c0.to(dtype)))
+
+
+def flat(values):
+    return torch.utils._pytree.tree_leaves(values)
+
+
+def run_onnxruntime(program, args):
+    session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), flat(args), strict=True)}
+    return [torch.from_numpy(a) for a in session.run(None, feeds)]
+
+
+def eager(model, args):
+    with torch.no_grad():
+        return flat(model(*args))
+
+
+def assert_matches(got, expected, atol):
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        torch.testing.assert_close(g, e, atol=atol, rtol=0)
+
+
+def op_types(program):
+    """Every node's (domain, op_type), also inside Scan bodies."""
+    graphs, found = [program.model_proto.graph], []
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            found.append((node.domain, node.op_type))
+            graphs.extend(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
+    return found
+
+
+def assert_standard_graph(program, lstm):
+    """Only standard ops; none/diagonal layers are ONE LSTM node per layer and direction,
+    full peepholes and projections a Scan."""
+    types = op_types(program)
+    assert {domain for domain, _ in types} <= {""}, types
+    assert not program.model_proto.functions
+    names = [name for _, name in types]
+    nodes = lstm.num_layers * (2 if lstm.bidirectional else 1)
+    if lstm.peephole == "full" or lstm.proj_size:
+        assert names.count("Scan") == nodes and "LSTM" not in names
+    else:
+        assert names.count("LSTM") == nodes and "Scan" not in names
+
+
+def check_layer(peephole, coupled, options, initial_states=True, dtype=torch.float32,
+                atol=1e-5, **export_options):
+    lstm = make_lstm(peephole, coupled, dtype=dtype, **options)
+    program = lstm_fused.onnx.export(
+        lstm, lstm_inputs(lstm, EXPORT_T, EXPORT_B, initial_states, dtype), verbose=False,
+        **export_options)
+    assert_standard_graph(program, lstm)
+    args = lstm_inputs(lstm, RUN_T, RUN_B, initial_states, dtype)
+    assert_matches(run_onnxruntime(program, args), eager(lstm, args), atol)
+    return program, lstm, args
+
+
+FAST_CASES = (
+    [(variant, "stacked-bidirectional-batch_first", True) for variant in VARIANTS]
+    + [((None, False), "plain", False), (("diagonal", True), "no-bias", False),
+       ((None, False), "projection", True), (("diagonal", True), "projection", False)]
+)
+
+
+@pytest.mark.parametrize("variant, options, initial_states", FAST_CASES,
+                         ids=[f"{variant_id(v)}-{o}-{'hx' if h else 'nohx'}"
+                              for v, o, h in FAST_CASES])
+def test_layer_exports_and_runs_in_onnxruntime_at_other_sizes(variant, options, initial_states):
+    check_layer(*variant, OPTIONS[options], initial_states)
+
+
+# Every variant with every option (initial states given), and without initial states; less what
+# the fast test runs.
+SLOW_CASES = [case for case in [*itertools.product(VARIANTS, OPTIONS, [True]),
+                                *itertools.product(VARIANTS, ["plain"], [False])]
+              if case not in FAST_CASES]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant, options, initial_states", SLOW_CASES,
+                         ids=[f"{variant_id(v)}-{o}-{'hx' if h else 'nohx'}"
+                              for v, o, h in SLOW_CASES])
+def test_every_variant_and_option_exports(variant, options, initial_states):
+    check_layer(*variant, OPTIONS[options], initial_states)
+
+
+@pytest.mark.parametrize("variant", [("diagonal", True), ("full", False)],
+                         ids=variant_id)
+def test_float16_model_exports_and_matches_eager(variant):
+    program, _, _ = check_layer(*variant, {"bidirectional": True}, dtype=torch.float16,
+                                atol=3e-3)
+    assert program.model_proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+@pytest.mark.parametrize("variant, options", [(("diagonal", True), {"bidirectional": True}),
+                                              (("full", False), {"proj_size": 2})],
+                         ids=["lstm-node", "scan"])
+def test_opset_14(variant, options):
+    program, _, _ = check_layer(*variant, options, opset_version=14)
+    assert {o.domain: o.version for o in program.model_proto.opset_import}[""] == 14
+
+
+def test_coupled_mapping_does_not_depend_on_input_forget():
+    """The coupled export (input-gate rows = negated forget rows) gives i = 1 - f whatever a
+    runtime makes of input_forget: exported with 0, and with the attribute flipped to 1 (which
+    onnxruntime implements as f = 1 - i, and onnx's reference evaluator ignores), both
+    onnxruntime and onnx.reference.ReferenceEvaluator give the eager numbers."""
+    program, lstm, args = check_layer("diagonal", True, {"bidirectional": True})
+    model = program.model_proto
+    lstm_nodes = [n for n in model.graph.node if n.op_type == "LSTM"]
+    assert all(onnx.helper.get_node_attr_value(n, "input_forget") == 0 for n in lstm_nodes)
+    expected = eager(lstm, args)
+    feeds = {i.name: t.numpy() for i, t in zip(model.graph.input, flat(args), strict=True)}
+    for input_forget in (0, 1):
+        for node in lstm_nodes:
+            next(a for a in node.attribute if a.name == "input_forget").i = input_forget
+        session = onnxruntime.InferenceSession(model.SerializeToString(),
+                                               providers=["CPUExecutionProvider"])
+        for runtime in (session, ReferenceEvaluator(model)):
+            got = [torch.from_numpy(np.asarray(a)) for a in runtime.run(None, feeds)]
+            assert_matches(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[variant_id(v) for v in VARIANTS])
+def test_cell_exports_as_a_few_standard_ops(variant):
+    peephole, coupled = variant
+    torch.manual_seed(0)
+    cell = lstm_fused.LSTMCell(I, H, peephole=peephole, coupled=coupled).eval()
+
+    def cell_args(B):
+        generator = torch.Generator().manual_seed(B)
+        return (torch.randn(B, I, generator=generator),
+                (torch.randn(B, H, generator=generator), torch.randn(B, H, generator=generator)))
+
+    program = lstm_fused.onnx.export(cell, cell_args(EXPORT_B), verbose=False)
+    types = op_types(program)
+    assert {domain for domain, _ in types} == {""} and len(types) <= 25, types
+    assert not {"LSTM", "Scan", "Loop"} & {name for _, name in types}
+    args = cell_args(RUN_B)
+    assert_matches(run_onnxruntime(program, args), eager(cell, args), atol=1e-5)
+
+
+class Tagger(torch.nn.Module):
+    """A model around the layer: an encoder and a read-out of the mean over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = lstm_fused.LSTM(I, H, peephole="diagonal", batch_first=True)
+        self.head = torch.nn.Linear(H, 2)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0].mean(dim=1))
+
+
+def test_torch_onnx_export_with_the_translation_table_and_saving_to_a_file(tmp_path):
+    torch.manual_seed(0)
+    model = Tagger().eval()
+    x = torch.randn(EXPORT_B, EXPORT_T, I)
+    batch, time = torch.export.Dim("batch"), torch.export.Dim("time")
+    torch.onnx.export(model, (x,), tmp_path / "tagger.onnx", dynamo=True, verbose=False,
+                      dynamic_shapes=({0: batch, 1: time},),
+                      custom_translation_table=lstm_fused.onnx.translation_table())
+    lstm_fused.onnx.export(model, (x,), tmp_path / "ours.onnx", verbose=False)
+    x = torch.randn(RUN_B, RUN_T, I)
+    for name in ("tagger.onnx", "ours.onnx"):
+        session = onnxruntime.InferenceSession(str(tmp_path / name),
+                                               providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(got), eager(model, (x,))[0], atol=1e-5,
+                                   rtol=0)
+
+
+def test_export_rejects_bad_arguments_by_name():
+    lstm = make_lstm(None, False)
+    args = lstm_inputs(lstm, EXPORT_T, EXPORT_B, False)
+    with pytest.raises(TypeError, match="model"):
+        lstm_fused.onnx.export(lstm.forward, args)
+    with pytest.raises(TypeError, match="args"):
+        lstm_fused.onnx.export(lstm, [args[0]])
+    with pytest.raises(ValueError, match="opset_version"):
+        lstm_fused.onnx.export(lstm, args, opset_version=13)
+
+
+def test_opset_below_18_is_refused_for_a_node_that_changed():
+    """The mean over time is exported with Shape(start=, end=) (opset 15) and ReduceMean taking
+    its axes as an input (opset 18): relabelling that graph to opset 14 would change its
+    meaning, so the export refuses, naming the node."""
+    model = Tagger().eval()
+    with pytest.raises(ValueError, match=r"node '\w+' \((Shape|ReduceMean)\) is not the same "
+                                         r"operator at opset_version=14"):
+        lstm_fused.onnx.export(model, (torch.randn(EXPORT_B, EXPORT_T, I),), verbose=False,
+                               opset_version=14)
+
+
+def test_import_lstm_fused_does_not_import_onnx():
+    code = ("import sys, lstm_fused; heavy = {'onnx', 'onnxscript', 'onnx_ir', 'onnxruntime'}; "
+            "assert not heavy & set(sys.modules), heavy & set(sys.modules); "
+            "assert callable(lstm_fused.onnx.export); assert 'onnxscript' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_onnx_benchmark_runs_and_checks_both_outputs():
+    import onnx_vs_fused  # benchmarks/, on sys.path (conftest.py)
+
+    rows = onnx_vs_fused.main(["--size", "4,3,3,4", "--variants", "coupled,full", "--threads",
+                               "1", "--warmup", "0", "--repeats", "1"])
+    assert [row["variant"] for row in rows] == ["coupled", "full"]
+    for row in rows:
+        assert row["fused_ms"] > 0 and row["onnxruntime_ms"] > 0 and row["max_abs_diff"] <= 1e-4
