@@ -16,6 +16,15 @@ struct DeviceOps {
     return lstm_fused::cell_forward(gates, c_prev, weight_ch, peephole, coupled, kKernels());
   }
 
+  static std::tuple<Tensor, Tensor> cell_step(const Tensor& input, const Tensor& hx,
+                                              const Tensor& cx, const Tensor& weight_ih,
+                                              const Tensor& weight_hh, const OptTensor& bias_ih,
+                                              const OptTensor& bias_hh, const OptTensor& weight_ch,
+                                              c10::string_view peephole, bool coupled) {
+    return lstm_fused::cell_step(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
+                                 weight_ch, peephole, coupled, kKernels());
+  }
+
   static std::tuple<Tensor, Tensor, Tensor> cell_backward(
       const OptTensor& grad_h, const OptTensor& grad_c, const Tensor& gates, const Tensor& c_prev,
       const Tensor& c, const OptTensor& weight_ch, c10::string_view peephole, bool coupled) {
@@ -28,10 +37,10 @@ struct DeviceOps {
       const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
       const OptTensor& weight_ch, const OptTensor& weight_hr,
       at::OptionalIntArrayRef batch_sizes, bool reverse, c10::string_view peephole,
-      bool coupled) {
+      bool coupled, bool need_backward) {
     return lstm_fused::layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
                                      weight_ch, weight_hr, batch_sizes, reverse, peephole,
-                                     coupled, kKernels());
+                                     coupled, need_backward, kKernels());
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>

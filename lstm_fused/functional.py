@@ -7,6 +7,7 @@ G gate blocks (4, or 3 when coupled), P peephole blocks (3, or 2 when coupled).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -49,9 +50,13 @@ def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_
     peephole = normalize_peephole(peephole)
     sizes = check_layer_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                              weight_hr, peephole, coupled, batch_sizes)
+    # Inference (no_grad, inference_mode, or nothing requires grad): nothing saved for backward.
+    need_backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr))
     output, h_n, c_n, _, _ = ops.layer_forward(
         input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, sizes,
-        bool(reverse), peephole or "none", bool(coupled))
+        bool(reverse), peephole or "none", bool(coupled), need_backward)
     return output, (h_n, c_n)
 
 

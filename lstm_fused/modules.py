@@ -201,6 +201,10 @@ class LSTMCell(_VariantMixin, nn.Module):
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
         """input [B, I] or [I]; hx (h_0, c_0) each [B, H] or [H] -> (h_1, c_1), same batching."""
+        if not torch.is_grad_enabled():
+            step = self._inference_step(input, hx)
+            if step is not None:
+                return step
         self._check_tensor("input", input, self.weight_ih, "the parameters")
         if input.dim() not in (1, 2):
             raise ValueError(f"{type(self).__name__}: expected input to be 1-D or 2-D, got "
@@ -225,6 +229,36 @@ class LSTMCell(_VariantMixin, nn.Module):
         if not batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
+
+
+    # --- latency path (no_grad / inference_mode) ------------------------------------------------
+
+    def _inference_step(self, input, hx):
+        """(h_1 [B, H], c_1 [B, H]) from ONE op, torch.ops.lstm_fused.cell_step (both GEMMs and the
+        fused kernel, nothing saved for backward), for a batched CPU input whose arguments are
+        plainly valid, outside autocast and torch.compile; None otherwise: forward() then takes
+        the general path, which checks every argument with its own error."""
+        w = self.weight_ih
+        if (type(input) is not Tensor or input.dim() != 2 or not input.is_cpu or not w.is_cpu
+                or input.dtype != w.dtype or input.shape[1] != self.input_size
+                or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+            return None
+        shape = (input.shape[0], self.hidden_size)
+        if hx is None:
+            h0 = c0 = input.new_zeros(shape)
+        elif (type(hx) is tuple and len(hx) == 2 and all(
+                type(t) is Tensor and t.is_cpu and t.dtype == w.dtype and t.shape == shape
+                for t in hx)):
+            h0, c0 = hx
+        else:
+            return None
+        return _cell_step(input, h0, c0, w, self.weight_hh, self.bias_ih if self.bias else None,
+                          self.bias_hh if self.bias else None,
+                          self.weight_ch if self.peephole else None, self.peephole or "none",
+                          self.coupled)
+
+
+_cell_step = torch.ops.lstm_fused.cell_step.default
 
 
 class LSTM(_VariantMixin, nn.Module):
