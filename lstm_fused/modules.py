@@ -238,7 +238,8 @@ class LSTMCell(_VariantMixin, nn.Module):
         fused kernel, nothing saved for backward), for a batched CPU input whose arguments are
         plainly valid, outside autocast and torch.compile; None otherwise: forward() then takes
         the general path, which checks every argument with its own error."""
-        w = self.weight_ih
+        params = self._parameters  # a dict lookup, not nn.Module.__getattr__, per parameter
+        w = params["weight_ih"]
         if (type(input) is not Tensor or input.dim() != 2 or not input.is_cpu or not w.is_cpu
                 or input.dtype != w.dtype or input.shape[1] != self.input_size
                 or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
@@ -246,15 +247,16 @@ class LSTMCell(_VariantMixin, nn.Module):
         shape = (input.shape[0], self.hidden_size)
         if hx is None:
             h0 = c0 = input.new_zeros(shape)
-        elif (type(hx) is tuple and len(hx) == 2 and all(
-                type(t) is Tensor and t.is_cpu and t.dtype == w.dtype and t.shape == shape
-                for t in hx)):
+        elif type(hx) is tuple and len(hx) == 2:
             h0, c0 = hx
+            if not (type(h0) is Tensor and type(c0) is Tensor and h0.shape == shape
+                    and c0.shape == shape and h0.dtype == c0.dtype == w.dtype and h0.is_cpu
+                    and c0.is_cpu):
+                return None
         else:
             return None
-        return _cell_step(input, h0, c0, w, self.weight_hh, self.bias_ih if self.bias else None,
-                          self.bias_hh if self.bias else None,
-                          self.weight_ch if self.peephole else None, self.peephole or "none",
+        return _cell_step(input, h0, c0, w, params["weight_hh"], params.get("bias_ih"),
+                          params.get("bias_hh"), params.get("weight_ch"), self.peephole or "none",
                           self.coupled)
 
 
