@@ -327,26 +327,26 @@ RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumula
     prepare(paths.front(), max_rows);
     return;
   }
-  // Trials on a [max_rows, K] input of constants into a scratch output; each path prepares its
-  // weight once, as a real call would.
-  const Tensor x = at::full({max_rows, weight_.size(1)}, 0.5, weight_.options());
-  const Tensor out = at::zeros({max_rows, weight_.size(0)}, weight_.options());
-  std::map<CpuGemmPath, RepeatedGemm> prepared;
+  // Trials on a [max_rows, K] input of constants into a scratch output (made only when
+  // measuring, inside the unprofiled trials); each path prepares its weight once, as a real call
+  // would. The chosen path then prepares the weight for this call, measured or not, so every
+  // call runs the same operations.
+  Tensor x, out;
+  std::map<CpuGemmPath, RepeatedGemm> trials;
   const CpuGemmPath chosen = measured_choice(key, paths, [&](CpuGemmPath p) {
-    auto found = prepared.find(p);
-    if (found == prepared.end()) {
+    if (!x.defined()) {
+      x = at::full({max_rows, weight_.size(1)}, 0.5, weight_.options());
+      out = at::zeros({max_rows, weight_.size(0)}, weight_.options());
+    }
+    auto found = trials.find(p);
+    if (found == trials.end()) {
       RepeatedGemm trial(weight_, accumulate);
       trial.prepare(p, max_rows);
-      found = prepared.emplace(p, std::move(trial)).first;
+      found = trials.emplace(p, std::move(trial)).first;
     }
     found->second.run(x, out);
   });
-  const auto found = prepared.find(chosen);
-  if (found != prepared.end()) {
-    path_ = chosen, prepared_ = found->second.prepared_;
-  } else {
-    prepare(chosen, max_rows);
-  }
+  prepare(chosen, max_rows);
 }
 
 RepeatedGemm::RepeatedGemm(const Tensor& weight, bool accumulate)
