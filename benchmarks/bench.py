@@ -9,13 +9,16 @@ Candidates, all fed the same input and (per variant) the same weights:
     nn.LSTM (oneDNN)     torch.nn.LSTM as shipped; on CPU the oneDNN (mkldnn) RNN path. The baseline.
     nn.LSTM (native)     torch.nn.LSTM with oneDNN disabled (torch.backends.mkldnn.flags(enabled=False)).
     fused <variant>      lstm_fused.LSTM: vanilla, diagonal peephole, coupled, diagonal+coupled, full.
-    fused ... (ATen GEMM) the first fused variant with its CPU GEMMs through ATen (MKL) instead of
-                         oneDNN's matmul (LSTM_FUSED_CPU_GEMM=aten): the measurement behind the default.
+    fused ... (ATen GEMM) the first fused variant with its CPU GEMMs forced through ATen (MKL)
+                         (lstm_fused.cpu_gemm.mode("aten")) instead of the path measured fastest.
     reference loop       lstm_fused.reference.lstm_layer, a plain-PyTorch Python time loop.
     compiled cell loop   torch.compile(lstm_fused.reference.lstm_cell) called in a Python time loop
                          (inductor; falls back to aot_eager, labelled, if inductor fails or is slow).
 
 Modes: "fwd" (inference: torch.no_grad) and "fwdbwd" (forward + backward of the output).
+Then the latency case: one LSTMCell step at batch 1 (I = H = --cell-sizes), under
+torch.inference_mode with 1 thread, lstm_fused.LSTMCell against torch.nn.LSTMCell; and the table of
+the performance targets (issue 15), each ratio with its target.
 Each (size, mode) point warms every candidate up, then runs rounds in which every candidate is timed
 once, in a rotating order, so all candidates see the same machine noise. Reported: median and spread
 (IQR, min-max) in ms, ratio vs nn.LSTM (ours / theirs, the median of the per-round ratios; < 1 is
@@ -40,7 +43,6 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from unittest import mock
 
 import torch
 from torch import nn
@@ -312,14 +314,13 @@ def build_candidates(args, I, H, compiled_cell, compiled_label, fused_skips) -> 
             else:
                 cands.append(Candidate(f"fused {variant}", "fused", variant, fused_module(variant)))
     if "fused-aten" in args.candidates and not cuda:
-        # The same fused layer with its CPU GEMMs through ATen (MKL) instead of oneDNN's matmul:
-        # the measurement behind csrc/gemm.cpp's choice.
-        aten_gemm = {"LSTM_FUSED_CPU_GEMM": "aten"}
+        # The same fused layer with its CPU GEMMs forced through ATen (MKL): against the path
+        # csrc/gemm.cpp measured fastest.
         for variant in args.variants[:1]:
             if variant not in fused_skips:
                 cands.append(Candidate(f"fused {variant} (ATen GEMM)", "fused-aten", variant,
                                        fused_module(variant),
-                                       context=lambda: mock.patch.dict(os.environ, aten_gemm)))
+                                       context=lambda: lstm_fused.cpu_gemm.mode("aten")))
     if "reference" in args.candidates:
         for variant in args.ref_variants:
             cands.append(Candidate(f"reference loop {variant}", "reference", variant,
@@ -427,6 +428,7 @@ def run_point(args, size, mode, cands, timer, peak_gflops) -> list[dict]:
                        pct_peak=100 * gflops / peak_gflops if peak_gflops else None,
                        ratio_vs_nn=statistics.median(c.ratios) if c.ratios else None,
                        ratio_of_medians=s["median_ms"] / base_median if base_median else None,
+                       ratio_of_mins=(s["min_ms"] / min(base.times)) if base is not None else None,
                        check_max_abs_diff=c.check,
                        check_against="reference loop, same weights, first <= 8 steps")
         rows.append(row)
@@ -480,6 +482,117 @@ def measure_gemm_peak(size, args, timer) -> dict:
         results[name] = flops / (statistics.median(times[name]) * 1e-3) / 1e9
     best = max(results, key=results.get)
     return {"peak_gflops": results[best], "peak_method": best, "methods_gflops": results}
+
+
+# --------------------------------------------------------------------------------------------
+# Latency: one cell step at batch 1
+# --------------------------------------------------------------------------------------------
+
+
+def run_cell_latency(args) -> list[dict]:
+    """Microseconds per LSTMCell step at batch 1, I = H, under torch.inference_mode with 1 thread:
+    torch.nn.LSTMCell, lstm_fused.LSTMCell (the same weights) and lstm_fused.PeepholeLSTMCell,
+    each timed over --cell-calls chained calls (h, c fed back), in rounds of rotating order.
+    ratio_vs_nn is the median of the per-round ratios."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for H in args.cell_sizes:
+            torch.manual_seed(args.seed)
+            factory = {"device": args.device, "dtype": args.dtype}
+            theirs = nn.LSTMCell(H, H, **factory)
+            cells = {"nn.LSTMCell": theirs, "fused vanilla": lstm_fused.LSTMCell.from_torch(theirs),
+                     "fused diagonal": lstm_fused.PeepholeLSTMCell(H, H, **factory)}
+            x = torch.randn(1, H, **factory)
+
+            def chain(cell, x=x, H=H):
+                h = c = torch.zeros(1, H, device=x.device, dtype=x.dtype)
+                for _ in range(args.cell_calls):
+                    h, c = cell(x, (h, c))
+                return h
+
+            timer = Timer(torch.device(args.device))
+            names = list(cells)
+            times = {n: [] for n in names}
+            ratios = {n: [] for n in names}
+            with torch.inference_mode():
+                for name in names:
+                    chain(cells[name])
+                for r in range(args.cell_rounds):
+                    order = names[r % len(names):] + names[:r % len(names)]
+                    t = {n: timer(lambda cell=cells[n]: chain(cell)) * 1e3 / args.cell_calls
+                         for n in order}
+                    for n in names:
+                        times[n].append(t[n])
+                        ratios[n].append(t[n] / t["nn.LSTMCell"])
+            for n in names:
+                rows.append({"H": H, "B": 1, "candidate": n, "threads": 1,
+                             "us_per_step": statistics.median(times[n]),
+                             "min_us": min(times[n]), "max_us": max(times[n]),
+                             "ratio_vs_nn": statistics.median(ratios[n]),
+                             "ratio_of_mins": min(times[n]) / min(times["nn.LSTMCell"]),
+                             "rounds": args.cell_rounds, "calls_per_round": args.cell_calls})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def format_cell_latency(rows: list[dict]) -> str:
+    lines = ["one LSTMCell step, batch 1, I = H, torch.inference_mode, 1 thread:",
+             f"{'H':>5} {'candidate':<16} {'us/step':>8} {'min-max us':>14} {'vs nn':>6}"]
+    for r in rows:
+        lines.append(f"{r['H']:>5} {r['candidate']:<16} {r['us_per_step']:>8.2f} "
+                     f"{r['min_us']:>6.2f}-{r['max_us']:<7.2f} {r['ratio_vs_nn']:>6.2f}")
+    return "\n".join(lines)
+
+
+# The performance targets (issue 15): (what, size, mode, candidate, target ratio vs nn.LSTM).
+TARGETS = [
+    ("diagonal peephole, T=100 B=64 I=H=256, forward+backward", HEADLINE, "fwdbwd",
+     "fused diagonal", 0.90),
+    ("vanilla, same, forward+backward", HEADLINE, "fwdbwd", "fused vanilla", 0.90),
+    ("coupled, same, forward+backward", HEADLINE, "fwdbwd", "fused coupled", 0.75),
+    ("full peepholes, same, forward+backward", HEADLINE, "fwdbwd", "fused full", 1.20),
+    ("vanilla, same size, forward under no_grad", HEADLINE, "fwd", "fused vanilla", 1.00),
+    ("diagonal, same size, forward under no_grad", HEADLINE, "fwd", "fused diagonal", 1.00),
+    ("full peepholes, forward", HEADLINE, "fwd", "fused full", 1.50),
+    ("diagonal, batch 1 (T=100, I=H=256), forward", (100, 1, 256, 256), "fwd", "fused diagonal",
+     1.00),
+    ("one LSTMCell step, batch 1, H=64 (inference_mode, 1 thread), vs nn.LSTMCell", 64, "cell",
+     "fused vanilla", 0.70),
+    ("one LSTMCell step, batch 1, H=256 (inference_mode, 1 thread), vs nn.LSTMCell", 256, "cell",
+     "fused vanilla", 0.70),
+]
+
+
+def target_rows(rows: list[dict], cell_rows: list[dict]) -> list[dict]:
+    """Every target with the measured ratio (None where the run did not measure it)."""
+    out = []
+    for what, size, mode, candidate, target in TARGETS:
+        if mode == "cell":
+            found = [r for r in cell_rows if r["H"] == size and r["candidate"] == candidate]
+        else:
+            found = [r for r in rows if (r["T"], r["B"], r["I"], r["H"]) == tuple(size)
+                     and r["mode"] == mode and r["candidate"] == candidate and r["status"] == "ok"]
+        ratio = found[0]["ratio_vs_nn"] if found else None
+        out.append({"what": what, "ratio": ratio, "target": target,
+                    "ratio_of_mins": found[0].get("ratio_of_mins") if found else None,
+                    "met": None if ratio is None else ratio <= target})
+    return out
+
+
+def format_targets(targets: list[dict]) -> str:
+    lines = [("targets (ratio = ours / torch's: median of per-round ratios, which decides 'met'; "
+              "and min / min, the least noisy on a loaded machine):"),
+             f"{'what':<80} {'ratio':>6} {'min/min':>7} {'target':>7}  met"]
+    for t in targets:
+        ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}"
+        mins = "-" if t.get("ratio_of_mins") is None else f"{t['ratio_of_mins']:.2f}"
+        met = "not measured" if t["met"] is None else ("yes" if t["met"] else "NO")
+        lines.append(f"{t['what']:<80} {ratio:>6} {mins:>7} "
+                     f"{'<= ' + format(t['target'], '.2f'):>7}  {met}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -678,6 +791,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size for the GEMM peak and --profile (default 100,64,256,256)")
     p.add_argument("--profile", action="store_true",
                    help="write a chrome trace of one fused forward+backward at the headline size")
+    p.add_argument("--cell-sizes", type=lambda t: [int(v) for v in t.split(",") if v.strip()],
+                   default=[64, 256], help="H of the batch-1 cell-step latency case (default 64,256;"
+                   " empty: skip it)")
+    p.add_argument("--cell-calls", type=int, default=200, help="cell steps per timed call")
+    p.add_argument("--cell-rounds", type=int, default=15, help="rounds of the cell-step case")
     p.add_argument("--out", default=os.path.join("results", "bench"), help="output dir")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -709,6 +827,8 @@ def main(argv=None) -> dict:
     timer = Timer(device)
     t_start = time.perf_counter()
 
+    print(f"CPU: {_cpu_name()}, ATen capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"CPU GEMM mode {lstm_fused.cpu_gemm.get_mode()}", flush=True)
     print(f"benchmarks/bench.py: torch {torch.__version__}, device {args.device}, threads "
           f"{torch.get_num_threads()}, dtype {str(args.dtype).replace('torch.', '')}, "
           f"{len(sizes)} size(s) x {len(args.modes)} mode(s)", flush=True)
@@ -742,13 +862,20 @@ def main(argv=None) -> dict:
             rows.extend(point_rows)
             print(format_table(point_rows) + f"({time.perf_counter() - t0:.1f} s)\n", flush=True)
 
+    cell_rows = run_cell_latency(args) if args.cell_sizes else []
+    if cell_rows:
+        print(format_cell_latency(cell_rows) + "\n", flush=True)
     elapsed = time.perf_counter() - t_start
     summary = format_summary(rows)
     print(summary)
+    targets = target_rows(rows, cell_rows)
+    print("\n" + format_targets(targets))
     meta = {
         "torch": torch.__version__, "lstm_fused": lstm_fused.__version__,
         "python": platform.python_version(), "machine": platform.machine(),
-        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_gemm_mode": lstm_fused.cpu_gemm.get_mode(),
+        "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "device": args.device, "dtype": str(args.dtype).replace("torch.", ""),
         "grid": "custom" if args.sizes else ("quick" if args.quick else "full" if args.full
                                              else "default"),
@@ -761,7 +888,9 @@ def main(argv=None) -> dict:
         "notes": ("ratio_vs_nn = median over rounds of (candidate time / nn.LSTM time in the same "
                   "round); gflops = GEMM FLOPs / median time (fwd+bwd = 3x forward FLOPs)"),
     }
-    result = {"meta": meta, "results": rows}
+    meta["gemm_choices"] = [c._replace(dtype=str(c.dtype))._asdict()
+                            for c in lstm_fused.cpu_gemm.choices()]
+    result = {"meta": meta, "results": rows, "cell_latency": cell_rows, "targets": targets}
     json_path = os.path.join(args.out, "bench.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1, default=_json_default)

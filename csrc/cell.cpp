@@ -33,6 +33,35 @@ Tensor output_peephole_weight(const Tensor& w, int64_t H, bool coupled) {
   return w.narrow(0, peephole_input_blocks(coupled) * H, H);
 }
 
+// The pointwise step (with full peepholes' GEMMs) on pre-activations z: writes the activated
+// gates to gates_out (which may be z itself) and returns (h, c). Full peepholes add to z.
+std::pair<Tensor, Tensor> pointwise_step(const Tensor& z, const Tensor& gates_out, const Tensor& cp,
+                                         const Tensor& w, Peephole kind, bool coupled,
+                                         const PointwiseKernels& kernels) {
+  const int64_t B = cp.size(0), H = cp.size(1);
+  const bool full = kind == Peephole::Full;
+  Tensor c = at::empty({B, H}, z.options()), h = at::empty({B, H}, z.options());
+  if (B == 0) return {h, c};
+
+  ForwardStep p{};
+  p.z = z.data_ptr(), p.z_stride = z.stride(0);
+  p.gates_out = gates_out.data_ptr(), p.gates_stride = gates_out.stride(0);
+  p.c_prev = cp.data_ptr(), p.c_prev_stride = cp.stride(0);
+  p.weight_ch = w.defined() && !full ? w.data_ptr() : nullptr;
+  p.c_out = c.data_ptr(), p.c_out_stride = H;
+  p.h_out = h.data_ptr(), p.h_out_stride = H;
+  p.rows = B, p.hidden = H, p.coupled = coupled, p.peephole = kind, p.dtype = z.scalar_type();
+  if (full) {
+    input_peephole_columns(z, H, coupled).addmm_(cp, input_peephole_weight(w, H, coupled).t());
+    p.part = Part::Update;
+    run_forward(kernels, p);
+    z.narrow(1, output_gate(coupled) * H, H).addmm_(c, output_peephole_weight(w, H, coupled).t());
+    p.part = Part::Output;
+  }
+  run_forward(kernels, p);
+  return {h, c};
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& gates, const Tensor& c_prev,
@@ -48,27 +77,35 @@ std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& gates, const Tenso
   // Full peepholes change the pre-activations, so they work on a copy (which becomes gates_out).
   const Tensor z = full ? gates.clone(at::MemoryFormat::Contiguous) : rows_contiguous(gates);
   Tensor gates_out = full ? z : at::empty({B, z.size(1)}, z.options());
-  Tensor c = at::empty({B, H}, z.options()), h = at::empty({B, H}, z.options());
-  if (B == 0) return {h, c, gates_out};
-
-  ForwardStep p{};
-  p.z = z.data_ptr(), p.z_stride = z.stride(0);
-  p.gates_out = gates_out.data_ptr(), p.gates_stride = gates_out.stride(0);
-  p.c_prev = cp.data_ptr(), p.c_prev_stride = cp.stride(0);
-  p.weight_ch = w.defined() && !full ? w.data_ptr() : nullptr;
-  p.c_out = c.data_ptr(), p.c_out_stride = H;
-  p.h_out = h.data_ptr(), p.h_out_stride = H;
-  p.rows = B, p.hidden = H, p.coupled = coupled, p.peephole = kind, p.dtype = z.scalar_type();
-  if (full) {
-    input_peephole_columns(gates_out, H, coupled).addmm_(cp, input_peephole_weight(w, H, coupled).t());
-    p.part = Part::Update;
-    run_forward(kernels, p);
-    gates_out.narrow(1, output_gate(coupled) * H, H)
-        .addmm_(c, output_peephole_weight(w, H, coupled).t());
-    p.part = Part::Output;
-  }
-  run_forward(kernels, p);
+  auto [h, c] = pointwise_step(z, gates_out, cp, w, kind, coupled, kernels);
   return {h, c, gates_out};
+}
+
+std::tuple<Tensor, Tensor> cell_step(const Tensor& input, const Tensor& hx, const Tensor& cx,
+                                     const Tensor& weight_ih, const Tensor& weight_hh,
+                                     const OptTensor& bias_ih, const OptTensor& bias_hh,
+                                     const OptTensor& weight_ch, c10::string_view peephole,
+                                     bool coupled, const PointwiseKernels& kernels) {
+  const Peephole kind = parse_peephole(peephole);
+  TORCH_CHECK_VALUE(input.dim() == 2, "lstm_fused: expected input of shape [B, input_size], got ",
+                    input.sizes());
+  check_floating(input, "input");
+  const int64_t B = input.size(0), GH = weight_ih.size(0), H = cx.dim() == 2 ? cx.size(1) : 0;
+  check_arg(cx, "cx", input, {B, H});
+  check_arg(weight_ih, "weight_ih", input, {num_gates(coupled) * H, input.size(1)});
+  check_arg(hx, "hx", input, {B, H});
+  check_arg(weight_hh, "weight_hh", input, {GH, H});
+  if (bias_ih) check_arg(*bias_ih, "bias_ih", input, {GH});
+  if (bias_hh) check_arg(*bias_hh, "bias_hh", input, {GH});
+  check_weight_ch(weight_ch, kind, coupled, H, input);
+  const c10::OptionalDeviceGuard guard(input.device());
+  // z = x W_ih^T + b_ih + h W_hh^T + b_hh, in one buffer; the kernel activates it in place.
+  Tensor z = bias_ih ? at::addmm(*bias_ih, input, weight_ih.t()) : at::mm(input, weight_ih.t());
+  z.addmm_(hx, weight_hh.t());
+  if (bias_hh) z.add_(*bias_hh);
+  const Tensor w = weight_ch ? weight_ch->contiguous() : Tensor();
+  auto [h, c] = pointwise_step(z, z, rows_contiguous(cx), w, kind, coupled, kernels);
+  return {h, c};
 }
 
 std::tuple<Tensor, Tensor, Tensor> cell_backward(const OptTensor& grad_h, const OptTensor& grad_c,

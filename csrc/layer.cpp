@@ -7,7 +7,10 @@
 //   backward, per step:  pointwise backward -> dz_t, dc_{t-1}      (one kernel)
 //                        dh_{t-1} = dz_t W_hh                     (one GEMM)
 //             once:      dW_ih, dW_hh, dx, bias and peephole gradients over all T*B rows.
-// The GEMMs go through gemm_nt() (gemm.cpp): oneDNN's matmul or ATen's, whichever measured faster.
+// The per-step GEMMs are RepeatedGemm (gemm.cpp): their weight is prepared (packed for MKL's
+// packed GEMM, reordered for oneDNN) once per call, and the path is the one that measured fastest
+// for the shape on this CPU. Without need_backward (inference) nothing the backward needs is
+// written: no cell states of every step, the activated gates go to a step-sized scratch.
 // With a projection (proj_size > 0) each step has one more GEMM (h = r W_hr^T) and the
 // backward one more add and GEMM.
 #include <numeric>
@@ -175,7 +178,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
     const OptTensor& weight_ch, const OptTensor& weight_hr, at::OptionalIntArrayRef batch_sizes,
-    bool reverse, c10::string_view peephole, bool coupled, const PointwiseKernels& kernels) {
+    bool reverse, c10::string_view peephole, bool coupled, bool need_backward,
+    const PointwiseKernels& kernels) {
   const Schedule s = make_schedule(input, batch_sizes, reverse);
   const LayerShape shape = check_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
                                        weight_ch, weight_hr, s, peephole, coupled);
@@ -188,24 +192,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   const Tensor x = input.reshape({N, shape.input});
   const Tensor bias = input_bias(bias_ih, bias_hh);
   Tensor gates = gemm_nt(x, weight_ih, bias.defined() ? OptTensor(bias) : std::nullopt);
-  Tensor cells = at::empty({N, H}, options);
+  // Inference: the activated gates of a step go to a scratch (gates keeps the pre-activations)
+  // and the cell state only to the running state.
+  const Tensor gates_scratch = need_backward ? Tensor() : at::empty({B, shape.gates * H}, options);
+  Tensor cells = need_backward ? at::empty({N, H}, options) : Tensor();
   Tensor output = at::empty({N, R}, options);
   RunningState state(h0, c0, full, s.ragged);
   Tensor unprojected = projected ? at::empty({B, H}, options) : Tensor();
   const Tensor w_ch = weight_ch ? weight_ch->contiguous() : Tensor();
-  const Tensor recurrent_weight =
-      full ? stacked_recurrent_weight(weight_hh, w_ch, coupled) : weight_hh.contiguous();
-  const Tensor output_peephole_t =
-      full ? w_ch.narrow(0, peephole_input_blocks(coupled) * H, H).t() : Tensor();
+  const RepeatedGemm recurrent(
+      full ? stacked_recurrent_weight(weight_hh, w_ch, coupled) : weight_hh, B, true);
+  const std::optional<RepeatedGemm> output_peephole =
+      full ? std::optional<RepeatedGemm>(std::in_place,
+                                         w_ch.narrow(0, peephole_input_blocks(coupled) * H, H), B,
+                                         true)
+           : std::nullopt;
+  const std::optional<RepeatedGemm> projection =
+      projected ? std::optional<RepeatedGemm>(std::in_place, *weight_hr, B, false) : std::nullopt;
   const int64_t o_column = output_gate(coupled) * H;
 
   ForwardStep p{};
   p.weight_ch = shape.peephole == Peephole::Diagonal ? w_ch.data_ptr() : nullptr;
   p.hidden = H, p.coupled = coupled, p.peephole = shape.peephole, p.dtype = input.scalar_type();
-  p.gates_stride = gates.stride(0);
-  p.c_prev = p.c_state = state.c.data_ptr();
-  p.c_prev_stride = p.c_state_stride = state.c.stride(0);
-  p.c_out_stride = H;
+  p.gates_stride = need_backward ? gates.stride(0) : gates_scratch.stride(0);
+  p.c_prev = state.c.data_ptr();
+  p.c_prev_stride = state.c.stride(0);
+  // The running state is c_out itself in inference (c_prev may alias it: loads come first).
+  p.c_state = need_backward ? state.c.data_ptr() : nullptr;
+  p.c_state_stride = state.c.stride(0);
+  p.c_out_stride = need_backward ? H : state.c.stride(0);
   p.h_out_stride = projected ? H : R;
   p.h_state = state.h.defined() && !projected ? state.h.data_ptr() : nullptr;
   p.h_state_stride = state.h.defined() ? state.h.stride(0) : 0;
@@ -216,24 +231,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
                                    : step == 0 ? h0
                                                : output.narrow(0, s.offsets[s.time(step - 1)], n);
     // z_t = x_t W_ih^T + b (computed for all steps above) + h_{t-1} W_hh^T: in place in the gates
-    // rows (ATen) or a step-sized temporary (oneDNN); the kernel writes the activated gates there.
-    const Tensor z =
-        gemm_nt(recurrent_input, recurrent_weight, std::nullopt, gates.narrow(0, row, n));
+    // rows (ATen, MKL packed) or a step-sized temporary (oneDNN); in training the kernel writes
+    // the activated gates there.
+    const Tensor z = recurrent.run(recurrent_input, gates.narrow(0, row, n));
+    const Tensor c_t = need_backward ? cells.narrow(0, row, n) : state.c.narrow(0, 0, n);
     p.z = z.data_ptr(), p.z_stride = z.stride(0);
-    p.gates_out = row_ptr(gates, row);
-    p.c_out = row_ptr(cells, row);
+    p.gates_out = need_backward ? row_ptr(gates, row) : gates_scratch.data_ptr();
+    p.c_out = c_t.data_ptr();
     p.h_out = projected ? unprojected.data_ptr() : row_ptr(output, row);
     p.rows = n;
     if (full) {
       p.part = Part::Update;
       run_forward(kernels, p);
-      z.narrow(1, o_column, H).addmm_(cells.narrow(0, row, n), output_peephole_t);
+      output_peephole->run_into(c_t, z.narrow(1, o_column, H));
       p.part = Part::Output;
     }
     run_forward(kernels, p);
     if (projected) {
-      Tensor h = output.narrow(0, row, n);
-      at::mm_out(h, unprojected.narrow(0, 0, n), weight_hr->t());
+      const Tensor h = output.narrow(0, row, n);
+      projection->run_into(unprojected.narrow(0, 0, n), h);
       if (state.h.defined()) state.h.narrow(0, 0, n).copy_(h);
     }
   }
@@ -247,6 +263,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     sizes.push_back(last);
     return sizes;
   };
+  if (!need_backward) return {output.view(with_last(R)), h_n, state.final_c(),
+                             at::empty({0}, options), at::empty({0}, options)};
   return {output.view(with_last(R)), h_n, state.final_c(),
           gates.view(with_last(shape.gates * H)), cells.view(with_last(H))};
 }
@@ -289,10 +307,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   Tensor grad_h_all = projected ? at::empty({N, R}, options) : Tensor();
   Tensor grad_unprojected = projected ? at::empty({B, H}, options) : Tensor();
   const Tensor w_ch = weight_ch ? weight_ch->contiguous() : Tensor();
-  const Tensor recurrent_weight = full ? stacked_recurrent_weight(weight_hh, w_ch, coupled)
-                                       : weight_hh.t().contiguous();  // [R, G*H] for gemm_nt()
-  const Tensor output_peephole =
-      full ? w_ch.narrow(0, peephole_input_blocks(coupled) * H, H) : Tensor();
+  // dh_{t-1} (and for full peepholes the W_c(i,f) part of dc_{t-1}) = dz_t [W_hh | W_c(i,f)],
+  // accumulated into the running state for full peepholes; dc_{t-1} += dz_o W_co; dr = dh W_hr.
+  const RepeatedGemm recurrent(
+      (full ? stacked_recurrent_weight(weight_hh, w_ch, coupled) : weight_hh).t(), B, full);
+  const std::optional<RepeatedGemm> output_peephole =
+      full ? std::optional<RepeatedGemm>(
+                 std::in_place, w_ch.narrow(0, peephole_input_blocks(coupled) * H, H).t(), B,
+                 true)
+           : std::nullopt;
+  const std::optional<RepeatedGemm> projection =
+      projected ? std::optional<RepeatedGemm>(std::in_place, weight_hr->t(), B, false)
+                : std::nullopt;
   const int64_t o_column = output_gate(coupled) * H;
 
   BackwardStep p{};
@@ -322,8 +348,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
         dh.copy_(dh_running);
       }
       if (full) dh_running.zero_();
-      Tensor dr = grad_unprojected.narrow(0, 0, n);
-      at::mm_out(dr, dh, *weight_hr);
+      projection->run_into(dh, grad_unprojected.narrow(0, 0, n));
       p.grad_h = grad_unprojected.data_ptr(), p.grad_h_stride = H;
       p.grad_h2 = nullptr;
     } else {
@@ -346,16 +371,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     if (full) {
       p.part = Part::Output;
       run_backward(kernels, p);
-      grad_state.c.narrow(0, 0, n).addmm_(dz.narrow(1, o_column, H), output_peephole);
+      output_peephole->run_into(dz.narrow(1, o_column, H), grad_state.c.narrow(0, 0, n));
       p.part = Part::Update;
     }
     run_backward(kernels, p);
     if (full) {
-      grad_state.hc.narrow(0, 0, n).addmm_(dz, recurrent_weight);
+      recurrent.run_into(dz, grad_state.hc.narrow(0, 0, n));
     } else if (carry_in_state) {
-      at::mm_out(dh_running, dz, weight_hh);
+      recurrent.run_into(dz, dh_running);
     } else {
-      dh_carry = gemm_nt(dz, recurrent_weight);
+      // In place into the running state, or (oneDNN) a new tensor the next step reads.
+      dh_carry = recurrent.run(dz, grad_state.h);
     }
   }
 

@@ -4,6 +4,9 @@
 #pragma once
 
 #include <optional>
+#include <string>
+#include <utility>
+#include <vector>
 #include <tuple>
 
 #include <ATen/ATen.h>
@@ -21,6 +24,14 @@ std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& gates, const Tenso
                                                 c10::string_view peephole, bool coupled,
                                                 const PointwiseKernels& kernels);
 
+// The whole step, forward only (inference; the latency path of LSTMCell): input [B, I], hx, cx
+// [B, H] -> (h, c), with both GEMMs and the pointwise kernel in one op, nothing saved.
+std::tuple<Tensor, Tensor> cell_step(const Tensor& input, const Tensor& hx, const Tensor& cx,
+                                     const Tensor& weight_ih, const Tensor& weight_hh,
+                                     const OptTensor& bias_ih, const OptTensor& bias_hh,
+                                     const OptTensor& weight_ch, c10::string_view peephole,
+                                     bool coupled, const PointwiseKernels& kernels);
+
 std::tuple<Tensor, Tensor, Tensor> cell_backward(const OptTensor& grad_h, const OptTensor& grad_c,
                                                  const Tensor& gates, const Tensor& c_prev,
                                                  const Tensor& c, const OptTensor& weight_ch,
@@ -31,7 +42,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
     const OptTensor& weight_ch, const OptTensor& weight_hr, at::OptionalIntArrayRef batch_sizes,
-    bool reverse, c10::string_view peephole, bool coupled, const PointwiseKernels& kernels);
+    bool reverse, c10::string_view peephole, bool coupled, bool need_backward,
+    const PointwiseKernels& kernels);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
     const OptTensor& grad_output, const OptTensor& grad_h_n, const OptTensor& grad_c_n,
@@ -59,12 +71,65 @@ void check_weight_ch(const OptTensor& weight_ch, Peephole peephole, bool coupled
 // The tensor itself when its last dimension is contiguous (the kernels' only layout need).
 Tensor rows_contiguous(const Tensor& t);
 
-// x [M, K] · weight [N, K]ᵀ (+ bias [N]) (+ addend [M, N]) as an [M, N] tensor: the GEMMs of the
-// time loops. oneDNN's matmul for large enough float32/bfloat16 GEMMs on the CPU, into a new
-// tensor; ATen's addmm otherwise, in place into `addend` when given (so the result may alias, and
-// overwrite, it).
+// --- the GEMMs of the time loops (gemm.cpp) --------------------------------------------------
+
+// How a CPU GEMM runs: chosen by measurement (Auto) or forced (LSTM_FUSED_CPU_GEMM, or
+// lstm_fused.cpu_gemm.set_mode()).
+enum class CpuGemmPath : int { Auto = 0, Aten = 1, OneDnn = 2, Packed = 3 };
+
+// What a measured choice is cached by: one-off or repeated GEMM, its rows (the batch), N (output
+// features), K, dtype, threads, and whether it accumulates into an addend.
+struct GemmKey {
+  bool repeated;
+  int64_t rows, n, k;
+  at::ScalarType dtype;
+  int threads;
+  bool accumulate;
+  auto tie() const { return std::tie(repeated, rows, n, k, dtype, threads, accumulate); }
+  bool operator<(const GemmKey& other) const { return tie() < other.tie(); }
+};
+
+struct CpuGemmChoice {
+  CpuGemmPath path = CpuGemmPath::Aten;
+  std::vector<std::pair<CpuGemmPath, double>> seconds;  // median seconds per GEMM of each path
+};
+
+std::string cpu_gemm_path_name(CpuGemmPath path);
+std::string cpu_gemm_mode();  // "auto" or the forced path
+void set_cpu_gemm_mode(c10::string_view mode);
+std::vector<std::string> cpu_gemm_paths(at::ScalarType dtype);  // the paths that run `dtype`
+std::vector<std::pair<GemmKey, CpuGemmChoice>> cpu_gemm_choices();
+void clear_cpu_gemm_choices();
+
+// x [M, K] · weight [N, K]ᵀ (+ bias [N]) (+ addend [M, N]) as an [M, N] tensor, for GEMMs run
+// once per call (input projections, input gradients): ATen's addmm, in place into `addend` when
+// given (so the result may alias, and overwrite, it), or on the CPU oneDNN's matmul into a new
+// tensor where it measured faster.
 Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias = std::nullopt,
               const OptTensor& addend = std::nullopt);
+
+// out [m, N] = (or +=, with `accumulate`) x [m, K] · weight [N, K]ᵀ for every m <= max_rows,
+// many times with the same weight: the per-step GEMMs of the time loops. The CPU path is chosen
+// (measured once per shape, dtype and thread count, or forced) and the weight prepared for it
+// once, at construction: packed for MKL's packed GEMM, reordered for oneDNN. On other devices,
+// ATen. `x` and `out` need a unit column stride (`out` may be a column slice of a wider tensor).
+class RepeatedGemm {
+ public:
+  RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumulate);
+  // The result: `out` itself, written in place, or (oneDNN) a new [m, N] tensor.
+  Tensor run(const Tensor& x, const Tensor& out) const;
+  // The result in `out`, always.
+  void run_into(const Tensor& x, const Tensor& out) const;
+  CpuGemmPath path() const { return path_; }
+
+ private:
+  RepeatedGemm(const Tensor& weight, bool accumulate);  // unprepared (ATen), for trials
+  void prepare(CpuGemmPath path, int64_t max_rows);
+
+  Tensor weight_, weight_t_, prepared_;
+  bool accumulate_;
+  CpuGemmPath path_ = CpuGemmPath::Aten;
+};
 
 // Every kernel launch, on every device, shows in profiles as its own labelled range.
 inline void run_forward(const PointwiseKernels& kernels, const ForwardStep& step) {

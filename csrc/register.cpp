@@ -7,10 +7,110 @@
 
 #include "register.h"
 
+namespace {
+
+// Runs `body`, turning a C++ exception into a Python ValueError/RuntimeError (nullptr returned).
+template <typename F>
+PyObject* guarded(F body) {
+  try {
+    return body();
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+std::optional<at::ScalarType> dtype_from_name(const char* name) {
+  for (const auto dtype : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) {
+    if (std::string_view(name) == c10::getDtypeNames(dtype).first) {
+      return dtype;
+    }
+  }
+  return std::nullopt;
+}
+
+// lstm_fused.cpu_gemm's back end: the forced CPU GEMM path, the paths a dtype can use, and the
+// cache of measured choices (gemm.cpp).
+PyObject* cpu_gemm_mode(PyObject*, PyObject*) {
+  return guarded([] { return PyUnicode_FromString(lstm_fused::cpu_gemm_mode().c_str()); });
+}
+
+PyObject* set_cpu_gemm_mode(PyObject*, PyObject* arg) {
+  const char* mode = PyUnicode_AsUTF8(arg);
+  if (mode == nullptr) return nullptr;
+  return guarded([&] {
+    lstm_fused::set_cpu_gemm_mode(mode);
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* cpu_gemm_paths(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  const auto dtype = dtype_from_name(name);
+  if (!dtype) {
+    PyErr_Format(PyExc_ValueError, "lstm_fused: unknown dtype '%s'", name);
+    return nullptr;
+  }
+  return guarded([&] {
+    const auto paths = lstm_fused::cpu_gemm_paths(*dtype);
+    PyObject* list = PyList_New(0);
+    for (const auto& path : paths) {
+      PyObject* item = PyUnicode_FromString(path.c_str());
+      PyList_Append(list, item);
+      Py_DECREF(item);
+    }
+    return list;
+  });
+}
+
+// [(repeated, rows, n, k, dtype, threads, accumulate, path, {path: seconds})]
+PyObject* cpu_gemm_choices(PyObject*, PyObject*) {
+  return guarded([] {
+    PyObject* list = PyList_New(0);
+    for (const auto& [key, choice] : lstm_fused::cpu_gemm_choices()) {
+      PyObject* seconds = PyDict_New();
+      for (const auto& [path, s] : choice.seconds) {
+        PyObject* value = PyFloat_FromDouble(s);
+        PyDict_SetItemString(seconds, lstm_fused::cpu_gemm_path_name(path).c_str(), value);
+        Py_DECREF(value);
+      }
+      PyObject* item = Py_BuildValue(
+          "(OLLLsiOsN)", key.repeated ? Py_True : Py_False, static_cast<long long>(key.rows),
+          static_cast<long long>(key.n), static_cast<long long>(key.k),
+          std::string(c10::getDtypeNames(key.dtype).first).c_str(), key.threads,
+          key.accumulate ? Py_True : Py_False,
+          lstm_fused::cpu_gemm_path_name(choice.path).c_str(), seconds);
+      PyList_Append(list, item);
+      Py_DECREF(item);
+    }
+    return list;
+  });
+}
+
+PyObject* clear_cpu_gemm_choices(PyObject*, PyObject*) {
+  return guarded([] {
+    lstm_fused::clear_cpu_gemm_choices();
+    Py_RETURN_NONE;
+  });
+}
+
+PyMethodDef methods[] = {
+    {"cpu_gemm_mode", cpu_gemm_mode, METH_NOARGS, "The forced CPU GEMM path, or 'auto'."},
+    {"set_cpu_gemm_mode", set_cpu_gemm_mode, METH_O, "Force a CPU GEMM path ('auto' measures)."},
+    {"cpu_gemm_paths", cpu_gemm_paths, METH_O, "The CPU GEMM paths that run a dtype."},
+    {"cpu_gemm_choices", cpu_gemm_choices, METH_NOARGS, "The measured choices, cached."},
+    {"clear_cpu_gemm_choices", clear_cpu_gemm_choices, METH_NOARGS, "Forget them."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // `import lstm_fused._C` loads this library, which runs the registrations below.
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lstm_fused operator library", -1,
-                               nullptr};
+                               methods};
   PyObject* m = PyModule_Create(&module);
 #ifdef LSTM_FUSED_WITH_CUDA
   PyModule_AddIntConstant(m, "built_with_cuda", 1);
@@ -23,9 +123,16 @@ extern "C" PyObject* PyInit__C(void) {
 namespace lstm_fused {
 
 TORCH_LIBRARY(lstm_fused, m) {
-  for (const char* schema : {LSTM_FUSED_SCHEMAS("")}) m.def(schema);
+  for (const char* schema : {LSTM_FUSED_SCHEMAS("", ", bool need_backward=True")}) m.def(schema);
+  // Forward only, CPU only: LSTMCell's latency path under no_grad / inference_mode.
+  m.def("cell_step(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
+        "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_ch, str peephole, bool coupled) "
+        "-> (Tensor h, Tensor c)");
 }
 
-TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) { LSTM_FUSED_IMPL_ALL(m, DeviceOps<cpu_kernels>); }
+TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {
+  LSTM_FUSED_IMPL_ALL(m, DeviceOps<cpu_kernels>);
+  m.impl("cell_step", &DeviceOps<cpu_kernels>::cell_step);
+}
 
 }  // namespace lstm_fused

@@ -7,8 +7,10 @@
 namespace lstm_fused {
 
 // The operator schemas, written once: register.cpp declares them as torch.ops.lstm_fused.*, the
-// test-only host shim (host_shim/register_shim.cpp) with two extra arguments (EXTRA).
-#define LSTM_FUSED_SCHEMAS(EXTRA)                                                               \
+// test-only host shim (host_shim/register_shim.cpp) with two extra arguments (EXTRA). LAYER_EXTRA:
+// layer_forward's need_backward (False: inference, nothing saved for backward; the returned gates
+// and cells are empty), which the shim leaves out.
+#define LSTM_FUSED_SCHEMAS(EXTRA, LAYER_EXTRA)                                                  \
   "cell_forward(Tensor gates, Tensor c_prev, Tensor? weight_ch, str peephole, bool coupled" EXTRA \
   ") -> (Tensor h, Tensor c, Tensor gates_out)",                                                \
       "cell_backward(Tensor? grad_h, Tensor? grad_c, Tensor gates, Tensor c_prev, Tensor c, "   \
@@ -16,7 +18,7 @@ namespace lstm_fused {
       ") -> (Tensor grad_gates, Tensor grad_c_prev, Tensor grad_weight_ch)",                    \
       "layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "  \
       "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_ch, Tensor? weight_hr, "                \
-      "int[]? batch_sizes, bool reverse, str peephole, bool coupled" EXTRA                      \
+      "int[]? batch_sizes, bool reverse, str peephole, bool coupled" LAYER_EXTRA EXTRA          \
       ") -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)",               \
       "layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "  \
       "Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "             \
@@ -36,6 +38,15 @@ struct DeviceOps {
     return lstm_fused::cell_forward(gates, c_prev, weight_ch, peephole, coupled, kKernels());
   }
 
+  static std::tuple<Tensor, Tensor> cell_step(const Tensor& input, const Tensor& hx,
+                                              const Tensor& cx, const Tensor& weight_ih,
+                                              const Tensor& weight_hh, const OptTensor& bias_ih,
+                                              const OptTensor& bias_hh, const OptTensor& weight_ch,
+                                              c10::string_view peephole, bool coupled) {
+    return lstm_fused::cell_step(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
+                                 weight_ch, peephole, coupled, kKernels());
+  }
+
   static std::tuple<Tensor, Tensor, Tensor> cell_backward(
       const OptTensor& grad_h, const OptTensor& grad_c, const Tensor& gates, const Tensor& c_prev,
       const Tensor& c, const OptTensor& weight_ch, c10::string_view peephole, bool coupled) {
@@ -48,10 +59,10 @@ struct DeviceOps {
       const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
       const OptTensor& weight_ch, const OptTensor& weight_hr,
       at::OptionalIntArrayRef batch_sizes, bool reverse, c10::string_view peephole,
-      bool coupled) {
+      bool coupled, bool need_backward) {
     return lstm_fused::layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
                                      weight_ch, weight_hr, batch_sizes, reverse, peephole,
-                                     coupled, kKernels());
+                                     coupled, need_backward, kKernels());
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>

@@ -5,7 +5,7 @@
     output, (h_n, c_n) = lstm(x)
 """
 
-from . import functional, ops, reference
+from . import cpu_gemm, functional, ops, reference
 from .modules import (
     LSTM,
     CoupledLSTM,
@@ -22,6 +22,7 @@ __all__ = [
     "LSTMCell",
     "PeepholeLSTM",
     "PeepholeLSTMCell",
+    "cpu_gemm",
     "functional",
     "ops",
     "reference",

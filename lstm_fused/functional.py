@@ -11,6 +11,7 @@ modules validate their own arguments once, as torch.nn.LSTM does).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -74,9 +75,13 @@ def fused_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight
                 reverse: bool, batch_sizes: list[int] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """`lstm_layer` without the argument checks; `peephole` in canonical form, `batch_sizes` a
     list of ints or None."""
+    # Inference (no_grad, inference_mode, or nothing requires grad): nothing saved for backward.
+    need_backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr))
     output, h_n, c_n, _, _ = ops.layer_forward(
         input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, batch_sizes,
-        bool(reverse), peephole or "none", bool(coupled))
+        bool(reverse), peephole or "none", bool(coupled), need_backward)
     return output, (h_n, c_n)
 
 

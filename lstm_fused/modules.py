@@ -182,6 +182,10 @@ class LSTMCell(_VariantMixin, nn.Module):
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
         """input [B, I] or [I]; hx (h_0, c_0) each [B, H] or [H] -> (h_1, c_1), same batching.
         Bad arguments raise what torch.nn.LSTMCell raises (lstm_fused._checks)."""
+        if not torch.is_grad_enabled():
+            step = self._inference_step(input, hx)
+            if step is not None:
+                return step
         check_cell_forward(self, input, hx)
         batched = input.dim() == 2
         if not batched:
@@ -196,6 +200,49 @@ class LSTMCell(_VariantMixin, nn.Module):
         if not batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
+
+
+    # --- latency path (no_grad / inference_mode) ------------------------------------------------
+
+    def _inference_step(self, input, hx):
+        """(h_1 [B, H], c_1 [B, H]) from ONE op, torch.ops.lstm_fused.cell_step (both GEMMs and the
+        fused kernel, nothing saved for backward), for a batched CPU input whose arguments are
+        plainly valid, outside autocast and torch.compile; None otherwise: forward() then takes
+        the general path, which checks every argument with its own error."""
+        params = self._parameters  # a dict lookup, not nn.Module.__getattr__, per parameter
+        weights = [params.get(name) for name in self._step_parameter_names]
+        if any(p is None for p in weights):  # replaced (weight norm, pruning, parametrizations)
+            return None
+        w = weights[0]
+        if (type(input) is not Tensor or input.dim() != 2 or not input.is_cpu or not w.is_cpu
+                or input.dtype != w.dtype or input.shape[1] != self.input_size
+                or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+            return None
+        shape = (input.shape[0], self.hidden_size)
+        if hx is None:
+            h0 = c0 = input.new_zeros(shape)
+        elif type(hx) is tuple and len(hx) == 2:
+            h0, c0 = hx
+            if not (type(h0) is Tensor and type(c0) is Tensor and h0.shape == shape
+                    and c0.shape == shape and h0.dtype == c0.dtype == w.dtype and h0.is_cpu
+                    and c0.is_cpu):
+                return None
+        else:
+            return None
+        weight_ih, weight_hh, *rest = weights
+        bias_ih, bias_hh = rest[:2] if self.bias else (None, None)
+        weight_ch = rest[-1] if self.peephole else None
+        return _cell_step(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
+                          self.peephole or "none", self.coupled)
+
+    @property
+    def _step_parameter_names(self):
+        """The parameters the cell step reads, in order: weights, biases if any, peephole if any."""
+        return (("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.bias else ())
+                + (("weight_ch",) if self.peephole else ()))
+
+
+_cell_step = torch.ops.lstm_fused.cell_step.default
 
 
 class LSTM(_VariantMixin, nn.Module):

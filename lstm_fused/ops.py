@@ -4,13 +4,15 @@ fake (meta) kernels for torch.compile / export, and their autograd formulas.
     torch.ops.lstm_fused.cell_forward(gates [B, G*H], c_prev [B, H], weight_ch, peephole, coupled)
         -> (h [B, H], c [B, H], gates_out [B, G*H])
     torch.ops.lstm_fused.layer_forward(input [T, B, I] | [N, I], h0 [B, R], c0 [B, H], weight_ih,
-        weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, batch_sizes, reverse, peephole, coupled)
+        weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, batch_sizes, reverse, peephole, coupled,
+        need_backward=True)
         -> (output [T, B, R] | [N, R], h_n [B, R], c_n [B, H], gates, cells)
 
 `peephole` is the string "none", "diagonal" or "full"; `gates`/`cells` are what the backward
-needs (activated gates and cell states of every step). The *_backward ops are what autograd calls
-for a first-order backward; a backward that builds a graph (create_graph=True, for double
-backward) differentiates a recomputation in torch ops instead (lstm_fused._double_backward).
+needs (activated gates and cell states of every step); with need_backward=False (inference) they
+are not written and come back empty. The *_backward ops are what autograd calls for a first-order
+backward; a backward that builds a graph (create_graph=True, for double backward) differentiates a
+recomputation in torch ops instead (lstm_fused._double_backward).
 
 Autocast (CPU and CUDA) kernels are registered in C++ (csrc/autocast.cpp): under torch.autocast the
 forward ops run in the autocast dtype, the backward ops in the dtype of the forward they
@@ -51,13 +53,20 @@ def _cell_backward_fake(grad_h, grad_c, gates, c_prev, c, weight_ch, peephole, c
     return gates.new_empty(gates.shape), c_prev.new_empty(c_prev.shape), grad_weight_ch
 
 
+@torch.library.register_fake("lstm_fused::cell_step")
+def _cell_step_fake(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, peephole,
+                    coupled):
+    return cx.new_empty(cx.shape), cx.new_empty(cx.shape)
+
+
 @torch.library.register_fake("lstm_fused::layer_forward")
 def _layer_forward_fake(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                        weight_hr, batch_sizes, reverse, peephole, coupled):
+                        weight_hr, batch_sizes, reverse, peephole, coupled, need_backward=True):
     lead = input.shape[:-1]
     gate_rows, hidden, proj = weight_ih.shape[0], c0.shape[-1], h0.shape[-1]
-    return (input.new_empty(*lead, proj), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
-            input.new_empty(*lead, gate_rows), input.new_empty(*lead, hidden))
+    saved = ((input.new_empty(*lead, gate_rows), input.new_empty(*lead, hidden)) if need_backward
+             else (input.new_empty(0), input.new_empty(0)))
+    return (input.new_empty(*lead, proj), h0.new_empty(h0.shape), c0.new_empty(c0.shape), *saved)
 
 
 @torch.library.register_fake("lstm_fused::layer_backward")
@@ -104,7 +113,10 @@ torch.library.register_autograd(
 
 def _layer_setup_context(ctx, inputs, output):
     (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-     batch_sizes, reverse, peephole, coupled) = inputs
+     batch_sizes, reverse, peephole, coupled, *need_backward) = inputs
+    if need_backward and not need_backward[0]:
+        raise RuntimeError("lstm_fused: layer_forward(need_backward=False) saved nothing for "
+                           "backward, but an input requires grad; call it with need_backward=True")
     out, _, _, gates, cells = output
     ctx.save_for_backward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                           weight_hr, out, gates, cells)
@@ -136,7 +148,7 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cel
     return (when(need_input_grad, grad_input), grad_h0, grad_c0, grad_weight_ih, grad_weight_hh,
             when(bias_ih is not None, grad_bias), when(bias_hh is not None, grad_bias),
             when(weight_ch is not None, grad_weight_ch), when(weight_hr is not None, grad_weight_hr),
-            None, None, None, None)
+            None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 13)
 
 
 torch.library.register_autograd(

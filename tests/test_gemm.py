@@ -1,14 +1,35 @@
-"""The time loops' GEMMs (csrc/gemm.cpp) run through oneDNN's matmul on the CPU for large enough
-float32 and bfloat16 GEMMs, through ATen elsewhere; LSTM_FUSED_CPU_GEMM=aten|onednn forces one. Both must give the
-reference's results, forward and backward, padded and packed."""
+"""The time loops' CPU GEMMs (csrc/gemm.cpp, lstm_fused.cpu_gemm): every path (ATen, oneDNN,
+MKL's packed GEMM) gives the reference's results, forward and backward, padded and packed; the
+automatic choice is measured once per shape and cached; a forced path is used, deterministic and
+overridable; inference (no_grad) saves nothing for backward; the cell's latency path under no_grad
+gives the general path's results."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import assert_close, variant_params
+from conftest import ROOT, VARIANTS, assert_close, layer_op_args, variant_params
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_fused
-from lstm_fused import reference
+from lstm_fused import cpu_gemm, functional, reference
+
+PATHS = ["aten", "onednn", "packed"]
+
+
+def require(path, dtype=torch.float32):
+    if path not in cpu_gemm.available(dtype):
+        pytest.skip(f"the {path} GEMM path does not run {dtype} here "
+                    f"(available: {cpu_gemm.available(dtype)})")
+
+
+@pytest.fixture(autouse=True)
+def restore_mode():
+    previous = cpu_gemm.get_mode()
+    yield
+    cpu_gemm.set_mode(previous)
 
 
 def forward_backward(module, x, lengths):
@@ -22,42 +43,226 @@ def forward_backward(module, x, lengths):
     return [out, h, c, x.grad] + [p.grad for p in module.parameters()]
 
 
-@variant_params
-@pytest.mark.parametrize("backend", ["onednn", "aten"])
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_cpu_gemm_backends_match_reference(variant, backend, packed, monkeypatch):
-    monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", backend)
+def twins(variant, input_size=5, hidden=7, **kwargs):
     peephole, coupled = variant
     torch.manual_seed(0)
-    kwargs = {"num_layers": 2, "bidirectional": True, "proj_size": 3, "peephole": peephole,
-              "coupled": coupled}
-    fused = lstm_fused.LSTM(5, 7, **kwargs)
-    ref = lstm_fused.LSTM(5, 7, **kwargs)
+    fused = lstm_fused.LSTM(input_size, hidden, peephole=peephole, coupled=coupled, **kwargs)
+    ref = lstm_fused.LSTM(input_size, hidden, peephole=peephole, coupled=coupled, **kwargs)
     ref.load_state_dict(fused.state_dict())
     ref._layer_fn = reference.lstm_layer
+    return fused, ref
+
+
+@variant_params
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_each_cpu_gemm_path_matches_reference(variant, path, packed):
+    require(path)
+    cpu_gemm.set_mode(path)
+    fused, ref = twins(variant, num_layers=2, bidirectional=True, proj_size=3)
     x = torch.randn(6, 4, 5)
     lengths = torch.tensor([6, 5, 3, 1]) if packed else None
     for a, b in zip(forward_backward(fused, x, lengths), forward_backward(ref, x, lengths)):
-        assert_close(a, b, torch.float32, f"{backend}")
+        assert_close(a, b, torch.float32, path)
 
 
-def uses_onednn(module, x):
+@pytest.mark.parametrize("path", PATHS)
+def test_each_path_at_a_blocked_size_matches_reference(path):
+    """Sizes where the libraries take their blocked kernels (4H = 256 outputs, 16 rows)."""
+    require(path)
+    cpu_gemm.set_mode(path)
+    fused, ref = twins(("full", False), input_size=48, hidden=64)
+    x = torch.randn(5, 16, 48) * 0.5
+    for a, b in zip(forward_backward(fused, x, None), forward_backward(ref, x, None)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def events(module, x):
     with torch.profiler.profile() as prof:
         module(x)[0].sum().backward()
-    return "mkldnn::_linear_pointwise" in {e.key for e in prof.key_averages()}
+    return {e.key: e.count for e in prof.key_averages()}
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
-def test_gemm_choice_follows_size_and_environment(monkeypatch):
-    """Automatic: oneDNN for >= 1024 output features and >= 256 inputs (H = 256: W_ih, W_hh are
-    [1024, 256]), ATen below; LSTM_FUSED_CPU_GEMM forces either."""
-    big, big_x = lstm_fused.LSTM(256, 256), torch.randn(2, 3, 256)
-    small, small_x = lstm_fused.LSTM(4, 8), torch.randn(2, 3, 4)
-    monkeypatch.delenv("LSTM_FUSED_CPU_GEMM", raising=False)
-    assert uses_onednn(big, big_x)
-    assert not uses_onednn(small, small_x)
-    monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", "aten")
-    assert not uses_onednn(big, big_x)
-    monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", "onednn")
-    assert uses_onednn(small, small_x)
-    assert not uses_onednn(small.double(), small_x.double())  # oneDNN has no float64 matmul
+@pytest.mark.parametrize("path", PATHS)
+def test_a_forced_path_is_the_one_used(path):
+    """Per step (T = 12): ATen adds with addmm, oneDNN runs _linear_pointwise; the packed path
+    calls MKL directly, with no ATen GEMM op per step."""
+    require(path)
+    cpu_gemm.set_mode(path)
+    module, x = lstm_fused.LSTM(16, 32), torch.randn(12, 4, 16)
+    seen = events(module, x)
+    linear, addmm = seen.get("mkldnn::_linear_pointwise", 0), seen.get("aten::addmm_", 0)
+    if path == "onednn":
+        assert linear >= 2 * 12
+    elif path == "aten":
+        assert addmm >= 12 and linear == 0
+    else:
+        assert addmm + linear + seen.get("aten::mm", 0) < 12, seen
+
+
+def test_a_forced_path_falls_back_to_aten_where_it_cannot_run_the_dtype():
+    cpu_gemm.set_mode("packed")  # MKL's packed GEMM is float32 only
+    module = lstm_fused.LSTM(4, 8).double()
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    assert events(module, x).get("aten::addmm_", 0) >= 3
+    assert "packed" not in cpu_gemm.available(torch.float64)
+
+
+@pytest.mark.parametrize("path", PATHS + ["auto"])
+def test_repeated_runs_of_a_path_are_bit_identical(path):
+    if path != "auto":
+        require(path)
+    cpu_gemm.set_mode(path)
+    module, x = lstm_fused.LSTM(32, 64, peephole="full"), torch.randn(7, 5, 32)
+    first = forward_backward(module, x, None)
+    module.zero_grad()
+    second = forward_backward(module, x, None)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_automatic_choice_is_measured_once_and_cached():
+    """The first layer call of a shape times every available path (the choice is the fastest of
+    them); later calls reuse it without measuring again."""
+    cpu_gemm.set_mode("auto")
+    cpu_gemm.clear()
+    module, x = lstm_fused.LSTM(24, 40), torch.randn(3, 9, 24)
+    with torch.no_grad():
+        module(x)
+    first = cpu_gemm.choices()
+    step = [c for c in first if c.repeated and (c.rows, c.n, c.k) == (9, 160, 40)]
+    assert len(step) == 1, first
+    (choice,) = step
+    assert set(choice.seconds) == set(cpu_gemm.available(torch.float32))
+    assert choice.path == min(choice.seconds, key=choice.seconds.get)
+    assert choice.threads == torch.get_num_threads() and choice.dtype == torch.float32
+    with torch.no_grad():
+        module(x)
+    assert cpu_gemm.choices() == first  # same entries, same timings: nothing measured again
+
+
+def test_forced_mode_is_overridable_and_validated():
+    cpu_gemm.set_mode("aten")
+    assert cpu_gemm.get_mode() == "aten"
+    with cpu_gemm.mode("auto"):
+        assert cpu_gemm.get_mode() == "auto"
+    assert cpu_gemm.get_mode() == "aten"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        cpu_gemm.set_mode("fastest")
+
+
+def run_python(code, **env):
+    environment = {k: v for k, v in os.environ.items() if k != "LSTM_FUSED_CPU_GEMM"}
+    environment.update(PYTHONPATH=str(ROOT), **env)
+    return subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def test_environment_variable_sets_the_initial_mode():
+    code = "import lstm_fused; print(lstm_fused.cpu_gemm.get_mode())"
+    assert run_python(code, LSTM_FUSED_CPU_GEMM="packed").stdout.strip() == "packed"
+    assert run_python(code).stdout.strip() == "auto"
+    bad = run_python("import torch, lstm_fused; lstm_fused.LSTM(2, 3)(torch.randn(2, 1, 2))",
+                     LSTM_FUSED_CPU_GEMM="fastest")
+    assert bad.returncode != 0 and "LSTM_FUSED_CPU_GEMM must be auto, aten" in bad.stderr
+
+
+def test_half_types_run_on_an_avx2_cpu_in_every_mode():
+    """oneDNN has no bfloat16 inner product without AVX-512 bf16: capped at AVX2 it is not a
+    candidate for bfloat16, and forcing it falls back to ATen instead of failing."""
+    code = """
+import torch, lstm_fused
+assert "onednn" not in lstm_fused.cpu_gemm.available(torch.bfloat16), lstm_fused.cpu_gemm.available(torch.bfloat16)
+for mode in ("auto", "onednn", "packed", "aten"):
+    lstm_fused.cpu_gemm.set_mode(mode)
+    for dtype in (torch.bfloat16, torch.float16):
+        m = lstm_fused.LSTM(256, 256, dtype=dtype)
+        x = torch.randn(5, 3, 256, dtype=dtype, requires_grad=True)
+        out = m(x)[0]
+        out.float().sum().backward()
+        ref = lstm_fused.LSTM(256, 256).float()
+        ref.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+        torch.testing.assert_close(out.float(), ref(x.detach().float())[0], rtol=0.05, atol=0.05)
+print("ok")
+"""
+    result = run_python(code, ONEDNN_MAX_CPU_ISA="AVX2")
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+# --- inference: nothing saved for backward ---------------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@variant_params
+def test_inference_writes_nothing_for_backward_and_gives_the_same_outputs(variant, packed):
+    args = layer_op_args(variant, torch.float32, packed, False, 0, torch.Generator().manual_seed(3))
+    training = torch.ops.lstm_fused.layer_forward(*args, need_backward=True)
+    inference = torch.ops.lstm_fused.layer_forward(*args, need_backward=False)
+    for a, b in zip(training[:3], inference[:3]):
+        assert torch.equal(a, b)
+    assert training[3].numel() > 0 and training[4].numel() > 0
+    assert inference[3].numel() == 0 and inference[4].numel() == 0
+
+
+def test_layer_asks_for_backward_buffers_only_when_a_gradient_is_needed(monkeypatch):
+    calls = []
+    real = functional.ops.layer_forward
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(torch.ops.lstm_fused, name)
+
+        @staticmethod
+        def layer_forward(*args):
+            calls.append(args[-1])
+            return real(*args)
+
+    monkeypatch.setattr(functional, "ops", Recording())
+    module, x = lstm_fused.LSTM(3, 4), torch.randn(2, 1, 3)
+    module(x)
+    with torch.no_grad():
+        module(x)
+    with torch.inference_mode():
+        module(x)
+    module.requires_grad_(False)
+    module(x)
+    assert calls == [True, False, False, False]
+
+
+def test_backward_through_an_inference_call_is_refused():
+    args = list(layer_op_args((None, False), torch.float32, False, False, 0,
+                              torch.Generator().manual_seed(0)))
+    args[3] = args[3].requires_grad_()
+    with pytest.raises(RuntimeError, match="need_backward=False"):
+        torch.ops.lstm_fused.layer_forward(*args, need_backward=False)
+
+
+# --- the cell's latency path ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("hx", [False, True])
+def test_cell_latency_path_matches_the_general_path(variant, no_grad, hx):
+    peephole, coupled = variant
+    torch.manual_seed(0)
+    cell = lstm_fused.LSTMCell(6, 5, peephole=peephole, coupled=coupled)
+    x = torch.randn(3, 6)
+    state = (torch.randn(3, 5), torch.randn(3, 5)) if hx else None
+    expected = cell(x, state)  # with grad: the general path
+    with torch.profiler.profile() as prof, no_grad():
+        got = cell(x, state)
+    assert "lstm_fused::cell_step" in {e.key for e in prof.key_averages()}
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+        assert not a.requires_grad
+
+
+def test_cell_latency_path_leaves_bad_input_to_the_general_checks():
+    cell = lstm_fused.LSTMCell(6, 5)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="expected input with 6 features"):
+            cell(torch.randn(3, 7))
+        with pytest.raises(ValueError, match=r"expected h_0 of shape \(3, 5\)"):
+            cell(torch.randn(3, 6), (torch.randn(2, 5), torch.randn(3, 5)))
+        assert cell(torch.randn(6))[0].shape == (5,)  # unbatched: the general path

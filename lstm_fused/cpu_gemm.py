@@ -1,0 +1,85 @@
+"""Which GEMM the fused layers' time loops use on the CPU (csrc/gemm.cpp).
+
+Paths: "aten" (ATen's addmm: MKL or OpenBLAS), "onednn" (oneDNN's matmul, the weight reordered once
+per call), "packed" (MKL's packed GEMM, the weight packed once per call; float32, where torch has
+MKL). By default ("auto") the first GEMM of each shape (rows, N, K), dtype and thread count in the
+process times every path this CPU supports for that dtype and keeps the fastest, as
+`torch.backends.cudnn.benchmark` does; the choices are cached (`choices()`). A run is reproducible
+bit for bit with a fixed path: set `LSTM_FUSED_CPU_GEMM=aten|onednn|packed` (read once, at the first
+GEMM) or call `set_mode()`. A forced path that does not support a dtype (oneDNN without bf16
+support, packed for anything but float32) falls back to "aten" for that dtype.
+
+    import lstm_fused
+    lstm_fused.cpu_gemm.set_mode("packed")
+    with lstm_fused.cpu_gemm.mode("aten"):
+        ...
+    lstm_fused.cpu_gemm.choices()   # [Choice(repeated=True, rows=64, n=1024, k=256, ...), ...]
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+
+from . import _C
+
+MODES = ("auto", "aten", "onednn", "packed")
+
+
+class Choice(NamedTuple):
+    """One cached measurement: the GEMM out[rows, n] (+)= x[rows, k] weight[n, k]^T run once per
+    call (`repeated` False) or every step with a prepared weight, and the median seconds per GEMM
+    of every path tried."""
+
+    repeated: bool
+    rows: int
+    n: int
+    k: int
+    dtype: torch.dtype
+    threads: int
+    accumulate: bool
+    path: str
+    seconds: dict
+
+
+def get_mode() -> str:
+    """"auto" (measure) or the forced path."""
+    return _C.cpu_gemm_mode()
+
+
+def set_mode(mode: str) -> None:
+    """Force a path ("aten", "onednn", "packed") or measure ("auto"); ValueError otherwise."""
+    if mode not in MODES:
+        raise ValueError(f"lstm_fused.cpu_gemm: mode must be one of {MODES}, got {mode!r}")
+    _C.set_cpu_gemm_mode(mode)
+
+
+@contextlib.contextmanager
+def mode(name: str):
+    """Context manager: `set_mode(name)` inside, the previous mode restored after."""
+    previous = get_mode()
+    set_mode(name)
+    try:
+        yield
+    finally:
+        set_mode(previous)
+
+
+def available(dtype: torch.dtype = torch.float32) -> list[str]:
+    """The paths that run GEMMs of `dtype` on this CPU and torch build."""
+    return _C.cpu_gemm_paths(str(dtype).replace("torch.", ""))
+
+
+def choices() -> list[Choice]:
+    """The choices measured so far in this process."""
+    return [Choice(*c[:4], getattr(torch, c[4]), *c[5:]) for c in _C.cpu_gemm_choices()]
+
+
+def clear() -> None:
+    """Forget the measured choices (the next GEMM of each shape measures again)."""
+    _C.clear_cpu_gemm_choices()
+
+
+__all__ = ["MODES", "Choice", "available", "choices", "clear", "get_mode", "mode", "set_mode"]
