@@ -7,6 +7,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 PYTEST_FLAGS ?= -q -rs
+# Development builds compile the CUDA kernels for A100 and H100 only (PTX for newer GPUs), to keep
+# build time down; setup.py's default without a list covers Turing through Blackwell.
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
+export TORCH_CUDA_ARCH_LIST
 
 .PHONY: build run test test-gpu ptxas bench lint clean
 
