@@ -2,6 +2,8 @@
 # make test   set up .venv, build, run the whole test suite
 # make build  set-up alone (incremental: ninja recompiles only what changed)
 # make test-gpu  the CUDA suite (skipped, with the reason, where no GPU is present)
+# make gpu-check OUT=dir  on a GPU host, with ITS python3 and torch (no .venv): build for its GPU,
+#                the CUDA suite, compute-sanitizer, the GPU benchmark, in < 8 min; dir/summary.md
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,8 +13,9 @@ PYTEST_FLAGS ?= -q -rs
 # build time down; setup.py's default without a list covers Turing through Blackwell.
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export TORCH_CUDA_ARCH_LIST
+OUT ?= results/gpu-check
 
-.PHONY: build run test test-gpu ptxas bench lint clean
+.PHONY: build run test test-gpu gpu-check ptxas bench lint clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +35,10 @@ test: build
 # The CUDA suite; without a GPU every test is reported as skipped, with the reason (exit 0).
 test-gpu: build
 	$(PY) -m pytest tests -m cuda $(PYTEST_FLAGS)
+
+# The GPU kit (benchmarks/gpu_check.py): no GPU here writes "no GPU" into $(OUT)/summary.md, exit 0.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out $(OUT)
 
 # Re-record ptxas's register/spill report of the CUDA kernels (docs/ptxas/, ~20 s, no GPU needed).
 ptxas: $(STAMP)

@@ -281,25 +281,12 @@ def test_kernels_per_time_step_on_cuda(variant):
 
     peephole, coupled = variant
     module = lstm_fused.LSTM(8, 16, peephole=peephole, coupled=coupled, device=CUDA)
-
-    def kernels(steps, direction):
-        x = torch.randn(steps, 4, 8, device=CUDA, requires_grad=True)
-        out = module(x)[0] if direction == "backward" else None
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            if out is None:
-                with torch.no_grad():
-                    module(x)
-            else:
-                out.sum().backward()
-            torch.cuda.synchronize()
-        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
-
     model_variant = next(v for v in gpu_step_cost.VARIANTS
                          if (v.peephole, v.coupled) == (peephole, coupled))
     for direction in ("forward", "backward"):
         expected = gpu_step_cost.launches_per_step(model_variant, direction)
-        per_step = (kernels(30, direction) - kernels(10, direction)) / 20
-        assert expected <= per_step <= 1.5 * expected, (direction, per_step, expected)
+        per_step, kernels = gpu_step_cost.kernels_per_step(module, 4, direction)
+        assert expected <= per_step <= 1.5 * expected, (direction, per_step, expected, kernels)
 
 
 @variant_params
