@@ -58,6 +58,8 @@ THIS = Path(__file__).resolve()
 BUDGET_S = 470  # the whole kit: 8 minutes less a margin for the host's own start and transfers
 BUILD_S = 240  # at most, of the budget; a 16-core host builds one architecture in about 2 min
 BENCH_RESERVE_S = 130  # kept for the two benchmark runs after the correctness phase
+MIN_CORRECTNESS_S = 60  # the build stops early enough to leave the tests this much
+MIN_BENCH_S = 15  # a benchmark run left less than this is not started (import and warm-up alone)
 BENCH_SIZES = "100,64,512,512;100,1,256,256;50,256,1024,1024"  # T,B,I,H: docs/gpu.md's, latency, big
 BENCH_DTYPES = ("float32", "bfloat16")
 SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck")
@@ -488,14 +490,15 @@ def run_kit(out: Path, budget: float) -> int:
     signal.signal(signal.SIGINT, stop)
     end = t0 + budget
     try:
-        run_parallel(phases["build"], min(end - BENCH_RESERVE_S - 60, time.monotonic() + BUILD_S))
+        run_parallel(phases["build"], min(time.monotonic() + BUILD_S,
+                                          end - BENCH_RESERVE_S - MIN_CORRECTNESS_S))
         write(finished=False)
         if phases["build"][0].passed:
             run_parallel(phases["correctness"], end - BENCH_RESERVE_S)
             write(finished=False)
             for step in phases["bench"]:  # one at a time: timings need the GPU alone
                 remaining = end - time.monotonic()
-                if remaining < 15:
+                if remaining < MIN_BENCH_S:
                     skip([step], "out of time")
                     continue
                 last = step is phases["bench"][-1]

@@ -63,8 +63,24 @@ def test_a_failing_or_hanging_step_does_not_stop_the_others(tmp_path):
     assert hang.status.startswith("timed out after")
     assert fail.status == "failed (exit 3)" and good.status == "passed"
     assert missing.status.startswith("failed to start: [Errno 2]") and not missing.passed
-    with pytest.raises(ProcessLookupError):  # the sleep started by the hung step is gone too
-        os.kill(int(child_pid.read_text()), 0)
+    assert not _alive(int(child_pid.read_text()))  # the sleep the hung step started is gone too
+
+
+def _alive(pid, wait=5.0):
+    """Whether process `pid` still runs after up to `wait` s (a zombie left for its new parent
+    to reap counts as ended)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            os.kill(pid, 0)
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (ProcessLookupError, FileNotFoundError):
+            return False
+        if state == "Z":
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.1)
 
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="1"
@@ -164,3 +180,59 @@ def test_default_cuda_arch_list_is_turing_to_blackwell_that_nvcc_builds_plus_ptx
     assert default(None) == "7.5;8.0;8.6;9.0;10.0;12.0+PTX"
     with pytest.raises(SystemExit, match="set TORCH_CUDA_ARCH_LIST"):
         default({"sm_50"})
+
+
+def test_kit_on_a_gpu_host_runs_every_phase_and_reports(tmp_path, monkeypatch):
+    """run_kit's GPU path with stand-in commands: the build passes, the correctness phase runs
+    side by side (pytest's JUnit XML and a sanitizer error are read), the benchmarks run one after
+    another and the last one is cut at the budget; summary.md says all of it, OUT stays small and
+    the exit code is 1."""
+    info = {"python": "3.12.3 (python3)", "torch": "2.11.0+cu130", "driver": "580", "nvcc": None,
+            "host": "h", "cpus": 16, "compute_sanitizer": None, "commit": None,
+            "gpus": [{"name": "NVIDIA H200", "capability": "9.0", "memory_mib": 143771,
+                      "multiprocessors": 132}]}
+    monkeypatch.setattr(gpu_check, "describe_machine", lambda: info)
+    monkeypatch.setattr(gpu_check, "BENCH_RESERVE_S", 8)
+    monkeypatch.setattr(gpu_check, "MIN_BENCH_S", 1)
+    monkeypatch.setattr(gpu_check, "MIN_CORRECTNESS_S", 1)
+    py = sys.executable
+    bench_json = ('import json, pathlib, sys; p = pathlib.Path(sys.argv[1]); p.mkdir(); '
+                  '(p / "bench.json").write_text(json.dumps({"results": [' + ", ".join(
+                      f'{{"T": 100, "B": 64, "I": 512, "H": 512, "mode": "fwd", "kind": "{k}", '
+                      f'"variant": "{v}", "status": "ok", "median_ms": {ms}, "ratio_vs_nn": {r}}}'
+                      for k, v, ms, r in [("nn", "vanilla", 1.5, 1.0),
+                                          ("fused", "vanilla", 1.8, 1.2)]) + ']}))')
+
+    def plan(out, work, info):
+        step = gpu_check.Step
+        junit = f"cat > {out / 'junit.xml'} <<'X'\n{JUNIT}\nX\nexit 1"
+        memcheck = f"cat <<'X'\n{MEMCHECK_LOG}X\nexit 7"
+        launches = "import json, sys; open(sys.argv[1], 'w').write(json.dumps([]))"
+        return {
+            "build": [step("build", ["true"], work / "build.log")],
+            "correctness": [
+                step("pytest -m cuda", ["bash", "-c", junit], work / "pytest.log"),
+                step("compute-sanitizer memcheck", ["bash", "-c", memcheck], work / "m.log"),
+                step("kernels per step", [py, "-c", launches, str(work / "launches.json")],
+                     work / "launches.log")],
+            "bench": [step("benchmark float32", [py, "-c", bench_json, str(work / "bench_float32")],
+                           work / "bench_float32.log"),
+                      step("benchmark bfloat16", ["sleep", "60"], work / "bench_bfloat16.log")]}
+
+    monkeypatch.setattr(gpu_check, "plan", plan)
+    start = time.monotonic()
+    assert gpu_check.run_kit(tmp_path / "out", budget=12) == 1
+    assert time.monotonic() - start < 30
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "**3 of 6 steps passed** in 1" in summary
+    assert "| build | passed |" in summary and "| kernels per step | passed |" in summary
+    assert "| pytest -m cuda | failed (exit 1) |" in summary
+    assert "4 tests: 1 failed, 1 errors, 1 skipped" in summary
+    assert "| compute-sanitizer memcheck | failed (exit 7) |" in summary
+    assert "2 error(s) reported" in summary
+    assert "| benchmark float32 | passed |" in summary
+    assert "| benchmark bfloat16 | timed out after" in summary
+    assert "| 100, 64, 512, 512 | fwd | 1.500 | 15.0 | 1.20 |" in summary
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["bench.json", "bench.log", "build.log", "junit.xml", "pytest.log",
+                     "sanitizer.log", "summary.md"]
