@@ -4,6 +4,8 @@
 #             what changed), so `import lstm_fused` works from any directory with .venv's python
 # make test-quick  the suite without the tests marked slow (the edit loop)
 # make test-gpu  the CUDA suite (skipped, with the reason, where no GPU is present)
+# make gpu-check OUT=dir  on a GPU host, with ITS python3 and torch (no .venv): build for its GPU,
+#                the CUDA suite, compute-sanitizer, the GPU benchmark, in < 8 min; dir/summary.md
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +13,13 @@ STAMP := $(VENV)/.requirements-installed
 PYTEST_FLAGS ?= -q -rs
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: build run test test-quick test-gpu bench lint clean
+.PHONY: build run test test-quick test-gpu gpu-check bench lint clean
+
+# Development builds compile the CUDA kernels for A100 and H100 only (PTX for newer GPUs), to keep
+# build time down; setup.py's default without a list covers Turing through Blackwell.
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
+export TORCH_CUDA_ARCH_LIST
+OUT ?= results/gpu-check
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +43,10 @@ test-quick: build
 # The CUDA suite; without a GPU every test is reported as skipped, with the reason (exit 0).
 test-gpu: build
 	$(PY) -m pytest tests -m cuda $(PYTEST_FLAGS)
+
+# The GPU kit (benchmarks/gpu_check.py): no GPU here writes "no GPU" into $(OUT)/summary.md, exit 0.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out $(OUT)
 
 bench: build
 	$(PY) benchmarks/bench.py

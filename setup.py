@@ -4,8 +4,10 @@ CUDA build of torch are present. The package metadata is in pyproject.toml; inst
 
 Environment switches:
   LSTM_FUSED_BUILD=auto|cpu|cuda   auto (default) builds CUDA when it can; cpu never; cuda must.
-  TORCH_CUDA_ARCH_LIST             GPU architectures; defaults to "8.0;9.0" when unset and no
-                                   GPU is visible (set e.g. "8.0;8.6;8.9;9.0" to widen it).
+  TORCH_CUDA_ARCH_LIST             GPU architectures. Unset: Turing through Blackwell as PyTorch's
+                                   wheels (7.5;8.0;8.6;9.0;10.0;12.0, those the installed nvcc can
+                                   build) plus PTX for the newest, also on a GPU host; set e.g.
+                                   "9.0" to build for one GPU family only (faster).
   MAX_JOBS                         parallel compile jobs (ninja).
 """
 
@@ -18,7 +20,6 @@ import sysconfig
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
 def _find_cuda_home():
@@ -61,14 +62,47 @@ if not with_cuda:
     print(f"lstm_fused: building the CPU operators only ({why}).")
 
 
-def _nvidia_wheel_includes():
-    """Header folders of torch's nvidia-* wheels (cuBLAS, cuSPARSE, cuDNN...), which torch's
-    CUDA headers include but a bare CUDA toolkit may not have."""
-    found = []
-    for site in sys.path:
-        for pattern in ("nvidia/*/include", "nvidia/*/*/include"):
-            found += glob.glob(os.path.join(site, pattern))
-    return sorted({os.path.realpath(p) for p in found if os.path.isdir(p)})
+# --- CUDA architectures, headers and C++ standard (issue 18) --------------------------------
+# As PyTorch's own CUDA 13 wheels (torch._C._cuda_getArchFlags() of 2.11 and 2.14: sm_75 to
+# sm_120), Turing through Blackwell; a GPU of a listed major version runs the code of the highest
+# listed minor below its own (8.9 runs 8.6's, 10.3 runs 10.0's, 12.1 runs 12.0's), and the newest
+# also goes in as PTX, which the driver compiles for GPUs newer than any listed.
+WHEEL_CUDA_ARCHS = ("7.5", "8.0", "8.6", "9.0", "10.0", "12.0")
+
+
+def _nvcc_gpu_codes(cuda_home):
+    """The sm_XY codes the toolkit's nvcc can build (`nvcc --list-gpu-code`), or None if it
+    cannot say (an nvcc older than 11)."""
+    import subprocess
+
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-code"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {line.strip() for line in out.splitlines() if line.strip().startswith("sm_")}
+
+
+def default_cuda_arch_list(codes):
+    """TORCH_CUDA_ARCH_LIST when the user sets none: WHEEL_CUDA_ARCHS that nvcc can build
+    (`codes`: {"sm_75", ...}, None = all), "+PTX" on the newest. "7.5;...;12.0+PTX"."""
+    archs = [a for a in WHEEL_CUDA_ARCHS if codes is None or "sm_" + a.replace(".", "") in codes]
+    if not archs:
+        raise SystemExit(f"lstm_fused: this nvcc builds none of {', '.join(WHEEL_CUDA_ARCHS)} "
+                         f"(it lists {sorted(codes)}); set TORCH_CUDA_ARCH_LIST")
+    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
+
+
+# Only the CUDA runtime and NVTX headers are needed (csrc/cuda includes c10/cuda, not ATen/cuda,
+# whose cuBLAS/cuSPARSE/cuSOLVER headers a bare toolkit may lack): the toolkit's own include
+# folder, which torch.utils.cpp_extension adds, is the only CUDA header folder. No -std flag:
+# cpp_extension adds the standard the installed torch asks for (C++17 with torch 2.11, C++20 with
+# 2.13 and 2.14); our sources are C++17, so both build.
+# A register spill in our kernels fails the build: ptxas warns about it (-warn-spills) and its
+# -Werror makes its warnings errors (ptxas's own flag: nvcc's and the host compiler's warnings
+# are unaffected). tests/test_build.py checks that a spilling kernel fails with these flags.
+CUDA_NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills", "-Xptxas=-Werror"]
+# --- end of the CUDA architectures, headers and standard ------------------------------------
 
 
 def _sources(pattern):
@@ -76,7 +110,7 @@ def _sources(pattern):
 
 
 # -Wno-unknown-pragmas: torch's vectorised headers carry `#pragma unroll` for other compilers.
-cxx_flags = ["-O3", "-std=c++20", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
+cxx_flags = ["-O3", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
 # at::parallel_for is a header template: without OpenMP at OUR compile time it runs every chunk on
 # one thread. libgomp itself is the one torch already loaded (same soname).
 openmp_flags = ["-fopenmp"] if sys.platform.startswith("linux") else []
@@ -90,25 +124,17 @@ include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = []
 extra_compile_args = {"cxx": cxx_flags}
 
-# A register spill in our kernels fails the build: ptxas warns about it (-warn-spills) and its
-# -Werror makes its warnings errors (ptxas's own flag: nvcc's and the host compiler's warnings
-# are unaffected). tests/test_build.py checks that a spilling kernel fails with these flags.
-NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills",
-              "-Xptxas=-Werror"]
-
 if with_cuda:
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # also on a GPU host: PTX for what comes
+        os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list(_nvcc_gpu_codes(cuda_home))
     print(f"lstm_fused: building CUDA kernels with {cuda_home} for "
-          f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(detected GPUs)')}.")
+          f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}.")
     sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
-    include_dirs += _nvidia_wheel_includes()
     define_macros.append(("LSTM_FUSED_WITH_CUDA", "1"))
-    extra_compile_args["nvcc"] = NVCC_FLAGS
+    extra_compile_args["nvcc"] = CUDA_NVCC_FLAGS
     Extension = cpp_extension.CUDAExtension
 else:
     Extension = cpp_extension.CppExtension
-
 
 
 class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):

@@ -49,7 +49,7 @@ def normalize_peephole(peephole) -> str | None:
 
 
 def _gate_names(coupled: bool) -> tuple[str, ...]:
-    """Order of the gate blocks in weight_ih / weight_hh / biases (DESIGN.md section 2)."""
+    """Order of the gate blocks in weight_ih / weight_hh / biases (docs/design.md, "Parameters")."""
     return ("f", "g", "o") if coupled else ("i", "f", "g", "o")
 
 

@@ -8,7 +8,7 @@ saved inputs, as plain torch ops, and differentiated with ``create_graph=True``.
 such a backward is one unfused forward and its backward (the speed of the plain-PyTorch loop);
 the second backward then runs through that unfused graph.
 
-The equations are those of DESIGN.md section 1, written once more on purpose: the reference
+The equations are those of docs/design.md ("The math"), written once more on purpose: the reference
 twin (lstm_fused.reference) is the tests' oracle and shares no code with the library.
 
 Shapes: B batch, I input, H hidden, R projection (or H), G gate blocks (4, 3 when coupled),

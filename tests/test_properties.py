@@ -4,12 +4,16 @@ their plain-PyTorch twin (lstm_fused.reference) in float64, forward and gradient
 import pytest
 import torch
 from conftest import VARIANTS, assert_close, make_params
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_fused
 from lstm_fused import functional, reference
+
+# Optional: without hypothesis this module is skipped, and the rest of the suite (pytest -m cuda
+# on a GPU host that lacks it) still collects.
+hypothesis = pytest.importorskip("hypothesis", reason="the property tests need hypothesis")
+st = pytest.importorskip("hypothesis.strategies")
+given, settings = hypothesis.given, hypothesis.settings
 
 pytestmark = pytest.mark.filterwarnings("ignore:dropout option adds dropout")
 

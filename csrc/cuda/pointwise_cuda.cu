@@ -1,6 +1,8 @@
 // The CUDA pointwise kernels, launched on PyTorch's current stream. No host synchronisation.
-#include <ATen/cuda/CUDAContext.h>
+// c10/cuda, not ATen/cuda/CUDAContext.h: the stream is all we need, and ATen/cuda pulls in the
+// cuBLAS/cuSPARSE/cuSOLVER headers, which a bare CUDA toolkit may lack.
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 
 #define LSTM_KERNELS_NAMESPACE cuda
 #define LSTM_GEOMETRY(elements) ::lstm_fused::pointwise_geometry(elements)
@@ -8,7 +10,7 @@
   do {                                                                              \
     kernel<<<static_cast<unsigned>((geometry).blocks),                              \
              static_cast<unsigned>((geometry).threads), 0,                          \
-             at::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);                      \
+             c10::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);                     \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                 \
   } while (0)
 
