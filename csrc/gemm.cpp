@@ -43,6 +43,7 @@ const OneDnnLinear& onednn() {
 // (H = 256: the forward 0.92x ATen's time, H = 1024: 0.74x forward, 0.84x forward+backward);
 // below that ATen was faster (H = 64: 1.7x, H = 128, B = 16: 1.35x, and the H = 256 backward GEMMs,
 // [B, 4H] x [4H, H], 1.07x). `env`: LSTM_FUSED_CPU_GEMM=aten|onednn overrides the choice.
+// (oneDNN only for a dtype it supports on this CPU, see onednn_supports).
 constexpr int64_t kOneDnnMinOutputs = 1024, kOneDnnMinInputs = 256;
 
 enum class Choice { Auto, Aten, OneDnn };
@@ -55,10 +56,36 @@ Choice forced_choice() {
   return Choice::Auto;
 }
 
+// Whether oneDNN can compute in `dtype` on this CPU, as capped by ONEDNN_MAX_CPU_ISA: without
+// AVX-512 (or AVX2-VNNI-2) it has no bfloat16/float16 inner product and fails to create one. Asked
+// once per dtype through torch's own queries (mkldnn::_is_mkldnn_bf16_supported / _fp16_), which
+// ask oneDNN itself and so see the cap.
+bool onednn_supports(at::ScalarType dtype) {
+  auto query = [](const char* name) {
+    const auto op = c10::Dispatcher::singleton().findSchema({name, ""});
+    return at::hasMKLDNN() && op.has_value() && op->typed<bool()>().call();
+  };
+  switch (dtype) {
+    case at::kFloat:
+      return at::hasMKLDNN();
+    case at::kBFloat16: {
+      static const bool bf16 = query("mkldnn::_is_mkldnn_bf16_supported");
+      return bf16;
+    }
+    case at::kHalf: {
+      static const bool fp16 = query("mkldnn::_is_mkldnn_fp16_supported");
+      return fp16;
+    }
+    default:
+      return false;
+  }
+}
+
 bool use_onednn(const Tensor& x, const Tensor& weight) {
   const auto dtype = x.scalar_type();
   if (!x.device().is_cpu() || (dtype != at::kFloat && dtype != at::kBFloat16) ||
-      !onednn().unary.has_value() || x.size(0) == 0 || x.size(1) == 0) {
+      !onednn_supports(dtype) || !onednn().unary.has_value() || x.size(0) == 0 ||
+      x.size(1) == 0) {
     return false;
   }
   switch (forced_choice()) {
