@@ -2,6 +2,7 @@
 # make test   set up .venv, build, run the whole test suite
 # make build  set-up alone (incremental: ninja recompiles only what changed)
 # make test-gpu  the CUDA suite (skipped, with the reason, where no GPU is present)
+# make test-asan the core tests and a kernel stress under ASan + UBSan (own CPU-only build)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -28,6 +29,12 @@ test: build
 # The CUDA suite; without a GPU every test is reported as skipped, with the reason (exit 0).
 test-gpu: build
 	$(PY) -m pytest tests -m cuda $(PYTEST_FLAGS)
+
+# ASan + UBSan build of the CPU operators in build/asan/ (the in-place build is untouched), then
+# tests/test_layer.py, test_cell.py, test_reliability.py and tests/asan/stress.py against it.
+.PHONY: test-asan
+test-asan: $(STAMP)
+	PY=$(abspath $(PY)) tests/asan/run_asan.sh
 
 # Re-record ptxas's register/spill report of the CUDA kernels (docs/ptxas/, ~20 s, no GPU needed).
 ptxas: $(STAMP)

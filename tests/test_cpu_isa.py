@@ -8,7 +8,7 @@ one without:
   reports) warns and runs the best kernels the CPU supports;
 - half precision where oneDNN has no bfloat16/float16 (ONEDNN_MAX_CPU_ISA=AVX2, as on a CPU
   without AVX-512): bf16 and fp16 layers and cells of every variant at H = 256 (large enough for
-  the oneDNN GEMM path), CPU autocast, and the half-precision test file.
+  the oneDNN GEMM path), CPU autocast, and the half-precision and autocast tests.
 """
 
 import json
@@ -186,8 +186,9 @@ def test_half_precision_h256_and_autocast_without_onednn_bf16(level):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("level", CAPPED)
-def test_half_precision_and_cell_suites_without_onednn_bf16(level):
-    """tests/test_half_precision.py and test_cell.py in a fresh process with the CPU capped."""
-    run_fresh(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-               "tests/test_half_precision.py", "tests/test_cell.py"],
+def test_half_precision_suite_without_onednn_bf16(level):
+    """tests/test_half_precision.py and the CPU autocast tests in a fresh process with the CPU
+    capped."""
+    run_fresh(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "half or autocast",
+               "tests/test_half_precision.py", "tests/test_gpu_readiness.py"],
               ATEN_CPU_CAPABILITY=level, ONEDNN_MAX_CPU_ISA="AVX2")
