@@ -12,6 +12,11 @@ state_dict / checkpoint round trips.
     pytest tests/test_distributed.py                      # DDP, no_sync, FSDP2, compile(aot_eager)
     LSTM_FUSED_TEST_INDUCTOR=1 pytest tests/test_distributed.py   # + compile(inductor), slow
 
+Workers run with faulthandler and glibc's malloc checks (a past CI run aborted once in FSDP2 with
+`malloc(): unaligned tcache chunk detected`); a failure names the scenario and each rank's exit
+code or signal, with the tail of its output. tests/asan/fsdp2_loop.py loops a scenario, also
+under the sanitized build.
+
 FSDP1 (FullyShardedDataParallel) is not tested: on a machine without an accelerator it refuses
 to construct ("FSDP needs a non-CPU accelerator device"), even with device_id=None.
 """
