@@ -59,6 +59,8 @@ fi
     "$ROOT/tests/test_layer.py" "$ROOT/tests/test_cell.py" "$ROOT/tests/test_reliability.py"
 "$PY" -c 'import asan_plugin; asan_plugin.check_sanitized_build()'
 "$PY" "$ROOT/tests/asan/stress.py" --threads 2
+# The AVX2 build too (float: 8 lanes, double: 4), where the CPU has AVX-512.
+ATEN_CPU_CAPABILITY=avx2 "$PY" "$ROOT/tests/asan/stress.py" --threads 2
 # A sanitizer report without an abort (e.g. from a thread pytest did not follow) is a failure too.
 if compgen -G "$LOGS.*" >/dev/null; then
     echo "test-asan: sanitizer reports found"
