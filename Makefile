@@ -6,6 +6,7 @@
 # make test-gpu  the CUDA suite (skipped, with the reason, where no GPU is present)
 # make gpu-check OUT=dir  on a GPU host, with ITS python3 and torch (no .venv): build for its GPU,
 #                the CUDA suite, compute-sanitizer, the GPU benchmark, in < 8 min; dir/summary.md
+# make test-asan the core tests and a kernel stress under ASan + UBSan (own CPU-only build)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -47,6 +48,12 @@ test-gpu: build
 # The GPU kit (benchmarks/gpu_check.py): no GPU here writes "no GPU" into $(OUT)/summary.md, exit 0.
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py --out $(OUT)
+
+# ASan + UBSan build of the CPU operators in build/asan/ (the in-place build is untouched), then
+# tests/test_layer.py, test_cell.py, test_reliability.py and tests/asan/stress.py against it.
+.PHONY: test-asan
+test-asan: $(STAMP)
+	PY=$(abspath $(PY)) tests/asan/run_asan.sh
 
 bench: build
 	$(PY) benchmarks/bench.py

@@ -9,6 +9,7 @@ Environment switches:
                                    build) plus PTX for the newest, also on a GPU host; set e.g.
                                    "9.0" to build for one GPU family only (faster).
   MAX_JOBS                         parallel compile jobs (ninja).
+  LSTM_FUSED_SANITIZE=1            ASan + UBSan build of the CPU operators (tests/asan/run_asan.sh).
 """
 
 import glob
@@ -124,6 +125,17 @@ include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = []
 extra_compile_args = {"cxx": cxx_flags}
 
+# --- sanitizer build (make test-asan): LSTM_FUSED_SANITIZE=1, CPU operators only ---------------
+# ASan + UBSan, and explicit ASan checks on the masked SIMD loads/stores (csrc/cpu/asan_check.h).
+sanitize_flags = []
+if os.environ.get("LSTM_FUSED_SANITIZE") == "1":
+    if with_cuda:
+        sys.exit("LSTM_FUSED_SANITIZE=1 needs LSTM_FUSED_BUILD=cpu")
+    sanitize_flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+    cxx_flags += sanitize_flags + ["-O1", "-g"]
+    define_macros.append(("LSTM_FUSED_ASAN_CHECKS", "1"))
+# --- end of the sanitizer build -------------------------------------------------------------
+
 if with_cuda:
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # also on a GPU host: PTX for what comes
         os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list(_nvcc_gpu_codes(cuda_home))
@@ -156,7 +168,7 @@ setup(
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
-            extra_link_args=openmp_flags,
+            extra_link_args=openmp_flags + sanitize_flags,
         )
     ],
     cmdclass={"build_ext": BuildExtension},

@@ -1,7 +1,17 @@
 """The CPU kernels are compiled for several instruction sets (baseline, AVX2, AVX-512) and chosen
-at run time like ATen's, so each build is checked on its own: a fresh process with
-ATEN_CPU_CAPABILITY set runs every variant's layer forward and backward against the reference."""
+at run time like ATen's, but never beyond what the CPU reports (cpuid). Each check runs in a fresh
+process with the CPU features capped, so that a machine with AVX-512 also catches what breaks on
+one without:
 
+- every build of our kernels against the reference (ATEN_CPU_CAPABILITY=default|avx2|avx512);
+- forcing an ISA the CPU lacks (played with LSTM_FUSED_TEST_CPU_ISA, which lowers what cpuid
+  reports) warns and runs the best kernels the CPU supports;
+- half precision where oneDNN has no bfloat16/float16 (ONEDNN_MAX_CPU_ISA=AVX2, as on a CPU
+  without AVX-512): bf16 and fp16 layers and cells of every variant at H = 256 (large enough for
+  the oneDNN GEMM path), CPU autocast, and the half-precision and autocast tests.
+"""
+
+import json
 import os
 import re
 import shutil
@@ -17,50 +27,71 @@ ROOT = Path(__file__).resolve().parents[1]
 LEVELS = ["default", "avx2", "avx512"]
 
 CHECK = r"""
+import json
+import warnings
+
 import torch
 import lstm_fused
 from lstm_fused import reference
 
-assert torch.backends.cpu.get_cpu_capability() == {expected!r}, torch.backends.cpu.get_cpu_capability()
 torch.manual_seed(0)
 T, B, I, H = 6, 5, 7, 37            # H not a multiple of any SIMD width: tails are exercised
-for peephole in (None, "diagonal", "full"):
-    for coupled in (False, True):
-        for dtype, tol in ((torch.float32, {tol32!r}), (torch.float64, {tol64!r})):
-            fused = lstm_fused.LSTM(I, H, peephole=peephole, coupled=coupled, dtype=dtype)
-            ref = lstm_fused.LSTM(I, H, peephole=peephole, coupled=coupled, dtype=dtype)
-            ref.load_state_dict(fused.state_dict())
-            ref._layer_fn = reference.lstm_layer
-            x = torch.randn(T, B, I, dtype=dtype)
-            results = []
-            for m in (fused, ref):
-                xi = x.clone().requires_grad_()
-                out, (h, c) = m(xi)
-                (out.square().sum() + h.sum() + c.sum()).backward()
-                results.append([out, h, c, xi.grad] + [p.grad for p in m.parameters()])
-            for a, b in zip(*results):
-                torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-print("ok")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for peephole in (None, "diagonal", "full"):
+        for coupled in (False, True):
+            for dtype, tol in ((torch.float32, TOL32), (torch.float64, TOL64)):
+                fused = lstm_fused.LSTM(I, H, peephole=peephole, coupled=coupled, dtype=dtype)
+                ref = lstm_fused.LSTM(I, H, peephole=peephole, coupled=coupled, dtype=dtype)
+                ref.load_state_dict(fused.state_dict())
+                ref._layer_fn = reference.lstm_layer
+                x = torch.randn(T, B, I, dtype=dtype)
+                results = []
+                for m in (fused, ref):
+                    xi = x.clone().requires_grad_()
+                    out, (h, c) = m(xi)
+                    (out.square().sum() + h.sum() + c.sum()).backward()
+                    results.append([out, h, c, xi.grad] + [p.grad for p in m.parameters()])
+                for a, b in zip(*results):
+                    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    kernels = torch.ops.lstm_fused.cpu_kernel_isa()
+print(json.dumps({"torch": torch.backends.cpu.get_cpu_capability(), "kernels": kernels,
+                  "warnings": [str(w.message) for w in caught if "lstm_fused" in str(w.message)]}))
 """
 
 
-def capability_order(name):
-    return LEVELS.index(name.lower())
+def machine_level():
+    return torch.backends.cpu.get_cpu_capability().lower()
+
+
+def supports(level):
+    machine = machine_level()
+    return machine in LEVELS and LEVELS.index(level) <= LEVELS.index(machine)
+
+
+def run_fresh(args, timeout=600, **env):
+    """Runs `python args...` in a fresh process with `env` added; returns the CompletedProcess."""
+    run = subprocess.run([sys.executable, *args], check=False, cwd=ROOT, capture_output=True,
+                         text=True, timeout=timeout,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), **env))
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    return run
+
+
+def run_check(**env):
+    tol = TOLERANCES["reference"]
+    check = f"TOL32, TOL64 = {tol[torch.float32]!r}, {tol[torch.float64]!r}\n" + CHECK
+    return json.loads(run_fresh(["-c", check], **env).stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("level", LEVELS)
 def test_each_cpu_kernel_build_matches_reference(level):
-    machine = torch.backends.cpu.get_cpu_capability().lower()
-    if machine not in LEVELS or capability_order(level) > capability_order(machine):
-        pytest.skip(f"this CPU supports up to {machine}, not {level}")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=level, PYTHONPATH=str(ROOT))
-    tol = TOLERANCES["reference"]
-    check = CHECK.format(expected=level.upper(), tol32=tol[torch.float32], tol64=tol[torch.float64])
-    run = subprocess.run([sys.executable, "-c", check], check=False, cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip().endswith("ok")
+    if not supports(level):
+        pytest.skip(f"this CPU supports up to {machine_level()}, not {level}")
+    result = run_check(ATEN_CPU_CAPABILITY=level)
+    assert result == {"torch": level.upper(), "kernels": level.upper(), "warnings": []}
+
 
 
 # --- link order: no AVX code can stand in for baseline code -----------------------------------
@@ -119,3 +150,109 @@ def test_isa_build_exports_no_avx_code_under_a_shared_name(isa):
     names = _run("c++filt", *shared).splitlines() if shared else []
     foreign = [name for name in names if not name.startswith(ISA_OWN_NAMESPACES[isa])]
     assert not foreign, f"{len(foreign)} shared functions compiled with {isa}: {foreign[:3]}"
+
+# (what ATEN_CPU_CAPABILITY asks for, what the played CPU has)
+FORCED = [("avx512", "avx2"), ("avx512", "default"), ("avx2", "default")]
+
+
+@pytest.mark.parametrize("requested,cpu", FORCED, ids=[f"{r}-on-{c}" for r, c in FORCED])
+def test_forcing_an_isa_the_cpu_lacks_warns_and_runs_the_best_supported(requested, cpu):
+    """torch believes ATEN_CPU_CAPABILITY; our kernels ask cpuid, warn once, and fall back to the
+    best build the CPU runs (still matching the reference) instead of dying with SIGILL."""
+    if not supports(requested):
+        pytest.skip(f"this CPU supports up to {machine_level()}: torch's own {requested} "
+                    "kernels would not run")
+    result = run_check(ATEN_CPU_CAPABILITY=requested, LSTM_FUSED_TEST_CPU_ISA=cpu)
+    assert result["torch"] == requested.upper()
+    assert result["kernels"] == cpu.upper()
+    assert len(result["warnings"]) == 1, result["warnings"]
+    warning = result["warnings"][0]
+    assert f"CPU capability is {requested.upper()} (ATEN_CPU_CAPABILITY={requested})" in warning
+    assert f"only supports {cpu.upper()}" in warning and f"its {cpu.upper()} kernels" in warning
+
+
+def test_played_cpu_can_only_lower_what_cpuid_reports():
+    """LSTM_FUSED_TEST_CPU_ISA above torch's level changes nothing (and never adds features)."""
+    result = run_check(ATEN_CPU_CAPABILITY="default", LSTM_FUSED_TEST_CPU_ISA="avx512")
+    assert result == {"torch": "DEFAULT", "kernels": "DEFAULT", "warnings": []}
+
+
+HALF_CHECK = r"""
+import torch
+import lstm_fused
+from lstm_fused import reference
+
+assert not torch.ops.mkldnn._is_mkldnn_bf16_supported(), "oneDNN is not capped"
+VARIANTS = [(None, False), ("diagonal", False), ("full", False),
+            (None, True), ("diagonal", True), ("full", True)]
+TOL = {torch.bfloat16: 4e-2, torch.float16: 8e-3}   # as tests/test_half_precision.py
+T, B, H = 5, 3, 256
+
+
+def assert_close(actual, expected, dtype, what):
+    scale = expected.abs().max().clamp(min=1.0)
+    error = (actual.float() - expected.float()).abs().max()
+    assert error <= TOL[dtype] * scale, f"{what}: max error {error:.3g}, scale {scale:.3g}"
+
+
+torch.manual_seed(0)
+for peephole, coupled in VARIANTS:
+    for dtype in (torch.bfloat16, torch.float16):
+        what = f"{peephole}/{'coupled' if coupled else 'standard'}/{dtype}"
+        half = lstm_fused.LSTM(H, H, peephole=peephole, coupled=coupled, dtype=dtype)
+        ref = lstm_fused.LSTM(H, H, peephole=peephole, coupled=coupled)
+        ref._layer_fn = reference.lstm_layer
+        ref.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+        x = torch.randn(T, B, H).to(dtype)
+        got, expected = [], []
+        for module, inputs, results in ((half, x, got), (ref, x.float(), expected)):
+            inputs = inputs.clone().requires_grad_()
+            out, (h_n, c_n) = module(inputs)
+            (out.float().sum() + h_n.float().square().sum()).backward()
+            results += [out, h_n, c_n, inputs.grad, *(p.grad for p in module.parameters())]
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert a.dtype == dtype, f"{what} layer result {i}: {a.dtype}"
+            assert_close(a, b, dtype, f"{what} layer result {i}")
+
+        cell = lstm_fused.LSTMCell(H, H, peephole=peephole, coupled=coupled, dtype=dtype)
+        xc, hc, cc = (torch.randn(B, H) for _ in range(3))
+        params = [p.float() if p is not None else None for p in cell._parameters_for("")]
+        want = reference.lstm_cell(xc, hc, cc, *params, peephole=peephole, coupled=coupled)
+        have = cell(xc.to(dtype), (hc.to(dtype), cc.to(dtype)))
+        for a, b, name in zip(have, want, ("h", "c")):
+            assert_close(a, b, dtype, f"{what} cell {name}")
+
+    # CPU autocast (bfloat16) of a float32 model: bf16 outputs, float32 gradients.
+    model = lstm_fused.LSTM(H, H, peephole=peephole, coupled=coupled)
+    x = torch.randn(T, B, H, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = model(x)
+    assert out.dtype == torch.bfloat16, out.dtype
+    out.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        assert_close(out, model(x)[0], torch.bfloat16, f"{peephole}/{coupled} autocast")
+print("ok")
+"""
+
+# ATEN_CPU_CAPABILITY values played together with oneDNN capped to AVX2 (no bf16/fp16 there).
+CAPPED = ["default", "avx2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", CAPPED)
+def test_half_precision_h256_and_autocast_without_onednn_bf16(level):
+    """bf16/fp16 layers and cells of every variant at H = 256, and CPU autocast, on a CPU played
+    without AVX-512 (where oneDNN cannot create a bf16 inner product)."""
+    run = run_fresh(["-c", HALF_CHECK], ATEN_CPU_CAPABILITY=level, ONEDNN_MAX_CPU_ISA="AVX2")
+    assert run.stdout.strip().endswith("ok")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", CAPPED)
+def test_half_precision_suite_without_onednn_bf16(level):
+    """tests/test_half_precision.py and the CPU autocast tests in a fresh process with the CPU
+    capped."""
+    run_fresh(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "half or autocast",
+               "tests/test_half_precision.py"],
+              ATEN_CPU_CAPABILITY=level, ONEDNN_MAX_CPU_ISA="AVX2")

@@ -12,13 +12,20 @@ state_dict / checkpoint round trips.
     pytest tests/test_distributed.py                      # DDP, no_sync, FSDP2, compile(aot_eager)
     LSTM_FUSED_TEST_INDUCTOR=1 pytest tests/test_distributed.py   # + compile(inductor), slow
 
+Workers run with faulthandler and glibc's malloc checks (a past CI run aborted once in FSDP2 with
+`malloc(): unaligned tcache chunk detected`); a failure names the scenario and each rank's exit
+code or signal, with the tail of its output. tests/asan/fsdp2_loop.py loops a scenario, also
+under the sanitized build.
+
 FSDP1 (FullyShardedDataParallel) is not tested: on a machine without an accelerator it refuses
 to construct ("FSDP needs a non-CPU accelerator device"), even with device_id=None.
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +46,8 @@ import lstm_fused
 WORLD = 2
 TIMEOUT = 240  # seconds for the workers (all scenarios): then they are killed, the tests fail
 REPO = Path(__file__).resolve().parent.parent
+# The workers import the lstm_fused this process imported (e.g. the sanitized build of tests/asan).
+PACKAGE_ROOT = str(Path(lstm_fused.__file__).resolve().parent.parent)
 
 # Model and data sizes: small, so that the whole file stays well under a minute on 2 cores.
 I, H, O, T, B_LOCAL, STEPS = 5, 6, 2, 7, 4, 4
@@ -68,7 +77,8 @@ def run_workers(scenarios: list[str], tmp_path: Path, timeout: float) -> dict[st
     for rank in range(WORLD):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                    LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+                   PYTHONPATH=os.pathsep.join([PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]),
+                   **_diagnostic_env())
         log = open(tmp_path / f"rank{rank}.log", "w+")  # noqa: SIM115  (closed below)
         logs.append(log)
         procs.append(subprocess.Popen(
@@ -104,13 +114,39 @@ def run_workers(scenarios: list[str], tmp_path: Path, timeout: float) -> dict[st
             results[scenario] = None
             continue
         why = (f"workers killed after {timeout}s" if timed_out else
-               f"worker exit codes {[p.returncode for p in procs]}")
+               "; ".join(f"rank {r}: {_exit_status(p.returncode)}" for r, p in enumerate(procs)))
         started = any(f"@@ BEGIN {scenario}\n" in out for out in outputs)
         results[scenario] = (
             f"{scenario} {'failed' if started else 'did not run'} ({why}):\n" + "\n".join(
                 f"----- rank {r} -----\n{section(out, scenario)[-6000 if started else -1500:]}"
                 for r, out in enumerate(outputs)))
     return results
+
+
+def _diagnostic_env() -> dict[str, str]:
+    """Makes a worker's crash say where it happened: faulthandler prints every thread's Python
+    stack on a fatal signal, and glibc's malloc checks (level 3: report and abort) stop at the
+    first heap inconsistency instead of a later, unrelated allocation. glibc >= 2.34 needs
+    libc_malloc_debug.so preloaded for them; under ASan (tests/asan) its allocator checks instead."""
+    env = {"PYTHONFAULTHANDLER": "1"}
+    preload = os.environ.get("LD_PRELOAD", "")
+    if "libasan" in preload:
+        return env
+    env["MALLOC_CHECK_"] = "3"
+    debug = ctypes.util.find_library("c_malloc_debug")
+    if debug:
+        env["LD_PRELOAD"] = f"{preload}:{debug}" if preload else debug
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"),
+                                                       "glibc.malloc.check=3"]))
+    return env
+
+
+def _exit_status(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        return f"killed by signal {signal.Signals(-returncode).name}"
+    return f"exit code {returncode}"
 
 
 def _check(results: dict, scenario: str) -> None:
@@ -171,7 +207,7 @@ def _worker_main(scenarios: str, tmp_dir: str) -> None:
 def _check_all_ok(scenario: str) -> None:
     """Every case of the scenario printed its OK line (guards against a silently empty loop)."""
     configs = _compile_configs if scenario.startswith("compile") else (lambda variant: CONFIGS)
-    expected = sum(len(configs(v)) for v in VARIANTS)
+    expected = sum(len(configs(v)) for v in _variants())
     assert _ok_lines[scenario] == expected, f"{scenario}: {_ok_lines[scenario]} of {expected} OK"
 
 
@@ -255,8 +291,19 @@ def assert_same_on_all_ranks(tensors, what):
         assert torch.equal(other, flat), f"{what}: rank {r} differs from rank {dist.get_rank()}"
 
 
+def _variants():
+    """conftest.VARIANTS, or only those whose ids (conftest.variant_id) are listed, comma-separated,
+    in LSTM_FUSED_TEST_DIST_VARIANTS (tests/asan/fsdp2_loop.py loops one variant)."""
+    wanted = os.environ.get("LSTM_FUSED_TEST_DIST_VARIANTS")
+    if not wanted:
+        return VARIANTS
+    chosen = [v for v in VARIANTS if variant_id(v) in wanted.split(",")]
+    assert chosen, f"LSTM_FUSED_TEST_DIST_VARIANTS={wanted!r} names no variant"
+    return chosen
+
+
 def cases(configs_of=lambda variant: CONFIGS):
-    for variant in VARIANTS:
+    for variant in _variants():
         for name, config in configs_of(variant).items():
             yield f"{variant_id(variant)}/{name}", variant, config
 

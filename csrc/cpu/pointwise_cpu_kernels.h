@@ -34,6 +34,7 @@ inline at::vec::Vectorized<T> lstm_tanh(at::vec::Vectorized<T> x) { return x.tan
 }  // namespace lstm_fused
 
 #include "../pointwise.h"
+#include "asan_check.h"
 
 namespace lstm_fused::CPU_CAPABILITY {
 
@@ -46,8 +47,14 @@ struct SimdIO {
   using storage_t = scalar_t;
   using V = at::vec::Vectorized<scalar_t>;
   static constexpr int kWidth = V::size();
-  static V load(const scalar_t* p, int n) { return n == kWidth ? V::loadu(p) : V::loadu(p, n); }
-  static void store(scalar_t* p, V v, int n) { v.store(p, n); }
+  static V load(const scalar_t* p, int n) {
+    LSTM_FUSED_ASAN_CHECK(p, n, false);
+    return n == kWidth ? V::loadu(p) : V::loadu(p, n);
+  }
+  static void store(scalar_t* p, V v, int n) {
+    LSTM_FUSED_ASAN_CHECK(p, n, true);
+    v.store(p, n);
+  }
 };
 
 template <typename scalar_t>
