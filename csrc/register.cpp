@@ -46,6 +46,9 @@ TORCH_LIBRARY(lstm_fused, m) {
 
 TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) { LSTM_FUSED_IMPL_ALL(m, DeviceOps<cpu_kernels>); }
 
+// Before the kernel of any device: the arguments' devices and layouts (ops.h).
+TORCH_LIBRARY_IMPL(lstm_fused, BackendSelect, m) { register_argument_checks(m); }
+
 // The same operators running the CUDA kernels on the CPU (tests only), with the launch grid as
 // two extra arguments (0, 0 = the grid the CUDA launcher would choose).
 template <auto kOp>
