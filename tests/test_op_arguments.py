@@ -152,7 +152,7 @@ def expect_rejected(op, call, what, error, name):
     """None if op(**call) raises exactly `error` with a message naming `name`, else why not."""
     try:
         op(**call)
-    except Exception as raised:  # the type is what is checked
+    except Exception as raised:  # noqa: BLE001 - its exact type is checked below
         if type(raised) is not error or not names(str(raised), name):
             return f"{what}: {type(raised).__name__} (expected {error.__name__} naming {name}): " \
                    f"{str(raised).splitlines()[0][:160]}"
@@ -166,6 +166,9 @@ def expect_rejected(op, call, what, error, name):
 @library_params
 @config_params
 def test_each_spoiled_tensor_argument_raises_naming_it(library, config):
+    """Each op of the config: the valid call passes; each present tensor argument, spoiled by
+    each spoiler, makes it raise the spoiler's exception type with the argument's name (all
+    failures of the config are listed together)."""
     failures, spoiled_count = [], 0
     for name, kwargs in config.calls().items():
         op = op_of(library, name)
@@ -187,7 +190,7 @@ def test_each_spoiled_tensor_argument_raises_naming_it(library, config):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("library", LIBRARIES, ids=["ops", "host_shim"])
+@library_params
 def test_every_tensor_argument_is_spoiled(library):
     """Each Tensor and Tensor? argument of every op is present in some valid call above."""
     present = {name: set() for name in OP_NAMES}
