@@ -11,15 +11,29 @@ struct CellShape {
   int64_t batch, hidden;
 };
 
+// B and H come from c_prev, the reference for every other tensor argument.
 CellShape check_cell(const Tensor& gates, const Tensor& c_prev, const OptTensor& weight_ch,
                      Peephole peephole, bool coupled) {
+  const Named like{c_prev, "c_prev"};
   TORCH_CHECK_VALUE(c_prev.dim() == 2, "lstm_fused: expected c_prev of shape [B, H], got ",
                     c_prev.sizes());
-  check_floating(c_prev, "c_prev");
+  check_floating(like);
   const int64_t B = c_prev.size(0), H = c_prev.size(1);
-  check_arg(gates, "gates", c_prev, {B, num_gates(coupled) * H});
-  check_weight_ch(weight_ch, peephole, coupled, H, c_prev);
+  check_arg({gates, "gates"}, like, {B, num_gates(coupled) * H},
+            "[B, G*H], with B and H from c_prev and G = 3 gates if coupled, else 4");
+  check_weight_ch(weight_ch, peephole, coupled, H, like, "c_prev");
   return {B, H};
+}
+
+// cell_backward's other tensors: the forward's new cell state and the incoming gradients
+// (either may be absent: autograd passes None for an output that got no gradient).
+void check_cell_backward(const OptTensor& grad_h, const OptTensor& grad_c, const Tensor& c_prev,
+                         const Tensor& c, CellShape shape) {
+  const Named like{c_prev, "c_prev"};
+  const char* state = "[B, H] like c_prev";
+  check_arg({c, "c"}, like, {shape.batch, shape.hidden}, state);
+  if (grad_h) check_arg({*grad_h, "grad_h"}, like, {shape.batch, shape.hidden}, state);
+  if (grad_c) check_arg({*grad_c, "grad_c"}, like, {shape.batch, shape.hidden}, state);
 }
 
 // Full peepholes: the input/forget blocks (rows of weight_ch and columns of z) and the output one.
@@ -114,10 +128,9 @@ std::tuple<Tensor, Tensor, Tensor> cell_backward(const OptTensor& grad_h, const 
                                                  c10::string_view peephole, bool coupled,
                                                  const PointwiseKernels& kernels) {
   const Peephole kind = parse_peephole(peephole);
-  const auto [B, H] = check_cell(gates, c_prev, weight_ch, kind, coupled);
-  check_arg(c, "c", c_prev, {B, H});
-  if (grad_h) check_arg(*grad_h, "grad_h", c_prev, {B, H});
-  if (grad_c) check_arg(*grad_c, "grad_c", c_prev, {B, H});
+  const CellShape shape = check_cell(gates, c_prev, weight_ch, kind, coupled);
+  check_cell_backward(grad_h, grad_c, c_prev, c, shape);
+  const auto [B, H] = shape;
   const c10::OptionalDeviceGuard guard(c_prev.device());
   const bool full = kind == Peephole::Full;
   const Tensor g = rows_contiguous(gates), cp = rows_contiguous(c_prev), cc = rows_contiguous(c);

@@ -1,6 +1,8 @@
 #include <sstream>
 
 #include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
 
 #include "ops.h"
 
@@ -14,37 +16,81 @@ Peephole parse_peephole(c10::string_view peephole) {
                     std::string(peephole), "'");
 }
 
-void check_floating(const Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "lstm_fused: expected ", name,
+void check_floating(const Named& arg) {
+  const auto dtype = arg.tensor.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
+                       dtype == at::kBFloat16,
+                   "lstm_fused: expected ", arg.name,
                    " to be a floating-point tensor (float64, float32, float16 or bfloat16), got ",
-                   t.scalar_type());
+                   dtype);
 }
 
-void check_arg(const Tensor& t, const char* name, const Tensor& like, at::IntArrayRef sizes) {
-  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "lstm_fused: expected ", name,
-                   " to have dtype ", like.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), "lstm_fused: expected ", name, " on device ",
-              like.device(), ", got ", t.device());
-  TORCH_CHECK_VALUE(t.sizes() == sizes, "lstm_fused: expected ", name, " of shape ", sizes,
-                    ", got ", t.sizes());
+void check_device(const Named& arg, const Named& like) {
+  TORCH_CHECK(arg.tensor.device() == like.tensor.device(), "lstm_fused: expected ", arg.name,
+              " on device ", like.tensor.device(), ", got ", arg.tensor.device(),
+              "; every tensor argument must be on the device of ", like.name);
+}
+
+void check_arg(const Named& arg, const Named& like, at::IntArrayRef sizes, const char* shape) {
+  const Tensor& t = arg.tensor;
+  TORCH_CHECK_TYPE(t.scalar_type() == like.tensor.scalar_type(), "lstm_fused: expected ",
+                   arg.name, " to have dtype ", like.tensor.scalar_type(), ", got ",
+                   t.scalar_type(), "; every tensor argument must have the dtype of ", like.name);
+  check_device(arg, like);
+  TORCH_CHECK_VALUE(t.sizes() == sizes, "lstm_fused: expected ", arg.name, " of shape ", sizes,
+                    ", got ", t.sizes(), "; ", arg.name, " is ", shape);
 }
 
 void check_weight_ch(const OptTensor& weight_ch, Peephole peephole, bool coupled, int64_t hidden,
-                     const Tensor& like) {
+                     const Named& like, const char* hidden_from) {
+  if (peephole == Peephole::None) {
+    TORCH_CHECK_VALUE(!weight_ch.has_value(),
+                      "lstm_fused: weight_ch was given but peephole is 'none'");
+    return;
+  }
   const int64_t P = num_peepholes(coupled);
-  switch (peephole) {
-    case Peephole::None:
-      TORCH_CHECK_VALUE(!weight_ch.has_value(),
-                        "lstm_fused: weight_ch was given but peephole is 'none'");
-      return;
-    case Peephole::Diagonal:
-      TORCH_CHECK_VALUE(weight_ch.has_value(), "lstm_fused: peephole='diagonal' needs weight_ch");
-      check_arg(*weight_ch, "weight_ch", like, {P, hidden});
-      return;
-    case Peephole::Full:
-      TORCH_CHECK_VALUE(weight_ch.has_value(), "lstm_fused: peephole='full' needs weight_ch");
-      check_arg(*weight_ch, "weight_ch", like, {P * hidden, hidden});
-      return;
+  const char* variant = peephole == Peephole::Diagonal ? "diagonal" : "full";
+  TORCH_CHECK_VALUE(weight_ch.has_value(), "lstm_fused: peephole='", variant,
+                    "' needs weight_ch");
+  const std::string shape = c10::str(
+      peephole == Peephole::Diagonal ? "[P, H]" : "[P*H, H]", " for peephole='", variant,
+      "', with P = 2 peepholes if coupled, else 3, and H from ", hidden_from);
+  const int64_t rows = peephole == Peephole::Diagonal ? P : P * hidden;
+  check_arg({*weight_ch, "weight_ch"}, like, {rows, hidden}, shape.c_str());
+}
+
+namespace {
+
+// The boxed kernel of register_argument_checks(): checks the tensors on the stack by their schema
+// names, then passes the call on to the kernel of their device.
+void check_tensor_arguments(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                            torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const auto values = torch::jit::last(*stack, arguments.size());
+  std::optional<Named> first;
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    if (!values[i].isTensor()) continue;  // also an absent optional tensor (None)
+    const Named arg{values[i].toTensor(), arguments[i].name().c_str()};
+    TORCH_CHECK_TYPE(arg.tensor.layout() == at::kStrided, "lstm_fused: expected ", arg.name,
+                     " to be a dense (strided) tensor, got layout ", arg.tensor.layout());
+    if (first) {
+      check_device(arg, *first);
+    } else {
+      first.emplace(arg);
+    }
+  }
+  op.redispatchBoxed(
+      keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect),
+      stack);
+}
+
+}  // namespace
+
+void register_argument_checks(torch::Library& m) {
+  // BackendSelect: after autograd and autocast (which may cast the arguments), before the kernel
+  // of any device, Meta included.
+  for (const char* op : {"cell_forward", "cell_backward", "layer_forward", "layer_backward"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&check_tensor_arguments>());
   }
 }
 

@@ -77,28 +77,76 @@ struct LayerShape {
   int64_t gates, hidden, proj, input;
 };
 
+// Where the expected shapes come from (error messages): B (and the leading dimensions) from
+// input, I from input, G*H from weight_ih, R from weight_hr (or R = H without a projection).
+constexpr char kHiddenFrom[] = "weight_ih (H = its rows / G, G = 3 gates if coupled, else 4)";
+constexpr char kStateH[] =
+    "[B, R], with B from input (packed: batch_sizes[0]) and R from weight_hr, or H without it";
+constexpr char kStateC[] =
+    "[B, H], with B from input (packed: batch_sizes[0]) and H = weight_ih rows / G, G = 3 gates "
+    "if coupled, else 4";
+
 LayerShape check_layer(const Tensor& input, const Tensor& h0, const Tensor& c0,
                        const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias_ih,
                        const OptTensor& bias_hh, const OptTensor& weight_ch,
                        const OptTensor& weight_hr, const Schedule& schedule,
                        c10::string_view peephole, bool coupled) {
   LayerShape shape{parse_peephole(peephole), num_gates(coupled), 0, 0, input.size(-1)};
-  check_floating(input, "input");
+  const Named like{input, "input"};
+  check_floating(like);
   TORCH_CHECK_VALUE(weight_ih.dim() == 2 && weight_ih.size(0) % shape.gates == 0,
-                    "lstm_fused: expected weight_ih of shape [", shape.gates,
-                    "*hidden_size, input_size] for this variant, got ", weight_ih.sizes());
+                    "lstm_fused: expected weight_ih of shape [G*H, I], with G = ", shape.gates,
+                    " gates (coupled=", coupled ? "True" : "False", "), got ", weight_ih.sizes());
   shape.hidden = weight_ih.size(0) / shape.gates;
-  shape.proj = weight_hr ? weight_hr->size(0) : shape.hidden;
   const int64_t GH = shape.gates * shape.hidden;
-  check_arg(weight_ih, "weight_ih", input, {GH, shape.input});
-  check_arg(weight_hh, "weight_hh", input, {GH, shape.proj});
-  if (bias_ih) check_arg(*bias_ih, "bias_ih", input, {GH});
-  if (bias_hh) check_arg(*bias_hh, "bias_hh", input, {GH});
-  if (weight_hr) check_arg(*weight_hr, "weight_hr", input, {shape.proj, shape.hidden});
-  check_weight_ch(weight_ch, shape.peephole, coupled, shape.hidden, input);
-  check_arg(h0, "h0", input, {schedule.batch, shape.proj});
-  check_arg(c0, "c0", input, {schedule.batch, shape.hidden});
+  check_arg({weight_ih, "weight_ih"}, like, {GH, shape.input}, "[G*H, I], with I from input");
+  // c0 first: a wrong `coupled` shows as a wrong H, and its message says where H comes from.
+  check_arg({c0, "c0"}, like, {schedule.batch, shape.hidden}, kStateC);
+  TORCH_CHECK_VALUE(!weight_hr || weight_hr->dim() == 2,
+                    "lstm_fused: expected weight_hr of shape [R, H], got ", weight_hr->sizes());
+  shape.proj = weight_hr ? weight_hr->size(0) : shape.hidden;
+  if (weight_hr) {
+    check_arg({*weight_hr, "weight_hr"}, like, {shape.proj, shape.hidden},
+              "[R, H], with H = weight_ih rows / G, G = 3 gates if coupled, else 4");
+  }
+  check_arg({weight_hh, "weight_hh"}, like, {GH, shape.proj},
+            "[G*H, R], with G*H from weight_ih and R from weight_hr, or H without it");
+  check_arg({h0, "h0"}, like, {schedule.batch, shape.proj}, kStateH);
+  const char* bias = "[G*H], with G*H from weight_ih";
+  if (bias_ih) check_arg({*bias_ih, "bias_ih"}, like, {GH}, bias);
+  if (bias_hh) check_arg({*bias_hh, "bias_hh"}, like, {GH}, bias);
+  check_weight_ch(weight_ch, shape.peephole, coupled, shape.hidden, like, kHiddenFrom);
   return shape;
+}
+
+// The sizes of a per-row tensor of the layer: the leading dimensions of input, then `last`.
+std::vector<int64_t> per_row_sizes(const Tensor& input, int64_t last) {
+  std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end() - 1);
+  sizes.push_back(last);
+  return sizes;
+}
+
+// layer_backward's other tensors: the forward's outputs and the incoming gradients (any of which
+// may be absent: autograd passes None for an output that got no gradient).
+void check_layer_backward(const OptTensor& grad_output, const OptTensor& grad_h_n,
+                          const OptTensor& grad_c_n, const Tensor& input, const Tensor& output,
+                          const Tensor& gates, const Tensor& cells, const LayerShape& shape,
+                          const Schedule& schedule) {
+  const Named like{input, "input"};
+  const int64_t B = schedule.batch, H = shape.hidden, R = shape.proj;
+  const char* per_step_h =
+      "[..., R], with the leading dimensions of input and R from weight_hr, or H without it";
+  check_arg({output, "output"}, like, per_row_sizes(input, R), per_step_h);
+  check_arg({gates, "gates"}, like, per_row_sizes(input, shape.gates * H),
+            "[..., G*H], with the leading dimensions of input and G*H from weight_ih");
+  check_arg({cells, "cells"}, like, per_row_sizes(input, H),
+            "[..., H], with the leading dimensions of input and H = weight_ih rows / G, G = 3 "
+            "gates if coupled, else 4");
+  if (grad_output) {
+    check_arg({*grad_output, "grad_output"}, like, per_row_sizes(input, R), per_step_h);
+  }
+  if (grad_h_n) check_arg({*grad_h_n, "grad_h_n"}, like, {B, R}, kStateH);
+  if (grad_c_n) check_arg({*grad_c_n, "grad_c_n"}, like, {B, H}, kStateC);
 }
 
 // [N, D]: for every row, the state it started its step from. `states` holds the state after each
@@ -257,16 +305,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   Tensor h_n = state.h.defined()  ? state.final_h()
                : s.steps() == 0 ? h0.clone(at::MemoryFormat::Contiguous)
                                  : output.narrow(0, s.offsets[s.time(s.steps() - 1)], B).clone();
-  const auto lead = input.sizes().slice(0, input.dim() - 1);
-  auto with_last = [&](int64_t last) {
-    std::vector<int64_t> sizes(lead.begin(), lead.end());
-    sizes.push_back(last);
-    return sizes;
-  };
-  if (!need_backward) return {output.view(with_last(R)), h_n, state.final_c(),
+  if (!need_backward) return {output.view(per_row_sizes(input, R)), h_n, state.final_c(),
                              at::empty({0}, options), at::empty({0}, options)};
-  return {output.view(with_last(R)), h_n, state.final_c(),
-          gates.view(with_last(shape.gates * H)), cells.view(with_last(H))};
+  return {output.view(per_row_sizes(input, R)), h_n, state.final_c(),
+          gates.view(per_row_sizes(input, shape.gates * H)), cells.view(per_row_sizes(input, H))};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
@@ -280,6 +322,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const Schedule s = make_schedule(input, batch_sizes, reverse);
   const LayerShape shape = check_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
                                        weight_ch, weight_hr, s, peephole, coupled);
+  check_layer_backward(grad_output, grad_h_n, grad_c_n, input, output, gates, cells, shape, s);
   const c10::OptionalDeviceGuard guard(input.device());
   const int64_t B = s.batch, H = shape.hidden, R = shape.proj, N = s.rows;
   const int64_t GH = shape.gates * H;
@@ -292,12 +335,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const Tensor saved_gates = gates.reshape({N, GH}).contiguous();
   const Tensor c_all = cells.reshape({N, H}).contiguous();
   const Tensor c_init = c0.contiguous();
-  check_arg(out, "output", input, {N, R});
-  check_arg(saved_gates, "gates", input, {N, GH});
-  check_arg(c_all, "cells", input, {N, H});
   const Tensor grad_out = grad_output ? grad_output->reshape({N, R}).contiguous() : Tensor();
-  if (grad_h_n) check_arg(*grad_h_n, "grad_h_n", input, {B, R});
-  if (grad_c_n) check_arg(*grad_c_n, "grad_c_n", input, {B, H});
 
   Tensor grad_z = at::empty({N, GH}, options);
   // The gradients flowing back through the running states, dh_{t} and dc_{t}.

@@ -14,6 +14,10 @@
 
 #include "pointwise.h"
 
+namespace torch {
+class Library;
+}  // namespace torch
+
 namespace lstm_fused {
 
 using at::Tensor;
@@ -58,15 +62,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
 
 Peephole parse_peephole(c10::string_view peephole);
 
-// The kernels compute in floating point only: anything else is rejected up front, by name.
-void check_floating(const Tensor& t, const char* name);
+// --- argument checks: every tensor argument of every op, before any kernel runs --------------
+// Errors name the argument and say where its expected dtype, device and shape come from, with
+// nn.LSTM's exception types: TypeError for dtypes and layouts, ValueError for shapes and values,
+// RuntimeError for devices.
 
-// Checks a tensor argument: dtype and device equal to `like`, and the expected sizes.
-void check_arg(const Tensor& t, const char* name, const Tensor& like, at::IntArrayRef sizes);
+// A tensor argument and its name in the op schema.
+struct Named {
+  const Tensor& tensor;
+  const char* name;
+};
 
-// The shape weight_ch must have for a variant, or an error when it is missing or unexpected.
+// The kernels compute in float64, float32, float16 and bfloat16 only: anything else is rejected
+// up front, by name.
+void check_floating(const Named& arg);
+
+// `arg` on the device of `like` (the reference argument of the op).
+void check_device(const Named& arg, const Named& like);
+
+// A tensor argument: the dtype and device of `like` (the op's reference argument, input or
+// c_prev), and the expected sizes; `shape` says where they come from, for the error message
+// (e.g. "[B, H] like c_prev"). Devices are checked before dispatch too (register_argument_checks);
+// the drivers check them again, by the reference's name, as they need them to be right.
+void check_arg(const Named& arg, const Named& like, at::IntArrayRef sizes, const char* shape);
+
+// The shape weight_ch must have for a variant, or an error when it is missing or unexpected;
+// `hidden_from` names the argument H comes from.
 void check_weight_ch(const OptTensor& weight_ch, Peephole peephole, bool coupled, int64_t hidden,
-                     const Tensor& like);
+                     const Named& like, const char* hidden_from);
+
+// Registers, for every op of `m`'s library (lstm_fused or the host shim's), a check that runs
+// before the device kernels: every tensor argument strided and on the device of the first one.
+// The dispatcher picks the kernel from the devices of all arguments, so a mixed call would
+// otherwise reach the CUDA kernels with a CPU pointer, or the fake (meta) kernel unchecked.
+void register_argument_checks(torch::Library& m);
 
 // The tensor itself when its last dimension is contiguous (the kernels' only layout need).
 Tensor rows_contiguous(const Tensor& t);

@@ -135,4 +135,7 @@ TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {
   m.impl("cell_step", &DeviceOps<cpu_kernels>::cell_step);
 }
 
+// Before the kernel of any device: the arguments' devices and layouts (ops.h).
+TORCH_LIBRARY_IMPL(lstm_fused, BackendSelect, m) { register_argument_checks(m); }
+
 }  // namespace lstm_fused

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #define LSTM_FUSED_HOST_SHIM 1
 #define __host__
@@ -50,6 +51,7 @@ LaunchGeometry host_shim_geometry(int64_t elements);
   } while (0)
 
 #include "../cuda/pointwise_kernels.cuh"
+#include "../ops.h"
 #include "host_shim.h"
 
 namespace lstm_fused {
@@ -69,7 +71,9 @@ const PointwiseKernels& host_shim_kernels() {
 }
 
 ScopedHostShimGeometry::ScopedHostShimGeometry(int64_t blocks, int64_t threads) {
-  TORCH_CHECK(blocks >= 0 && threads >= 0, "host shim geometry must be non-negative");
+  TORCH_CHECK_VALUE(blocks >= 0 && threads >= 0,
+                    "host shim: blocks and threads must be non-negative, got ", blocks, " and ",
+                    threads);
   if (blocks > 0 && threads > 0) forced_geometry = LaunchGeometry{blocks, threads};
 }
 
@@ -82,3 +86,8 @@ std::vector<int64_t> host_shim_take_launches() {
 }
 
 }  // namespace lstm_fused
+
+// The shim's ops take the same argument checks as lstm_fused's, before their kernel.
+TORCH_LIBRARY_IMPL(lstm_fused_host_shim, BackendSelect, m) {
+  lstm_fused::register_argument_checks(m);
+}
