@@ -561,9 +561,9 @@ def count_launches(path: str) -> int:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    import gpu_step_cost as model
-
     import lstm_fused
+
+    import gpu_step_cost as model
 
     if not torch.cuda.is_available():
         raise SystemExit("--launches needs a CUDA GPU")

@@ -103,15 +103,19 @@ std::tuple<Tensor, Tensor> cell_step(const Tensor& input, const Tensor& hx, cons
   const Peephole kind = parse_peephole(peephole);
   TORCH_CHECK_VALUE(input.dim() == 2, "lstm_fused: expected input of shape [B, input_size], got ",
                     input.sizes());
-  check_floating(input, "input");
-  const int64_t B = input.size(0), GH = weight_ih.size(0), H = cx.dim() == 2 ? cx.size(1) : 0;
-  check_arg(cx, "cx", input, {B, H});
-  check_arg(weight_ih, "weight_ih", input, {num_gates(coupled) * H, input.size(1)});
-  check_arg(hx, "hx", input, {B, H});
-  check_arg(weight_hh, "weight_hh", input, {GH, H});
-  if (bias_ih) check_arg(*bias_ih, "bias_ih", input, {GH});
-  if (bias_hh) check_arg(*bias_hh, "bias_hh", input, {GH});
-  check_weight_ch(weight_ch, kind, coupled, H, input);
+  TORCH_CHECK_VALUE(cx.dim() == 2, "lstm_fused: expected cx of shape [B, H], got ", cx.sizes());
+  const Named like{input, "input"};
+  check_floating(like);
+  const int64_t B = input.size(0), H = cx.size(1), GH = num_gates(coupled) * H;
+  const char* state = "[B, H], with B from input and H from cx";
+  check_arg({cx, "cx"}, like, {B, H}, state);
+  check_arg({hx, "hx"}, like, {B, H}, state);
+  check_arg({weight_ih, "weight_ih"}, like, {GH, input.size(1)},
+            "[G*H, input_size], with G = 3 gates if coupled, else 4");
+  check_arg({weight_hh, "weight_hh"}, like, {GH, H}, "[G*H, H]");
+  if (bias_ih) check_arg({*bias_ih, "bias_ih"}, like, {GH}, "[G*H]");
+  if (bias_hh) check_arg({*bias_hh, "bias_hh"}, like, {GH}, "[G*H]");
+  check_weight_ch(weight_ch, kind, coupled, H, like, "cx");
   const c10::OptionalDeviceGuard guard(input.device());
   // z = x W_ih^T + b_ih + h W_hh^T + b_hh, in one buffer; the kernel activates it in place.
   Tensor z = bias_ih ? at::addmm(*bias_ih, input, weight_ih.t()) : at::mm(input, weight_ih.t());

@@ -237,10 +237,11 @@ def _cell_forward(gates, c_prev, weight_ch, peephole, coupled):
 
 
 def _layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-                   batch_sizes, reverse, peephole, coupled):
+                   batch_sizes, reverse, peephole, coupled, need_backward=True):
     """layer_forward(input [T, B, I], h0 [B, R], c0 [B, H], ...) -> (output [T, B, R], h_n, c_n):
     one LSTM node, or a Scan for peephole="full" and projections. The op's two last outputs
-    (gates and cells, saved for the backward) are not exported."""
+    (gates and cells, saved for the backward) are not exported, so need_backward changes
+    nothing here."""
     if batch_sizes is not None:
         raise ValueError("lstm_fused.onnx: a PackedSequence input cannot be exported; export "
                          "the model on a padded tensor")

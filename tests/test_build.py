@@ -108,12 +108,12 @@ def test_package_sources_import_no_tools():
 
 
 def setup_nvcc_flags():
-    """NVCC_FLAGS as setup.py writes them."""
+    """CUDA_NVCC_FLAGS as setup.py writes them."""
     tree = ast.parse((ROOT / "setup.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["NVCC_FLAGS"]:
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["CUDA_NVCC_FLAGS"]:
             return ast.literal_eval(node.value)
-    raise AssertionError("setup.py defines no NVCC_FLAGS")
+    raise AssertionError("setup.py defines no CUDA_NVCC_FLAGS")
 
 
 # 32 doubles (64 registers) updated in place from each other, all live through every round: more

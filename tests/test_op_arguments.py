@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import VARIANTS, assert_close, layer_op_args, make_weight_ch, variant_id
+from conftest import (
+    VARIANTS,
+    assert_close,
+    layer_op_args,
+    load_host_shim,
+    make_weight_ch,
+    variant_id,
+)
 
 from lstm_fused.ops import OP_NAMES, ops
 
@@ -22,6 +29,8 @@ OPTIONAL_TENSOR = torch._C.OptionalType.ofTensor()
 
 
 def op_of(library, name):
+    if library == "lstm_fused_host_shim":
+        load_host_shim()  # a test-only library, built and loaded on first use
     return getattr(getattr(torch.ops, library), name)
 
 
@@ -70,10 +79,12 @@ class Config:
                         "c_prev": forward["c_prev"], "c": c, "weight_ch": forward["weight_ch"],
                         "peephole": forward["peephole"], "coupled": coupled}
             return {"cell_forward": forward, "cell_backward": backward}
-        names = [a.name for a in schema_arguments("lstm_fused", "layer_forward")]
+        # The arguments both libraries' layer_forward share (the shim has no need_backward).
+        names = [a.name for a in schema_arguments("lstm_fused", "layer_forward")
+                 if a.name != "need_backward"]
         values = layer_op_args(self.variant, DTYPE, self.packed, False, self.proj, g)
         forward = dict(zip(names, values, strict=True))
-        output, h_n, c_n, gates, cells = ops.layer_forward(**forward)
+        output, h_n, c_n, gates, cells = ops.layer_forward(**forward, need_backward=True)
         grads = {name: torch.randn(t.shape, generator=g)
                  for name, t in [("grad_output", output), ("grad_h_n", h_n), ("grad_c_n", c_n)]}
         backward = {**grads, **forward, "output": output, "gates": gates, "cells": cells,
@@ -100,7 +111,9 @@ library_params = pytest.mark.parametrize("library", LIBRARIES, ids=["ops", "host
 def full_call(library, name, kwargs):
     """The keyword arguments for the op of `library`, checked against its schema: every argument
     given, so an argument added to a schema is not forgotten here."""
-    call = {**kwargs, **(SHIM_GEOMETRY if library == "lstm_fused_host_shim" else {})}
+    extra = (SHIM_GEOMETRY if library == "lstm_fused_host_shim"
+             else {"need_backward": True} if name == "layer_forward" else {})
+    call = {**kwargs, **extra}
     assert set(call) == {a.name for a in schema_arguments(library, name)}, (name, sorted(call))
     return call
 
