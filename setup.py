@@ -156,6 +156,8 @@ class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
 
     def finalize_options(self):
         super().finalize_options()
+        if sanitize_flags:  # the sanitizer build keeps its own objects (tests/asan/run_asan.sh)
+            return
         platform = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
         self.build_temp = os.path.join(ROOT, "build", f"temp.{platform}")
 
