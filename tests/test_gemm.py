@@ -267,3 +267,21 @@ def test_cell_latency_path_leaves_bad_input_to_the_general_checks():
         with pytest.raises(RuntimeError, match="Input batch size 3 doesn't match hidden0 batch"):
             cell(torch.randn(3, 6), (torch.randn(2, 5), torch.randn(3, 5)))
         assert cell(torch.randn(6))[0].shape == (5,)  # unbatched: the general path
+
+
+def test_cell_latency_path_follows_replaced_parameters():
+    """Pruning or a parametrization replaces a parameter by a computed tensor (the module's
+    _parameters no longer hold it): the latency path must not read a pruned bias as absent."""
+    from torch.nn.utils import parametrizations, prune
+
+    x = torch.randn(3, 4)
+    pruned = lstm_fused.PeepholeLSTMCell(4, 5)
+    prune.l1_unstructured(pruned, "bias_ih", amount=0.5)
+    normed = lstm_fused.LSTMCell(4, 5)
+    parametrizations.weight_norm(normed, "weight_hh")
+    for cell in (pruned, normed):
+        expected = cell(x)  # with grad: the general path
+        with torch.no_grad():
+            got = cell(x)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
