@@ -256,3 +256,49 @@ def test_half_precision_suite_without_onednn_bf16(level):
     run_fresh(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "half or autocast",
                "tests/test_half_precision.py"],
               ATEN_CPU_CAPABILITY=level, ONEDNN_MAX_CPU_ISA="AVX2")
+
+
+# --- the SIMD activations: accurate to a few ULP on every build ---------------------------------
+
+ACTIVATIONS = r"""
+import json, math
+import torch
+import lstm_fused  # noqa: F401  (registers the ops)
+
+H = 4099                           # not a multiple of any SIMD width: the tails run too
+x = torch.cat([torch.linspace(-12, 12, H - 7), torch.tensor(
+    [0.0, -0.0, 1e-30, -3e-4, float("inf"), float("-inf"), float("nan")])])
+gates = torch.zeros(1, 4, H)
+gates[0, 1] = 40.0                 # forget gate 1, c_prev 0: c = i * g
+gates[0, 0] = x                    # i = sigmoid(x)
+gates[0, 2] = x                    # g = tanh(x)
+h, c, out = torch.ops.lstm_fused.cell_forward(gates.view(1, -1), torch.zeros(1, H), None,
+                                              "none", False)
+out = out.view(4, H).double()
+xd = x.double()
+def worst(got, want):
+    finite = want.isfinite() & got.isfinite()
+    rel = ((got - want).abs() / want.abs().clamp_min(1e-30))[finite]
+    same_nan = bool((got.isnan() == want.isnan()).all())
+    return rel.max().item(), same_nan, bool((got[~finite] == want[~finite]).all() if
+                                            (~finite & ~want.isnan()).any() else True)
+print(json.dumps({"tanh": worst(out[2], torch.tanh(xd)),
+                  "sigmoid": worst(out[0], torch.sigmoid(xd)),
+                  "kernels": torch.ops.lstm_fused.cpu_kernel_isa()}))
+"""
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_simd_activations_are_accurate_on_each_build(level):
+    """tanh (rational approximation) within 4 ULP and sigmoid (ATen's 20-ULP exp) within 24 ULP
+    of float64, NaN kept, tanh(+-inf) = +-1, in each kernel build."""
+    if not supports(level):
+        pytest.skip(f"this CPU supports up to {machine_level()}, not {level}")
+    run = run_fresh(["-c", ACTIVATIONS], ATEN_CPU_CAPABILITY=level)
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    eps = torch.finfo(torch.float32).eps
+    assert result["kernels"] == level.upper()
+    tanh_rel, tanh_nan, tanh_inf = result["tanh"]
+    assert tanh_rel < 4 * eps and tanh_nan and tanh_inf, result
+    sigmoid_rel, sigmoid_nan, _ = result["sigmoid"]
+    assert sigmoid_rel < 24 * eps and sigmoid_nan, result
