@@ -10,7 +10,11 @@
 //   packed  MKL's packed GEMM (cblas_sgemm_pack / cblas_sgemm_compute, found in libtorch_cpu at
 //           run time; float32 only): the weight packed once per call, every step then computes
 //           straight into the addend with no allocation and no dispatcher call.
-// LSTM_FUSED_CPU_GEMM=auto|aten|onednn|packed (read once, at the first GEMM) or
+//   simd    our own few-row kernels (cpu/small_gemm_kernels.h; float32, up to kSimdMaxRows rows):
+//           dot products over the weight as it is stored, nothing prepared; in a time loop each
+//           thread's share of the weight stays in its core's cache (batch-1 layers, and the
+//           LSTMCell step, which layer.cpp and cell.cpp also fuse with the pointwise step).
+// LSTM_FUSED_CPU_GEMM=auto|aten|onednn|packed|simd (read once, at the first GEMM) or
 // lstm_fused.cpu_gemm.set_mode() forces a path where it supports the dtype (ATen otherwise).
 // A path computes the same bits every time for the same operands and thread count.
 #include <dlfcn.h>
@@ -28,6 +32,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "cpu/small_gemm.h"
 #include "ops.h"
 
 namespace lstm_fused {
@@ -90,14 +95,18 @@ const MklPacked& mkl_packed() {
   return functions;
 }
 
-constexpr std::array<CpuGemmPath, 3> kPaths = {CpuGemmPath::Aten, CpuGemmPath::OneDnn,
-                                               CpuGemmPath::Packed};
+constexpr std::array<CpuGemmPath, 4> kPaths = {CpuGemmPath::Aten, CpuGemmPath::OneDnn,
+                                               CpuGemmPath::Packed, CpuGemmPath::Simd};
+
+// The few-row kernels are candidates up to this many rows (beyond, a blocked GEMM wins anyway).
+constexpr int64_t kSimdMaxRows = 16;
 
 std::optional<CpuGemmPath> parse_path(c10::string_view name) {
   if (name == "auto") return CpuGemmPath::Auto;
   if (name == "aten") return CpuGemmPath::Aten;
   if (name == "onednn") return CpuGemmPath::OneDnn;
   if (name == "packed") return CpuGemmPath::Packed;
+  if (name == "simd") return CpuGemmPath::Simd;
   return std::nullopt;
 }
 
@@ -108,7 +117,7 @@ std::atomic<CpuGemmPath>& forced_path() {
     if (env == nullptr) return CpuGemmPath::Auto;
     const auto parsed = parse_path(env);
     TORCH_CHECK_VALUE(parsed.has_value(), "lstm_fused: LSTM_FUSED_CPU_GEMM must be auto, aten, "
-                      "onednn or packed, got '", env, "'");
+                      "onednn, packed or simd, got '", env, "'");
     return *parsed;
   }();
   return path;
@@ -143,10 +152,20 @@ bool supports(CpuGemmPath path, at::ScalarType dtype) {
              onednn().reorder.has_value() && onednn_runs(dtype);
     case CpuGemmPath::Packed:
       return dtype == at::kFloat && mkl_packed().available();
+    case CpuGemmPath::Simd:
+      return dtype == at::kFloat;
     case CpuGemmPath::Auto:
       break;
   }
   return false;
+}
+
+// Whether `path` can run a GEMM of `rows` rows, one-off or repeated (packing pays off only when
+// the weight is reused; the few-row kernels only for few rows).
+bool fits(CpuGemmPath path, int64_t rows, bool repeated) {
+  if (path == CpuGemmPath::Packed) return repeated;
+  if (path == CpuGemmPath::Simd) return rows <= kSimdMaxRows;
+  return true;
 }
 
 // --- the cache of measured choices -----------------------------------------------------------
@@ -202,17 +221,17 @@ CpuGemmPath measured_choice(const GemmKey& key, const std::vector<CpuGemmPath>& 
   return choices().entries.emplace(key, choice).first->second.path;
 }
 
-// The paths to consider for a GEMM: the forced one where it runs the dtype, else every path that
-// does (oneDNN and ATen only for one-off GEMMs: packing pays off only when the weight is reused).
-std::vector<CpuGemmPath> candidate_paths(at::ScalarType dtype, bool repeated) {
+// The paths to consider for a GEMM: the forced one where it runs the dtype and shape (else
+// ATen), or every path that does.
+std::vector<CpuGemmPath> candidate_paths(at::ScalarType dtype, int64_t rows, bool repeated) {
   const CpuGemmPath forced = forced_path().load();
   if (forced != CpuGemmPath::Auto) {
-    const bool ok = supports(forced, dtype) && (repeated || forced != CpuGemmPath::Packed);
+    const bool ok = supports(forced, dtype) && fits(forced, rows, repeated);
     return {ok ? forced : CpuGemmPath::Aten};
   }
   std::vector<CpuGemmPath> paths;
   for (const CpuGemmPath path : kPaths) {
-    if (supports(path, dtype) && (repeated || path != CpuGemmPath::Packed)) paths.push_back(path);
+    if (supports(path, dtype) && fits(path, rows, repeated)) paths.push_back(path);
   }
   return paths;
 }
@@ -225,6 +244,31 @@ bool rows_strided(const Tensor& t) {
 bool is_cpu_gemm(const Tensor& x) {
   return x.device().is_cpu() && x.size(0) > 0 && x.size(1) > 0;
 }
+
+// Our dot-product kernel: out (+)= x·wᵀ, every operand float32 with rows_strided layouts.
+void simd_dot_into(const Tensor& x, const Tensor& weight, const Tensor& out, bool accumulate) {
+  DotGemm p{};
+  p.x = x.const_data_ptr<float>(), p.x_stride = x.stride(0), p.rows = x.size(0), p.k = x.size(1);
+  p.w = weight.const_data_ptr<float>(), p.w_stride = weight.stride(0), p.n = weight.size(0);
+  p.out = out.data_ptr<float>(), p.out_stride = out.stride(0), p.accumulate = accumulate;
+  cpu_gemm_kernels().dot(p);
+}
+
+}  // namespace
+
+void run_recurrent_step(const float* h_prev, int64_t h_prev_stride, const Tensor& weight_hh,
+                        const ForwardStep& step) {
+  RECORD_FUNCTION("lstm_fused::recurrent_step", {});
+  DotGemm gemm{};
+  gemm.x = h_prev, gemm.x_stride = h_prev_stride, gemm.rows = step.rows;
+  gemm.k = weight_hh.size(1), gemm.w = weight_hh.const_data_ptr<float>();
+  gemm.w_stride = weight_hh.stride(0), gemm.n = weight_hh.size(0);
+  gemm.out = static_cast<float*>(const_cast<void*>(step.z)), gemm.out_stride = step.z_stride;
+  gemm.accumulate = true;
+  cpu_gemm_kernels().recurrent_step(gemm, step);
+}
+
+namespace {
 
 // ATen's x·wᵀ (+ addend), in place into `out` when accumulating.
 void aten_gemm_into(const Tensor& x, const Tensor& weight_t, const Tensor& out, bool accumulate) {
@@ -250,6 +294,8 @@ std::string cpu_gemm_path_name(CpuGemmPath path) {
       return "onednn";
     case CpuGemmPath::Packed:
       return "packed";
+    case CpuGemmPath::Simd:
+      return "simd";
   }
   return "auto";
 }
@@ -259,7 +305,7 @@ std::string cpu_gemm_mode() { return cpu_gemm_path_name(forced_path().load()); }
 void set_cpu_gemm_mode(c10::string_view mode) {
   const auto parsed = parse_path(mode);
   TORCH_CHECK_VALUE(parsed.has_value(), "lstm_fused: the CPU GEMM mode must be auto, aten, "
-                    "onednn or packed, got '", mode, "'");
+                    "onednn, packed or simd, got '", mode, "'");
   forced_path().store(*parsed);
 }
 
@@ -292,15 +338,28 @@ Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias,
     const int64_t rows = int64_t{1} << (64 - __builtin_clzll(static_cast<uint64_t>(x.size(0))));
     const GemmKey key{false, rows, weight.size(0), weight.size(1), x.scalar_type(),
                       at::get_num_threads(), addend.has_value()};
-    path = measured_choice(key, candidate_paths(x.scalar_type(), false), [&](CpuGemmPath p) {
+    path = measured_choice(key, candidate_paths(x.scalar_type(), x.size(0), false),
+                           [&](CpuGemmPath p) {
       // Trials compute the real product into a scratch tensor: the operands stay untouched.
       if (p == CpuGemmPath::OneDnn) {
         onednn().unary->call(x.contiguous(), weight.contiguous(), bias, "none",
                              c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+      } else if (p == CpuGemmPath::Simd) {
+        simd_dot_into(x.contiguous(), weight.contiguous(), at::empty({x.size(0), weight.size(0)},
+                      x.options()), false);
       } else {
         at::mm(x, weight.t());
       }
     });
+  }
+  if (path == CpuGemmPath::Simd) {
+    const Tensor w = rows_strided(weight) ? weight : weight.contiguous();
+    const Tensor xs = rows_strided(x) ? x : x.contiguous();
+    const bool in_place = addend && rows_strided(*addend);
+    Tensor out = in_place ? *addend : at::empty({x.size(0), weight.size(0)}, x.options());
+    simd_dot_into(xs, w, out, in_place);
+    if (addend && !in_place) out = addend->add_(out);
+    return bias ? out.add_(*bias) : out;
   }
   if (path == CpuGemmPath::OneDnn) {
     const Tensor w = weight.contiguous();
@@ -322,7 +381,7 @@ RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumula
   const at::ScalarType dtype = weight_.scalar_type();
   const GemmKey key{true, max_rows, weight_.size(0), weight_.size(1), dtype,
                     at::get_num_threads(), accumulate};
-  const std::vector<CpuGemmPath> paths = candidate_paths(dtype, true);
+  const std::vector<CpuGemmPath> paths = candidate_paths(dtype, max_rows, true);
   if (paths.size() == 1) {
     prepare(paths.front(), max_rows);
     return;
@@ -384,6 +443,11 @@ Tensor RepeatedGemm::run(const Tensor& x, const Tensor& out) const {
                            static_cast<int>(out.stride(0)));
       return out;
     }
+    case CpuGemmPath::Simd:
+      if (!rows_strided(x)) return run(x.contiguous(), out);
+      TORCH_INTERNAL_ASSERT(rows_strided(out));
+      simd_dot_into(x, weight_, out, accumulate_);
+      return out;
     case CpuGemmPath::OneDnn:
       if (accumulate_) return onednn().binary->call(x.contiguous(), out.contiguous(), prepared_,
                                                     std::nullopt, "add");

@@ -272,7 +272,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   p.h_out_stride = projected ? H : R;
   p.h_state = state.h.defined() && !projected ? state.h.data_ptr() : nullptr;
   p.h_state_stride = state.h.defined() ? state.h.stride(0) : 0;
-  for (int64_t step = 0; step < s.steps(); ++step) {
+  // The simd path (float32, few rows) runs the GEMM and the pointwise step as one kernel, on raw
+  // pointers: no tensor views per step.
+  const bool one_kernel = !full && recurrent.path() == CpuGemmPath::Simd;
+  const Tensor h_first = one_kernel ? h0.contiguous() : h0;
+  for (int64_t step = 0; step < s.steps() && one_kernel; ++step) {
+    const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
+    const float* h_prev = s.ragged    ? state.h.const_data_ptr<float>()
+                          : step == 0 ? h_first.const_data_ptr<float>()
+                                      : static_cast<const float*>(
+                                            row_ptr(output, s.offsets[s.time(step - 1)]));
+    const int64_t h_prev_stride = s.ragged ? state.h.stride(0) : R;
+    p.z = row_ptr(gates, row), p.z_stride = gates.stride(0);
+    p.gates_out = need_backward ? row_ptr(gates, row) : gates_scratch.data_ptr();
+    p.c_out = need_backward ? row_ptr(cells, row) : state.c.data_ptr();
+    p.h_out = projected ? unprojected.data_ptr() : row_ptr(output, row);
+    p.rows = n;
+    run_recurrent_step(h_prev, h_prev_stride, recurrent.weight(), p);
+    if (projected) {
+      const Tensor h = output.narrow(0, row, n);
+      projection->run_into(unprojected.narrow(0, 0, n), h);
+      if (state.h.defined()) state.h.narrow(0, 0, n).copy_(h);
+    }
+  }
+  for (int64_t step = 0; step < s.steps() && !one_kernel; ++step) {
     const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
     const Tensor recurrent_input = full        ? state.hc.narrow(0, 0, n)
                                    : s.ragged  ? state.h.narrow(0, 0, n)

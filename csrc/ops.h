@@ -104,7 +104,7 @@ Tensor rows_contiguous(const Tensor& t);
 
 // How a CPU GEMM runs: chosen by measurement (Auto) or forced (LSTM_FUSED_CPU_GEMM, or
 // lstm_fused.cpu_gemm.set_mode()).
-enum class CpuGemmPath : int { Auto = 0, Aten = 1, OneDnn = 2, Packed = 3 };
+enum class CpuGemmPath : int { Auto = 0, Aten = 1, OneDnn = 2, Packed = 3, Simd = 4 };
 
 // What a measured choice is cached by: one-off or repeated GEMM, its rows (the batch), N (output
 // features), K, dtype, threads, and whether it accumulates into an addend.
@@ -150,6 +150,7 @@ class RepeatedGemm {
   // The result in `out`, always.
   void run_into(const Tensor& x, const Tensor& out) const;
   CpuGemmPath path() const { return path_; }
+  const Tensor& weight() const { return weight_; }  // contiguous
 
  private:
   RepeatedGemm(const Tensor& weight, bool accumulate);  // unprepared (ATen), for trials
@@ -169,6 +170,11 @@ inline void run_backward(const PointwiseKernels& kernels, const BackwardStep& st
   RECORD_FUNCTION("lstm_fused::pointwise_backward", {});
   kernels.backward(step);
 }
+
+// The float32 CPU forward step of the simd path (peephole none or diagonal): h_{t-1} W_hhᵀ added
+// to z and the pointwise forward, in one kernel (cpu/small_gemm_kernels.h).
+void run_recurrent_step(const float* h_prev, int64_t h_prev_stride, const Tensor& weight_hh,
+                        const ForwardStep& step);
 
 inline void* row_ptr(const Tensor& t, int64_t row) {
   return static_cast<char*>(t.data_ptr()) + row * t.stride(0) * t.element_size();

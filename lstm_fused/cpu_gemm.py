@@ -2,12 +2,15 @@
 
 Paths: "aten" (ATen's addmm: MKL or OpenBLAS), "onednn" (oneDNN's matmul, the weight reordered once
 per call), "packed" (MKL's packed GEMM, the weight packed once per call; float32, where torch has
-MKL). By default ("auto") the first GEMM of each shape (rows, N, K), dtype and thread count in the
+MKL), "simd" (our own kernels for up to 16 rows, float32: the per-step weight packed into column
+tiles that each thread keeps in its core's cache, or dot products for a one-off GEMV such as the
+LSTMCell step). By default ("auto") the first GEMM of each shape (rows, N, K), dtype and thread count in the
 process times every path this CPU supports for that dtype and keeps the fastest, as
 `torch.backends.cudnn.benchmark` does; the choices are cached (`choices()`). A run is reproducible
-bit for bit with a fixed path: set `LSTM_FUSED_CPU_GEMM=aten|onednn|packed` (read once, at the first
+bit for bit with a fixed path: set `LSTM_FUSED_CPU_GEMM=aten|onednn|packed|simd` (read once, at the first
 GEMM) or call `set_mode()`. A forced path that does not support a dtype (oneDNN without bf16
-support, packed for anything but float32) falls back to "aten" for that dtype.
+support, packed or simd for anything but float32, simd beyond 16 rows, packed for a one-off GEMM)
+falls back to "aten" there.
 
     import lstm_fused
     lstm_fused.cpu_gemm.set_mode("packed")
@@ -25,7 +28,7 @@ import torch
 
 from . import _C
 
-MODES = ("auto", "aten", "onednn", "packed")
+MODES = ("auto", "aten", "onednn", "packed", "simd")
 
 
 class Choice(NamedTuple):
@@ -50,7 +53,7 @@ def get_mode() -> str:
 
 
 def set_mode(mode: str) -> None:
-    """Force a path ("aten", "onednn", "packed") or measure ("auto"); ValueError otherwise."""
+    """Force a path ("aten", "onednn", "packed", "simd") or measure ("auto"); ValueError otherwise."""
     if mode not in MODES:
         raise ValueError(f"lstm_fused.cpu_gemm: mode must be one of {MODES}, got {mode!r}")
     _C.set_cpu_gemm_mode(mode)

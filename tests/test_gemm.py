@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import lstm_fused
 from lstm_fused import cpu_gemm, functional, reference
 
-PATHS = ["aten", "onednn", "packed"]
+PATHS = ["aten", "onednn", "packed", "simd"]
 
 
 def require(path, dtype=torch.float32):
@@ -98,6 +98,8 @@ def test_a_forced_path_is_the_one_used(path):
         assert addmm >= 12 and linear == 0
     else:
         assert addmm + linear + seen.get("aten::mm", 0) < 12, seen
+    # simd: the forward's GEMM and pointwise step are one kernel per step
+    assert (seen.get("lstm_fused::recurrent_step", 0) == 12) == (path == "simd"), seen
 
 
 def test_a_forced_path_falls_back_to_aten_where_it_cannot_run_the_dtype():
@@ -106,6 +108,47 @@ def test_a_forced_path_falls_back_to_aten_where_it_cannot_run_the_dtype():
     x = torch.randn(3, 2, 4, dtype=torch.float64)
     assert events(module, x).get("aten::addmm_", 0) >= 3
     assert "packed" not in cpu_gemm.available(torch.float64)
+
+
+def test_simd_path_runs_up_to_16_rows_and_falls_back_to_aten_beyond():
+    cpu_gemm.set_mode("simd")
+    module = lstm_fused.LSTM(8, 16)
+    assert events(module, torch.randn(3, 16, 8)).get("lstm_fused::recurrent_step", 0) == 3
+    seen = events(module, torch.randn(3, 17, 8))
+    assert seen.get("lstm_fused::recurrent_step", 0) == 0 and seen.get("aten::addmm_", 0) >= 3
+
+
+@pytest.mark.parametrize("hidden, input_size, rows", [(7, 5, 1), (16, 16, 4), (37, 19, 16),
+                                                      (64, 100, 3), (130, 33, 2)])
+@pytest.mark.parametrize("variant", [(None, False), ("diagonal", False), ("diagonal", True),
+                                     ("full", False)])
+def test_simd_kernels_match_the_reference_at_every_width(hidden, input_size, rows, variant):
+    """Weight rows and K that are not multiples of the SIMD width (the partial block and the
+    masked K tail of the dot kernel), 1 to 16 rows, forward and backward; full peepholes take the
+    simd GEMM without the fused step."""
+    cpu_gemm.set_mode("simd")
+    fused, ref = twins(variant, input_size=input_size, hidden=hidden)
+    x = torch.randn(4, rows, input_size)
+    for a, b in zip(forward_backward(fused, x, None), forward_backward(ref, x, None)):
+        assert_close(a, b, torch.float32, "simd")
+
+
+def test_simd_results_do_not_depend_on_the_thread_count():
+    cpu_gemm.set_mode("simd")
+    module, x = lstm_fused.LSTM(40, 72, peephole="diagonal"), torch.randn(9, 3, 40)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                results.append(module(x))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(torch.utils._pytree.tree_leaves(results[0]),
+                        torch.utils._pytree.tree_leaves(other)):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("path", PATHS + ["auto"])

@@ -23,15 +23,18 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 #define CPU_CAPABILITY DEFAULT
 #include "pointwise_cpu_kernels.h"
+#include "small_gemm_kernels.h"
 
 namespace lstm_fused {
 
 #if LSTM_FUSED_CPU_DISPATCH
 namespace AVX2 {
 const PointwiseKernels& kernels();
+const CpuGemmKernels& gemm_kernels();
 }
 namespace AVX512 {
 const PointwiseKernels& kernels();
+const CpuGemmKernels& gemm_kernels();
 }
 #endif
 
@@ -79,6 +82,7 @@ Isa hardware_isa() {
 struct Choice {
   Isa isa;
   const PointwiseKernels* kernels;
+  const CpuGemmKernels* gemm;
 };
 
 const Choice& choice() {
@@ -95,10 +99,10 @@ const Choice& choice() {
                       " kernels instead.");
     }
 #if LSTM_FUSED_CPU_DISPATCH
-    if (isa == Isa::Avx512) return Choice{isa, &AVX512::kernels()};
-    if (isa == Isa::Avx2) return Choice{isa, &AVX2::kernels()};
+    if (isa == Isa::Avx512) return Choice{isa, &AVX512::kernels(), &AVX512::gemm_kernels()};
+    if (isa == Isa::Avx2) return Choice{isa, &AVX2::kernels(), &AVX2::gemm_kernels()};
 #endif
-    return Choice{isa, &DEFAULT::kernels()};
+    return Choice{isa, &DEFAULT::kernels(), &DEFAULT::gemm_kernels()};
   }();
   return chosen;
 }
@@ -108,6 +112,7 @@ std::string cpu_kernel_isa() { return isa_name(choice().isa); }
 }  // namespace
 
 const PointwiseKernels& cpu_kernels() { return *choice().kernels; }
+const CpuGemmKernels& cpu_gemm_kernels() { return *choice().gemm; }
 
 // Which build of the CPU kernels runs: "DEFAULT", "AVX2" or "AVX512".
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) { m.def("cpu_kernel_isa() -> str", &cpu_kernel_isa); }

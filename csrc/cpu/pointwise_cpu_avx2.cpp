@@ -8,4 +8,5 @@
 #define LSTM_FUSED_TARGET_AVX2
 #include "target_isa.h"
 #include "pointwise_cpu_kernels.h"
+#include "small_gemm_kernels.h"
 #endif

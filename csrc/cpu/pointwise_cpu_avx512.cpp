@@ -5,4 +5,5 @@
 #define LSTM_FUSED_TARGET_AVX512
 #include "target_isa.h"
 #include "pointwise_cpu_kernels.h"
+#include "small_gemm_kernels.h"
 #endif
