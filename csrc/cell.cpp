@@ -47,11 +47,20 @@ Tensor output_peephole_weight(const Tensor& w, int64_t H, bool coupled) {
   return w.narrow(0, peephole_input_blocks(coupled) * H, H);
 }
 
+// The recurrent part of a cell step that the simd path computes inside the step's kernel:
+// z += h W_hhᵀ (float32 CPU, peephole none or diagonal).
+struct Recurrent {
+  const Tensor& h;  // rows with unit column stride
+  const Tensor& weight_hh;  // contiguous
+};
+
 // The pointwise step (with full peepholes' GEMMs) on pre-activations z: writes the activated
-// gates to gates_out (which may be z itself) and returns (h, c). Full peepholes add to z.
+// gates to gates_out (which may be z itself) and returns (h, c). Full peepholes add to z; with
+// `recurrent`, the kernel first adds h W_hhᵀ to z.
 std::pair<Tensor, Tensor> pointwise_step(const Tensor& z, const Tensor& gates_out, const Tensor& cp,
                                          const Tensor& w, Peephole kind, bool coupled,
-                                         const PointwiseKernels& kernels) {
+                                         const PointwiseKernels& kernels,
+                                         const std::optional<Recurrent>& recurrent = std::nullopt) {
   const int64_t B = cp.size(0), H = cp.size(1);
   const bool full = kind == Peephole::Full;
   Tensor c = at::empty({B, H}, z.options()), h = at::empty({B, H}, z.options());
@@ -72,7 +81,12 @@ std::pair<Tensor, Tensor> pointwise_step(const Tensor& z, const Tensor& gates_ou
     z.narrow(1, output_gate(coupled) * H, H).addmm_(c, output_peephole_weight(w, H, coupled).t());
     p.part = Part::Output;
   }
-  run_forward(kernels, p);
+  if (recurrent) {
+    run_recurrent_step(recurrent->h.const_data_ptr<float>(), recurrent->h.stride(0),
+                       recurrent->weight_hh, p);
+  } else {
+    run_forward(kernels, p);
+  }
   return {h, c};
 }
 
@@ -117,11 +131,21 @@ std::tuple<Tensor, Tensor> cell_step(const Tensor& input, const Tensor& hx, cons
   if (bias_hh) check_arg({*bias_hh, "bias_hh"}, like, {GH}, "[G*H]");
   check_weight_ch(weight_ch, kind, coupled, H, like, "cx");
   const c10::OptionalDeviceGuard guard(input.device());
-  // z = x W_ih^T + b_ih + h W_hh^T + b_hh, in one buffer; the kernel activates it in place.
-  Tensor z = bias_ih ? at::addmm(*bias_ih, input, weight_ih.t()) : at::mm(input, weight_ih.t());
-  z.addmm_(hx, weight_hh.t());
+  // z = x W_ih^T + b_ih + h W_hh^T + b_hh, in one buffer; the kernel activates it in place. The
+  // GEMMs take the measured (or forced) CPU path; with the simd path the kernel itself adds
+  // h W_hh^T, block by block, before it activates the block.
+  const bool in_kernel = kind != Peephole::Full && B > 0 &&
+                         one_off_gemm_path(hx, weight_hh, true) == CpuGemmPath::Simd;
+  Tensor z = gemm_nt(input, weight_ih, bias_ih);
   if (bias_hh) z.add_(*bias_hh);
   const Tensor w = weight_ch ? weight_ch->contiguous() : Tensor();
+  if (in_kernel) {
+    const Tensor h_prev = rows_contiguous(hx), w_hh = weight_hh.contiguous();
+    auto [h, c] = pointwise_step(z, z, rows_contiguous(cx), w, kind, coupled, kernels,
+                                 Recurrent{h_prev, w_hh});
+    return {h, c};
+  }
+  z = gemm_nt(hx, weight_hh, std::nullopt, z);
   auto [h, c] = pointwise_step(z, z, rows_contiguous(cx), w, kind, coupled, kernels);
   return {h, c};
 }

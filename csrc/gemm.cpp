@@ -329,29 +329,31 @@ void clear_cpu_gemm_choices() {
 
 // --- one-off GEMMs ---------------------------------------------------------------------------
 
+CpuGemmPath one_off_gemm_path(const Tensor& x, const Tensor& weight, bool accumulate) {
+  if (!is_cpu_gemm(x)) return CpuGemmPath::Aten;
+  // One-off GEMMs have T*B rows: keyed by the power of two above, so that a new sequence length
+  // does not measure again.
+  const int64_t rows = int64_t{1} << (64 - __builtin_clzll(static_cast<uint64_t>(x.size(0))));
+  const GemmKey key{false, rows, weight.size(0), weight.size(1), x.scalar_type(),
+                    at::get_num_threads(), accumulate};
+  return measured_choice(key, candidate_paths(x.scalar_type(), x.size(0), false),
+                         [&](CpuGemmPath p) {
+    // Trials compute the real product into a scratch tensor: the operands stay untouched.
+    if (p == CpuGemmPath::OneDnn) {
+      onednn().unary->call(x.contiguous(), weight.contiguous(), std::nullopt, "none",
+                           c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+    } else if (p == CpuGemmPath::Simd) {
+      simd_dot_into(x.contiguous(), weight.contiguous(),
+                    at::empty({x.size(0), weight.size(0)}, x.options()), false);
+    } else {
+      at::mm(x, weight.t());
+    }
+  });
+}
+
 Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias,
               const OptTensor& addend) {
-  CpuGemmPath path = CpuGemmPath::Aten;
-  if (is_cpu_gemm(x)) {
-    // One-off GEMMs have T*B rows: keyed by the power of two above, so that a new sequence
-    // length does not measure again.
-    const int64_t rows = int64_t{1} << (64 - __builtin_clzll(static_cast<uint64_t>(x.size(0))));
-    const GemmKey key{false, rows, weight.size(0), weight.size(1), x.scalar_type(),
-                      at::get_num_threads(), addend.has_value()};
-    path = measured_choice(key, candidate_paths(x.scalar_type(), x.size(0), false),
-                           [&](CpuGemmPath p) {
-      // Trials compute the real product into a scratch tensor: the operands stay untouched.
-      if (p == CpuGemmPath::OneDnn) {
-        onednn().unary->call(x.contiguous(), weight.contiguous(), bias, "none",
-                             c10::List<std::optional<c10::Scalar>>(), std::nullopt);
-      } else if (p == CpuGemmPath::Simd) {
-        simd_dot_into(x.contiguous(), weight.contiguous(), at::empty({x.size(0), weight.size(0)},
-                      x.options()), false);
-      } else {
-        at::mm(x, weight.t());
-      }
-    });
-  }
+  const CpuGemmPath path = one_off_gemm_path(x, weight, addend.has_value());
   if (path == CpuGemmPath::Simd) {
     const Tensor w = rows_strided(weight) ? weight : weight.contiguous();
     const Tensor xs = rows_strided(x) ? x : x.contiguous();

@@ -136,6 +136,8 @@ void clear_cpu_gemm_choices();
 // tensor where it measured faster.
 Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias = std::nullopt,
               const OptTensor& addend = std::nullopt);
+// The path gemm_nt takes for that GEMM (measured on first use, or forced); Aten off the CPU.
+CpuGemmPath one_off_gemm_path(const Tensor& x, const Tensor& weight, bool accumulate);
 
 // out [m, N] = (or +=, with `accumulate`) x [m, K] · weight [N, K]ᵀ for every m <= max_rows,
 // many times with the same weight: the per-step GEMMs of the time loops. The CPU path is chosen

@@ -301,6 +301,33 @@ def test_cell_latency_path_matches_the_general_path(variant, no_grad, hx):
         assert not a.requires_grad
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("batch, hidden, input_size", [(1, 64, 64), (1, 37, 21), (5, 20, 33),
+                                                       (17, 16, 8)])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cell_step_on_each_gemm_path_matches_the_reference_cell(path, batch, hidden, input_size,
+                                                                variant):
+    """The one-op cell step under each forced path; with simd (up to 16 rows, peephole none or
+    diagonal) its kernel adds h W_hh^T per block of units before activating them."""
+    require(path)
+    cpu_gemm.set_mode(path)
+    peephole, coupled = variant
+    torch.manual_seed(1)
+    cell = lstm_fused.LSTMCell(input_size, hidden, peephole=peephole, coupled=coupled)
+    x, state = torch.randn(batch, input_size), (torch.randn(batch, hidden),
+                                                torch.randn(batch, hidden))
+    with torch.profiler.profile() as prof, torch.inference_mode():
+        got = cell(x, state)
+    seen = {e.key for e in prof.key_averages()}
+    assert "lstm_fused::cell_step" in seen
+    fused_step = path == "simd" and batch <= 16 and peephole != "full"
+    assert ("lstm_fused::recurrent_step" in seen) == fused_step, seen
+    expected = reference.lstm_cell(x, *state, *cell._parameters_for(""), peephole=peephole,
+                                   coupled=coupled)
+    for a, b in zip(got, expected):
+        assert_close(a, b.detach(), torch.float32, path)
+
+
 def test_cell_latency_path_leaves_bad_input_to_the_general_checks():
     cell = lstm_fused.LSTMCell(6, 5)
     with torch.no_grad():
