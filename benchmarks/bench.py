@@ -339,8 +339,15 @@ def check_against_reference(cands: list[Candidate], x) -> None:
     with torch.no_grad(), _quiet():
         for c in cands:
             if c.variant not in refs:
-                weights = next(d.module for d in cands if d.variant == c.variant
-                               and isinstance(d.module, lstm_fused.LSTM))
+                weights = next((d.module for d in cands if d.variant == c.variant
+                                and isinstance(d.module, lstm_fused.LSTM)), None)
+                if weights is None:  # only torch's module runs this variant (vanilla)
+                    src = c.module
+                    p = next(src.parameters())
+                    weights = lstm_fused.LSTM(src.input_size, src.hidden_size, src.num_layers,
+                                              proj_size=src.proj_size, device=p.device,
+                                              dtype=p.dtype)
+                    weights.load_state_dict(src.state_dict())
                 m = copy.deepcopy(weights)
                 m._layer_fn = reference.lstm_layer
                 refs[c.variant] = m(x)[0].float()

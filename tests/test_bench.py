@@ -140,3 +140,13 @@ def test_compiled_cell_falls_back_to_aot_eager_on_timeout():
         torch.randn(20, 5), None, None, torch.randn(3, 5), None, peephole="diagonal",
         coupled=False)
     assert out.shape == (3, 2, 5)
+
+
+def test_variants_without_vanilla_check_nn_lstm_against_a_fused_twin(tmp_path):
+    """--variants without vanilla: torch's module (vanilla) is still checked against the reference,
+    through a fused twin with its weights."""
+    result = bench.main(TOY + ["--candidates", "nn,fused", "--variants", "coupled,full",
+                               "--cell-sizes", "", "--out", str(tmp_path)])
+    nn_rows = [r for r in result["results"] if r["kind"] == "nn"]
+    assert nn_rows and all(r["check_max_abs_diff"] < 1e-5 for r in nn_rows)
+    assert {r["variant"] for r in result["results"] if r["kind"] == "fused"} == {"coupled", "full"}
