@@ -95,6 +95,13 @@ const MklPacked& mkl_packed() {
   return functions;
 }
 
+std::atomic<CpuGemmKernelsSource>& simd_source() {
+  static std::atomic<CpuGemmKernelsSource> source{nullptr};
+  return source;
+}
+
+const CpuGemmKernels& simd_kernels() { return simd_source().load()(); }
+
 constexpr std::array<CpuGemmPath, 4> kPaths = {CpuGemmPath::Aten, CpuGemmPath::OneDnn,
                                                CpuGemmPath::Packed, CpuGemmPath::Simd};
 
@@ -153,7 +160,7 @@ bool supports(CpuGemmPath path, at::ScalarType dtype) {
     case CpuGemmPath::Packed:
       return dtype == at::kFloat && mkl_packed().available();
     case CpuGemmPath::Simd:
-      return dtype == at::kFloat;
+      return dtype == at::kFloat && simd_source().load() != nullptr;
     case CpuGemmPath::Auto:
       break;
   }
@@ -251,7 +258,7 @@ void simd_dot_into(const Tensor& x, const Tensor& weight, const Tensor& out, boo
   p.x = x.const_data_ptr<float>(), p.x_stride = x.stride(0), p.rows = x.size(0), p.k = x.size(1);
   p.w = weight.const_data_ptr<float>(), p.w_stride = weight.stride(0), p.n = weight.size(0);
   p.out = out.data_ptr<float>(), p.out_stride = out.stride(0), p.accumulate = accumulate;
-  cpu_gemm_kernels().dot(p);
+  simd_kernels().dot(p);
 }
 
 }  // namespace
@@ -265,7 +272,7 @@ void run_recurrent_step(const float* h_prev, int64_t h_prev_stride, const Tensor
   gemm.w_stride = weight_hh.stride(0), gemm.n = weight_hh.size(0);
   gemm.out = static_cast<float*>(const_cast<void*>(step.z)), gemm.out_stride = step.z_stride;
   gemm.accumulate = true;
-  cpu_gemm_kernels().recurrent_step(gemm, step);
+  simd_kernels().recurrent_step(gemm, step);
 }
 
 namespace {
@@ -281,6 +288,11 @@ void aten_gemm_into(const Tensor& x, const Tensor& weight_t, const Tensor& out, 
 }
 
 }  // namespace
+
+bool provide_cpu_gemm_kernels(CpuGemmKernelsSource source) {
+  simd_source().store(source);
+  return true;
+}
 
 // --- Python-visible control (register.cpp exposes these in lstm_fused._C) ---------------------
 

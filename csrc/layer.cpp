@@ -9,7 +9,9 @@
 //             once:      dW_ih, dW_hh, dx, bias and peephole gradients over all T*B rows.
 // The per-step GEMMs are RepeatedGemm (gemm.cpp): their weight is prepared (packed for MKL's
 // packed GEMM, reordered for oneDNN) once per call, and the path is the one that measured fastest
-// for the shape on this CPU. Without need_backward (inference) nothing the backward needs is
+// for the shape on this CPU; with our own few-row "simd" path the forward's GEMM and pointwise
+// step are one kernel. Full peepholes split the step's GEMM by gate blocks (see
+// input_peephole_weight) and add c_t W_coᵀ between the two parts of the kernel. Without need_backward (inference) nothing the backward needs is
 // written: no cell states of every step, the activated gates go to a step-sized scratch.
 // With a projection (proj_size > 0) each step has one more GEMM (h = r W_hr^T) and the
 // backward one more add and GEMM.
@@ -189,15 +191,16 @@ Tensor input_bias(const OptTensor& bias_ih, const OptTensor& bias_hh) {
   return Tensor();
 }
 
-// Full peepholes keep h and c side by side in one running state [B, R + H], so that ONE GEMM
-// against [W_hh | W_c(i,f) over zero rows for g, o] adds both the recurrent and the input/forget
-// peephole terms (and, transposed, returns both dh_{t-1} and that part of dc_{t-1}).
-Tensor stacked_recurrent_weight(const Tensor& weight_hh, const Tensor& weight_ch, bool coupled) {
-  const int64_t H = weight_ch.size(1);
-  const int64_t k = peephole_input_blocks(coupled) * H;
-  Tensor peephole = at::zeros({weight_hh.size(0), H}, weight_hh.options());
-  peephole.narrow(0, 0, k).copy_(weight_ch.narrow(0, 0, k));
-  return at::cat({weight_hh, peephole}, 1);
+// Full peepholes: the recurrent GEMM is split by gate blocks. The blocks that see c_{t-1} (i, f;
+// f when coupled: the first `input_peephole_columns` columns of z) take ONE GEMM of
+// [h_{t-1} | c_{t-1}] (side by side in the running state) by [W_hh | W_c] rows of those blocks;
+// the other blocks (g, o) h_{t-1} W_hhᵀ alone. No block of zeros is multiplied.
+int64_t input_peephole_columns(bool coupled, int64_t hidden) {
+  return peephole_input_blocks(coupled) * hidden;
+}
+Tensor input_peephole_weight(const Tensor& weight_hh, const Tensor& weight_ch, bool coupled) {
+  const int64_t k = input_peephole_columns(coupled, weight_ch.size(1));
+  return at::cat({weight_hh.narrow(0, 0, k), weight_ch.narrow(0, 0, k)}, 1);
 }
 
 // The running states of a layer: h_{t-1} (for packed input or full peepholes; padded input reads
@@ -248,8 +251,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   RunningState state(h0, c0, full, s.ragged);
   Tensor unprojected = projected ? at::empty({B, H}, options) : Tensor();
   const Tensor w_ch = weight_ch ? weight_ch->contiguous() : Tensor();
-  const RepeatedGemm recurrent(
-      full ? stacked_recurrent_weight(weight_hh, w_ch, coupled) : weight_hh, B, true);
+  const int64_t GH = shape.gates * H, peep_columns = full ? input_peephole_columns(coupled, H) : 0;
+  const RepeatedGemm recurrent(weight_hh.narrow(0, peep_columns, GH - peep_columns), B, true);
+  const std::optional<RepeatedGemm> input_peephole =
+      full ? std::optional<RepeatedGemm>(std::in_place,
+                                         input_peephole_weight(weight_hh, w_ch, coupled), B, true)
+           : std::nullopt;
   const std::optional<RepeatedGemm> output_peephole =
       full ? std::optional<RepeatedGemm>(std::in_place,
                                          w_ch.narrow(0, peephole_input_blocks(coupled) * H, H), B,
@@ -297,14 +304,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   }
   for (int64_t step = 0; step < s.steps() && !one_kernel; ++step) {
     const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
-    const Tensor recurrent_input = full        ? state.hc.narrow(0, 0, n)
-                                   : s.ragged  ? state.h.narrow(0, 0, n)
-                                   : step == 0 ? h0
+    const Tensor recurrent_input = full || s.ragged ? state.h.narrow(0, 0, n)
+                                   : step == 0      ? h0
                                                : output.narrow(0, s.offsets[s.time(step - 1)], n);
     // z_t = x_t W_ih^T + b (computed for all steps above) + h_{t-1} W_hh^T: in place in the gates
     // rows (ATen, MKL packed) or a step-sized temporary (oneDNN); in training the kernel writes
-    // the activated gates there.
-    const Tensor z = recurrent.run(recurrent_input, gates.narrow(0, row, n));
+    // the activated gates there. Full peepholes: two GEMMs into the rows' column blocks.
+    Tensor z = gates.narrow(0, row, n);
+    if (full) {
+      recurrent.run_into(recurrent_input, z.narrow(1, peep_columns, GH - peep_columns));
+      input_peephole->run_into(state.hc.narrow(0, 0, n), z.narrow(1, 0, peep_columns));
+    } else {
+      z = recurrent.run(recurrent_input, z);
+    }
     const Tensor c_t = need_backward ? cells.narrow(0, row, n) : state.c.narrow(0, 0, n);
     p.z = z.data_ptr(), p.z_stride = z.stride(0);
     p.gates_out = need_backward ? row_ptr(gates, row) : gates_scratch.data_ptr();
@@ -348,7 +360,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   check_layer_backward(grad_output, grad_h_n, grad_c_n, input, output, gates, cells, shape, s);
   const c10::OptionalDeviceGuard guard(input.device());
   const int64_t B = s.batch, H = shape.hidden, R = shape.proj, N = s.rows;
-  const int64_t GH = shape.gates * H;
+  const int64_t GH = shape.gates * H, peep_columns = input_peephole_columns(coupled, H);
   const bool projected = weight_hr.has_value();
   const bool full = shape.peephole == Peephole::Full;
   const auto options = input.options();
@@ -368,10 +380,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   Tensor grad_h_all = projected ? at::empty({N, R}, options) : Tensor();
   Tensor grad_unprojected = projected ? at::empty({B, H}, options) : Tensor();
   const Tensor w_ch = weight_ch ? weight_ch->contiguous() : Tensor();
-  // dh_{t-1} (and for full peepholes the W_c(i,f) part of dc_{t-1}) = dz_t [W_hh | W_c(i,f)],
-  // accumulated into the running state for full peepholes; dc_{t-1} += dz_o W_co; dr = dh W_hr.
-  const RepeatedGemm recurrent(
-      (full ? stacked_recurrent_weight(weight_hh, w_ch, coupled) : weight_hh).t(), B, full);
+  // dh_{t-1} = dz_t W_hh, accumulated into the running state for full peepholes, which also add
+  // dz_(i,f) W_c(i,f) and dz_o W_co to dc_{t-1}; dr = dh W_hr.
+  const RepeatedGemm recurrent(weight_hh.t(), B, full);
+  const std::optional<RepeatedGemm> input_peephole =
+      full ? std::optional<RepeatedGemm>(std::in_place, w_ch.narrow(0, 0, peep_columns).t(), B,
+                                         true)
+           : std::nullopt;
   const std::optional<RepeatedGemm> output_peephole =
       full ? std::optional<RepeatedGemm>(
                  std::in_place, w_ch.narrow(0, peephole_input_blocks(coupled) * H, H).t(), B,
@@ -437,7 +452,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     }
     run_backward(kernels, p);
     if (full) {
-      recurrent.run_into(dz, grad_state.hc.narrow(0, 0, n));
+      recurrent.run_into(dz, grad_state.h.narrow(0, 0, n));
+      input_peephole->run_into(dz.narrow(1, 0, peep_columns), grad_state.c.narrow(0, 0, n));
     } else if (carry_in_state) {
       recurrent.run_into(dz, dh_running);
     } else {

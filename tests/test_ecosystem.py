@@ -205,10 +205,12 @@ def _chrome_trace_names(fn, tmp_path):
     return {e["name"] for e in events if e.get("name", "").startswith("lstm_fused::")}
 
 
+@pytest.mark.parametrize("gemm", ["aten", "simd"])
 @pytest.mark.parametrize("peephole", [None, "full"])
-def test_cpu_profiler_trace_labels_every_op(peephole, tmp_path):
+def test_cpu_profiler_trace_labels_every_op(peephole, gemm, tmp_path):
     """An LSTM and an LSTMCell forward+backward leave a lstm_fused::<op> range for every
-    operator and for every pointwise kernel launch in a chrome trace."""
+    operator and for every kernel launch in a chrome trace (on the simd GEMM path the layer's
+    forward step is one kernel, recurrent_step, except with full peepholes)."""
     module = lstm_fused.LSTM(4, 6, peephole=peephole)
     cell = lstm_fused.LSTMCell(4, 6, peephole=peephole)
     x = torch.randn(3, 2, 4, requires_grad=True)
@@ -218,7 +220,10 @@ def test_cpu_profiler_trace_labels_every_op(peephole, tmp_path):
         h, c = cell(x[0])
         (out.sum() + h.sum() + c.sum()).backward()
 
-    names = _chrome_trace_names(train_step, tmp_path)
+    with lstm_fused.cpu_gemm.mode(gemm):
+        names = _chrome_trace_names(train_step, tmp_path)
     expected = {f"lstm_fused::{name}" for name in OP_NAMES}
     expected |= {"lstm_fused::pointwise_forward", "lstm_fused::pointwise_backward"}
+    if gemm == "simd" and peephole is None:
+        expected.add("lstm_fused::recurrent_step")
     assert names == expected

@@ -113,6 +113,7 @@ std::string cpu_kernel_isa() { return isa_name(choice().isa); }
 
 const PointwiseKernels& cpu_kernels() { return *choice().kernels; }
 const CpuGemmKernels& cpu_gemm_kernels() { return *choice().gemm; }
+static const bool gemm_kernels_provided = provide_cpu_gemm_kernels(&cpu_gemm_kernels);
 
 // Which build of the CPU kernels runs: "DEFAULT", "AVX2" or "AVX512".
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) { m.def("cpu_kernel_isa() -> str", &cpu_kernel_isa); }

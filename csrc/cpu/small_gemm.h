@@ -33,4 +33,10 @@ struct CpuGemmKernels {
 // The build that matches the pointwise kernels (pointwise_cpu.cpp).
 const CpuGemmKernels& cpu_gemm_kernels();
 
+// gemm.cpp reaches the kernels through this, set when pointwise_cpu.cpp is part of the library
+// (the test-only host shim library compiles gemm.cpp without the CPU kernels: there the simd path
+// does not exist).
+using CpuGemmKernelsSource = const CpuGemmKernels& (*)();
+bool provide_cpu_gemm_kernels(CpuGemmKernelsSource source);
+
 }  // namespace lstm_fused
