@@ -347,7 +347,7 @@ CpuGemmPath one_off_gemm_path(const Tensor& x, const Tensor& weight, bool accumu
   // does not measure again.
   const int64_t rows = int64_t{1} << (64 - __builtin_clzll(static_cast<uint64_t>(x.size(0))));
   const GemmKey key{false, rows, weight.size(0), weight.size(1), x.scalar_type(),
-                    at::get_num_threads(), accumulate};
+                    at::get_num_threads(), accumulate, weight.size(0)};
   return measured_choice(key, candidate_paths(x.scalar_type(), x.size(0), false),
                          [&](CpuGemmPath p) {
     // Trials compute the real product into a scratch tensor: the operands stay untouched.
@@ -389,12 +389,14 @@ Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias,
 
 // --- repeated GEMMs: the weight prepared once ------------------------------------------------
 
-RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumulate)
+RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumulate,
+                           int64_t out_stride)
     : weight_(weight.contiguous()), weight_t_(weight_.t()), accumulate_(accumulate) {
   if (!weight_.device().is_cpu() || max_rows == 0 || weight_.numel() == 0) return;
   const at::ScalarType dtype = weight_.scalar_type();
+  const int64_t ldo = std::max(out_stride, weight_.size(0));
   const GemmKey key{true, max_rows, weight_.size(0), weight_.size(1), dtype,
-                    at::get_num_threads(), accumulate};
+                    at::get_num_threads(), accumulate, ldo};
   const std::vector<CpuGemmPath> paths = candidate_paths(dtype, max_rows, true);
   if (paths.size() == 1) {
     prepare(paths.front(), max_rows);
@@ -409,7 +411,7 @@ RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumula
   const CpuGemmPath chosen = measured_choice(key, paths, [&](CpuGemmPath p) {
     if (!x.defined()) {
       x = at::full({max_rows, weight_.size(1)}, 0.5, weight_.options());
-      out = at::zeros({max_rows, weight_.size(0)}, weight_.options());
+      out = at::zeros({max_rows, ldo}, weight_.options()).narrow(1, 0, weight_.size(0));
     }
     auto found = trials.find(p);
     if (found == trials.end()) {

@@ -252,15 +252,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   Tensor unprojected = projected ? at::empty({B, H}, options) : Tensor();
   const Tensor w_ch = weight_ch ? weight_ch->contiguous() : Tensor();
   const int64_t GH = shape.gates * H, peep_columns = full ? input_peephole_columns(coupled, H) : 0;
-  const RepeatedGemm recurrent(weight_hh.narrow(0, peep_columns, GH - peep_columns), B, true);
+  // Every per-step GEMM writes rows of `gates` (GH apart), full peepholes column blocks of them.
+  const RepeatedGemm recurrent(weight_hh.narrow(0, peep_columns, GH - peep_columns), B, true, GH);
   const std::optional<RepeatedGemm> input_peephole =
       full ? std::optional<RepeatedGemm>(std::in_place,
-                                         input_peephole_weight(weight_hh, w_ch, coupled), B, true)
+                                         input_peephole_weight(weight_hh, w_ch, coupled), B, true,
+                                         GH)
            : std::nullopt;
   const std::optional<RepeatedGemm> output_peephole =
       full ? std::optional<RepeatedGemm>(std::in_place,
                                          w_ch.narrow(0, peephole_input_blocks(coupled) * H, H), B,
-                                         true)
+                                         true, GH)
            : std::nullopt;
   const std::optional<RepeatedGemm> projection =
       projected ? std::optional<RepeatedGemm>(std::in_place, *weight_hr, B, false) : std::nullopt;
@@ -382,15 +384,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const Tensor w_ch = weight_ch ? weight_ch->contiguous() : Tensor();
   // dh_{t-1} = dz_t W_hh, accumulated into the running state for full peepholes, which also add
   // dz_(i,f) W_c(i,f) and dz_o W_co to dc_{t-1}; dr = dh W_hr.
-  const RepeatedGemm recurrent(weight_hh.t(), B, full);
+  // Full peepholes write dh and dc into the running state [B, R + H] (rows R + H apart).
+  const int64_t state_stride = full ? R + H : 0;
+  const RepeatedGemm recurrent(weight_hh.t(), B, full, state_stride);
   const std::optional<RepeatedGemm> input_peephole =
       full ? std::optional<RepeatedGemm>(std::in_place, w_ch.narrow(0, 0, peep_columns).t(), B,
-                                         true)
+                                         true, state_stride)
            : std::nullopt;
   const std::optional<RepeatedGemm> output_peephole =
       full ? std::optional<RepeatedGemm>(
                  std::in_place, w_ch.narrow(0, peephole_input_blocks(coupled) * H, H).t(), B,
-                 true)
+                 true, state_stride)
            : std::nullopt;
   const std::optional<RepeatedGemm> projection =
       projected ? std::optional<RepeatedGemm>(std::in_place, weight_hr->t(), B, false)

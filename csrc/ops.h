@@ -107,14 +107,16 @@ Tensor rows_contiguous(const Tensor& t);
 enum class CpuGemmPath : int { Auto = 0, Aten = 1, OneDnn = 2, Packed = 3, Simd = 4 };
 
 // What a measured choice is cached by: one-off or repeated GEMM, its rows (the batch), N (output
-// features), K, dtype, threads, and whether it accumulates into an addend.
+// features), K, dtype, threads, whether it accumulates into an addend, and the row stride of its
+// output (N, or more for a column block of a wider tensor, which costs some paths a copy).
 struct GemmKey {
   bool repeated;
   int64_t rows, n, k;
   at::ScalarType dtype;
   int threads;
   bool accumulate;
-  auto tie() const { return std::tie(repeated, rows, n, k, dtype, threads, accumulate); }
+  int64_t out_stride;
+  auto tie() const { return std::tie(repeated, rows, n, k, dtype, threads, accumulate, out_stride); }
   bool operator<(const GemmKey& other) const { return tie() < other.tie(); }
 };
 
@@ -146,7 +148,9 @@ CpuGemmPath one_off_gemm_path(const Tensor& x, const Tensor& weight, bool accumu
 // ATen. `x` and `out` need a unit column stride (`out` may be a column slice of a wider tensor).
 class RepeatedGemm {
  public:
-  RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumulate);
+  // out_stride: the row stride of the outputs `run` will get (0: N, contiguous rows); the
+  // measured trials write the same layout.
+  RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumulate, int64_t out_stride = 0);
   // The result: `out` itself, written in place, or (oneDNN) a new [m, N] tensor.
   Tensor run(const Tensor& x, const Tensor& out) const;
   // The result in `out`, always.

@@ -33,8 +33,9 @@ MODES = ("auto", "aten", "onednn", "packed", "simd")
 
 class Choice(NamedTuple):
     """One cached measurement: the GEMM out[rows, n] (+)= x[rows, k] weight[n, k]^T run once per
-    call (`repeated` False) or every step with a prepared weight, and the median seconds per GEMM
-    of every path tried."""
+    call (`repeated` False) or every step with a prepared weight, into rows `out_stride` apart (n,
+    or more for a column block of a wider tensor), and the median seconds per GEMM of every path
+    tried."""
 
     repeated: bool
     rows: int
@@ -43,6 +44,7 @@ class Choice(NamedTuple):
     dtype: torch.dtype
     threads: int
     accumulate: bool
+    out_stride: int
     path: str
     seconds: dict
 
