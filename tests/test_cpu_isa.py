@@ -302,3 +302,47 @@ def test_simd_activations_are_accurate_on_each_build(level):
     assert tanh_rel < 4 * eps and tanh_nan and tanh_inf, result
     sigmoid_rel, sigmoid_nan, _ = result["sigmoid"]
     assert sigmoid_rel < 24 * eps and sigmoid_nan, result
+
+
+# --- the simd GEMM kernels in each build ----------------------------------------------------------
+
+SIMD_GEMM = r"""
+import json
+import torch
+import lstm_fused
+from lstm_fused import reference
+
+torch.manual_seed(0)
+worst = 0.0
+for peephole in (None, "diagonal", "full"):
+    for B, I, H in ((1, 21, 37), (5, 64, 16), (16, 7, 70)):   # partial blocks and K tails
+        fused = lstm_fused.LSTM(I, H, peephole=peephole, proj_size=0)
+        ref = lstm_fused.LSTM(I, H, peephole=peephole)
+        ref.load_state_dict(fused.state_dict())
+        ref._layer_fn = reference.lstm_layer
+        x = torch.randn(5, B, I)
+        with torch.no_grad():
+            for a, b in zip(torch.utils._pytree.tree_leaves(fused(x)),
+                            torch.utils._pytree.tree_leaves(ref(x))):
+                worst = max(worst, (a - b).abs().max().item())
+        cell = lstm_fused.LSTMCell(I, H, peephole=peephole)
+        with torch.inference_mode():
+            got = cell(x[0])
+        expected = reference.lstm_cell(x[0], torch.zeros(B, H), torch.zeros(B, H),
+                                       *cell._parameters_for(""), peephole=peephole)
+        worst = max(worst, max((a - b).abs().max().item() for a, b in zip(got, expected)))
+print(json.dumps({"kernels": torch.ops.lstm_fused.cpu_kernel_isa(), "worst": worst,
+                  "mode": lstm_fused.cpu_gemm.get_mode()}))
+"""
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_simd_gemm_kernels_match_the_reference_on_each_build(level):
+    """The few-row GEMM kernels (and the fused forward step) of each instruction-set build, forced
+    with LSTM_FUSED_CPU_GEMM=simd, against the reference: layer and cell, 1 to 16 rows."""
+    if not supports(level):
+        pytest.skip(f"this CPU supports up to {machine_level()}, not {level}")
+    run = run_fresh(["-c", SIMD_GEMM], ATEN_CPU_CAPABILITY=level, LSTM_FUSED_CPU_GEMM="simd")
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["kernels"] == level.upper() and result["mode"] == "simd"
+    assert result["worst"] < TOLERANCES["reference"][torch.float32], result
