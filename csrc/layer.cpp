@@ -15,6 +15,7 @@
 // written: no cell states of every step, the activated gates go to a step-sized scratch.
 // With a projection (proj_size > 0) each step has one more GEMM (h = r W_hr^T) and the
 // backward one more add and GEMM.
+#include <cstring>
 #include <numeric>
 
 #include "ops.h"
@@ -285,6 +286,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   // pointers: no tensor views per step.
   const bool one_kernel = !full && recurrent.path() == CpuGemmPath::Simd;
   const Tensor h_first = one_kernel ? h0.contiguous() : h0;
+  // Every thread's GEMM reads all of h_{t-1} while other threads already write their units' h_t:
+  // the kernel must not write the running h it reads (packed input), which is updated after it.
+  if (one_kernel) p.h_state = nullptr;
   for (int64_t step = 0; step < s.steps() && one_kernel; ++step) {
     const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
     const float* h_prev = s.ragged    ? state.h.const_data_ptr<float>()
@@ -298,6 +302,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     p.h_out = projected ? unprojected.data_ptr() : row_ptr(output, row);
     p.rows = n;
     run_recurrent_step(h_prev, h_prev_stride, recurrent.weight(), p);
+    if (s.ragged && !projected) {  // both [n, R] with contiguous rows
+      std::memcpy(state.h.data_ptr(), row_ptr(output, row), n * R * sizeof(float));
+    }
     if (projected) {
       const Tensor h = output.narrow(0, row, n);
       projection->run_into(unprojected.narrow(0, 0, n), h);

@@ -61,6 +61,9 @@ fi
 "$PY" "$ROOT/tests/asan/stress.py" --threads 2
 # The AVX2 build too (float: 8 lanes, double: 4), where the CPU has AVX-512.
 ATEN_CPU_CAPABILITY=avx2 "$PY" "$ROOT/tests/asan/stress.py" --threads 2
+# Our few-row GEMM kernels and fused forward step (float32), forced, in both builds.
+LSTM_FUSED_CPU_GEMM=simd "$PY" "$ROOT/tests/asan/stress.py" --threads 2
+LSTM_FUSED_CPU_GEMM=simd ATEN_CPU_CAPABILITY=avx2 "$PY" "$ROOT/tests/asan/stress.py" --threads 2
 # A sanitizer report without an abort (e.g. from a thread pytest did not follow) is a failure too.
 if compgen -G "$LOGS.*" >/dev/null; then
     echo "test-asan: sanitizer reports found"
