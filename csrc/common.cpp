@@ -1,6 +1,9 @@
 #include <sstream>
+#include <vector>
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -99,6 +102,55 @@ Tensor rows_contiguous(const Tensor& t) {
   return (t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1)) ? t : t.contiguous();
 }
 
+namespace {
+
+// The diagonal peephole gradient on the CPU: for every unit j and peephole block p,
+// sum over rows of dz_p[r, j] * state[r, j] (c_prev for i and f, c for o), in one pass over the
+// operands with no temporaries (the tensor-op form writes [N, 3H] products and reads them back).
+// Threads split the columns, each sums its columns over the rows in order, in the op-math type:
+// the result does not depend on the thread count.
+Tensor diagonal_peephole_grad_cpu(const Tensor& grad_z, const Tensor& c_prev, const Tensor& c,
+                                  bool coupled) {
+  const int64_t N = grad_z.size(0), H = c.size(-1);
+  const int blocks = num_peepholes(coupled), o_block = output_gate(coupled);
+  const Tensor dz = rows_contiguous(grad_z), cp = rows_contiguous(c_prev), cc = rows_contiguous(c);
+  Tensor grad = at::empty({blocks, H}, grad_z.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_z.scalar_type(),
+                                  "lstm_fused_peephole_grad", [&] {
+    using math_t = at::opmath_type<scalar_t>;
+    const scalar_t* dz_data = dz.const_data_ptr<scalar_t>();
+    const scalar_t* cp_data = cp.const_data_ptr<scalar_t>();
+    const scalar_t* c_data = cc.const_data_ptr<scalar_t>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    constexpr int64_t kColumns = 64;
+    at::parallel_for(0, (H + kColumns - 1) / kColumns, 1, [&](int64_t begin, int64_t end) {
+      const int64_t j0 = begin * kColumns, j1 = std::min(H, end * kColumns), width = j1 - j0;
+      std::vector<math_t> acc(blocks * width, math_t(0));
+      for (int64_t r = 0; r < N; ++r) {
+        const scalar_t* dz_row = dz_data + r * dz.stride(0);
+        const scalar_t* cp_row = cp_data + r * cp.stride(0) + j0;
+        const scalar_t* c_row = c_data + r * cc.stride(0) + j0;
+        for (int b = 0; b < blocks; ++b) {
+          // peephole block b: gate block b (i, f; f when coupled) with c_prev, or o with c
+          const bool is_o = b == blocks - 1;
+          const scalar_t* d = dz_row + (is_o ? o_block : b) * H + j0;
+          const scalar_t* state = is_o ? c_row : cp_row;
+          math_t* a = acc.data() + b * width;
+          for (int64_t j = 0; j < width; ++j) {
+            a[j] += static_cast<math_t>(d[j]) * static_cast<math_t>(state[j]);
+          }
+        }
+      }
+      for (int b = 0; b < blocks; ++b) {
+        for (int64_t j = 0; j < width; ++j) out[b * H + j0 + j] = acc[b * width + j];
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
 Tensor peephole_grad(Peephole peephole, const Tensor& grad_z, const Tensor& c_prev,
                      const Tensor& c, bool coupled) {
   const int64_t H = c.size(-1);
@@ -107,6 +159,7 @@ Tensor peephole_grad(Peephole peephole, const Tensor& grad_z, const Tensor& c_pr
   const Tensor dz_o = grad_z.narrow(1, output_gate(coupled) * H, H);  // o sees c
   switch (peephole) {
     case Peephole::Diagonal: {
+      if (grad_z.device().is_cpu()) return diagonal_peephole_grad_cpu(grad_z, c_prev, c, coupled);
       // Sums over all T*B rows: products and sums in the op-math type (float for half and
       // bfloat16 storage, so no product is rounded to 8 bits before it is added), cast back once.
       const auto math = at::toOpMathType(grad_z.scalar_type());

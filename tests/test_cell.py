@@ -236,3 +236,34 @@ def test_full_peephole_with_diagonal_blocks_equals_diagonal(coupled):
     P = w_diag.shape[0]
     diagonals = torch.stack([blk.diagonal() for blk in g_full[3].view(P, H, H)])
     assert_close(diagonals, g_diag[3], torch.float64, "peephole weight gradient")
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_diagonal_peephole_gradient_is_exact_sum_independent_of_threads(coupled, dtype):
+    """The CPU sum over rows of dz * c_prev (i, f) and dz_o * c: close to float64, accumulated in
+    float for bfloat16, and the same bits for any thread count (threads split the columns)."""
+    g = torch.Generator().manual_seed(5)
+    B, H = 300, 100
+    G = 3 if coupled else 4
+    gates = torch.rand(B, G * H, generator=g).to(dtype)
+    c_prev, c = torch.randn(B, H, generator=g).to(dtype), torch.randn(B, H, generator=g).to(dtype)
+    grad_h, grad_c = torch.randn(B, H, generator=g).to(dtype), torch.randn(B, H, generator=g).to(dtype)
+    w = torch.randn(2 if coupled else 3, H, generator=g).to(dtype)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.lstm_fused.cell_backward(grad_h, grad_c, gates, c_prev, c, w,
+                                                              "diagonal", coupled))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert torch.equal(other[2], results[0][2])
+    grad_z = results[0][0].double()
+    o = (2 if coupled else 3) * H
+    blocks = [grad_z[:, b * H:(b + 1) * H] * c_prev.double() for b in range(1 if coupled else 2)]
+    expected = torch.stack([x.sum(0) for x in blocks] + [(grad_z[:, o:o + H] * c.double()).sum(0)])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(results[0][2].double(), expected, rtol=tol, atol=tol * B ** 0.5)
