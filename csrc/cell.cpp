@@ -55,7 +55,7 @@ struct Recurrent {
 };
 
 // The pointwise step (with full peepholes' GEMMs) on pre-activations z: writes the activated
-// gates to gates_out (which may be z itself) and returns (h, c). Full peepholes add to z; with
+// gates to gates_out (which may be z itself; undefined: not written) and returns (h, c). Full peepholes add to z; with
 // `recurrent`, the kernel first adds h W_hhᵀ to z.
 std::pair<Tensor, Tensor> pointwise_step(const Tensor& z, const Tensor& gates_out, const Tensor& cp,
                                          const Tensor& w, Peephole kind, bool coupled,
@@ -68,7 +68,8 @@ std::pair<Tensor, Tensor> pointwise_step(const Tensor& z, const Tensor& gates_ou
 
   ForwardStep p{};
   p.z = z.data_ptr(), p.z_stride = z.stride(0);
-  p.gates_out = gates_out.data_ptr(), p.gates_stride = gates_out.stride(0);
+  p.gates_out = gates_out.defined() ? gates_out.data_ptr() : nullptr;
+  p.gates_stride = gates_out.defined() ? gates_out.stride(0) : 0;
   p.c_prev = cp.data_ptr(), p.c_prev_stride = cp.stride(0);
   p.weight_ch = w.defined() && !full ? w.data_ptr() : nullptr;
   p.c_out = c.data_ptr(), p.c_out_stride = H;
@@ -141,12 +142,12 @@ std::tuple<Tensor, Tensor> cell_step(const Tensor& input, const Tensor& hx, cons
   const Tensor w = weight_ch ? weight_ch->contiguous() : Tensor();
   if (in_kernel) {
     const Tensor h_prev = rows_contiguous(hx), w_hh = weight_hh.contiguous();
-    auto [h, c] = pointwise_step(z, z, rows_contiguous(cx), w, kind, coupled, kernels,
+    auto [h, c] = pointwise_step(z, Tensor(), rows_contiguous(cx), w, kind, coupled, kernels,
                                  Recurrent{h_prev, w_hh});
     return {h, c};
   }
   z = gemm_nt(hx, weight_hh, std::nullopt, z);
-  auto [h, c] = pointwise_step(z, z, rows_contiguous(cx), w, kind, coupled, kernels);
+  auto [h, c] = pointwise_step(z, Tensor(), rows_contiguous(cx), w, kind, coupled, kernels);
   return {h, c};
 }
 

@@ -12,7 +12,7 @@
 // for the shape on this CPU; with our own few-row "simd" path the forward's GEMM and pointwise
 // step are one kernel. Full peepholes split the step's GEMM by gate blocks (see
 // input_peephole_weight) and add c_t W_coᵀ between the two parts of the kernel. Without need_backward (inference) nothing the backward needs is
-// written: no cell states of every step, the activated gates go to a step-sized scratch.
+// written: no cell states of every step, and the kernel does not store the activated gates.
 // With a projection (proj_size > 0) each step has one more GEMM (h = r W_hr^T) and the
 // backward one more add and GEMM.
 #include <cstring>
@@ -244,9 +244,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   const Tensor x = input.reshape({N, shape.input});
   const Tensor bias = input_bias(bias_ih, bias_hh);
   Tensor gates = gemm_nt(x, weight_ih, bias.defined() ? OptTensor(bias) : std::nullopt);
-  // Inference: the activated gates of a step go to a scratch (gates keeps the pre-activations)
-  // and the cell state only to the running state.
-  const Tensor gates_scratch = need_backward ? Tensor() : at::empty({B, shape.gates * H}, options);
+  // Inference: the activated gates are not stored (gates keeps the pre-activations) and the cell
+  // state goes only to the running state.
   Tensor cells = need_backward ? at::empty({N, H}, options) : Tensor();
   Tensor output = at::empty({N, R}, options);
   RunningState state(h0, c0, full, s.ragged);
@@ -272,7 +271,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   ForwardStep p{};
   p.weight_ch = shape.peephole == Peephole::Diagonal ? w_ch.data_ptr() : nullptr;
   p.hidden = H, p.coupled = coupled, p.peephole = shape.peephole, p.dtype = input.scalar_type();
-  p.gates_stride = need_backward ? gates.stride(0) : gates_scratch.stride(0);
+  p.gates_stride = gates.stride(0);
   p.c_prev = state.c.data_ptr();
   p.c_prev_stride = state.c.stride(0);
   // The running state is c_out itself in inference (c_prev may alias it: loads come first).
@@ -297,7 +296,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
                                             row_ptr(output, s.offsets[s.time(step - 1)]));
     const int64_t h_prev_stride = s.ragged ? state.h.stride(0) : R;
     p.z = row_ptr(gates, row), p.z_stride = gates.stride(0);
-    p.gates_out = need_backward ? row_ptr(gates, row) : gates_scratch.data_ptr();
+    p.gates_out = need_backward ? row_ptr(gates, row) : nullptr;
     p.c_out = need_backward ? row_ptr(cells, row) : state.c.data_ptr();
     p.h_out = projected ? unprojected.data_ptr() : row_ptr(output, row);
     p.rows = n;
@@ -328,7 +327,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     }
     const Tensor c_t = need_backward ? cells.narrow(0, row, n) : state.c.narrow(0, 0, n);
     p.z = z.data_ptr(), p.z_stride = z.stride(0);
-    p.gates_out = need_backward ? row_ptr(gates, row) : gates_scratch.data_ptr();
+    p.gates_out = need_backward ? row_ptr(gates, row) : nullptr;
     p.c_out = c_t.data_ptr();
     p.h_out = projected ? unprojected.data_ptr() : row_ptr(output, row);
     p.rows = n;

@@ -26,7 +26,7 @@ enum class Part : int { All = 0, Update = 1, Output = 2 };
 struct ForwardStep {
   const void* z;            // [rows, G*H] gate pre-activations (may alias gates_out)
   int64_t z_stride;
-  void* gates_out;          // [rows, G*H] activated gates, saved for backward
+  void* gates_out;          // [rows, G*H] activated gates, saved for backward; null: not stored
   int64_t gates_stride;
   const void* c_prev;       // [rows, H]
   int64_t c_prev_stride;
@@ -117,7 +117,7 @@ LSTM_HD inline void forward_chunk(const ForwardStep& p, int64_t row, int64_t j, 
   using L = GateLayout<kCoupled>;
   const int64_t H = p.hidden;
   const S* z = static_cast<const S*>(p.z) + row * p.z_stride + j;
-  S* out = static_cast<S*>(p.gates_out) + row * p.gates_stride + j;
+  S* out = p.gates_out ? static_cast<S*>(p.gates_out) + row * p.gates_stride + j : nullptr;
   S* c_out = static_cast<S*>(p.c_out) + row * p.c_out_stride + j;
   Gates<V> gates;
 
@@ -139,15 +139,17 @@ LSTM_HD inline void forward_chunk(const ForwardStep& p, int64_t row, int64_t j, 
     const V z_g = IO::load(z + L::g * H, n);
     if (kPart == Part::All) z_o = IO::load(z + L::o * H, n);
     c = cell_update<kCoupled, kDiagonal>(z_i, z_f, z_g, c_prev, w_ci, w_cf, gates);
-    if (!kCoupled) IO::store(out + L::i * H, gates.i, n);
-    IO::store(out + L::f * H, gates.f, n);
-    IO::store(out + L::g * H, gates.g, n);
+    if (out) {
+      if (!kCoupled) IO::store(out + L::i * H, gates.i, n);
+      IO::store(out + L::f * H, gates.f, n);
+      IO::store(out + L::g * H, gates.g, n);
+    }
     IO::store(c_out, c, n);
     if (p.c_state) IO::store(static_cast<S*>(p.c_state) + row * p.c_state_stride + j, c, n);
     if (kPart == Part::Update) return;
   }
   const V h = cell_output<kDiagonal>(z_o, c, w_co, gates);
-  IO::store(out + L::o * H, gates.o, n);
+  if (out) IO::store(out + L::o * H, gates.o, n);
   IO::store(static_cast<S*>(p.h_out) + row * p.h_out_stride + j, h, n);
   if (p.h_state) IO::store(static_cast<S*>(p.h_state) + row * p.h_state_stride + j, h, n);
 }
