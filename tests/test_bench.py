@@ -150,3 +150,22 @@ def test_variants_without_vanilla_check_nn_lstm_against_a_fused_twin(tmp_path):
     nn_rows = [r for r in result["results"] if r["kind"] == "nn"]
     assert nn_rows and all(r["check_max_abs_diff"] < 1e-5 for r in nn_rows)
     assert {r["variant"] for r in result["results"] if r["kind"] == "fused"} == {"coupled", "full"}
+
+
+@pytest.mark.parametrize("mode, op", [("fwd", "lstm_fused::layer_forward"),
+                                      ("fwdbwd", "lstm_fused::layer_backward")])
+def test_profile_layer_prints_the_operator_table(mode, op, capsys):
+    import profile_layer
+
+    table = profile_layer.main(["--variant", "full", "--mode", mode, "--size", "3,2,4,5",
+                                "--calls", "1"])
+    assert op in table and "Self CPU" in table
+    assert "full, " + mode in capsys.readouterr().out
+
+
+def test_profile_layer_rejects_a_bad_size(capsys):
+    import profile_layer
+
+    with pytest.raises(SystemExit):
+        profile_layer.main(["--size", "1,2,3"])
+    assert "T,B,I,H" in capsys.readouterr().err
