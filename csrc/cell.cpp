@@ -55,8 +55,8 @@ struct Recurrent {
 };
 
 // The pointwise step (with full peepholes' GEMMs) on pre-activations z: writes the activated
-// gates to gates_out (which may be z itself; undefined: not written) and returns (h, c). Full peepholes add to z; with
-// `recurrent`, the kernel first adds h W_hhᵀ to z.
+// gates to gates_out (which may be z itself; undefined: not written) and returns (h, c). Full
+// peepholes add to z; with `recurrent`, the kernel first adds h W_hhᵀ to z.
 std::pair<Tensor, Tensor> pointwise_step(const Tensor& z, const Tensor& gates_out, const Tensor& cp,
                                          const Tensor& w, Peephole kind, bool coupled,
                                          const PointwiseKernels& kernels,

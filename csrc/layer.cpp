@@ -288,56 +288,47 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   // Every thread's GEMM reads all of h_{t-1} while other threads already write their units' h_t:
   // the kernel must not write the running h it reads (packed input), which is updated after it.
   if (one_kernel) p.h_state = nullptr;
-  for (int64_t step = 0; step < s.steps() && one_kernel; ++step) {
+  for (int64_t step = 0; step < s.steps(); ++step) {
     const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
-    const float* h_prev = s.ragged    ? state.h.const_data_ptr<float>()
-                          : step == 0 ? h_first.const_data_ptr<float>()
-                                      : static_cast<const float*>(
-                                            row_ptr(output, s.offsets[s.time(step - 1)]));
-    const int64_t h_prev_stride = s.ragged ? state.h.stride(0) : R;
-    p.z = row_ptr(gates, row), p.z_stride = gates.stride(0);
     p.gates_out = need_backward ? row_ptr(gates, row) : nullptr;
     p.c_out = need_backward ? row_ptr(cells, row) : state.c.data_ptr();
     p.h_out = projected ? unprojected.data_ptr() : row_ptr(output, row);
     p.rows = n;
-    run_recurrent_step(h_prev, h_prev_stride, recurrent.weight(), p);
-    if (s.ragged && !projected) {  // both [n, R] with contiguous rows
-      std::memcpy(state.h.data_ptr(), row_ptr(output, row), n * R * sizeof(float));
-    }
-    if (projected) {
-      const Tensor h = output.narrow(0, row, n);
-      projection->run_into(unprojected.narrow(0, 0, n), h);
-      if (state.h.defined()) state.h.narrow(0, 0, n).copy_(h);
-    }
-  }
-  for (int64_t step = 0; step < s.steps() && !one_kernel; ++step) {
-    const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
-    const Tensor recurrent_input = full || s.ragged ? state.h.narrow(0, 0, n)
-                                   : step == 0      ? h0
-                                               : output.narrow(0, s.offsets[s.time(step - 1)], n);
-    // z_t = x_t W_ih^T + b (computed for all steps above) + h_{t-1} W_hh^T: in place in the gates
-    // rows (ATen, MKL packed) or a step-sized temporary (oneDNN); in training the kernel writes
-    // the activated gates there. Full peepholes: two GEMMs into the rows' column blocks.
-    Tensor z = gates.narrow(0, row, n);
-    if (full) {
-      recurrent.run_into(recurrent_input, z.narrow(1, peep_columns, GH - peep_columns));
-      input_peephole->run_into(state.hc.narrow(0, 0, n), z.narrow(1, 0, peep_columns));
+    if (one_kernel) {
+      const float* h_prev = s.ragged    ? state.h.const_data_ptr<float>()
+                            : step == 0 ? h_first.const_data_ptr<float>()
+                                        : static_cast<const float*>(
+                                              row_ptr(output, s.offsets[s.time(step - 1)]));
+      p.z = row_ptr(gates, row), p.z_stride = gates.stride(0);
+      run_recurrent_step(h_prev, s.ragged ? state.h.stride(0) : R, recurrent.weight(), p);
+      if (s.ragged && !projected) {  // both [n, R] with contiguous rows
+        std::memcpy(state.h.data_ptr(), row_ptr(output, row), n * R * sizeof(float));
+      }
     } else {
-      z = recurrent.run(recurrent_input, z);
-    }
-    const Tensor c_t = need_backward ? cells.narrow(0, row, n) : state.c.narrow(0, 0, n);
-    p.z = z.data_ptr(), p.z_stride = z.stride(0);
-    p.gates_out = need_backward ? row_ptr(gates, row) : nullptr;
-    p.c_out = c_t.data_ptr();
-    p.h_out = projected ? unprojected.data_ptr() : row_ptr(output, row);
-    p.rows = n;
-    if (full) {
-      p.part = Part::Update;
+      const Tensor recurrent_input =
+          full || s.ragged ? state.h.narrow(0, 0, n)
+          : step == 0      ? h0
+                           : output.narrow(0, s.offsets[s.time(step - 1)], n);
+      // z_t = x_t W_ih^T + b (computed for all steps above) + h_{t-1} W_hh^T: in place in the
+      // gates rows (ATen, MKL packed) or a step-sized temporary (oneDNN); in training the kernel
+      // writes the activated gates there. Full peepholes: two GEMMs into the rows' column blocks.
+      Tensor z = gates.narrow(0, row, n);
+      if (full) {
+        recurrent.run_into(recurrent_input, z.narrow(1, peep_columns, GH - peep_columns));
+        input_peephole->run_into(state.hc.narrow(0, 0, n), z.narrow(1, 0, peep_columns));
+      } else {
+        z = recurrent.run(recurrent_input, z);
+      }
+      p.z = z.data_ptr(), p.z_stride = z.stride(0);
+      if (full) {
+        p.part = Part::Update;
+        run_forward(kernels, p);
+        const Tensor c_t = need_backward ? cells.narrow(0, row, n) : state.c.narrow(0, 0, n);
+        output_peephole->run_into(c_t, z.narrow(1, o_column, H));
+        p.part = Part::Output;
+      }
       run_forward(kernels, p);
-      output_peephole->run_into(c_t, z.narrow(1, o_column, H));
-      p.part = Part::Output;
     }
-    run_forward(kernels, p);
     if (projected) {
       const Tensor h = output.narrow(0, row, n);
       projection->run_into(unprojected.narrow(0, 0, n), h);

@@ -112,8 +112,9 @@ std::string cpu_kernel_isa() { return isa_name(choice().isa); }
 }  // namespace
 
 const PointwiseKernels& cpu_kernels() { return *choice().kernels; }
-const CpuGemmKernels& cpu_gemm_kernels() { return *choice().gemm; }
-static const bool gemm_kernels_provided = provide_cpu_gemm_kernels(&cpu_gemm_kernels);
+// The few-row GEMM kernels of the same build, for gemm.cpp (small_gemm.h).
+const bool gemm_kernels_provided =
+    provide_cpu_gemm_kernels([]() -> const CpuGemmKernels& { return *choice().gemm; });
 
 // Which build of the CPU kernels runs: "DEFAULT", "AVX2" or "AVX512".
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) { m.def("cpu_kernel_isa() -> str", &cpu_kernel_isa); }

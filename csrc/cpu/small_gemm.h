@@ -30,12 +30,9 @@ struct CpuGemmKernels {
   void (*recurrent_step)(const DotGemm& gemm, const ForwardStep& step);
 };
 
-// The build that matches the pointwise kernels (pointwise_cpu.cpp).
-const CpuGemmKernels& cpu_gemm_kernels();
-
-// gemm.cpp reaches the kernels through this, set when pointwise_cpu.cpp is part of the library
-// (the test-only host shim library compiles gemm.cpp without the CPU kernels: there the simd path
-// does not exist).
+// gemm.cpp reaches the kernels through this: pointwise_cpu.cpp provides the build that matches
+// the pointwise kernels. The test-only host shim library compiles gemm.cpp without the CPU
+// kernels: there nothing provides them and the simd path does not exist.
 using CpuGemmKernelsSource = const CpuGemmKernels& (*)();
 bool provide_cpu_gemm_kernels(CpuGemmKernelsSource source);
 
