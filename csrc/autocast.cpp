@@ -1,6 +1,6 @@
 // Autocast kernels of every lstm_fused operator, for CPU and CUDA autocast.
 //
-// Forward ops (cell_forward, layer_forward) follow torch's own LSTM ops (lstm, lstm_cell,
+// Forward ops (cell_forward, cell_step, layer_forward) follow torch's own LSTM ops (lstm, lstm_cell,
 // _thnn_fused_lstm_cell are "lower_precision_fp" in ATen's autocast lists): under
 // torch.autocast every floating-point input is cast to the autocast dtype (float16 or bfloat16,
 // whatever torch.autocast was given; float64 inputs are left alone, as ATen does), with ATen's
@@ -68,10 +68,12 @@ constexpr char kCellForward[] = "lstm_fused::cell_forward";
 constexpr char kCellBackward[] = "lstm_fused::cell_backward";
 constexpr char kLayerForward[] = "lstm_fused::layer_forward";
 constexpr char kLayerBackward[] = "lstm_fused::layer_backward";
+constexpr char kCellStep[] = "lstm_fused::cell_step";
 using CellForward = Autocast<kCellForward, decltype(Ops::cell_forward)>;
 using CellBackward = Autocast<kCellBackward, decltype(Ops::cell_backward)>;
 using LayerForward = Autocast<kLayerForward, decltype(Ops::layer_forward)>;
 using LayerBackward = Autocast<kLayerBackward, decltype(Ops::layer_backward)>;
+using CellStep = Autocast<kCellStep, decltype(Ops::cell_step)>;
 // Position of `gates` (the forward's saved activations) in the backward schemas.
 constexpr size_t kCellBackwardGates = 2;
 constexpr size_t kLayerBackwardGates = 13;
@@ -80,6 +82,7 @@ template <c10::DeviceType kDevice>
 void register_autocast(torch::Library& m) {
   m.impl("cell_forward", &CellForward::autocast_dtype<kDevice>);
   m.impl("layer_forward", &LayerForward::autocast_dtype<kDevice>);
+  m.impl("cell_step", &CellStep::autocast_dtype<kDevice>);
   m.impl("cell_backward", &CellBackward::forward_dtype<kDevice, kCellBackwardGates>);
   m.impl("layer_backward", &LayerBackward::forward_dtype<kDevice, kLayerBackwardGates>);
 }

@@ -133,9 +133,10 @@ std::tuple<Tensor, Tensor> cell_step(const Tensor& input, const Tensor& hx, cons
   check_weight_ch(weight_ch, kind, coupled, H, like, "cx");
   const c10::OptionalDeviceGuard guard(input.device());
   // z = x W_ih^T + b_ih + h W_hh^T + b_hh, in one buffer; the kernel activates it in place. The
-  // GEMMs take the measured (or forced) CPU path; with the simd path the kernel itself adds
-  // h W_hh^T, block by block, before it activates the block.
-  const bool in_kernel = kind != Peephole::Full && B > 0 &&
+  // GEMMs are ATen's on any device (on the CPU the measured or forced path); the CPU-only branch:
+  // on the simd path the CPU kernel itself adds h W_hh^T, block by block, before it activates the
+  // block. Other kernel tables (CUDA, the host shim's) always take the GEMMs + kernel route.
+  const bool in_kernel = kernels.cpu_simd_step && kind != Peephole::Full && B > 0 &&
                          one_off_gemm_path(hx, weight_hh, true) == CpuGemmPath::Simd;
   Tensor z = gemm_nt(input, weight_ih, bias_ih);
   if (bias_hh) z.add_(*bias_hh);

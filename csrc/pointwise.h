@@ -239,6 +239,9 @@ inline void variant_switch(const Step& step, const F& f) {
 struct PointwiseKernels {
   void (*forward)(const ForwardStep&);
   void (*backward)(const BackwardStep&);
+  // The CPU table only: the drivers may run the simd path's one-kernel step (run_recurrent_step,
+  // h W_hhᵀ and the pointwise forward together) instead of a GEMM and `forward`.
+  bool cpu_simd_step = false;
 };
 
 const PointwiseKernels& cpu_kernels();

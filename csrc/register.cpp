@@ -124,16 +124,9 @@ namespace lstm_fused {
 
 TORCH_LIBRARY(lstm_fused, m) {
   for (const char* schema : {LSTM_FUSED_SCHEMAS("", ", bool need_backward=True")}) m.def(schema);
-  // Forward only, CPU only: LSTMCell's latency path under no_grad / inference_mode.
-  m.def("cell_step(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
-        "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_ch, str peephole, bool coupled) "
-        "-> (Tensor h, Tensor c)");
 }
 
-TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {
-  LSTM_FUSED_IMPL_ALL(m, DeviceOps<cpu_kernels>);
-  m.impl("cell_step", &DeviceOps<cpu_kernels>::cell_step);
-}
+TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) { LSTM_FUSED_IMPL_ALL(m, DeviceOps<cpu_kernels>); }
 
 // Before the kernel of any device: the arguments' devices and layouts (ops.h).
 TORCH_LIBRARY_IMPL(lstm_fused, BackendSelect, m) { register_argument_checks(m); }

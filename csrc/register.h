@@ -9,7 +9,8 @@ namespace lstm_fused {
 // The operator schemas, written once: register.cpp declares them as torch.ops.lstm_fused.*, the
 // test-only host shim (host_shim/register_shim.cpp) with two extra arguments (EXTRA). LAYER_EXTRA:
 // layer_forward's need_backward (False: inference, nothing saved for backward; the returned gates
-// and cells are empty), which the shim leaves out.
+// and cells are empty), which the shim leaves out. cell_step is forward only (no autograd): the
+// latency path of LSTMCell under no_grad / inference_mode, both GEMMs and the kernel in one op.
 #define LSTM_FUSED_SCHEMAS(EXTRA, LAYER_EXTRA)                                                  \
   "cell_forward(Tensor gates, Tensor c_prev, Tensor? weight_ch, str peephole, bool coupled" EXTRA \
   ") -> (Tensor h, Tensor c, Tensor gates_out)",                                                \
@@ -26,7 +27,10 @@ namespace lstm_fused {
       "Tensor cells, int[]? batch_sizes, bool reverse, str peephole, bool coupled, "            \
       "bool need_input_grad" EXTRA                                                              \
       ") -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, "        \
-      "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_ch, Tensor grad_weight_hr)"
+      "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_ch, Tensor grad_weight_hr)", \
+      "cell_step(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "      \
+      "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_ch, str peephole, bool coupled" EXTRA   \
+      ") -> (Tensor h, Tensor c)"
 
 using KernelTable = const PointwiseKernels& (*)();
 
@@ -86,6 +90,7 @@ struct DeviceOps {
     m.impl("cell_backward", &Ops::cell_backward);   \
     m.impl("layer_forward", &Ops::layer_forward);   \
     m.impl("layer_backward", &Ops::layer_backward); \
+    m.impl("cell_step", &Ops::cell_step);           \
   } while (0)
 
 }  // namespace lstm_fused

@@ -400,11 +400,11 @@ def check_cell_forward(cell, input, hx) -> None:
             if state.dim() != input.dim():
                 raise RuntimeError(f"{cls}: for {input.dim()}-D input, hx[{index}] should also "
                                    f"be {input.dim()}-D but got {state.dim()}-D")
+    # Sizes first, then dtypes and devices: torch.nn.LSTMCell checks the sizes in
+    # torch._VF.lstm_cell (aten/src/ATen/native/RNN.cpp, check_rnn_cell_forward_input, then
+    # check_rnn_cell_forward_hidden for hidden0 and hidden1: batch, then hidden size) and meets
+    # a dtype or device mismatch only later, in its GEMMs.
     weight = cell.weight_ih
-    if input.dtype != weight.dtype and not autocast_enabled(input.device):
-        raise RuntimeError(f"{cls}: input dtype ({input.dtype}) does not match weight dtype "
-                           f"({weight.dtype}). Convert input: input.to({weight.dtype}), or "
-                           f"convert model: model.to({input.dtype})")
     if input.shape[-1] != cell.input_size:
         raise RuntimeError(f"{cls}: input has inconsistent input_size: got {input.shape[-1]} "
                            f"expected {cell.input_size}")
@@ -418,6 +418,10 @@ def check_cell_forward(cell, input, hx) -> None:
             if state.shape[1] != cell.hidden_size:
                 raise RuntimeError(f"{cls}: hidden{index} has inconsistent hidden_size: got "
                                    f"{state.shape[1]}, expected {cell.hidden_size}")
+    if input.dtype != weight.dtype and not autocast_enabled(input.device):
+        raise RuntimeError(f"{cls}: input dtype ({input.dtype}) does not match weight dtype "
+                           f"({weight.dtype}). Convert input: input.to({weight.dtype}), or "
+                           f"convert model: model.to({input.dtype})")
     _check_device(cls, input, weight)
     if hx is not None:
         _check_states_like_input(cls, states, input)

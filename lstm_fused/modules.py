@@ -20,6 +20,7 @@ from ._checks import (
     check_lstm_forward,
     check_lstm_options,
 )
+from .ops import BUILT_WITH_CUDA
 
 
 class _VariantMixin:
@@ -206,17 +207,19 @@ class LSTMCell(_VariantMixin, nn.Module):
 
     def _inference_step(self, input, hx):
         """(h_1 [B, H], c_1 [B, H]) from ONE op, torch.ops.lstm_fused.cell_step (both GEMMs and the
-        fused kernel, nothing saved for backward), for a batched CPU input whose arguments are
-        plainly valid, outside autocast and torch.compile; None otherwise: forward() then takes
-        the general path, which checks every argument with its own error."""
+        fused kernel, nothing saved for backward), for a batched CPU or CUDA input whose
+        arguments are plainly valid (one device, one dtype), outside autocast and torch.compile;
+        None otherwise: forward() then takes the general path, which checks every argument with
+        its own error."""
         params = self._parameters  # a dict lookup, not nn.Module.__getattr__, per parameter
         weights = [params.get(name) for name in self._step_parameter_names]
         if any(p is None for p in weights):  # replaced (weight norm, pruning, parametrizations)
             return None
         w = weights[0]
-        if (type(input) is not Tensor or input.dim() != 2 or not input.is_cpu or not w.is_cpu
-                or input.dtype != w.dtype or input.shape[1] != self.input_size
-                or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+        if (type(input) is not Tensor or input.dim() != 2 or input.device != w.device
+                or input.device.type not in _STEP_DEVICES or input.dtype != w.dtype
+                or input.shape[1] != self.input_size
+                or torch.is_autocast_enabled(input.device.type) or torch.compiler.is_compiling()):
             return None
         shape = (input.shape[0], self.hidden_size)
         if hx is None:
@@ -224,8 +227,8 @@ class LSTMCell(_VariantMixin, nn.Module):
         elif type(hx) is tuple and len(hx) == 2:
             h0, c0 = hx
             if not (type(h0) is Tensor and type(c0) is Tensor and h0.shape == shape
-                    and c0.shape == shape and h0.dtype == c0.dtype == w.dtype and h0.is_cpu
-                    and c0.is_cpu):
+                    and c0.shape == shape and h0.dtype == c0.dtype == w.dtype
+                    and h0.device == c0.device == w.device):
                 return None
         else:
             return None
@@ -243,6 +246,7 @@ class LSTMCell(_VariantMixin, nn.Module):
 
 
 _cell_step = torch.ops.lstm_fused.cell_step.default
+_STEP_DEVICES = ("cpu", "cuda") if BUILT_WITH_CUDA else ("cpu",)  # where cell_step has a kernel
 
 
 class LSTM(_VariantMixin, nn.Module):

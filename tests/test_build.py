@@ -274,3 +274,39 @@ def test_cuda_suite_skips_visibly_without_a_gpu():
     assert re.fullmatch(r"=* ?\d+ skipped, \d+ deselected in .*", summary), summary
     assert "no CUDA device" in result.stdout
     assert int(summary.split(" skipped")[0].split()[-1]) >= 20
+
+
+# --- every op on every device: read from the dispatcher ----------------------------------------
+
+
+def ops_with_tensor_arguments() -> list[str]:
+    """Every operator of the lstm_fused namespace (from the dispatcher, not a list of ours) that
+    takes a Tensor argument (cpu_kernel_isa takes none)."""
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("lstm_fused::")]
+    result = []
+    for name in sorted(names):
+        schema = getattr(torch.ops.lstm_fused, name.split("::")[1]).default._schema
+        if any(str(a.type).startswith("Tensor") for a in schema.arguments):
+            result.append(name)
+    return result
+
+
+def test_the_dispatcher_lists_every_op():
+    found = ops_with_tensor_arguments()
+    assert {f"lstm_fused::{n}" for n in (*ops.OP_NAMES, "cell_step")} <= set(found), found
+
+
+@pytest.mark.parametrize("key", ["CPU", "AutocastCPU", "AutocastCUDA"])
+def test_every_op_has_a_kernel_for(key):
+    """CPU and both autocast kernels are registered in every build (the autocast ones are
+    device-independent C++)."""
+    missing = [n for n in ops_with_tensor_arguments()
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(n, key)]
+    assert not missing, f"no {key} kernel: {missing}"
+
+
+@needs_cuda_build
+def test_every_op_has_a_cuda_kernel_from_the_dispatcher():
+    missing = [n for n in ops_with_tensor_arguments()
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
+    assert not missing, f"no CUDA kernel: {missing}"

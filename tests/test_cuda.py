@@ -112,6 +112,55 @@ def test_cell_ops_agree_with_cpu(variant, dtype, batch, hidden):
 
 
 @variant_params
+@grid(dtype=DTYPES, batch=[1, 5], hidden=[3, 33, 257])
+def test_cell_step_agrees_with_cpu(variant, dtype, batch, hidden):
+    """torch.ops.lstm_fused.cell_step (both GEMMs and the fused kernel, one op) on CUDA."""
+    peephole, coupled = variant
+    g = torch.Generator().manual_seed(batch * 1000 + hidden + 7)
+    G, I = (3 if coupled else 4), 11
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.5).to(dtype)
+
+    args = (rand(batch, I), rand(batch, hidden), rand(batch, hidden), rand(G * hidden, I),
+            rand(G * hidden, hidden), rand(G * hidden), rand(G * hidden),
+            make_weight_ch(peephole, coupled, hidden, g, dtype), peephole or "none", coupled)
+    expected = ops.cell_step(*args)
+    got = ops.cell_step(*to_device(args))
+    for a, b, name in zip(got, expected, ("h", "c")):
+        assert_agree(a, b, dtype, name)
+
+
+@variant_params
+def test_cell_latency_path_runs_cell_step_on_cuda(variant):
+    """LSTMCell under no_grad on CUDA: one cell_step op, the results of the general path."""
+    peephole, coupled = variant
+    torch.manual_seed(0)
+    cell = lstm_fused.LSTMCell(12, 20, peephole=peephole, coupled=coupled).to(CUDA)
+    x, state = torch.randn(3, 12, device=CUDA), (torch.randn(3, 20, device=CUDA),
+                                                 torch.randn(3, 20, device=CUDA))
+    expected = cell(x, state)
+    with torch.profiler.profile() as prof, torch.no_grad():
+        got = cell(x, state)
+    assert "lstm_fused::cell_step" in {e.key for e in prof.key_averages()}
+    for a, b, name in zip(got, expected, ("h", "c")):
+        assert_agree(a, b.detach(), torch.float32, name)
+
+
+def test_cell_step_under_cuda_autocast_runs_in_float16():
+    """The autocast kernel casts every float32 argument to float16 (CUDA autocast's default)."""
+    g = torch.Generator().manual_seed(4)
+    args = [torch.randn(*shape, generator=g) * 0.5
+            for shape in ((3, 8), (3, 16), (3, 16), (64, 8), (64, 16), (64,), (64,))]
+    args = to_device(args)
+    with torch.autocast("cuda"):
+        h, c = ops.cell_step(*args, None, "none", False)
+    assert h.dtype == c.dtype == torch.float16
+    expected = ops.cell_step(*[a.half() for a in args], None, "none", False)
+    assert torch.equal(h, expected[0]) and torch.equal(c, expected[1])
+
+
+@variant_params
 @grid(dtype=DTYPES, packed=[False, True], reverse=[False, True], proj=[0, 2])
 def test_layer_ops_agree_with_cpu(variant, dtype, packed, reverse, proj):
     args = layer_op_args(variant, dtype, packed, reverse, proj, torch.Generator().manual_seed(2))

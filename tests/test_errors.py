@@ -402,3 +402,96 @@ def test_dropout_range_is_torch_lstm_range(dropout):
         torch.nn.LSTM(I, H, num_layers=2, dropout=dropout)
     with expectation(r"dropout should be a number in range \[0, 1\]"):
         assert lstm(num_layers=2, dropout=dropout).dropout == dropout
+
+
+# --- the order of the checks: with two mistakes at once, the one torch.nn reports ---------------
+
+CELL_I, CELL_H, CELL_B = 10, 20, 3
+
+# One mistake each, as an edit of the valid (input, h_0, c_0) of a [CELL_B, CELL_I] -> CELL_H
+# cell: the input's size, each state's batch and hidden size, and a dtype other than the cell's.
+CELL_MISTAKES = {
+    "input_size": lambda a, other: {**a, "input": a["input"][:, :1].repeat(1, CELL_I + 1)},
+    "hidden0_batch": lambda a, other: {**a, "h0": a["h0"][:1]},
+    "hidden0_size": lambda a, other: {**a, "h0": a["h0"][:, :-1]},
+    "hidden1_batch": lambda a, other: {**a, "c0": a["c0"][:1]},
+    "hidden1_size": lambda a, other: {**a, "c0": a["c0"][:, :-1]},
+    "input_dtype": lambda a, other: {**a, "input": a["input"].to(other)},
+    "hidden0_dtype": lambda a, other: {**a, "h0": a["h0"].to(other)},
+}
+MISTAKE_PAIRS = [(a, b) for i, a in enumerate(CELL_MISTAKES) for b in list(CELL_MISTAKES)[i:]]
+
+
+def _raised(call):
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - the exception itself is what is compared
+        return e
+    return None
+
+
+def _same_check(ours: Exception, theirs: Exception) -> bool:
+    """Ours reports the mistake torch's reports: torch's size/batch messages verbatim; for a
+    dtype clash (torch's GEMM: "mat1 and mat2 must have the same dtype"), a dtype message."""
+    if "dtype" in str(theirs):
+        return "dtype" in str(ours)
+    return str(theirs) in str(ours)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mistakes", MISTAKE_PAIRS, ids="+".join)
+def test_cell_reports_the_mistake_torch_reports_first(dtype, mistakes):
+    """Every pair of mistakes (and each alone), in a cell of each dtype with the other dtype as
+    the wrong one: lstm_fused.LSTMCell raises torch.nn.LSTMCell's exception type for the same
+    check, e.g. a wrongly-sized float64 input to a float32 cell gets "input has inconsistent
+    input_size: got 11 expected 10", not a dtype message."""
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    torch.manual_seed(0)
+    theirs_cell = torch.nn.LSTMCell(CELL_I, CELL_H).to(dtype)
+    ours_cell = lstm_fused.LSTMCell(CELL_I, CELL_H).to(dtype)
+    args = {"input": torch.randn(CELL_B, CELL_I, dtype=dtype),
+            "h0": torch.randn(CELL_B, CELL_H, dtype=dtype),
+            "c0": torch.randn(CELL_B, CELL_H, dtype=dtype)}
+    for mistake in mistakes:
+        args = CELL_MISTAKES[mistake](args, other)
+    for grad in (True, False):  # the general path, and the no_grad latency path in front of it
+        with torch.set_grad_enabled(grad):
+            theirs = _raised(lambda: theirs_cell(args["input"], (args["h0"], args["c0"])))
+            ours = _raised(lambda: ours_cell(args["input"], (args["h0"], args["c0"])))
+        assert theirs is not None, "torch.nn.LSTMCell accepted a mistake"
+        assert ours is not None, f"lstm_fused.LSTMCell accepted what torch rejects: {theirs}"
+        assert type(ours) is type(theirs), (ours, theirs)
+        assert _same_check(ours, theirs), f"ours: {ours}\ntorch: {theirs}"
+
+
+LSTM_MISTAKES = {
+    "input_size": lambda a, other: {**a, "input": a["input"][..., :1].repeat(1, 1, CELL_I + 1)},
+    "hidden0_batch": lambda a, other: {**a, "h0": a["h0"][:, :1]},
+    "hidden0_size": lambda a, other: {**a, "h0": a["h0"][..., :-1]},
+    "hidden1_batch": lambda a, other: {**a, "c0": a["c0"][:, :1]},
+    "hidden1_size": lambda a, other: {**a, "c0": a["c0"][..., :-1]},
+    "input_dtype": lambda a, other: {**a, "input": a["input"].to(other)},
+}
+LSTM_MISTAKE_PAIRS = [(a, b) for i, a in enumerate(LSTM_MISTAKES) for b in list(LSTM_MISTAKES)[i:]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mistakes", LSTM_MISTAKE_PAIRS, ids="+".join)
+def test_lstm_reports_the_mistake_torch_reports_first(dtype, mistakes):
+    """The same for the LSTM module (torch.nn.LSTM checks the input dtype first, then sizes):
+    the exception type and torch's message, with the module's name in front."""
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    torch.manual_seed(0)
+    theirs_lstm = torch.nn.LSTM(CELL_I, CELL_H).to(dtype)
+    ours_lstm = lstm_fused.LSTM(CELL_I, CELL_H).to(dtype)
+    args = {"input": torch.randn(4, CELL_B, CELL_I, dtype=dtype),
+            "h0": torch.randn(1, CELL_B, CELL_H, dtype=dtype),
+            "c0": torch.randn(1, CELL_B, CELL_H, dtype=dtype)}
+    for mistake in mistakes:
+        args = LSTM_MISTAKES[mistake](args, other)
+    theirs = _raised(lambda: theirs_lstm(args["input"], (args["h0"], args["c0"])))
+    ours = _raised(lambda: ours_lstm(args["input"], (args["h0"], args["c0"])))
+    assert theirs is not None and ours is not None, (theirs, ours)
+    assert type(ours) is type(theirs), (ours, theirs)
+    assert str(theirs).replace("torch.", "") in str(ours).replace("torch.", ""), (
+        f"ours: {ours}\ntorch: {theirs}")

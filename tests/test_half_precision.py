@@ -5,7 +5,7 @@ The same checks on CUDA are in test_cuda.py."""
 
 import pytest
 import torch
-from conftest import assert_close_scaled, grid, variant_params
+from conftest import assert_close_scaled, grid, make_weight_ch, variant_params
 
 import lstm_fused
 from lstm_fused import reference
@@ -106,6 +106,25 @@ def test_diagonal_peephole_gradient_accumulates_in_float(dtype):
 def test_every_op_has_an_autocast_kernel(key):
     for name in OP_NAMES:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lstm_fused::{name}", key), name
+
+
+@variant_params
+def test_cell_step_under_cpu_autocast_runs_in_bfloat16(variant):
+    """torch.ops.lstm_fused.cell_step's autocast kernel: float32 arguments are cast to bfloat16
+    (CPU autocast's default) and the op runs in it, as if called on bfloat16 tensors."""
+    peephole, coupled = variant
+    g = torch.Generator().manual_seed(5)
+    G, H = (3 if coupled else 4), 16
+    args = [torch.randn(*shape, generator=g) * 0.5
+            for shape in ((3, 8), (3, H), (3, H), (G * H, 8), (G * H, H), (G * H,), (G * H,))]
+    weight_ch = make_weight_ch(peephole, coupled, H, g)
+    rest = (peephole or "none", coupled)
+    with torch.autocast("cpu"):
+        h, c = ops.cell_step(*args, weight_ch, *rest)
+    assert h.dtype == c.dtype == torch.bfloat16
+    bf16 = [a.bfloat16() for a in args]
+    expected = ops.cell_step(*bf16, None if weight_ch is None else weight_ch.bfloat16(), *rest)
+    assert torch.equal(h, expected[0]) and torch.equal(c, expected[1])
 
 
 @variant_params

@@ -14,7 +14,7 @@ from conftest import (
     variant_params,
 )
 
-from lstm_fused.ops import ops
+from lstm_fused.ops import OP_NAMES, ops
 
 # (blocks, threads): (0, 0) is the geometry the CUDA launcher picks; the others force fewer
 # threads than elements (grid-stride loop), odd sizes, and more threads than elements.
@@ -80,7 +80,7 @@ def test_layer_with_cuda_kernels_matches_cpu(host_shim, variant, dtype, packed, 
 
 
 def test_shim_covers_every_op(host_shim):
-    for name in ("cell_forward", "cell_backward", "layer_forward", "layer_backward"):
+    for name in (*OP_NAMES, "cell_step"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lstm_fused_host_shim::{name}",
                                                               "CPU")
 
@@ -127,3 +127,35 @@ def test_layer_launches_one_pointwise_kernel_per_step(host_shim, variant):
                      True)
     host_shim.layer_backward(*backward_args, 3, 7)
     assert host_shim_launches() == [(3, 7, 21)] * (steps * per_step)
+
+
+def cell_step_args(variant, dtype, batch, generator, input_size=7, hidden=33, bias=True):
+    """(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, peephole, coupled) of
+    torch.ops.lstm_fused.cell_step."""
+    peephole, coupled = variant
+    G = 3 if coupled else 4
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=generator) * 0.5).to(dtype)
+
+    biases = (rand(G * hidden), rand(G * hidden)) if bias else (None, None)
+    return (rand(batch, input_size), rand(batch, hidden), rand(batch, hidden),
+            rand(G * hidden, input_size), rand(G * hidden, hidden), *biases,
+            make_weight_ch(peephole, coupled, hidden, generator, dtype), peephole or "none",
+            coupled)
+
+
+@variant_params
+@grid(dtype=DTYPES, batch=[1, 5], bias=[True, False])
+def test_cell_step_with_cuda_kernels_matches_cpu(host_shim, variant, dtype, batch, bias):
+    """The whole LSTMCell step (both GEMMs and the fused kernel, one op) with the CUDA kernels:
+    the CPU kernel's (h, c), and the CUDA kernel ran (one launch, two for full peepholes' two
+    parts), never the CPU-only simd step."""
+    g = torch.Generator().manual_seed(3)
+    args = cell_step_args(variant, dtype, batch, g, bias=bias)
+    expected = ops.cell_step(*args)
+    host_shim_launches()
+    got = host_shim.cell_step(*args, 3, 7)
+    assert host_shim_launches() == [(3, 7, 21)] * (2 if variant[0] == "full" else 1)
+    for a, b in zip(got, expected):
+        close(a, b, dtype)

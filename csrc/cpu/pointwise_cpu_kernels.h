@@ -129,7 +129,7 @@ void backward_cpu(const BackwardStep& p) {
 }  // namespace
 
 const PointwiseKernels& kernels() {
-  static const PointwiseKernels table{forward_cpu, backward_cpu};
+  static const PointwiseKernels table{forward_cpu, backward_cpu, true};
   return table;
 }
 

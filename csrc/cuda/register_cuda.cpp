@@ -36,6 +36,7 @@ constexpr char kCellForward[] = "lstm_fused::cell_forward";
 constexpr char kCellBackward[] = "lstm_fused::cell_backward";
 constexpr char kLayerForward[] = "lstm_fused::layer_forward";
 constexpr char kLayerBackward[] = "lstm_fused::layer_backward";
+constexpr char kCellStep[] = "lstm_fused::cell_step";
 
 }  // namespace
 
@@ -44,6 +45,7 @@ TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) {
   m.impl("cell_backward", &WithNvtxRange<kCellBackward, &Cuda::cell_backward>::call);
   m.impl("layer_forward", &WithNvtxRange<kLayerForward, &Cuda::layer_forward>::call);
   m.impl("layer_backward", &WithNvtxRange<kLayerBackward, &Cuda::layer_backward>::call);
+  m.impl("cell_step", &WithNvtxRange<kCellStep, &Cuda::cell_step>::call);
 }
 
 }  // namespace lstm_fused

@@ -48,6 +48,7 @@ TORCH_LIBRARY_IMPL(lstm_fused_host_shim, CPU, m) {
   m.impl("cell_backward", &WithShimGeometry<&Shim::cell_backward>::call);
   m.impl("layer_forward", &WithShimGeometry<&shim_layer_forward>::call);
   m.impl("layer_backward", &WithShimGeometry<&Shim::layer_backward>::call);
+  m.impl("cell_step", &WithShimGeometry<&Shim::cell_step>::call);
 }
 
 }  // namespace lstm_fused
