@@ -283,7 +283,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   p.h_state_stride = state.h.defined() ? state.h.stride(0) : 0;
   // The simd path (float32, few rows) runs the GEMM and the pointwise step as one kernel, on raw
   // pointers: no tensor views per step.
-  const bool one_kernel = !full && recurrent.path() == CpuGemmPath::Simd;
+  // Only the CPU kernel table has that kernel (the host shim must run the CUDA kernels).
+  const bool one_kernel = kernels.cpu_simd_step && !full && recurrent.path() == CpuGemmPath::Simd;
   const Tensor h_first = one_kernel ? h0.contiguous() : h0;
   // Every thread's GEMM reads all of h_{t-1} while other threads already write their units' h_t:
   // the kernel must not write the running h it reads (packed input), which is updated after it.

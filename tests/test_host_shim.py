@@ -159,3 +159,30 @@ def test_cell_step_with_cuda_kernels_matches_cpu(host_shim, variant, dtype, batc
     assert host_shim_launches() == [(3, 7, 21)] * (2 if variant[0] == "full" else 1)
     for a, b in zip(got, expected):
         close(a, b, dtype)
+
+
+@pytest.mark.parametrize("op", ["layer", "cell_step"])
+def test_forced_simd_gemm_still_runs_the_cuda_kernels(host_shim, op):
+    """The CPU-only fused simd step (GEMM and pointwise in one CPU kernel) belongs to the CPU kernel
+    table: with the simd GEMM path forced, the shim still launches the CUDA kernel every step."""
+    from lstm_fused import cpu_gemm
+
+    g = torch.Generator().manual_seed(4)
+    variant = (None, False)
+    with cpu_gemm.mode("simd"):
+        if op == "layer":
+            args = layer_op_args(variant, torch.float32, False, False, 0, g)
+            expected = ops.layer_forward(*args)
+            host_shim_launches()
+            got = host_shim.layer_forward(*args, 3, 7)
+            launches = args[0].shape[0]
+        else:
+            args = cell_step_args(variant, torch.float32, 1, g)
+            expected = ops.cell_step(*args)
+            host_shim_launches()
+            got = host_shim.cell_step(*args, 3, 7)
+            launches = 1
+    assert host_shim_launches() == [(3, 7, 21)] * launches
+    for a, b in zip(got, expected):
+        if a.numel():
+            close(a, b, torch.float32)
