@@ -182,11 +182,99 @@ def test_automatic_choice_is_measured_once_and_cached():
     assert len(step) == 1, first
     (choice,) = step
     assert set(choice.seconds) == set(cpu_gemm.available(torch.float32))
-    assert choice.path == min(choice.seconds, key=choice.seconds.get)
+    fastest = min(choice.seconds, key=choice.seconds.get)
+    margin = choice.seconds[fastest] < 0.95 * choice.seconds["aten"]
+    assert choice.path == (fastest if margin else "aten"), choice
+    assert choice.measurements == 1
     assert choice.threads == torch.get_num_threads() and choice.dtype == torch.float32
     with torch.no_grad():
         module(x)
     assert cpu_gemm.choices() == first  # same entries, same timings: nothing measured again
+
+
+# --- the robust choice: its logic under deterministic timings (cpu_gemm._test_times) ----------
+
+ROUNDS = 25  # the most rounds a measurement takes: every round's trial seconds are given
+
+
+def step_choice(module, x):
+    """The measured choice of the layer's recurrent GEMM (rows B, n 4H, k H), after a no_grad
+    call of `module` on `x` [T, B, I]."""
+    with torch.no_grad():
+        module(x)
+    hidden = module.hidden_size
+    (choice,) = [c for c in cpu_gemm.choices()
+                 if c.repeated and (c.rows, c.n, c.k) == (x.shape[1], 4 * hidden, hidden)]
+    return choice
+
+
+def two_candidates():
+    paths = cpu_gemm.available(torch.float32)
+    if len(paths) < 2:
+        pytest.skip(f"one CPU GEMM path only here ({paths}): nothing to choose")
+    return paths, paths[-1]  # a challenger of ATen (the default, always first)
+
+
+def trial_times(paths, seconds, **disturbed):
+    """Every path's trial seconds per round: `seconds[path]` (default 1.0) in every round, except
+    disturbed={path: (round, seconds)}."""
+    times = {p: [seconds.get(p, 1.0)] * ROUNDS for p in paths}
+    for path, (round_, value) in disturbed.items():
+        times[path][round_] = value
+    return times
+
+
+def test_one_disturbed_trial_does_not_change_the_choice():
+    """A challenger twice as fast as every other path wins; a 100x slower first trial of it, or a
+    lucky 1000x faster first trial of a slower path, does not change that (the first trial alone,
+    a mean or a minimum would)."""
+    cpu_gemm.set_mode("auto")
+    paths, fast = two_candidates()
+    slow = paths[0]
+    module, x = lstm_fused.LSTM(24, 40), torch.randn(3, 9, 24)
+    for disturbed in ({}, {fast: (0, 100.0)}, {slow: (0, 0.001)},
+                      {fast: (0, 100.0), slow: (1, 0.001)}):
+        cpu_gemm.clear()
+        with cpu_gemm._test_times(trial_times(paths, {fast: 0.5}, **disturbed)):
+            choice = step_choice(module, x)
+        assert choice.path == fast, (disturbed, choice)
+        assert choice.seconds[fast] == 0.5 and choice.seconds[slow] == 1.0, choice
+
+
+@pytest.mark.parametrize("ratio, expected", [(0.97, "default"), (0.9, "challenger")])
+def test_a_near_tie_keeps_the_default_path(ratio, expected):
+    """A challenger only 3 % faster than ATen (within the 5 % margin) leaves ATen chosen; 10 %
+    faster takes over."""
+    cpu_gemm.set_mode("auto")
+    paths, fast = two_candidates()
+    module, x = lstm_fused.LSTM(24, 40), torch.randn(3, 9, 24)
+    cpu_gemm.clear()
+    others_slower = {p: 2.0 for p in paths[1:-1]}
+    with cpu_gemm._test_times(trial_times(paths, {fast: ratio, **others_slower})):
+        choice = step_choice(module, x)
+    assert choice.path == ("aten" if expected == "default" else fast), choice
+
+
+def test_a_choice_that_runs_far_slower_than_its_trial_is_measured_again():
+    """Every 16th step is timed: 8 samples in a row over 3x the trial's median mark the choice
+    stale, the next call measures again (and may choose another path); samples as fast as the
+    trial never do, and a shape is measured at most 4 times."""
+    cpu_gemm.set_mode("auto")
+    paths, fast = two_candidates()
+    module, x = lstm_fused.LSTM(8, 16), torch.randn(8 * 16 + 2, 3, 8)
+    cpu_gemm.clear()
+    with cpu_gemm._test_times(trial_times(paths, {fast: 0.5}), run_seconds=0.5 * 2.9):
+        assert step_choice(module, x).path == fast
+        assert step_choice(module, x).measurements == 1  # not 3x slower: still the first
+    cpu_gemm.clear()
+    with cpu_gemm._test_times(trial_times(paths, {fast: 0.5}), run_seconds=0.5 * 3.1):
+        first = step_choice(module, x)  # measured, then 8 slow samples: stale
+        assert (first.path, first.measurements) == (fast, 1)
+    with cpu_gemm._test_times(trial_times(paths, {"aten": 0.1}), run_seconds=0.5 * 3.1):
+        again = step_choice(module, x)
+        assert (again.path, again.measurements) == ("aten", 2), again
+        # aten's trial says 0.1 s: 1.55 s samples are slow again, but measuring stops at 4
+        assert [step_choice(module, x).measurements for _ in range(4)] == [3, 4, 4, 4]
 
 
 def test_forced_mode_is_overridable_and_validated():
