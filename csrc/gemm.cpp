@@ -106,7 +106,7 @@ constexpr std::array<CpuGemmPath, 4> kPaths = {CpuGemmPath::Aten, CpuGemmPath::O
                                                CpuGemmPath::Packed, CpuGemmPath::Simd};
 
 // The few-row kernels are candidates up to this many rows (beyond, a blocked GEMM wins anyway).
-constexpr int64_t kSimdMaxRows = 16;
+constexpr int64_t kSimdMaxRows = 32;
 
 std::optional<CpuGemmPath> parse_path(c10::string_view name) {
   if (name == "auto") return CpuGemmPath::Auto;

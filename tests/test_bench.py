@@ -215,3 +215,14 @@ def test_batch1_spread_runs_separate_processes(tmp_path):
     assert (tmp_path / "process0" / "bench.json").exists()
     assert (tmp_path / "process1" / "bench.json").exists()
     assert "2 separate processes" in result["text"]
+
+
+def test_gemm_paths_reports_each_path_by_batch_size(capsys):
+    import gemm_paths
+
+    rows = gemm_paths.main(["--batches", "1,5", "--hidden", "8", "--steps", "3", "--rounds", "2"])
+    assert [r["B"] for r in rows] == [1, 5]
+    for r in rows:
+        assert r["chosen"] in lstm_fused.cpu_gemm.MODES and r["fused_us"] > 0 and r["nn_us"] > 0
+        assert set(r["gemm_us"]) <= set(lstm_fused.cpu_gemm.available(torch.float32))
+    assert "nn.LSTM" in capsys.readouterr().out

@@ -110,23 +110,26 @@ def test_a_forced_path_falls_back_to_aten_where_it_cannot_run_the_dtype():
     assert "packed" not in cpu_gemm.available(torch.float64)
 
 
-def test_simd_path_runs_up_to_16_rows_and_falls_back_to_aten_beyond():
+def test_simd_path_runs_up_to_32_rows_and_falls_back_to_aten_beyond():
     cpu_gemm.set_mode("simd")
     module = lstm_fused.LSTM(8, 16)
-    assert events(module, torch.randn(3, 16, 8)).get("lstm_fused::recurrent_step", 0) == 3
-    seen = events(module, torch.randn(3, 17, 8))
+    assert events(module, torch.randn(3, 32, 8)).get("lstm_fused::recurrent_step", 0) == 3
+    seen = events(module, torch.randn(3, 33, 8))
     assert seen.get("lstm_fused::recurrent_step", 0) == 0 and seen.get("aten::addmm_", 0) >= 3
 
 
 @pytest.mark.parametrize("hidden, input_size, rows", [(7, 5, 1), (16, 16, 4), (37, 19, 16),
-                                                      (64, 100, 3), (130, 33, 2)])
+                                                      (64, 100, 3), (130, 33, 2), (20, 17, 5),
+                                                      (33, 31, 7), (16, 16, 17), (65, 40, 31),
+                                                      (9, 8, 32)])
 @pytest.mark.parametrize("variant", [(None, False), ("diagonal", False), ("diagonal", True),
                                      ("full", False)])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_simd_kernels_match_the_reference_at_every_width(hidden, input_size, rows, variant,
                                                          packed):
-    """Weight rows and K that are not multiples of the SIMD width (the partial block and the
-    masked K tail of the dot kernel), 1 to 16 rows, forward and backward; full peepholes take the
+    """Weight rows and K that are not multiples of the SIMD width (the partial tiles and the
+    masked K tail of the dot kernel), 1 to 32 rows (row blocks of 4, then 2 and 1), forward and
+    backward; full peepholes take the
     simd GEMM without the fused step. Packed input keeps h in a running state that the fused step
     reads from every thread: it must not be overwritten while the step runs."""
     cpu_gemm.set_mode("simd")
@@ -138,9 +141,10 @@ def test_simd_kernels_match_the_reference_at_every_width(hidden, input_size, row
             assert_close(a, b, torch.float32, "simd")
 
 
-def test_simd_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("rows", [3, 6, 21, 32])
+def test_simd_results_do_not_depend_on_the_thread_count(rows):
     cpu_gemm.set_mode("simd")
-    module, x = lstm_fused.LSTM(40, 72, peephole="diagonal"), torch.randn(9, 3, 40)
+    module, x = lstm_fused.LSTM(40, 72, peephole="diagonal"), torch.randn(9, rows, 40)
     threads = torch.get_num_threads()
     results = []
     try:
@@ -154,6 +158,18 @@ def test_simd_results_do_not_depend_on_the_thread_count():
         for a, b in zip(torch.utils._pytree.tree_leaves(results[0]),
                         torch.utils._pytree.tree_leaves(other)):
             assert torch.equal(a, b)
+
+
+def test_simd_results_do_not_depend_on_the_row_blocking():
+    """Rows go through tiles of 4, 2 or 1 rows; each output is summed in the same order in all
+    of them: a sequence alone (batch 1) gives the bits it gives among 7 (a 4-row, a 2-row and a
+    1-row tile). T * B <= 32 rows: the input projection takes the simd path too."""
+    cpu_gemm.set_mode("simd")
+    module, x = lstm_fused.LSTM(24, 40), torch.randn(4, 7, 24)
+    with torch.no_grad():
+        together = module(x)[0]
+        for b in range(7):
+            assert torch.equal(module(x[:, b:b + 1])[0], together[:, b:b + 1]), b
 
 
 @pytest.mark.parametrize("path", PATHS + ["auto"])
@@ -396,11 +412,11 @@ def test_cell_latency_path_matches_the_general_path(variant, no_grad, hx):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("batch, hidden, input_size", [(1, 64, 64), (1, 37, 21), (5, 20, 33),
-                                                       (17, 16, 8)])
+                                                       (17, 16, 8), (32, 24, 9), (33, 16, 8)])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cell_step_on_each_gemm_path_matches_the_reference_cell(path, batch, hidden, input_size,
                                                                 variant):
-    """The one-op cell step under each forced path; with simd (up to 16 rows, peephole none or
+    """The one-op cell step under each forced path; with simd (up to 32 rows, peephole none or
     diagonal) its kernel adds h W_hh^T per block of units before activating them."""
     require(path)
     cpu_gemm.set_mode(path)
@@ -413,7 +429,7 @@ def test_cell_step_on_each_gemm_path_matches_the_reference_cell(path, batch, hid
         got = cell(x, state)
     seen = {e.key for e in prof.key_averages()}
     assert "lstm_fused::cell_step" in seen
-    fused_step = path == "simd" and batch <= 16 and peephole != "full"
+    fused_step = path == "simd" and batch <= 32 and peephole != "full"
     assert ("lstm_fused::recurrent_step" in seen) == fused_step, seen
     expected = reference.lstm_cell(x, *state, *cell._parameters_for(""), peephole=peephole,
                                    coupled=coupled)
