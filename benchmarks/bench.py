@@ -4,6 +4,8 @@
     python benchmarks/bench.py --quick    # tiny grid, < 1 min (used by `make run`)
     python benchmarks/bench.py --full     # bigger grid
     python benchmarks/bench.py --sizes 100,64,256,256 --modes fwd --profile
+    python benchmarks/bench.py --batch-sweep --sweep-plot docs/images/batch-sweep.png
+                                          # B = 1..256 at T=100 I=H=256: table + ratio plot
 
 Candidates, all fed the same input and (per variant) the same weights:
     nn.LSTM (oneDNN)     torch.nn.LSTM as shipped; on CPU the oneDNN (mkldnn) RNN path. The baseline.
@@ -62,6 +64,9 @@ DEFAULT_GRID = [
 ]
 FULL_GRID = [(T, B, H, H) for H in (128, 256, 512, 1024) for B in (1, 16, 64, 256)
              for T in (25, 100, 400)]
+# --batch-sweep: every variant against nn.LSTM at these batch sizes, T, I, H fixed (issue 25)
+SWEEP_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SWEEP_SHAPE = (100, 256, 256)  # T, I, H
 MODES = ("fwd", "fwdbwd")
 MODE_LABEL = {"fwd": "forward (no_grad)", "fwdbwd": "forward+backward"}
 
@@ -715,6 +720,85 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def sweep_points(rows: list[dict]) -> tuple[list[int], list[str], list[str]]:
+    """The batch sizes, modes and fused variants of a --batch-sweep run, in run order."""
+    batches, modes, variants = [], [], []
+    for r in rows:
+        for value, seen in ((r["B"], batches), (r["mode"], modes)):
+            if value not in seen:
+                seen.append(value)
+        if r["kind"] == "fused" and r["variant"] not in variants:
+            variants.append(r["variant"])
+    return batches, modes, variants
+
+
+def sweep_ratio(rows: list[dict], B: int, mode: str, variant: str):
+    for r in rows:
+        if (r["B"], r["mode"], r["kind"], r["variant"]) == (B, mode, "fused", variant):
+            return r.get("ratio_vs_nn") if r["status"] == "ok" else None
+    return None
+
+
+def recurrent_gemm_paths(choices, B: int, H: int) -> str:
+    """The paths measured for the per-step recurrent GEMMs with B rows and K = H (every variant
+    and mode: n = 3H or 4H; transposed in backward)."""
+    paths = sorted({c.path for c in choices if c.repeated and c.rows == B and H in (c.k, c.n)})
+    return "/".join(paths) or "-"
+
+
+def format_sweep(rows: list[dict], choices, meta: dict) -> str:
+    """The --batch-sweep table (markdown): per batch size, each variant's ratio vs nn.LSTM per
+    mode, and the recurrent GEMM paths the measured choice took."""
+    batches, modes, variants = sweep_points(rows)
+    T, I, H = rows[0]["T"], rows[0]["I"], rows[0]["H"]
+    lines = [(f"Ratio vs torch.nn.LSTM (our time / theirs, the median of same-round ratios; < 1 = "
+             f"faster), T={T} I={I} H={H}, {meta['dtype']}, {meta['threads']} threads, "
+             f"{meta['cpu']} (ATen {meta['cpu_capability']}), torch {meta['torch']}, "
+             f"CPU GEMM mode {meta['cpu_gemm_mode']}."), ""]
+    header = ["B"] + [f"{v} {'fwd' if m == 'fwd' else 'fwd+bwd'}" for m in modes
+                      for v in variants] + ["recurrent GEMM"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---:" for _ in header[:-1]) + "|---|")
+    for B in batches:
+        cells = [str(B)]
+        for m in modes:
+            for v in variants:
+                ratio = sweep_ratio(rows, B, m, v)
+                cells.append("-" if ratio is None else f"{ratio:.2f}")
+        cells.append(recurrent_gemm_paths(choices, B, H))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict], path: str, title: str) -> None:
+    """Ratio vs nn.LSTM against batch size, one line per variant, one panel per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches, modes, variants = sweep_points(rows)
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for variant in variants:
+            points = [(B, sweep_ratio(rows, B, mode, variant)) for B in batches]
+            points = [(B, r) for B, r in points if r is not None]
+            ax.plot([B for B, _ in points], [r for _, r in points], marker="o", label=variant)
+        ax.axhline(1.0, color="black", lw=1, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches)
+        ax.set_xticklabels([str(B) for B in batches])
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("time / nn.LSTM time (< 1 faster)")
+        ax.set_title(MODE_LABEL[mode])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_profile(args, out_dir: str) -> str:
     """Chrome trace of one fused (vanilla) forward+backward at the headline size."""
     from torch.profiler import ProfilerActivity, profile
@@ -775,9 +859,19 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--quick", action="store_true", help="tiny grid, < 60 s (make run)")
     grid.add_argument("--full", action="store_true", help=f"bigger grid ({len(FULL_GRID)} points)")
     grid.add_argument("--sizes", type=_parse_sizes, help='explicit grid "T,B,I,H;T,B,I,H;..."')
+    grid.add_argument("--batch-sweep", action="store_true",
+                      help="B = 1..256 at T=100 I=H=256 (--sweep-batches, --sweep-shape), nn.LSTM "
+                      "and every fused variant; writes batch-sweep.md and a ratio-vs-B plot")
+    p.add_argument("--sweep-batches", type=lambda t: [int(v) for v in t.split(",") if v.strip()],
+                   default=list(SWEEP_BATCHES), help="batch sizes of --batch-sweep")
+    p.add_argument("--sweep-shape", type=lambda t: tuple(int(v) for v in t.split(",")),
+                   default=SWEEP_SHAPE, help="T,I,H of --batch-sweep (default 100,256,256)")
+    p.add_argument("--sweep-plot", default=None,
+                   help="where --batch-sweep's plot goes (default OUT/batch-sweep.png)")
     p.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="fwd,fwdbwd (default both)")
-    p.add_argument("--candidates", type=_csv(CANDIDATE_KINDS), default=list(CANDIDATE_KINDS),
-                   help=f"subset of {','.join(CANDIDATE_KINDS)} (nn.LSTM is always measured)")
+    p.add_argument("--candidates", type=_csv(CANDIDATE_KINDS), default=None,
+                   help=f"subset of {','.join(CANDIDATE_KINDS)} (nn.LSTM is always measured; "
+                   "default all, nn,fused with --batch-sweep)")
     p.add_argument("--variants", type=_csv(list(VARIANTS)), default=list(VARIANTS),
                    help="fused variants (default all; 'full' is skipped with a note if unsupported)")
     p.add_argument("--ref-variants", type=_csv(list(VARIANTS)), default=["diagonal"],
@@ -799,8 +893,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="write a chrome trace of one fused forward+backward at the headline size")
     p.add_argument("--cell-sizes", type=lambda t: [int(v) for v in t.split(",") if v.strip()],
-                   default=[64, 256], help="H of the batch-1 cell-step latency case (default 64,256;"
-                   " empty: skip it)")
+                   default=None, help="H of the batch-1 cell-step latency case (default 64,256;"
+                   " none with --batch-sweep; empty: skip it)")
     p.add_argument("--cell-calls", type=int, default=200, help="cell steps per timed call")
     p.add_argument("--cell-rounds", type=int, default=15, help="rounds of the cell-step case")
     p.add_argument("--out", default=os.path.join("results", "bench"), help="output dir")
@@ -821,11 +915,21 @@ def main(argv=None) -> dict:
     args.dtype = getattr(torch, args.dtype)
     args.headline = args.headline[0]
     sizes = args.sizes or (QUICK_GRID if args.quick else FULL_GRID if args.full else DEFAULT_GRID)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    if args.batch_sweep:
+        if len(args.sweep_shape) != 3 or min(args.sweep_shape) <= 0 or not args.sweep_batches:
+            parser.error("--sweep-shape must be T,I,H (positive) and --sweep-batches not empty")
+        T, I, H = args.sweep_shape
+        sizes = [(T, B, I, H) for B in args.sweep_batches]
+    if args.candidates is None:
+        args.candidates = ["nn", "fused"] if args.batch_sweep else list(CANDIDATE_KINDS)
+    if args.cell_sizes is None:
+        args.cell_sizes = [] if args.batch_sweep else [64, 256]
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick or args.batch_sweep
+                                                               else 2)
     args.repeats = args.repeats if args.repeats is not None else (5 if args.quick else 7)
     args.min_repeats = min(args.min_repeats, args.repeats)
     if args.point_budget is None:
-        args.point_budget = 3.0 if args.quick else 60.0
+        args.point_budget = 3.0 if args.quick else 10.0 if args.batch_sweep else 60.0
     if args.proj_size and any(args.proj_size >= s[3] for s in sizes):
         parser.error("--proj-size must be smaller than every H in the grid")
     torch.set_num_threads(args.threads)
@@ -885,6 +989,7 @@ def main(argv=None) -> dict:
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "device": args.device, "dtype": str(args.dtype).replace("torch.", ""),
         "grid": "custom" if args.sizes else ("quick" if args.quick else "full" if args.full
+                                             else "batch-sweep" if args.batch_sweep
                                              else "default"),
         "sizes": sizes, "modes": args.modes, "warmup": args.warmup, "repeats": args.repeats,
         "point_budget_s": args.point_budget, "proj_size": args.proj_size,
@@ -905,6 +1010,16 @@ def main(argv=None) -> dict:
     plot(rows, png_path, f"lstm_fused vs torch.nn.LSTM - {meta['cpu']}, {meta['threads']} threads, "
                          f"{meta['dtype']}, torch {meta['torch']}")
     print(f"\nwrote {json_path}, {png_path}")
+    if args.batch_sweep:
+        table = format_sweep(rows, lstm_fused.cpu_gemm.choices(), meta)
+        result["sweep_table"] = table
+        md_path = os.path.join(args.out, "batch-sweep.md")
+        with open(md_path, "w") as f:
+            f.write(table + "\n")
+        sweep_png = args.sweep_plot or os.path.join(args.out, "batch-sweep.png")
+        plot_sweep(rows, sweep_png, f"lstm_fused vs torch.nn.LSTM by batch size - {meta['cpu']}, "
+                                    f"{meta['threads']} threads, {meta['dtype']}")
+        print("\n" + table + f"\n\nwrote {md_path}, {sweep_png}")
     if args.profile:
         print(f"wrote {write_profile(args, args.out)}")
     print(f"total {elapsed:.1f} s")

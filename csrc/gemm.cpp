@@ -106,7 +106,7 @@ constexpr std::array<CpuGemmPath, 4> kPaths = {CpuGemmPath::Aten, CpuGemmPath::O
                                                CpuGemmPath::Packed, CpuGemmPath::Simd};
 
 // The few-row kernels are candidates up to this many rows (beyond, a blocked GEMM wins anyway).
-constexpr int64_t kSimdMaxRows = 16;
+constexpr int64_t kSimdMaxRows = 32;
 
 std::optional<CpuGemmPath> parse_path(c10::string_view name) {
   if (name == "auto") return CpuGemmPath::Auto;
@@ -187,45 +187,116 @@ Choices& choices() {
   return c;
 }
 
-// The fastest of `paths` for `key`, measured by `trial(path)` (one GEMM) on first use. Rounds run
-// every path once in rotating order; the median per path decides. About 20 ms per path at most.
+// The test hook's timings (set_cpu_gemm_test_times): none, normally.
+struct TestTimes {
+  std::mutex mutex;
+  std::map<CpuGemmPath, std::vector<double>> trials;
+  double run_seconds = -1;
+};
+
+TestTimes& test_times() {
+  static TestTimes t;
+  return t;
+}
+
+// The robustness of the choice. Trials interleave the candidates (round r runs them in an order
+// rotated by r, so a slow spell hits each path in turn rather than one path's run of trials) and
+// each path's median over at least kMinRounds rounds decides: one disturbed trial in a path (or
+// up to half of them) moves its median by at most one rank. A path other than ATen (the default,
+// the first candidate) is taken only when its median beats ATen's by kMargin, so a near-tie, whose
+// winner noise decides, always resolves the same way. Afterwards, every kSampleEvery-th step of
+// a repeated GEMM at its full row count is timed (two clock reads, not the first step of a call,
+// whose weight may not be in the cache yet); kSlowStreak samples in a row slower than kSlowFactor
+// times the trial's median mark the choice stale, and the next call of that shape measures again,
+// at most kMaxMeasurements times per shape (a machine that stays slow is measured slow).
+constexpr int kMinRounds = 7, kMaxRounds = 25;
+constexpr double kBudgetSeconds = 0.02;  // per candidate, after kMinRounds
+constexpr double kMargin = 0.05;
+constexpr int64_t kSampleEvery = 16;
+constexpr int kSlowStreak = 8;
+constexpr double kSlowFactor = 3.0;
+constexpr int kMaxMeasurements = 4;
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// The path chosen from each candidate's trial seconds: the fastest median, unless it is not
+// kMargin faster than the default (paths.front(), ATen where it is a candidate).
+size_t chosen_index(std::vector<std::vector<double>>& times) {
+  std::vector<double> medians;
+  for (auto& t : times) {
+    std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
+    medians.push_back(t[t.size() / 2]);
+  }
+  const size_t best = std::min_element(medians.begin(), medians.end()) - medians.begin();
+  return medians[best] < (1 - kMargin) * medians.front() ? best : 0;
+}
+
+struct Measured {
+  CpuGemmPath path;
+  std::shared_ptr<ChoiceHealth> health;
+};
+
+// The choice among `paths` for `key`, measured by `trial(path)` (one GEMM) on first use, or again
+// when its health went stale. About 20 ms per path at most.
 template <typename Trial>
-CpuGemmPath measured_choice(const GemmKey& key, const std::vector<CpuGemmPath>& paths,
-                            const Trial& trial) {
-  if (paths.size() == 1) return paths.front();
+Measured measured_choice(const GemmKey& key, const std::vector<CpuGemmPath>& paths,
+                         const Trial& trial) {
+  if (paths.size() == 1) return {paths.front(), nullptr};
+  int measurements = 1;
   {
     const std::lock_guard<std::mutex> lock(choices().mutex);
     const auto found = choices().entries.find(key);
-    if (found != choices().entries.end()) return found->second.path;
+    if (found != choices().entries.end()) {
+      const CpuGemmChoice& known = found->second;
+      if (!(known.health && known.health->stale.load()) ||
+          known.measurements >= kMaxMeasurements) {
+        return {known.path, known.health};
+      }
+      measurements = known.measurements + 1;
+    }
   }
-  using Clock = std::chrono::steady_clock;
+  std::map<CpuGemmPath, std::vector<double>> fake;
+  {
+    const std::lock_guard<std::mutex> lock(test_times().mutex);
+    fake = test_times().trials;
+  }
   // The trials are the library's own business: they do not show in the caller's profiles.
   const at::RecordFunctionGuard not_profiled(false);
   std::vector<std::vector<double>> times(paths.size());
   for (const CpuGemmPath path : paths) trial(path);  // warm-up (reorders, MKL buffers)
-  constexpr int kMinRounds = 5, kMaxRounds = 25;
-  constexpr double kBudgetSeconds = 0.02;
   const auto start = Clock::now();
   for (int round = 0; round < kMaxRounds; ++round) {
     for (size_t i = 0; i < paths.size(); ++i) {
       const size_t k = (i + round) % paths.size();
       const auto t0 = Clock::now();
       trial(paths[k]);
-      times[k].push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      const auto faked = fake.find(paths[k]);
+      times[k].push_back(faked == fake.end() || faked->second.empty()
+                             ? seconds_since(t0)
+                             : faked->second[round % faked->second.size()]);
     }
-    const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
-    if (round + 1 >= kMinRounds && elapsed > kBudgetSeconds * paths.size()) break;
+    if (round + 1 >= kMinRounds && seconds_since(start) > kBudgetSeconds * paths.size()) break;
   }
   CpuGemmChoice choice;
-  double best = 0;
+  const size_t chosen = chosen_index(times);  // leaves each times[k]'s median at its middle
   for (size_t k = 0; k < paths.size(); ++k) {
-    std::nth_element(times[k].begin(), times[k].begin() + times[k].size() / 2, times[k].end());
-    const double median = times[k][times[k].size() / 2];
-    choice.seconds.emplace_back(paths[k], median);
-    if (k == 0 || median < best) best = median, choice.path = paths[k];
+    choice.seconds.emplace_back(paths[k], times[k][times[k].size() / 2]);
+  }
+  choice.path = paths[chosen];
+  choice.measurements = measurements;
+  if (key.repeated) {
+    choice.health = std::make_shared<ChoiceHealth>();
+    choice.health->trial_seconds = choice.seconds[chosen].second;
   }
   const std::lock_guard<std::mutex> lock(choices().mutex);
-  return choices().entries.emplace(key, choice).first->second.path;
+  CpuGemmChoice& entry = choices().entries[key];
+  // Another thread may have measured the same key meanwhile: the later measurement stands.
+  entry = std::move(choice);
+  return {entry.path, entry.health};
 }
 
 // The paths to consider for a GEMM: the forced one where it runs the dtype and shape (else
@@ -339,6 +410,13 @@ void clear_cpu_gemm_choices() {
   choices().entries.clear();
 }
 
+void set_cpu_gemm_test_times(std::map<CpuGemmPath, std::vector<double>> trials,
+                             double run_seconds) {
+  const std::lock_guard<std::mutex> lock(test_times().mutex);
+  test_times().trials = std::move(trials);
+  test_times().run_seconds = run_seconds;
+}
+
 // --- one-off GEMMs ---------------------------------------------------------------------------
 
 CpuGemmPath one_off_gemm_path(const Tensor& x, const Tensor& weight, bool accumulate) {
@@ -360,7 +438,7 @@ CpuGemmPath one_off_gemm_path(const Tensor& x, const Tensor& weight, bool accumu
     } else {
       at::mm(x, weight.t());
     }
-  });
+  }).path;
 }
 
 Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias,
@@ -408,7 +486,7 @@ RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumula
   // call runs the same operations.
   Tensor x, out;
   std::map<CpuGemmPath, RepeatedGemm> trials;
-  const CpuGemmPath chosen = measured_choice(key, paths, [&](CpuGemmPath p) {
+  const Measured chosen = measured_choice(key, paths, [&](CpuGemmPath p) {
     if (!x.defined()) {
       x = at::full({max_rows, weight_.size(1)}, 0.5, weight_.options());
       out = at::zeros({max_rows, ldo}, weight_.options()).narrow(1, 0, weight_.size(0));
@@ -421,7 +499,9 @@ RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumula
     }
     found->second.run(x, out);
   });
-  prepare(chosen, max_rows);
+  prepare(chosen.path, max_rows);
+  health_ = chosen.health;
+  max_rows_ = max_rows;
 }
 
 RepeatedGemm::RepeatedGemm(const Tensor& weight, bool accumulate)
@@ -444,11 +524,47 @@ void RepeatedGemm::prepare(CpuGemmPath path, int64_t max_rows) {
   }
 }
 
+void ChoiceHealth::sample(double seconds) {
+  {
+    const std::lock_guard<std::mutex> lock(test_times().mutex);
+    if (test_times().run_seconds >= 0) seconds = test_times().run_seconds;
+  }
+  if (seconds <= kSlowFactor * trial_seconds) {
+    slow_streak.store(0);
+  } else if (slow_streak.fetch_add(1) + 1 >= kSlowStreak) {
+    stale.store(true);
+  }
+}
+
+template <typename F>
+auto RepeatedGemm::sampled(int64_t rows, const F& gemm) const {
+  const bool sample = health_ && rows == max_rows_ && steps_++ > 0 &&
+                      health_->calls.fetch_add(1) % kSampleEvery == kSampleEvery - 1;
+  if (!sample) return gemm();
+  const auto start = Clock::now();
+  auto result = gemm();
+  health_->sample(seconds_since(start));
+  return result;
+}
+
 Tensor RepeatedGemm::run(const Tensor& x, const Tensor& out) const {
   if (x.size(0) == 0) return out;
+  return sampled(x.size(0), [&] { return compute(x, out); });
+}
+
+void RepeatedGemm::run_recurrent_step(const float* h_prev, int64_t h_prev_stride,
+                                      const ForwardStep& step) const {
+  TORCH_INTERNAL_ASSERT(path_ == CpuGemmPath::Simd);
+  sampled(step.rows, [&] {
+    lstm_fused::run_recurrent_step(h_prev, h_prev_stride, weight_, step);
+    return true;
+  });
+}
+
+Tensor RepeatedGemm::compute(const Tensor& x, const Tensor& out) const {
   switch (path_) {
     case CpuGemmPath::Packed: {
-      if (!rows_strided(x)) return run(x.contiguous(), out);
+      if (!rows_strided(x)) return compute(x.contiguous(), out);
       TORCH_INTERNAL_ASSERT(rows_strided(out));
       const int m = static_cast<int>(x.size(0)), n = static_cast<int>(weight_.size(0)),
                 k = static_cast<int>(weight_.size(1));
@@ -460,7 +576,7 @@ Tensor RepeatedGemm::run(const Tensor& x, const Tensor& out) const {
       return out;
     }
     case CpuGemmPath::Simd:
-      if (!rows_strided(x)) return run(x.contiguous(), out);
+      if (!rows_strided(x)) return compute(x.contiguous(), out);
       TORCH_INTERNAL_ASSERT(rows_strided(out));
       simd_dot_into(x, weight_, out, accumulate_);
       return out;

@@ -301,7 +301,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
                                         : static_cast<const float*>(
                                               row_ptr(output, s.offsets[s.time(step - 1)]));
       p.z = row_ptr(gates, row), p.z_stride = gates.stride(0);
-      run_recurrent_step(h_prev, s.ragged ? state.h.stride(0) : R, recurrent.weight(), p);
+      recurrent.run_recurrent_step(h_prev, s.ragged ? state.h.stride(0) : R, p);
       if (s.ragged && !projected) {  // both [n, R] with contiguous rows
         std::memcpy(state.h.data_ptr(), row_ptr(output, row), n * R * sizeof(float));
       }

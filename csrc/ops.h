@@ -3,6 +3,9 @@
 // which dispatches to the device of the inputs.
 #pragma once
 
+#include <atomic>
+#include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -120,9 +123,23 @@ struct GemmKey {
   bool operator<(const GemmKey& other) const { return tie() < other.tie(); }
 };
 
+// How a measured repeated-GEMM choice holds up after its trials: the chosen path's trial median,
+// and the streak of sampled later GEMMs that ran far slower than it (gemm.cpp samples every few
+// steps). A long enough streak marks the choice stale: the next layer call of that shape measures
+// again. Shared by the cache entry and the RepeatedGemms made from it.
+struct ChoiceHealth {
+  double trial_seconds = 0;
+  std::atomic<int64_t> calls{0};
+  std::atomic<int> slow_streak{0};
+  std::atomic<bool> stale{false};
+  void sample(double seconds);  // one sampled GEMM's seconds
+};
+
 struct CpuGemmChoice {
   CpuGemmPath path = CpuGemmPath::Aten;
   std::vector<std::pair<CpuGemmPath, double>> seconds;  // median seconds per GEMM of each path
+  int measurements = 1;  // 1, plus one per re-check after a slow streak
+  std::shared_ptr<ChoiceHealth> health;  // repeated GEMMs only
 };
 
 std::string cpu_gemm_path_name(CpuGemmPath path);
@@ -131,6 +148,11 @@ void set_cpu_gemm_mode(c10::string_view mode);
 std::vector<std::string> cpu_gemm_paths(at::ScalarType dtype);  // the paths that run `dtype`
 std::vector<std::pair<GemmKey, CpuGemmChoice>> cpu_gemm_choices();
 void clear_cpu_gemm_choices();
+// Test only: deterministic timings in place of the clock. `trials[path][round % size]` is the
+// seconds a trial of `path` reports (paths absent: measured), `run_seconds` (>= 0) what every
+// sampled GEMM after the choice reports; empty and negative: the clock again.
+void set_cpu_gemm_test_times(std::map<CpuGemmPath, std::vector<double>> trials,
+                             double run_seconds);
 
 // x [M, K] · weight [N, K]ᵀ (+ bias [N]) (+ addend [M, N]) as an [M, N] tensor, for GEMMs run
 // once per call (input projections, input gradients): ATen's addmm, in place into `addend` when
@@ -155,16 +177,27 @@ class RepeatedGemm {
   Tensor run(const Tensor& x, const Tensor& out) const;
   // The result in `out`, always.
   void run_into(const Tensor& x, const Tensor& out) const;
+  // The simd path's fused step (run_recurrent_step below) with this GEMM's weight, sampled for
+  // the re-check like run().
+  void run_recurrent_step(const float* h_prev, int64_t h_prev_stride,
+                          const ForwardStep& step) const;
   CpuGemmPath path() const { return path_; }
   const Tensor& weight() const { return weight_; }  // contiguous
 
  private:
   RepeatedGemm(const Tensor& weight, bool accumulate);  // unprepared (ATen), for trials
   void prepare(CpuGemmPath path, int64_t max_rows);
+  Tensor compute(const Tensor& x, const Tensor& out) const;
+  // Runs `gemm` (of `rows` rows), timing it when it is a sample for the re-check.
+  template <typename F>
+  auto sampled(int64_t rows, const F& gemm) const;
 
   Tensor weight_, weight_t_, prepared_;
   bool accumulate_;
   CpuGemmPath path_ = CpuGemmPath::Aten;
+  std::shared_ptr<ChoiceHealth> health_;  // measured choices only
+  int64_t max_rows_ = 0;
+  mutable int64_t steps_ = 0;
 };
 
 // Every kernel launch, on every device, shows in profiles as its own labelled range.

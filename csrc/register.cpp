@@ -66,7 +66,8 @@ PyObject* cpu_gemm_paths(PyObject*, PyObject* arg) {
   });
 }
 
-// [(repeated, rows, n, k, dtype, threads, accumulate, out_stride, path, {path: seconds})]
+// [(repeated, rows, n, k, dtype, threads, accumulate, out_stride, path, {path: seconds},
+//   measurements)]
 PyObject* cpu_gemm_choices(PyObject*, PyObject*) {
   return guarded([] {
     PyObject* list = PyList_New(0);
@@ -78,11 +79,11 @@ PyObject* cpu_gemm_choices(PyObject*, PyObject*) {
         Py_DECREF(value);
       }
       PyObject* item = Py_BuildValue(
-          "(OLLLsiOLsN)", key.repeated ? Py_True : Py_False, static_cast<long long>(key.rows),
+          "(OLLLsiOLsNi)", key.repeated ? Py_True : Py_False, static_cast<long long>(key.rows),
           static_cast<long long>(key.n), static_cast<long long>(key.k),
           std::string(c10::getDtypeNames(key.dtype).first).c_str(), key.threads,
           key.accumulate ? Py_True : Py_False, static_cast<long long>(key.out_stride),
-          lstm_fused::cpu_gemm_path_name(choice.path).c_str(), seconds);
+          lstm_fused::cpu_gemm_path_name(choice.path).c_str(), seconds, choice.measurements);
       PyList_Append(list, item);
       Py_DECREF(item);
     }
@@ -97,12 +98,48 @@ PyObject* clear_cpu_gemm_choices(PyObject*, PyObject*) {
   });
 }
 
+// Test only: ({path: [trial seconds, ...]}, run_seconds), see lstm_fused::set_cpu_gemm_test_times.
+PyObject* set_cpu_gemm_test_times(PyObject*, PyObject* args) {
+  PyObject* trials = nullptr;
+  double run_seconds = -1;
+  if (!PyArg_ParseTuple(args, "O!d", &PyDict_Type, &trials, &run_seconds)) return nullptr;
+  std::map<lstm_fused::CpuGemmPath, std::vector<double>> parsed;
+  PyObject *name, *values;
+  Py_ssize_t position = 0;
+  while (PyDict_Next(trials, &position, &name, &values)) {
+    const char* text = PyUnicode_AsUTF8(name);
+    if (text == nullptr) return nullptr;
+    std::optional<lstm_fused::CpuGemmPath> path;
+    for (const auto p : {lstm_fused::CpuGemmPath::Aten, lstm_fused::CpuGemmPath::OneDnn,
+                         lstm_fused::CpuGemmPath::Packed, lstm_fused::CpuGemmPath::Simd}) {
+      if (lstm_fused::cpu_gemm_path_name(p) == text) path = p;
+    }
+    if (!path) {
+      PyErr_Format(PyExc_ValueError, "lstm_fused: unknown CPU GEMM path '%s'", text);
+      return nullptr;
+    }
+    PyObject* sequence = PySequence_Fast(values, "trial seconds must be a sequence");
+    if (sequence == nullptr) return nullptr;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(sequence); ++i) {
+      parsed[*path].push_back(PyFloat_AsDouble(PySequence_Fast_GET_ITEM(sequence, i)));
+    }
+    Py_DECREF(sequence);
+    if (PyErr_Occurred()) return nullptr;
+  }
+  return guarded([&] {
+    lstm_fused::set_cpu_gemm_test_times(std::move(parsed), run_seconds);
+    Py_RETURN_NONE;
+  });
+}
+
 PyMethodDef methods[] = {
     {"cpu_gemm_mode", cpu_gemm_mode, METH_NOARGS, "The forced CPU GEMM path, or 'auto'."},
     {"set_cpu_gemm_mode", set_cpu_gemm_mode, METH_O, "Force a CPU GEMM path ('auto' measures)."},
     {"cpu_gemm_paths", cpu_gemm_paths, METH_O, "The CPU GEMM paths that run a dtype."},
     {"cpu_gemm_choices", cpu_gemm_choices, METH_NOARGS, "The measured choices, cached."},
     {"clear_cpu_gemm_choices", clear_cpu_gemm_choices, METH_NOARGS, "Forget them."},
+    {"_set_cpu_gemm_test_times", set_cpu_gemm_test_times, METH_VARARGS,
+     "Test only: deterministic trial and sample timings."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -2,14 +2,21 @@
 
 Paths: "aten" (ATen's addmm: MKL or OpenBLAS), "onednn" (oneDNN's matmul, the weight reordered once
 per call), "packed" (MKL's packed GEMM, the weight packed once per call; float32, where torch has
-MKL), "simd" (our own kernels for up to 16 rows, float32: the per-step weight packed into column
-tiles that each thread keeps in its core's cache, or dot products for a one-off GEMV such as the
-LSTMCell step). By default ("auto") the first GEMM of each shape (rows, N, K), dtype and thread count in the
-process times every path this CPU supports for that dtype and keeps the fastest, as
-`torch.backends.cudnn.benchmark` does; the choices are cached (`choices()`). A run is reproducible
+MKL), "simd" (our own kernels for up to 32 rows, float32: register tiles of 4 (2, 1) rows by a few
+weight rows over the weight as it is stored, each thread's share of it staying in its core's
+cache; in a layer's forward fused with the pointwise step, as in the LSTMCell step). By default ("auto") the first GEMM of each shape (rows, N, K), dtype and thread
+count in the process times every path this CPU supports for that dtype and keeps the fastest, as
+`torch.backends.cudnn.benchmark` does; the choices are cached (`choices()`).
+
+The measurement is made hard to fool: the candidates' trials are interleaved (at least 7 rounds,
+each in a rotated order) and each path's median decides, so one disturbed trial cannot move the
+choice; a path other than "aten" (the default) is taken only when its median is 5 % faster; and a
+per-step GEMM is timed every 16th step afterwards: 8 samples in a row over 3x its trial's median
+mark the choice stale, and the next layer call of that shape measures again (`Choice.measurements`
+counts the measurements, at most 4 per shape). A forced path is never measured. A run is reproducible
 bit for bit with a fixed path: set `LSTM_FUSED_CPU_GEMM=aten|onednn|packed|simd` (read once, at the first
 GEMM) or call `set_mode()`. A forced path that does not support a dtype (oneDNN without bf16
-support, packed or simd for anything but float32, simd beyond 16 rows, packed for a one-off GEMM)
+support, packed or simd for anything but float32, simd beyond 32 rows, packed for a one-off GEMM)
 falls back to "aten" there.
 
     import lstm_fused
@@ -34,8 +41,8 @@ MODES = ("auto", "aten", "onednn", "packed", "simd")
 class Choice(NamedTuple):
     """One cached measurement: the GEMM out[rows, n] (+)= x[rows, k] weight[n, k]^T run once per
     call (`repeated` False) or every step with a prepared weight, into rows `out_stride` apart (n,
-    or more for a column block of a wider tensor), and the median seconds per GEMM of every path
-    tried."""
+    or more for a column block of a wider tensor), the median seconds per GEMM of every path
+    tried, and how many times it was measured (1, plus one per re-check after a slow streak)."""
 
     repeated: bool
     rows: int
@@ -47,6 +54,7 @@ class Choice(NamedTuple):
     out_stride: int
     path: str
     seconds: dict
+    measurements: int
 
 
 def get_mode() -> str:
@@ -85,6 +93,19 @@ def choices() -> list[Choice]:
 def clear() -> None:
     """Forget the measured choices (the next GEMM of each shape measures again)."""
     _C.clear_cpu_gemm_choices()
+
+
+@contextlib.contextmanager
+def _test_times(trials: dict[str, list[float]], run_seconds: float = -1.0):
+    """Test only: inside, a trial of path p in round r reports `trials[p][r % len]` seconds
+    (paths not named: the clock) and every sampled GEMM after a choice `run_seconds` (if >= 0),
+    so the choice's logic can be tested without timing noise."""
+    _C._set_cpu_gemm_test_times({p: [float(t) for t in ts] for p, ts in trials.items()},
+                                float(run_seconds))
+    try:
+        yield
+    finally:
+        _C._set_cpu_gemm_test_times({}, -1.0)
 
 
 __all__ = ["MODES", "Choice", "available", "choices", "clear", "get_mode", "mode", "set_mode"]

@@ -8,6 +8,8 @@ import statistics
 import pytest
 import torch
 
+import lstm_fused
+
 import bench  # benchmarks/, on sys.path (conftest.py)
 
 TOY = ["--sizes", "4,2,6,5", "--headline", "4,2,6,5", "--warmup", "1", "--repeats", "2",
@@ -169,3 +171,58 @@ def test_profile_layer_rejects_a_bad_size(capsys):
     with pytest.raises(SystemExit):
         profile_layer.main(["--size", "1,2,3"])
     assert "T,B,I,H" in capsys.readouterr().err
+
+
+def test_batch_sweep_reports_every_batch_size_variant_and_mode(tmp_path):
+    """--batch-sweep at a toy shape: nn.LSTM and every fused variant at each batch size, both
+    modes; the markdown table has one row per batch size with a ratio per (mode, variant) and the
+    recurrent GEMM path; the ratio-vs-batch plot is written where --sweep-plot says."""
+    plot = tmp_path / "sweep.png"
+    result = bench.main(["--batch-sweep", "--sweep-shape", "3,6,5", "--sweep-batches", "1,2,3",
+                         "--headline", "3,2,6,5", "--warmup", "1", "--repeats", "2",
+                         "--min-repeats", "1", "--point-budget", "0.2", "--sweep-plot", str(plot),
+                         "--out", str(tmp_path)])
+    rows = result["results"]
+    assert {r["kind"] for r in rows} == {"nn", "fused"}  # the sweep's default candidates
+    assert not result["cell_latency"]
+    assert {(r["T"], r["I"], r["H"]) for r in rows} == {(3, 6, 5)}
+    for B in (1, 2, 3):
+        for mode in ("fwd", "fwdbwd"):
+            variants = {r["variant"] for r in rows
+                        if (r["B"], r["mode"], r["kind"]) == (B, mode, "fused")}
+            assert variants == set(bench.VARIANTS), (B, mode)
+    table = (tmp_path / "batch-sweep.md").read_text().strip().splitlines()
+    assert table[-5].startswith("| B | vanilla fwd |") and "full fwd+bwd" in table[-5]
+    for B, line in zip((1, 2, 3), table[-3:]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == str(B) and len(cells) == 2 + 2 * len(bench.VARIANTS)
+        ratio = bench.sweep_ratio(rows, B, "fwdbwd", "full")
+        assert cells[-2] == f"{ratio:.2f}"
+        assert set(cells[-1].split("/")) <= {*lstm_fused.cpu_gemm.MODES, "-"}, cells[-1]
+    assert plot.stat().st_size > 1000
+    assert result["meta"]["grid"] == "batch-sweep"
+
+
+def test_batch1_spread_runs_separate_processes(tmp_path):
+    import batch1_spread
+
+    result = batch1_spread.main(["--processes", "2", "--size", "3,1,6,5", "--repeats", "2",
+                                 "--variants", "vanilla,coupled", "--out", str(tmp_path)])
+    assert set(result["variants"]) == {"vanilla", "coupled"}
+    for entry in result["variants"].values():
+        assert len(entry["ratios"]) == len(entry["paths"]) == 2
+        assert entry["min"] <= entry["median"] <= entry["max"]
+    assert (tmp_path / "process0" / "bench.json").exists()
+    assert (tmp_path / "process1" / "bench.json").exists()
+    assert "2 separate processes" in result["text"]
+
+
+def test_gemm_paths_reports_each_path_by_batch_size(capsys):
+    import gemm_paths
+
+    rows = gemm_paths.main(["--batches", "1,5", "--hidden", "8", "--steps", "3", "--rounds", "2"])
+    assert [r["B"] for r in rows] == [1, 5]
+    for r in rows:
+        assert r["chosen"] in lstm_fused.cpu_gemm.MODES and r["fused_us"] > 0 and r["nn_us"] > 0
+        assert set(r["gemm_us"]) <= set(lstm_fused.cpu_gemm.available(torch.float32))
+    assert "nn.LSTM" in capsys.readouterr().out

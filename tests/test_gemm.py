@@ -110,23 +110,26 @@ def test_a_forced_path_falls_back_to_aten_where_it_cannot_run_the_dtype():
     assert "packed" not in cpu_gemm.available(torch.float64)
 
 
-def test_simd_path_runs_up_to_16_rows_and_falls_back_to_aten_beyond():
+def test_simd_path_runs_up_to_32_rows_and_falls_back_to_aten_beyond():
     cpu_gemm.set_mode("simd")
     module = lstm_fused.LSTM(8, 16)
-    assert events(module, torch.randn(3, 16, 8)).get("lstm_fused::recurrent_step", 0) == 3
-    seen = events(module, torch.randn(3, 17, 8))
+    assert events(module, torch.randn(3, 32, 8)).get("lstm_fused::recurrent_step", 0) == 3
+    seen = events(module, torch.randn(3, 33, 8))
     assert seen.get("lstm_fused::recurrent_step", 0) == 0 and seen.get("aten::addmm_", 0) >= 3
 
 
 @pytest.mark.parametrize("hidden, input_size, rows", [(7, 5, 1), (16, 16, 4), (37, 19, 16),
-                                                      (64, 100, 3), (130, 33, 2)])
+                                                      (64, 100, 3), (130, 33, 2), (20, 17, 5),
+                                                      (33, 31, 7), (16, 16, 17), (65, 40, 31),
+                                                      (9, 8, 32)])
 @pytest.mark.parametrize("variant", [(None, False), ("diagonal", False), ("diagonal", True),
                                      ("full", False)])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_simd_kernels_match_the_reference_at_every_width(hidden, input_size, rows, variant,
                                                          packed):
-    """Weight rows and K that are not multiples of the SIMD width (the partial block and the
-    masked K tail of the dot kernel), 1 to 16 rows, forward and backward; full peepholes take the
+    """Weight rows and K that are not multiples of the SIMD width (the partial tiles and the
+    masked K tail of the dot kernel), 1 to 32 rows (row blocks of 4, then 2 and 1), forward and
+    backward; full peepholes take the
     simd GEMM without the fused step. Packed input keeps h in a running state that the fused step
     reads from every thread: it must not be overwritten while the step runs."""
     cpu_gemm.set_mode("simd")
@@ -138,9 +141,10 @@ def test_simd_kernels_match_the_reference_at_every_width(hidden, input_size, row
             assert_close(a, b, torch.float32, "simd")
 
 
-def test_simd_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("rows", [3, 6, 21, 32])
+def test_simd_results_do_not_depend_on_the_thread_count(rows):
     cpu_gemm.set_mode("simd")
-    module, x = lstm_fused.LSTM(40, 72, peephole="diagonal"), torch.randn(9, 3, 40)
+    module, x = lstm_fused.LSTM(40, 72, peephole="diagonal"), torch.randn(9, rows, 40)
     threads = torch.get_num_threads()
     results = []
     try:
@@ -154,6 +158,18 @@ def test_simd_results_do_not_depend_on_the_thread_count():
         for a, b in zip(torch.utils._pytree.tree_leaves(results[0]),
                         torch.utils._pytree.tree_leaves(other)):
             assert torch.equal(a, b)
+
+
+def test_simd_results_do_not_depend_on_the_row_blocking():
+    """Rows go through tiles of 4, 2 or 1 rows; each output is summed in the same order in all
+    of them: a sequence alone (batch 1) gives the bits it gives among 7 (a 4-row, a 2-row and a
+    1-row tile). T * B <= 32 rows: the input projection takes the simd path too."""
+    cpu_gemm.set_mode("simd")
+    module, x = lstm_fused.LSTM(24, 40), torch.randn(4, 7, 24)
+    with torch.no_grad():
+        together = module(x)[0]
+        for b in range(7):
+            assert torch.equal(module(x[:, b:b + 1])[0], together[:, b:b + 1]), b
 
 
 @pytest.mark.parametrize("path", PATHS + ["auto"])
@@ -182,11 +198,99 @@ def test_automatic_choice_is_measured_once_and_cached():
     assert len(step) == 1, first
     (choice,) = step
     assert set(choice.seconds) == set(cpu_gemm.available(torch.float32))
-    assert choice.path == min(choice.seconds, key=choice.seconds.get)
+    fastest = min(choice.seconds, key=choice.seconds.get)
+    margin = choice.seconds[fastest] < 0.95 * choice.seconds["aten"]
+    assert choice.path == (fastest if margin else "aten"), choice
+    assert choice.measurements == 1
     assert choice.threads == torch.get_num_threads() and choice.dtype == torch.float32
     with torch.no_grad():
         module(x)
     assert cpu_gemm.choices() == first  # same entries, same timings: nothing measured again
+
+
+# --- the robust choice: its logic under deterministic timings (cpu_gemm._test_times) ----------
+
+ROUNDS = 25  # the most rounds a measurement takes: every round's trial seconds are given
+
+
+def step_choice(module, x):
+    """The measured choice of the layer's recurrent GEMM (rows B, n 4H, k H), after a no_grad
+    call of `module` on `x` [T, B, I]."""
+    with torch.no_grad():
+        module(x)
+    hidden = module.hidden_size
+    (choice,) = [c for c in cpu_gemm.choices()
+                 if c.repeated and (c.rows, c.n, c.k) == (x.shape[1], 4 * hidden, hidden)]
+    return choice
+
+
+def two_candidates():
+    paths = cpu_gemm.available(torch.float32)
+    if len(paths) < 2:
+        pytest.skip(f"one CPU GEMM path only here ({paths}): nothing to choose")
+    return paths, paths[-1]  # a challenger of ATen (the default, always first)
+
+
+def trial_times(paths, seconds, **disturbed):
+    """Every path's trial seconds per round: `seconds[path]` (default 1.0) in every round, except
+    disturbed={path: (round, seconds)}."""
+    times = {p: [seconds.get(p, 1.0)] * ROUNDS for p in paths}
+    for path, (round_, value) in disturbed.items():
+        times[path][round_] = value
+    return times
+
+
+def test_one_disturbed_trial_does_not_change_the_choice():
+    """A challenger twice as fast as every other path wins; a 100x slower first trial of it, or a
+    lucky 1000x faster first trial of a slower path, does not change that (the first trial alone,
+    a mean or a minimum would)."""
+    cpu_gemm.set_mode("auto")
+    paths, fast = two_candidates()
+    slow = paths[0]
+    module, x = lstm_fused.LSTM(24, 40), torch.randn(3, 9, 24)
+    for disturbed in ({}, {fast: (0, 100.0)}, {slow: (0, 0.001)},
+                      {fast: (0, 100.0), slow: (1, 0.001)}):
+        cpu_gemm.clear()
+        with cpu_gemm._test_times(trial_times(paths, {fast: 0.5}, **disturbed)):
+            choice = step_choice(module, x)
+        assert choice.path == fast, (disturbed, choice)
+        assert choice.seconds[fast] == 0.5 and choice.seconds[slow] == 1.0, choice
+
+
+@pytest.mark.parametrize("ratio, expected", [(0.97, "default"), (0.9, "challenger")])
+def test_a_near_tie_keeps_the_default_path(ratio, expected):
+    """A challenger only 3 % faster than ATen (within the 5 % margin) leaves ATen chosen; 10 %
+    faster takes over."""
+    cpu_gemm.set_mode("auto")
+    paths, fast = two_candidates()
+    module, x = lstm_fused.LSTM(24, 40), torch.randn(3, 9, 24)
+    cpu_gemm.clear()
+    others_slower = {p: 2.0 for p in paths[1:-1]}
+    with cpu_gemm._test_times(trial_times(paths, {fast: ratio, **others_slower})):
+        choice = step_choice(module, x)
+    assert choice.path == ("aten" if expected == "default" else fast), choice
+
+
+def test_a_choice_that_runs_far_slower_than_its_trial_is_measured_again():
+    """Every 16th step is timed: 8 samples in a row over 3x the trial's median mark the choice
+    stale, the next call measures again (and may choose another path); samples as fast as the
+    trial never do, and a shape is measured at most 4 times."""
+    cpu_gemm.set_mode("auto")
+    paths, fast = two_candidates()
+    module, x = lstm_fused.LSTM(8, 16), torch.randn(8 * 16 + 2, 3, 8)
+    cpu_gemm.clear()
+    with cpu_gemm._test_times(trial_times(paths, {fast: 0.5}), run_seconds=0.5 * 2.9):
+        assert step_choice(module, x).path == fast
+        assert step_choice(module, x).measurements == 1  # not 3x slower: still the first
+    cpu_gemm.clear()
+    with cpu_gemm._test_times(trial_times(paths, {fast: 0.5}), run_seconds=0.5 * 3.1):
+        first = step_choice(module, x)  # measured, then 8 slow samples: stale
+        assert (first.path, first.measurements) == (fast, 1)
+    with cpu_gemm._test_times(trial_times(paths, {"aten": 0.1}), run_seconds=0.5 * 3.1):
+        again = step_choice(module, x)
+        assert (again.path, again.measurements) == ("aten", 2), again
+        # aten's trial says 0.1 s: 1.55 s samples are slow again, but measuring stops at 4
+        assert [step_choice(module, x).measurements for _ in range(4)] == [3, 4, 4, 4]
 
 
 def test_forced_mode_is_overridable_and_validated():
@@ -308,11 +412,11 @@ def test_cell_latency_path_matches_the_general_path(variant, no_grad, hx):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("batch, hidden, input_size", [(1, 64, 64), (1, 37, 21), (5, 20, 33),
-                                                       (17, 16, 8)])
+                                                       (17, 16, 8), (32, 24, 9), (33, 16, 8)])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cell_step_on_each_gemm_path_matches_the_reference_cell(path, batch, hidden, input_size,
                                                                 variant):
-    """The one-op cell step under each forced path; with simd (up to 16 rows, peephole none or
+    """The one-op cell step under each forced path; with simd (up to 32 rows, peephole none or
     diagonal) its kernel adds h W_hh^T per block of units before activating them."""
     require(path)
     cpu_gemm.set_mode(path)
@@ -325,7 +429,7 @@ def test_cell_step_on_each_gemm_path_matches_the_reference_cell(path, batch, hid
         got = cell(x, state)
     seen = {e.key for e in prof.key_averages()}
     assert "lstm_fused::cell_step" in seen
-    fused_step = path == "simd" and batch <= 16 and peephole != "full"
+    fused_step = path == "simd" and batch <= 32 and peephole != "full"
     assert ("lstm_fused::recurrent_step" in seen) == fused_step, seen
     expected = reference.lstm_cell(x, *state, *cell._parameters_for(""), peephole=peephole,
                                    coupled=coupled)
