@@ -356,3 +356,34 @@ def test_onnx_export_with_weight_dropout_eval_matches_eager_and_training_is_refu
     for g, e in zip(got, (out, h, c), strict=True):
         torch.testing.assert_close(torch.from_numpy(g), e, atol=1e-5, rtol=0)
 
+
+# --- the example and the benchmark, at toy size ---------------------------------------------
+
+
+def test_regularizers_example_runs_every_setting_and_reports_held_out_loss(capsys):
+    import regularizers  # examples/, on sys.path (conftest.py)
+
+    results = regularizers.main(["--steps", "3", "--seeds", "1", "--train", "4", "--test", "8",
+                                 "--length", "6", "--hidden", "8"])
+    assert list(results) == list(regularizers.SETTINGS)
+    for losses in results.values():
+        assert all(math.isfinite(v) and v > 0 for v in losses["train"] + losses["test"])
+    printed = capsys.readouterr().out
+    assert "held-out MSE" in printed and "weight_dropout=0.5" in printed
+
+
+def test_regularizers_benchmark_runs_and_checks_the_wrapper_computes_the_same(tmp_path):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_regularizers",
+                                                  ROOT / "benchmarks" / "regularizers.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--size", "5,3,4,6", "--warmup", "1", "--repeats", "2",
+                         "--json", str(tmp_path / "r.json")])
+    assert result["max_abs_diff_vs_wrapper"] < 1e-5
+    assert set(result["median_ms"]) == {"fused", "fused + DropConnect", "nn.LSTM + WeightDrop"}
+    assert result["ratio_vs_plain"] > 0 and result["ratio_vs_wrapper"] > 0
+    assert (tmp_path / "r.json").stat().st_size > 0
