@@ -18,6 +18,7 @@ that it rejects the same inputs.
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -282,6 +283,27 @@ def check_lstm_options(input_size, hidden_size, num_layers, bias, batch_first, d
         raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size="
                          f"{proj_size} and hidden_size={hidden_size}")
     return peephole
+
+
+def check_regularizer_options(bias, forget_bias, weight_dropout) -> tuple[float, float]:
+    """The regularizer keywords of LSTM and LSTMCell (docs/regularizers.md); returns
+    (forget_bias, weight_dropout) as floats.
+
+    forget_bias: a finite real number (TypeError otherwise), and 0 when bias=False (there is no
+    bias to add it to: ValueError). weight_dropout: a real number in [0, 1) (TypeError for a
+    non-number, ValueError outside the range: p = 1 would scale by 1/(1-p) = inf)."""
+    for name, value in (("forget_bias", forget_bias), ("weight_dropout", weight_dropout)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise TypeError(f"{name} should be a real number, got {type(value).__name__}")
+    if not math.isfinite(forget_bias):
+        raise ValueError(f"forget_bias should be a finite number, got {forget_bias!r}")
+    if forget_bias != 0 and not bias:
+        raise ValueError(f"forget_bias={forget_bias!r} needs bias=True: it is added to the "
+                         f"forget gate's slice of bias_ih, which bias=False does not have")
+    if not 0 <= weight_dropout < 1:
+        raise ValueError(f"weight_dropout should be a number in range [0, 1) representing the "
+                         f"probability of a recurrent weight being zeroed, got {weight_dropout!r}")
+    return float(forget_bias), float(weight_dropout)
 
 
 # --------------------------------------------------------------------------------------------

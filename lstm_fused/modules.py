@@ -19,6 +19,7 @@ from ._checks import (
     check_cell_options,
     check_lstm_forward,
     check_lstm_options,
+    check_regularizer_options,
 )
 from .ops import BUILT_WITH_CUDA
 
@@ -55,6 +56,34 @@ class _VariantMixin:
         if proj_size > 0:
             add("weight_hr", proj_size, H)
 
+    def _init_regularizers(self, forget_bias, weight_dropout):
+        """Sets the regularizer options (docs/regularizers.md); checks them first."""
+        self.forget_bias, self.weight_dropout = check_regularizer_options(
+            self.bias, forget_bias, weight_dropout)
+
+    def _forget_rows(self) -> slice:
+        """The forget gate's rows in bias_ih: block 1 of (i, f, g, o), block 0 of coupled (f, g, o)."""
+        H = self.hidden_size
+        return slice(0, H) if self.coupled else slice(H, 2 * H)
+
+    def _add_forget_bias(self) -> None:
+        """Adds forget_bias to the forget slice of every bias_ih (Keras unit_forget_bias)."""
+        if self.forget_bias == 0:
+            return
+        with torch.no_grad():
+            for name, bias in self.named_parameters():
+                if name.startswith("bias_ih"):
+                    bias[self._forget_rows()] += self.forget_bias
+
+    def _recurrent_weight(self, weight_hh: Tensor) -> Tensor:
+        """weight_hh as this forward call uses it: in training with weight_dropout > 0 a
+        DropConnect copy (one Bernoulli mask over the whole [G*H, R] matrix per call, kept
+        entries scaled by 1/(1-p)), shared by every step and row; the parameter itself is never
+        replaced, and autograd carries the mask into its gradient. Identity otherwise."""
+        if self.training and self.weight_dropout > 0:
+            return F.dropout(weight_hh, p=self.weight_dropout, training=True)
+        return weight_hh
+
     def _parameters_for(self, suffix):
         """(weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr), None where absent."""
         return tuple(getattr(self, name + suffix, None) for name in
@@ -65,6 +94,7 @@ class _VariantMixin:
         bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
             nn.init.uniform_(weight, -bound, bound)
+        self._add_forget_bias()
 
     def _variant_repr(self) -> str:
         s = ""
@@ -72,6 +102,10 @@ class _VariantMixin:
             s += f", peephole={self.peephole!r}"
         if self.coupled:
             s += ", coupled=True"
+        if self.forget_bias != 0:
+            s += f", forget_bias={self.forget_bias}"
+        if self.weight_dropout != 0:
+            s += f", weight_dropout={self.weight_dropout}"
         return s
 
     # --- torch.ao.quantization: no quantized version, and no silent skip -------------------
@@ -132,6 +166,9 @@ class LSTMCell(_VariantMixin, nn.Module):
         bias: add bias_ih and bias_hh. Default True.
         peephole: None (no peepholes), "diagonal" (or True) or "full".
         coupled: couple input and forget gates, i = 1 - f (CIFG); 3 gate blocks instead of 4.
+        forget_bias: added to the forget gate's slice of bias_ih by reset_parameters() (so
+            also at construction); needs bias=True when non-zero.
+        weight_dropout: DropConnect rate on weight_hh in training, in [0, 1); identity in eval.
 
     Inputs: input [B, I] or [I]; (h_0, c_0) each [B, H] or [H], zeros when omitted.
     Outputs: (h_1, c_1), each [B, H] (or [H] for unbatched input).
@@ -143,10 +180,12 @@ class LSTMCell(_VariantMixin, nn.Module):
     _first_suffix = ""
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, peephole=None,
-                 coupled: bool = False, device=None, dtype=None) -> None:
+                 coupled: bool = False, device=None, dtype=None, forget_bias: float = 0.0,
+                 weight_dropout: float = 0.0) -> None:
         super().__init__()
         peephole = check_cell_options(input_size, hidden_size, bias, peephole, coupled)
         self._init_variant(input_size, hidden_size, bias, peephole, coupled)
+        self._init_regularizers(forget_bias, weight_dropout)
         factory = {"device": device, "dtype": dtype}
         self._make_parameters("", self.input_size, self.hidden_size, 0, factory)
         self.reset_parameters()
@@ -196,7 +235,9 @@ class LSTMCell(_VariantMixin, nn.Module):
             hx = (zeros, zeros)
         elif not batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        h, c = functional.fused_cell(input, hx[0], hx[1], *self._parameters_for(""),
+        weight_ih, weight_hh, *rest = self._parameters_for("")
+        h, c = functional.fused_cell(input, hx[0], hx[1], weight_ih,
+                                     self._recurrent_weight(weight_hh), *rest,
                                      peephole=self.peephole, coupled=self.coupled)
         if not batched:
             h, c = h.squeeze(0), c.squeeze(0)
@@ -211,6 +252,8 @@ class LSTMCell(_VariantMixin, nn.Module):
         arguments are plainly valid (one device, one dtype), outside autocast and torch.compile;
         None otherwise: forward() then takes the general path, which checks every argument with
         its own error."""
+        if self.training and self.weight_dropout > 0:  # DropConnect draws a mask: general path
+            return None
         params = self._parameters  # a dict lookup, not nn.Module.__getattr__, per parameter
         weights = [params.get(name) for name in self._step_parameter_names]
         if any(p is None for p in weights):  # replaced (weight norm, pruning, parametrizations)
@@ -259,7 +302,11 @@ class LSTM(_VariantMixin, nn.Module):
         proj_size=0; and
         peephole: None, "diagonal" (or True) or "full" — the gates see the cell state
             (input and forget gates c_{t-1}, the output gate the new c_t);
-        coupled: i = 1 - f (CIFG), 3 gate blocks instead of 4.
+        coupled: i = 1 - f (CIFG), 3 gate blocks instead of 4;
+        forget_bias: added to the forget gate's slice of every bias_ih_l{k} by
+            reset_parameters() (so also at construction); needs bias=True when non-zero;
+        weight_dropout: DropConnect rate on every weight_hh_l{k} in training, in [0, 1): each
+            layer and direction draws its own mask per forward call; identity in eval.
 
     Inputs: input [T, B, I] ([B, T, I] if batch_first), [T, I] unbatched, or a PackedSequence;
         optional (h_0 [D*L, B, R], c_0 [D*L, B, H]) with D = 2 if bidirectional else 1 and
@@ -279,11 +326,12 @@ class LSTM(_VariantMixin, nn.Module):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, peephole=None, coupled: bool = False, device=None,
-                 dtype=None) -> None:
+                 dtype=None, forget_bias: float = 0.0, weight_dropout: float = 0.0) -> None:
         super().__init__()
         peephole = check_lstm_options(input_size, hidden_size, num_layers, bias, batch_first,
                                       dropout, bidirectional, proj_size, peephole, coupled)
         self._init_variant(input_size, hidden_size, bias, peephole, coupled)
+        self._init_regularizers(forget_bias, weight_dropout)
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
                           f"non-zero dropout expects num_layers greater than 1, but got "
@@ -428,9 +476,10 @@ class LSTM(_VariantMixin, nn.Module):
             outputs = []
             for direction, suffix in enumerate(self._suffixes(layer)):
                 row = layer * directions + direction
+                weight_ih, weight_hh, *rest = self._parameters_for(suffix)
                 out, (h, c) = self._layer_fn(
-                    layer_input, h0[row], c0[row], *self._parameters_for(suffix),
-                    peephole=self.peephole, coupled=self.coupled, reverse=direction == 1,
+                    layer_input, h0[row], c0[row], weight_ih, self._recurrent_weight(weight_hh),
+                    *rest, peephole=self.peephole, coupled=self.coupled, reverse=direction == 1,
                     batch_sizes=batch_sizes)
                 outputs.append(out)
                 h_n.append(h)
@@ -479,6 +528,10 @@ def _require_vanilla(module, method):
         raise ValueError(f"{type(module).__name__}.{method}() needs the vanilla variant "
                          f"(peephole=None, coupled=False), the only one torch.nn has; this module "
                          f"has peephole={module.peephole!r}, coupled={module.coupled}")
+    if module.weight_dropout != 0:
+        raise ValueError(f"{type(module).__name__}.{method}(): torch.nn has no DropConnect; this "
+                         f"module has weight_dropout={module.weight_dropout} (build it with "
+                         f"weight_dropout=0 to convert it)")
 
 
 class PeepholeLSTM(LSTM):

@@ -74,6 +74,7 @@ def export(model: torch.nn.Module, args: tuple, f=None, *, dynamic: bool = True,
                                       or opset_version < MIN_OPSET):
         raise ValueError(f"lstm_fused.onnx.export: opset_version must be an int >= {MIN_OPSET} "
                          f"(the LSTM operator with peepholes as used here), got {opset_version!r}")
+    _refuse_training_regularizers(model)
     table = translation_table()
     table.update(kwargs.pop("custom_translation_table", None) or {})
     if dynamic and "dynamic_shapes" not in kwargs and "dynamic_axes" not in kwargs:
@@ -86,6 +87,22 @@ def export(model: torch.nn.Module, args: tuple, f=None, *, dynamic: bool = True,
     if f is not None:
         program.save(f)
     return program
+
+
+def _refuse_training_regularizers(model: torch.nn.Module) -> None:
+    """A ValueError for a module of ours in training mode with weight_dropout > 0: the export
+    would freeze one random DropConnect mask into the graph (or export a random op). In eval
+    mode DropConnect is the identity and the export is the inference function."""
+    from .modules import LSTM, LSTMCell  # modules imports the ops this module translates
+
+    for name, module in model.named_modules():
+        if (isinstance(module, (LSTM, LSTMCell)) and module.training
+                and module.weight_dropout > 0):
+            raise ValueError(
+                f"lstm_fused.onnx.export: {name or 'the model'} ({type(module).__name__}) is in "
+                f"training mode with weight_dropout={module.weight_dropout}, which draws a "
+                f"random mask on each call; call model.eval() before exporting (DropConnect is "
+                f"the identity in eval mode)")
 
 
 MIN_OPSET = 14

@@ -1,0 +1,140 @@
+"""The cost of DropConnect (weight_dropout) in lstm_fused.LSTM, forward + backward, training mode.
+
+    python benchmarks/regularizer_cost.py                       # T=100 B=64 I=H=256, p=0.3
+    python benchmarks/regularizer_cost.py --size 10,4,16,16 --repeats 3   # a toy run (the test)
+
+Candidates, each one training step (forward, sum of the output, backward) on the same input:
+    fused                   lstm_fused.LSTM, weight_dropout=0 (the same model without it)
+    fused + DropConnect     lstm_fused.LSTM(weight_dropout=p): one mask per call, fused time loop
+    nn.LSTM + WeightDrop    what users do today (AWD-LSTM's WeightDrop): a wrapper that keeps the
+                            raw weight_hh_l0 as its own parameter and, before each call, assigns
+                            F.dropout(raw) to nn.LSTM's weight_hh_l0 attribute
+
+Reported: median ms over rotating rounds (every candidate timed once per round, so all see the
+same machine noise) and two ratios, each the median of the per-round ratios: DropConnect / fused
+(target <= 1.10) and DropConnect / WeightDrop (target <= 0.5). Zoneout is not built yet (issue 23).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from onnx_vs_fused import cpu_name  # benchmarks/, beside this script
+from torch import nn
+
+import lstm_fused
+
+
+class WeightDrop(nn.Module):
+    """AWD-LSTM's weight-replacing DropConnect around torch.nn.LSTM (one layer): the parameter
+    lives in the wrapper as `weight_hh_raw`; each forward assigns its dropped copy to the LSTM."""
+
+    def __init__(self, lstm: nn.LSTM, p: float):
+        super().__init__()
+        self.lstm, self.p = lstm, p
+        self.weight_hh_raw = nn.Parameter(lstm.weight_hh_l0.detach().clone())
+        del lstm._parameters["weight_hh_l0"]
+        lstm.weight_hh_l0 = self.weight_hh_raw.detach()  # a plain tensor in the parameter's slot
+
+    def forward(self, x):
+        # nn.LSTM.__setattr__ refreshes _flat_weights for a name in _flat_weights_names
+        self.lstm.weight_hh_l0 = F.dropout(self.weight_hh_raw, p=self.p, training=self.training)
+        return self.lstm(x)
+
+
+def build(size, p):
+    _, _, I, H = size
+    torch.manual_seed(0)
+    plain = lstm_fused.LSTM(I, H)
+    dropped = lstm_fused.LSTM(I, H, weight_dropout=p)
+    dropped.load_state_dict(plain.state_dict())
+    theirs = nn.LSTM(I, H)
+    theirs.load_state_dict(plain.state_dict())
+    wrapped = WeightDrop(theirs, p)
+    return {"fused": plain, "fused + DropConnect": dropped, "nn.LSTM + WeightDrop": wrapped}
+
+
+def check_same_function(models, x) -> float:
+    """The wrapper and ours draw the same mask from the same seed: same output. Returns the
+    largest difference (an AssertionError past 1e-4)."""
+    outputs = []
+    for name in ("fused + DropConnect", "nn.LSTM + WeightDrop"):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            outputs.append(models[name](x)[0])
+    error = (outputs[0] - outputs[1]).abs().max().item()
+    if error > 1e-4:
+        raise AssertionError(f"fused DropConnect and the WeightDrop wrapper differ by {error:.2e}")
+    return error
+
+
+def step(model, x):
+    model.zero_grad(set_to_none=True)
+    out, _ = model(x)
+    out.sum().backward()
+
+
+def measure(models, x, warmup, repeats) -> dict[str, list[float]]:
+    names = list(models)
+    for _ in range(warmup):
+        for name in names:
+            step(models[name], x)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
+            start = time.perf_counter()
+            step(models[name], x)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python benchmarks/regularizer_cost.py",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=lambda s: tuple(int(v) for v in s.split(",")),
+                        default=(100, 64, 256, 256), help="T,B,I,H (default 100,64,256,256)")
+    parser.add_argument("--p", type=float, default=0.3, help="weight_dropout rate")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    T, B, I, H = args.size
+    models = build(args.size, args.p)
+    for model in models.values():
+        model.train()
+    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(2))
+    error = check_same_function(models, x)
+    times = measure(models, x, args.warmup, args.repeats)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    ours = times["fused + DropConnect"]
+
+    def ratio(other):
+        return statistics.median(a / b for a, b in zip(ours, times[other], strict=True))
+
+    result = {
+        "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "size": {"T": T, "B": B, "I": I, "H": H}, "p": args.p, "repeats": args.repeats,
+        "median_ms": median, "max_abs_diff_vs_wrapper": error,
+        "ratio_vs_plain": ratio("fused"), "ratio_vs_wrapper": ratio("nn.LSTM + WeightDrop"),
+    }
+    print(f"{result['cpu']}, {result['threads']} threads, torch {torch.__version__}; "
+          f"T={T} B={B} I={I} H={H}, weight_dropout={args.p}, forward + backward, "
+          f"{args.repeats} rounds")
+    for name, ms in median.items():
+        print(f"  {name:22s} {ms:9.2f} ms")
+    print(f"  DropConnect / fused       {result['ratio_vs_plain']:.3f}x   (target <= 1.10)")
+    print(f"  DropConnect / WeightDrop  {result['ratio_vs_wrapper']:.3f}x   (target <= 0.50)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
