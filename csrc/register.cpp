@@ -126,8 +126,8 @@ TORCH_LIBRARY(lstm_fused, m) {
   for (const char* schema : {LSTM_FUSED_SCHEMAS("", ", bool need_backward=True")}) m.def(schema);
   // Forward only, CPU only: LSTMCell's latency path under no_grad / inference_mode.
   m.def("cell_step(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
-        "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_ch, str peephole, bool coupled) "
-        "-> (Tensor h, Tensor c)");
+        "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_ch, str peephole, bool coupled, "
+        "float cell_clip=0.0) -> (Tensor h, Tensor c)");
 }
 
 TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {

@@ -17,6 +17,7 @@ from . import functional
 from ._checks import (
     check_cell_forward,
     check_cell_options,
+    check_clips,
     check_lstm_forward,
     check_lstm_options,
 )
@@ -65,12 +66,26 @@ class _VariantMixin:
         for weight in self.parameters():
             nn.init.uniform_(weight, -bound, bound)
 
+    def _init_clips(self, cell_clip, proj_clip, proj_size):
+        """Sets cell_clip and proj_clip: None when off (given as None or 0), else the float."""
+        cell_clip, proj_clip = check_clips(cell_clip, proj_clip, proj_size > 0)
+        self.cell_clip = cell_clip or None
+        self.proj_clip = proj_clip or None
+
+    def _clip_arguments(self) -> dict[str, float]:
+        """The clips as the functional layer and cell take them (0.0 = off)."""
+        return {"cell_clip": self.cell_clip or 0.0, "proj_clip": self.proj_clip or 0.0}
+
     def _variant_repr(self) -> str:
         s = ""
         if self.peephole is not None:
             s += f", peephole={self.peephole!r}"
         if self.coupled:
             s += ", coupled=True"
+        if getattr(self, "cell_clip", None):
+            s += f", cell_clip={self.cell_clip}"
+        if getattr(self, "proj_clip", None):
+            s += f", proj_clip={self.proj_clip}"
         return s
 
     # --- torch.ao.quantization: no quantized version, and no silent skip -------------------
@@ -131,6 +146,9 @@ class LSTMCell(_VariantMixin, nn.Module):
         bias: add bias_ih and bias_hh. Default True.
         peephole: None (no peepholes), "diagonal" (or True) or "full".
         coupled: couple input and forget gates, i = 1 - f (CIFG); 3 gate blocks instead of 4.
+        cell_clip (keyword): None or 0 (off), or clip c_1 to [-cell_clip, cell_clip] after the
+            update (TensorFlow LSTMCell's cell_clip); the clipped c_1 is returned and seen by
+            the output gate; zero gradient where the clip is active.
 
     Inputs: input [B, I] or [I]; (h_0, c_0) each [B, H] or [H], zeros when omitted.
     Outputs: (h_1, c_1), each [B, H] (or [H] for unbatched input).
@@ -142,10 +160,11 @@ class LSTMCell(_VariantMixin, nn.Module):
     _first_suffix = ""
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, peephole=None,
-                 coupled: bool = False, device=None, dtype=None) -> None:
+                 coupled: bool = False, device=None, dtype=None, *, cell_clip=None) -> None:
         super().__init__()
         peephole = check_cell_options(input_size, hidden_size, bias, peephole, coupled)
         self._init_variant(input_size, hidden_size, bias, peephole, coupled)
+        self._init_clips(cell_clip, None, 0)
         factory = {"device": device, "dtype": dtype}
         self._make_parameters("", self.input_size, self.hidden_size, 0, factory)
         self.reset_parameters()
@@ -196,7 +215,8 @@ class LSTMCell(_VariantMixin, nn.Module):
         elif not batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         h, c = functional.fused_cell(input, hx[0], hx[1], *self._parameters_for(""),
-                                     peephole=self.peephole, coupled=self.coupled)
+                                     peephole=self.peephole, coupled=self.coupled,
+                                     **self._clip_arguments())
         if not batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
@@ -233,7 +253,7 @@ class LSTMCell(_VariantMixin, nn.Module):
         bias_ih, bias_hh = rest[:2] if self.bias else (None, None)
         weight_ch = rest[-1] if self.peephole else None
         return _cell_step(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                          self.peephole or "none", self.coupled)
+                          self.peephole or "none", self.coupled, self.cell_clip or 0.0)
 
     @property
     def _step_parameter_names(self):
@@ -255,7 +275,11 @@ class LSTM(_VariantMixin, nn.Module):
         proj_size=0; and
         peephole: None, "diagonal" (or True) or "full" — the gates see the cell state
             (input and forget gates c_{t-1}, the output gate the new c_t);
-        coupled: i = 1 - f (CIFG), 3 gate blocks instead of 4.
+        coupled: i = 1 - f (CIFG), 3 gate blocks instead of 4;
+        cell_clip, proj_clip (keywords): None or 0 (off), or clip every c_t to
+            [-cell_clip, cell_clip] after the update, and the projected h_t (needs proj_size) to
+            [-proj_clip, proj_clip] (TensorFlow LSTMCell's options); the clipped values are the
+            states and outputs; zero gradient where a clip is active.
 
     Inputs: input [T, B, I] ([B, T, I] if batch_first), [T, I] unbatched, or a PackedSequence;
         optional (h_0 [D*L, B, R], c_0 [D*L, B, H]) with D = 2 if bidirectional else 1 and
@@ -275,11 +299,12 @@ class LSTM(_VariantMixin, nn.Module):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, peephole=None, coupled: bool = False, device=None,
-                 dtype=None) -> None:
+                 dtype=None, *, cell_clip=None, proj_clip=None) -> None:
         super().__init__()
         peephole = check_lstm_options(input_size, hidden_size, num_layers, bias, batch_first,
                                       dropout, bidirectional, proj_size, peephole, coupled)
         self._init_variant(input_size, hidden_size, bias, peephole, coupled)
+        self._init_clips(cell_clip, proj_clip, proj_size)
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
                           f"non-zero dropout expects num_layers greater than 1, but got "
@@ -427,7 +452,7 @@ class LSTM(_VariantMixin, nn.Module):
                 out, (h, c) = self._layer_fn(
                     layer_input, h0[row], c0[row], *self._parameters_for(suffix),
                     peephole=self.peephole, coupled=self.coupled, reverse=direction == 1,
-                    batch_sizes=batch_sizes)
+                    batch_sizes=batch_sizes, **self._clip_arguments())
                 outputs.append(out)
                 h_n.append(h)
                 c_n.append(c)
@@ -475,6 +500,11 @@ def _require_vanilla(module, method):
         raise ValueError(f"{type(module).__name__}.{method}() needs the vanilla variant "
                          f"(peephole=None, coupled=False), the only one torch.nn has; this module "
                          f"has peephole={module.peephole!r}, coupled={module.coupled}")
+    clips = {name: getattr(module, name, None) for name in ("cell_clip", "proj_clip")}
+    if any(clips.values()):
+        raise ValueError(f"{type(module).__name__}.{method}() needs a module without state "
+                         f"clipping (torch.nn has none); this module has "
+                         + ", ".join(f"{name}={value}" for name, value in clips.items() if value))
 
 
 class PeepholeLSTM(LSTM):
