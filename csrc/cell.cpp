@@ -59,7 +59,7 @@ struct Recurrent {
 // peepholes add to z; with `recurrent`, the kernel first adds h W_hhᵀ to z.
 std::pair<Tensor, Tensor> pointwise_step(const Tensor& z, const Tensor& gates_out, const Tensor& cp,
                                          const Tensor& w, Peephole kind, bool coupled,
-                                         const PointwiseKernels& kernels,
+                                         double cell_clip, const PointwiseKernels& kernels,
                                          const std::optional<Recurrent>& recurrent = std::nullopt) {
   const int64_t B = cp.size(0), H = cp.size(1);
   const bool full = kind == Peephole::Full;
@@ -75,6 +75,7 @@ std::pair<Tensor, Tensor> pointwise_step(const Tensor& z, const Tensor& gates_ou
   p.c_out = c.data_ptr(), p.c_out_stride = H;
   p.h_out = h.data_ptr(), p.h_out_stride = H;
   p.rows = B, p.hidden = H, p.coupled = coupled, p.peephole = kind, p.dtype = z.scalar_type();
+  p.cell_clip = cell_clip;
   if (full) {
     input_peephole_columns(z, H, coupled).addmm_(cp, input_peephole_weight(w, H, coupled).t());
     p.part = Part::Update;
@@ -96,9 +97,10 @@ std::pair<Tensor, Tensor> pointwise_step(const Tensor& z, const Tensor& gates_ou
 std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& gates, const Tensor& c_prev,
                                                 const OptTensor& weight_ch,
                                                 c10::string_view peephole, bool coupled,
-                                                const PointwiseKernels& kernels) {
+                                                double cell_clip, const PointwiseKernels& kernels) {
   const Peephole kind = parse_peephole(peephole);
   const auto [B, H] = check_cell(gates, c_prev, weight_ch, kind, coupled);
+  check_clip(cell_clip, "cell_clip");
   const c10::OptionalDeviceGuard guard(c_prev.device());
   const bool full = kind == Peephole::Full;
   const Tensor cp = rows_contiguous(c_prev);
@@ -106,7 +108,7 @@ std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& gates, const Tenso
   // Full peepholes change the pre-activations, so they work on a copy (which becomes gates_out).
   const Tensor z = full ? gates.clone(at::MemoryFormat::Contiguous) : rows_contiguous(gates);
   Tensor gates_out = full ? z : at::empty({B, z.size(1)}, z.options());
-  auto [h, c] = pointwise_step(z, gates_out, cp, w, kind, coupled, kernels);
+  auto [h, c] = pointwise_step(z, gates_out, cp, w, kind, coupled, cell_clip, kernels);
   return {h, c, gates_out};
 }
 
@@ -114,8 +116,10 @@ std::tuple<Tensor, Tensor> cell_step(const Tensor& input, const Tensor& hx, cons
                                      const Tensor& weight_ih, const Tensor& weight_hh,
                                      const OptTensor& bias_ih, const OptTensor& bias_hh,
                                      const OptTensor& weight_ch, c10::string_view peephole,
-                                     bool coupled, const PointwiseKernels& kernels) {
+                                     bool coupled, double cell_clip,
+                                     const PointwiseKernels& kernels) {
   const Peephole kind = parse_peephole(peephole);
+  check_clip(cell_clip, "cell_clip");
   TORCH_CHECK_VALUE(input.dim() == 2, "lstm_fused: expected input of shape [B, input_size], got ",
                     input.sizes());
   TORCH_CHECK_VALUE(cx.dim() == 2, "lstm_fused: expected cx of shape [B, H], got ", cx.sizes());
@@ -143,12 +147,13 @@ std::tuple<Tensor, Tensor> cell_step(const Tensor& input, const Tensor& hx, cons
   const Tensor w = weight_ch ? weight_ch->contiguous() : Tensor();
   if (in_kernel) {
     const Tensor h_prev = rows_contiguous(hx), w_hh = weight_hh.contiguous();
-    auto [h, c] = pointwise_step(z, Tensor(), rows_contiguous(cx), w, kind, coupled, kernels,
-                                 Recurrent{h_prev, w_hh});
+    auto [h, c] = pointwise_step(z, Tensor(), rows_contiguous(cx), w, kind, coupled, cell_clip,
+                                 kernels, Recurrent{h_prev, w_hh});
     return {h, c};
   }
   z = gemm_nt(hx, weight_hh, std::nullopt, z);
-  auto [h, c] = pointwise_step(z, Tensor(), rows_contiguous(cx), w, kind, coupled, kernels);
+  auto [h, c] =
+      pointwise_step(z, Tensor(), rows_contiguous(cx), w, kind, coupled, cell_clip, kernels);
   return {h, c};
 }
 
@@ -156,9 +161,11 @@ std::tuple<Tensor, Tensor, Tensor> cell_backward(const OptTensor& grad_h, const 
                                                  const Tensor& gates, const Tensor& c_prev,
                                                  const Tensor& c, const OptTensor& weight_ch,
                                                  c10::string_view peephole, bool coupled,
+                                                 double cell_clip,
                                                  const PointwiseKernels& kernels) {
   const Peephole kind = parse_peephole(peephole);
   const CellShape shape = check_cell(gates, c_prev, weight_ch, kind, coupled);
+  check_clip(cell_clip, "cell_clip");
   check_cell_backward(grad_h, grad_c, c_prev, c, shape);
   const auto [B, H] = shape;
   const c10::OptionalDeviceGuard guard(c_prev.device());
@@ -182,6 +189,7 @@ std::tuple<Tensor, Tensor, Tensor> cell_backward(const OptTensor& grad_h, const 
     p.weight_ch = w.defined() && !full ? w.data_ptr() : nullptr;
     p.grad_z = grad_z.data_ptr(), p.grad_z_stride = grad_z.stride(0);
     p.rows = B, p.hidden = H, p.coupled = coupled, p.peephole = kind, p.dtype = g.scalar_type();
+    p.cell_clip = cell_clip;
     if (full) {
       p.part = Part::Output;  // dz_o, and dc without the W_co path
       run_backward(kernels, p);

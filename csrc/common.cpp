@@ -1,3 +1,4 @@
+#include <cmath>
 #include <sstream>
 #include <vector>
 
@@ -17,6 +18,11 @@ Peephole parse_peephole(c10::string_view peephole) {
   if (peephole == "full") return Peephole::Full;
   TORCH_CHECK_VALUE(false, "lstm_fused: peephole must be 'none', 'diagonal' or 'full', got '",
                     std::string(peephole), "'");
+}
+
+void check_clip(double value, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, "lstm_fused: ", name,
+                    " must be a finite number >= 0 (0 = no clipping), got ", value);
 }
 
 void check_floating(const Named& arg) {

@@ -204,6 +204,15 @@ Tensor input_peephole_weight(const Tensor& weight_hh, const Tensor& weight_ch, b
   return at::cat({weight_hh.narrow(0, 0, k), weight_ch.narrow(0, 0, k)}, 1);
 }
 
+// The state clips of a layer (0 = off); proj_clip clips the projected h, so it needs weight_hr.
+void check_clips(double cell_clip, double proj_clip, const OptTensor& weight_hr) {
+  check_clip(cell_clip, "cell_clip");
+  check_clip(proj_clip, "proj_clip");
+  TORCH_CHECK_VALUE(proj_clip == 0 || weight_hr.has_value(),
+                    "lstm_fused: proj_clip clips the projected h and needs weight_hr (proj_size > "
+                    "0), got proj_clip=", proj_clip, " without weight_hr");
+}
+
 // The running states of a layer: h_{t-1} (for packed input or full peepholes; padded input reads
 // it from the output) and c_{t-1}, as views into one buffer for full peepholes.
 struct RunningState {
@@ -230,11 +239,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
     const OptTensor& weight_ch, const OptTensor& weight_hr, at::OptionalIntArrayRef batch_sizes,
-    bool reverse, c10::string_view peephole, bool coupled, bool need_backward,
-    const PointwiseKernels& kernels) {
+    bool reverse, c10::string_view peephole, bool coupled, bool need_backward, double cell_clip,
+    double proj_clip, const PointwiseKernels& kernels) {
   const Schedule s = make_schedule(input, batch_sizes, reverse);
   const LayerShape shape = check_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
                                        weight_ch, weight_hr, s, peephole, coupled);
+  check_clips(cell_clip, proj_clip, weight_hr);
   const c10::OptionalDeviceGuard guard(input.device());
   const int64_t B = s.batch, H = shape.hidden, R = shape.proj, N = s.rows;
   const bool projected = weight_hr.has_value();
@@ -271,6 +281,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   ForwardStep p{};
   p.weight_ch = shape.peephole == Peephole::Diagonal ? w_ch.data_ptr() : nullptr;
   p.hidden = H, p.coupled = coupled, p.peephole = shape.peephole, p.dtype = input.scalar_type();
+  p.cell_clip = cell_clip;
   p.gates_stride = gates.stride(0);
   p.c_prev = state.c.data_ptr();
   p.c_prev_stride = state.c.stride(0);
@@ -333,6 +344,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     if (projected) {
       const Tensor h = output.narrow(0, row, n);
       projection->run_into(unprojected.narrow(0, 0, n), h);
+      if (proj_clip > 0) h.clamp_(-proj_clip, proj_clip);
       if (state.h.defined()) state.h.narrow(0, 0, n).copy_(h);
     }
   }
@@ -352,11 +364,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
     const OptTensor& weight_ch, const OptTensor& weight_hr, const Tensor& output,
     const Tensor& gates, const Tensor& cells, at::OptionalIntArrayRef batch_sizes, bool reverse,
-    c10::string_view peephole, bool coupled, bool need_input_grad,
-    const PointwiseKernels& kernels) {
+    c10::string_view peephole, bool coupled, bool need_input_grad, double cell_clip,
+    double proj_clip, const PointwiseKernels& kernels) {
   const Schedule s = make_schedule(input, batch_sizes, reverse);
   const LayerShape shape = check_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
                                        weight_ch, weight_hr, s, peephole, coupled);
+  check_clips(cell_clip, proj_clip, weight_hr);
   check_layer_backward(grad_output, grad_h_n, grad_c_n, input, output, gates, cells, shape, s);
   const c10::OptionalDeviceGuard guard(input.device());
   const int64_t B = s.batch, H = shape.hidden, R = shape.proj, N = s.rows;
@@ -402,6 +415,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   BackwardStep p{};
   p.weight_ch = shape.peephole == Peephole::Diagonal ? w_ch.data_ptr() : nullptr;
   p.hidden = H, p.coupled = coupled, p.peephole = shape.peephole, p.dtype = input.scalar_type();
+  p.cell_clip = cell_clip;
   p.dc_in = p.dc_prev_out = grad_state.c.data_ptr();
   p.dc_in_stride = p.dc_prev_stride = grad_state.c.stride(0);
   p.gates_stride = p.grad_z_stride = GH;
@@ -425,6 +439,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       } else {
         dh.copy_(dh_running);
       }
+      // proj_clip: the gradient of the unclipped projection (for dW_hr and dr as well).
+      if (proj_clip > 0) dh.masked_fill_(out.narrow(0, row, n).abs() >= proj_clip, 0);
       if (full) dh_running.zero_();
       projection->run_into(dh, grad_unprojected.narrow(0, 0, n));
       p.grad_h = grad_unprojected.data_ptr(), p.grad_h_stride = H;

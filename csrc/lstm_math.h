@@ -113,5 +113,35 @@ LSTM_HD inline void cell_update_backward(V dc, V c_prev, const Gates<V>& gates, 
   }
 }
 
+
+// State clipping (TensorFlow LSTMCell's cell_clip; proj_clip is the same on the projected h):
+//   c_t <- clip(c_t, -cell_clip, cell_clip)        after the update, when cell_clip > 0
+// The clipped value is the state: the output gate's peephole, tanh(c_t), h_t and the next step
+// all see it. Backward: the gradient reaches the unclipped c_t only where the clip is inactive,
+//   dc_raw = dc if -cell_clip < c_t < cell_clip else 0     (c_t the clipped value)
+// so a value at the bound counts as clipped. NaN passes through both (torch.clamp's behaviour).
+LSTM_HD inline float lstm_clamp(float x, float bound) {
+  return x < -bound ? -bound : (x > bound ? bound : x);
+}
+LSTM_HD inline double lstm_clamp(double x, double bound) {
+  return x < -bound ? -bound : (x > bound ? bound : x);
+}
+LSTM_HD inline float lstm_inside_or_zero(float grad, float x, float bound) {
+  return x > -bound && x < bound ? grad : 0.0f;
+}
+LSTM_HD inline double lstm_inside_or_zero(double grad, double x, double bound) {
+  return x > -bound && x < bound ? grad : 0.0;
+}
+
+template <typename V>
+LSTM_HD inline V clip_state(V c, V bound) {
+  return lstm_clamp(c, bound);
+}
+
+template <typename V>
+LSTM_HD inline V clip_state_backward(V dc, V clipped_c, V bound) {
+  return lstm_inside_or_zero(dc, clipped_c, bound);
+}
+
 }  // namespace LSTM_FUSED_ISA
 }  // namespace lstm_fused

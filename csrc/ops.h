@@ -29,7 +29,7 @@ using OptTensor = std::optional<Tensor>;
 std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& gates, const Tensor& c_prev,
                                                 const OptTensor& weight_ch,
                                                 c10::string_view peephole, bool coupled,
-                                                const PointwiseKernels& kernels);
+                                                double cell_clip, const PointwiseKernels& kernels);
 
 // The whole step, forward only (inference; the latency path of LSTMCell): input [B, I], hx, cx
 // [B, H] -> (h, c), with both GEMMs and the pointwise kernel in one op, nothing saved.
@@ -37,20 +37,21 @@ std::tuple<Tensor, Tensor> cell_step(const Tensor& input, const Tensor& hx, cons
                                      const Tensor& weight_ih, const Tensor& weight_hh,
                                      const OptTensor& bias_ih, const OptTensor& bias_hh,
                                      const OptTensor& weight_ch, c10::string_view peephole,
-                                     bool coupled, const PointwiseKernels& kernels);
+                                     bool coupled, double cell_clip,
+                                     const PointwiseKernels& kernels);
 
 std::tuple<Tensor, Tensor, Tensor> cell_backward(const OptTensor& grad_h, const OptTensor& grad_c,
                                                  const Tensor& gates, const Tensor& c_prev,
                                                  const Tensor& c, const OptTensor& weight_ch,
                                                  c10::string_view peephole, bool coupled,
-                                                 const PointwiseKernels& kernels);
+                                                 double cell_clip, const PointwiseKernels& kernels);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
     const OptTensor& weight_ch, const OptTensor& weight_hr, at::OptionalIntArrayRef batch_sizes,
-    bool reverse, c10::string_view peephole, bool coupled, bool need_backward,
-    const PointwiseKernels& kernels);
+    bool reverse, c10::string_view peephole, bool coupled, bool need_backward, double cell_clip,
+    double proj_clip, const PointwiseKernels& kernels);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
     const OptTensor& grad_output, const OptTensor& grad_h_n, const OptTensor& grad_c_n,
@@ -58,12 +59,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
     const OptTensor& weight_ch, const OptTensor& weight_hr, const Tensor& output,
     const Tensor& gates, const Tensor& cells, at::OptionalIntArrayRef batch_sizes, bool reverse,
-    c10::string_view peephole, bool coupled, bool need_input_grad,
-    const PointwiseKernels& kernels);
+    c10::string_view peephole, bool coupled, bool need_input_grad, double cell_clip,
+    double proj_clip, const PointwiseKernels& kernels);
 
 // --- helpers shared by the cell and layer drivers ---------------------------------------------
 
 Peephole parse_peephole(c10::string_view peephole);
+
+// cell_clip / proj_clip (TensorFlow's state clipping; 0 = off): a finite number >= 0, or a
+// ValueError naming the argument.
+void check_clip(double value, const char* name);
 
 // --- argument checks: every tensor argument of every op, before any kernel runs --------------
 // Errors name the argument and say where its expected dtype, device and shape come from, with

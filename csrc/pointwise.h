@@ -45,6 +45,7 @@ struct ForwardStep {
   Peephole peephole;
   Part part;                // Output reads z_o and the c_out written by Update
   c10::ScalarType dtype;
+  double cell_clip;         // > 0: c_t clipped to [-cell_clip, cell_clip] (clip_state); 0: off
 };
 
 struct BackwardStep {
@@ -75,6 +76,7 @@ struct BackwardStep {
   Peephole peephole;
   Part part;                // Output: dz_o and dc without W_co^T dz_o; Update: the rest from dc
   c10::ScalarType dtype;
+  double cell_clip;         // the forward's cell_clip: dc zeroed where it was active (|c| at it)
 };
 
 // The inline code below is compiled once per kernel build; see isa_namespace.h.
@@ -139,6 +141,7 @@ LSTM_HD inline void forward_chunk(const ForwardStep& p, int64_t row, int64_t j, 
     const V z_g = IO::load(z + L::g * H, n);
     if (kPart == Part::All) z_o = IO::load(z + L::o * H, n);
     c = cell_update<kCoupled, kDiagonal>(z_i, z_f, z_g, c_prev, w_ci, w_cf, gates);
+    if (p.cell_clip > 0) c = clip_state(c, V(p.cell_clip));
     if (out) {
       if (!kCoupled) IO::store(out + L::i * H, gates.i, n);
       IO::store(out + L::f * H, gates.f, n);
@@ -175,6 +178,11 @@ LSTM_HD inline void backward_chunk(const BackwardStep& p, int64_t row, int64_t j
   if (p.dc_in) dc_in = IO::load(static_cast<const S*>(p.dc_in) + row * p.dc_in_stride + j, n);
 
   V dc = dc_in;  // the Update part receives the total dc
+  const bool clipped = p.cell_clip > 0;
+  V c(0);
+  if (kPart != Part::Update || clipped) {
+    c = IO::load(static_cast<const S*>(p.c) + row * p.c_stride + j, n);
+  }
   if (kPart != Part::Update) {
     V dh(0);
     if (p.grad_h) dh = IO::load(static_cast<const S*>(p.grad_h) + row * p.grad_h_stride + j, n);
@@ -184,7 +192,6 @@ LSTM_HD inline void backward_chunk(const BackwardStep& p, int64_t row, int64_t j
       if (p.consume_grad_h2) IO::store(grad_h2, V(0), n);
     }
     const V o = IO::load(saved + L::o * H, n);
-    const V c = IO::load(static_cast<const S*>(p.c) + row * p.c_stride + j, n);
     const V dz_o = output_backward<kDiagonal>(dh, dc_in, c, o, w_co, dc);
     IO::store(dz + L::o * H, dz_o, n);
     if (kPart == Part::Output) {
@@ -192,6 +199,8 @@ LSTM_HD inline void backward_chunk(const BackwardStep& p, int64_t row, int64_t j
       return;
     }
   }
+  // dc so far is the gradient of the clipped c_t (every use sees it); the update made the raw one.
+  if (clipped) dc = clip_state_backward(dc, c, V(p.cell_clip));
   Gates<V> gates;
   gates.f = IO::load(saved + L::f * H, n);
   gates.i = kCoupled ? V(1) - gates.f : IO::load(saved + L::i * H, n);

@@ -11,26 +11,29 @@ namespace lstm_fused {
 // layer_forward's need_backward (False: inference, nothing saved for backward; the returned gates
 // and cells are empty), which the shim leaves out. cell_step is forward only (no autograd): the
 // latency path of LSTMCell under no_grad / inference_mode, both GEMMs and the kernel in one op.
+// The state clips (cell_clip, proj_clip: 0 = off) come last, after EXTRA, as they have defaults
+// (the shim's geometry has none).
 #define LSTM_FUSED_SCHEMAS(EXTRA, LAYER_EXTRA)                                                  \
   "cell_forward(Tensor gates, Tensor c_prev, Tensor? weight_ch, str peephole, bool coupled" EXTRA \
-  ") -> (Tensor h, Tensor c, Tensor gates_out)",                                                \
+  ", float cell_clip=0.0) -> (Tensor h, Tensor c, Tensor gates_out)",                         \
       "cell_backward(Tensor? grad_h, Tensor? grad_c, Tensor gates, Tensor c_prev, Tensor c, "   \
-      "Tensor? weight_ch, str peephole, bool coupled" EXTRA                                     \
+      "Tensor? weight_ch, str peephole, bool coupled" EXTRA ", float cell_clip=0.0"             \
       ") -> (Tensor grad_gates, Tensor grad_c_prev, Tensor grad_weight_ch)",                    \
       "layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "  \
       "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_ch, Tensor? weight_hr, "                \
       "int[]? batch_sizes, bool reverse, str peephole, bool coupled" LAYER_EXTRA EXTRA          \
+      ", float cell_clip=0.0, float proj_clip=0.0"                                              \
       ") -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)",               \
       "layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "  \
       "Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "             \
       "Tensor? bias_hh, Tensor? weight_ch, Tensor? weight_hr, Tensor output, Tensor gates, "    \
       "Tensor cells, int[]? batch_sizes, bool reverse, str peephole, bool coupled, "            \
-      "bool need_input_grad" EXTRA                                                              \
+      "bool need_input_grad" EXTRA ", float cell_clip=0.0, float proj_clip=0.0"                 \
       ") -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, "        \
       "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_ch, Tensor grad_weight_hr)", \
       "cell_step(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "      \
       "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_ch, str peephole, bool coupled" EXTRA   \
-      ") -> (Tensor h, Tensor c)"
+      ", float cell_clip=0.0) -> (Tensor h, Tensor c)"
 
 using KernelTable = const PointwiseKernels& (*)();
 
@@ -38,24 +41,28 @@ template <KernelTable kKernels>
 struct DeviceOps {
   static std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& gates, const Tensor& c_prev,
                                                          const OptTensor& weight_ch,
-                                                         c10::string_view peephole, bool coupled) {
-    return lstm_fused::cell_forward(gates, c_prev, weight_ch, peephole, coupled, kKernels());
+                                                         c10::string_view peephole, bool coupled,
+                                                         double cell_clip) {
+    return lstm_fused::cell_forward(gates, c_prev, weight_ch, peephole, coupled, cell_clip,
+                                    kKernels());
   }
 
   static std::tuple<Tensor, Tensor> cell_step(const Tensor& input, const Tensor& hx,
                                               const Tensor& cx, const Tensor& weight_ih,
                                               const Tensor& weight_hh, const OptTensor& bias_ih,
                                               const OptTensor& bias_hh, const OptTensor& weight_ch,
-                                              c10::string_view peephole, bool coupled) {
+                                              c10::string_view peephole, bool coupled,
+                                              double cell_clip) {
     return lstm_fused::cell_step(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
-                                 weight_ch, peephole, coupled, kKernels());
+                                 weight_ch, peephole, coupled, cell_clip, kKernels());
   }
 
   static std::tuple<Tensor, Tensor, Tensor> cell_backward(
       const OptTensor& grad_h, const OptTensor& grad_c, const Tensor& gates, const Tensor& c_prev,
-      const Tensor& c, const OptTensor& weight_ch, c10::string_view peephole, bool coupled) {
+      const Tensor& c, const OptTensor& weight_ch, c10::string_view peephole, bool coupled,
+      double cell_clip) {
     return lstm_fused::cell_backward(grad_h, grad_c, gates, c_prev, c, weight_ch, peephole,
-                                     coupled, kKernels());
+                                     coupled, cell_clip, kKernels());
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
@@ -63,10 +70,10 @@ struct DeviceOps {
       const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
       const OptTensor& weight_ch, const OptTensor& weight_hr,
       at::OptionalIntArrayRef batch_sizes, bool reverse, c10::string_view peephole,
-      bool coupled, bool need_backward) {
+      bool coupled, bool need_backward, double cell_clip, double proj_clip) {
     return lstm_fused::layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
                                      weight_ch, weight_hr, batch_sizes, reverse, peephole,
-                                     coupled, need_backward, kKernels());
+                                     coupled, need_backward, cell_clip, proj_clip, kKernels());
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
@@ -76,11 +83,12 @@ struct DeviceOps {
                  const OptTensor& bias_ih, const OptTensor& bias_hh, const OptTensor& weight_ch,
                  const OptTensor& weight_hr, const Tensor& output, const Tensor& gates,
                  const Tensor& cells, at::OptionalIntArrayRef batch_sizes, bool reverse,
-                 c10::string_view peephole, bool coupled, bool need_input_grad) {
+                 c10::string_view peephole, bool coupled, bool need_input_grad,
+                 double cell_clip, double proj_clip) {
     return lstm_fused::layer_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih,
                                       weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, output,
                                       gates, cells, batch_sizes, reverse, peephole, coupled,
-                                      need_input_grad, kKernels());
+                                      need_input_grad, cell_clip, proj_clip, kKernels());
   }
 };
 

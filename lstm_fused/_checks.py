@@ -307,6 +307,37 @@ def check_regularizer_options(bias, forget_bias, weight_dropout) -> tuple[float,
 
 
 # --------------------------------------------------------------------------------------------
+# State clipping (cell_clip, proj_clip): TensorFlow LSTMCell's options
+# --------------------------------------------------------------------------------------------
+
+
+def check_clip(name: str, value) -> float:
+    """`cell_clip` or `proj_clip` as the ops take it: None or 0 -> 0.0 (off), a finite number
+    > 0 -> that float. A non-number is a TypeError; a negative, NaN or infinite one a
+    ValueError."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be None or a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number (None or 0: no clipping), got {value}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 (None or 0: no clipping), got {value}")
+    return value
+
+
+def check_clips(cell_clip, proj_clip, projected: bool) -> tuple[float, float]:
+    """(cell_clip, proj_clip) as floats (0.0 = off); proj_clip clips the projected h, so it
+    needs a projection (proj_size > 0, weight_hr)."""
+    cell_clip, proj_clip = check_clip("cell_clip", cell_clip), check_clip("proj_clip", proj_clip)
+    if proj_clip > 0 and not projected:
+        raise ValueError(f"proj_clip clips the projected h and needs a projection (proj_size > 0 "
+                         f"or weight_hr), got proj_clip={proj_clip} without one")
+    return cell_clip, proj_clip
+
+
+# --------------------------------------------------------------------------------------------
 # Modules: forward arguments, as torch.nn.LSTM / torch.nn.LSTMCell check them
 # --------------------------------------------------------------------------------------------
 

@@ -25,11 +25,11 @@ from torch import Tensor
 
 
 def cell_pointwise(gates: Tensor, c_prev: Tensor, weight_ch: Tensor | None, peephole: str,
-                   coupled: bool) -> tuple[Tensor, Tensor]:
+                   coupled: bool, cell_clip: float = 0.0) -> tuple[Tensor, Tensor]:
     """What ``lstm_fused::cell_forward`` computes: gates [B, G*H] pre-activations in order
     (i, f, g, o) or, coupled, (f, g, o); c_prev [B, H]; weight_ch [P, H] ("diagonal") or
     [P*H, H] ("full") for the peepholes in order (i, f, o) or (f, o); peephole "none",
-    "diagonal" or "full" -> (h [B, H], c [B, H])."""
+    "diagonal" or "full"; cell_clip > 0 clips c after the update -> (h [B, H], c [B, H])."""
     blocks = gates.chunk(3 if coupled else 4, dim=-1)
     z_i, (z_f, z_g, z_o) = (None, blocks) if coupled else (blocks[0], blocks[1:])
     rows = (None, 0, 1) if coupled else (0, 1, 2)  # peephole row/block of i, f, o
@@ -46,6 +46,8 @@ def cell_pointwise(gates: Tensor, c_prev: Tensor, weight_ch: Tensor | None, peep
     f = torch.sigmoid(z_f + peep(c_prev, 1))
     i = 1 - f if coupled else torch.sigmoid(z_i + peep(c_prev, 0))
     c = f * c_prev + i * torch.tanh(z_g)
+    if cell_clip > 0:
+        c = c.clamp(-cell_clip, cell_clip)
     o = torch.sigmoid(z_o + peep(c, 2))
     return o * torch.tanh(c), c
 
@@ -53,11 +55,12 @@ def cell_pointwise(gates: Tensor, c_prev: Tensor, weight_ch: Tensor | None, peep
 def layer(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
           bias_ih: Tensor | None, bias_hh: Tensor | None, weight_ch: Tensor | None,
           weight_hr: Tensor | None, batch_sizes: Sequence[int] | None, reverse: bool,
-          peephole: str, coupled: bool) -> tuple[Tensor, Tensor, Tensor]:
+          peephole: str, coupled: bool, cell_clip: float = 0.0,
+          proj_clip: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """What ``lstm_fused::layer_forward`` computes (its first three outputs): input [T, B, I]
     (or packed [N, I] with batch_sizes), h0 [B, R], c0 [B, H] -> (output [T, B, R] or [N, R],
     h_n [B, R], c_n [B, H]). At step t only the first batch_sizes[t] rows are active; the
-    others keep their state."""
+    others keep their state. cell_clip / proj_clip > 0 clip c_t and the projected h_t."""
     B = h0.shape[0]
     packed = batch_sizes is not None
     sizes = list(batch_sizes) if packed else [B] * input.shape[0]
@@ -68,9 +71,11 @@ def layer(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: T
     for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
         n = sizes[t]
         gates = steps[t] + F.linear(h[:n], weight_hh, bias_hh)
-        h_t, c_t = cell_pointwise(gates, c[:n], weight_ch, peephole, coupled)
+        h_t, c_t = cell_pointwise(gates, c[:n], weight_ch, peephole, coupled, cell_clip)
         if weight_hr is not None:
             h_t = F.linear(h_t, weight_hr)
+            if proj_clip > 0:
+                h_t = h_t.clamp(-proj_clip, proj_clip)
         outputs[t] = h_t
         h, c = torch.cat([h_t, h[n:]]), torch.cat([c_t, c[n:]])
     if not outputs:  # no time step

@@ -15,37 +15,46 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_cell_args, check_layer_args, normalize_peephole
+from ._checks import check_cell_args, check_clips, check_layer_args, normalize_peephole
 from .ops import ops
 
 
 def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
               bias_ih: Tensor | None = None, bias_hh: Tensor | None = None,
               weight_ch: Tensor | None = None, weight_hr: Tensor | None = None, *,
-              peephole=None, coupled: bool = False) -> tuple[Tensor, Tensor]:
+              peephole=None, coupled: bool = False, cell_clip=None,
+              proj_clip=None) -> tuple[Tensor, Tensor]:
     """One fused time step. input [B, I], hx [B, R], cx [B, H] -> (h [B, R], c [B, H]).
 
     The two GEMMs run as torch ops; activations, peepholes, the cell update and the output
-    gate run as ONE fused kernel (`torch.ops.lstm_fused.cell_forward`). Each bad argument is
-    named in the error (the twin, `lstm_fused.reference.lstm_cell`, rejects the same).
+    gate run as ONE fused kernel (`torch.ops.lstm_fused.cell_forward`). `cell_clip` clips c to
+    [-cell_clip, cell_clip] after the update, `proj_clip` the projected h (None or 0: off;
+    TensorFlow LSTMCell's options). Each bad argument is named in the error (the twin,
+    `lstm_fused.reference.lstm_cell`, rejects the same).
     """
     peephole = normalize_peephole(peephole)
     check_cell_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
                     peephole, coupled)
+    cell_clip, proj_clip = check_clips(cell_clip, proj_clip, weight_hr is not None)
     return fused_cell(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                      weight_hr, peephole=peephole, coupled=coupled)
+                      weight_hr, peephole=peephole, coupled=coupled, cell_clip=cell_clip,
+                      proj_clip=proj_clip)
 
 
 def fused_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                bias_ih: Tensor | None, bias_hh: Tensor | None, weight_ch: Tensor | None,
                weight_hr: Tensor | None, *, peephole: str | None,
-               coupled: bool) -> tuple[Tensor, Tensor]:
+               coupled: bool, cell_clip: float = 0.0,
+               proj_clip: float = 0.0) -> tuple[Tensor, Tensor]:
     """`lstm_cell` without the argument checks; `peephole` in canonical form (None,
-    "diagonal" or "full")."""
+    "diagonal" or "full"), the clips floats (0.0 = off)."""
     gates = F.linear(input, weight_ih, bias_ih) + F.linear(hx, weight_hh, bias_hh)
-    h, c, _ = ops.cell_forward(gates, cx, weight_ch, peephole or "none", bool(coupled))
+    h, c, _ = ops.cell_forward(gates, cx, weight_ch, peephole or "none", bool(coupled),
+                               cell_clip)
     if weight_hr is not None:
         h = F.linear(h, weight_hr)
+        if proj_clip > 0:
+            h = h.clamp(-proj_clip, proj_clip)
     return h, c
 
 
@@ -53,35 +62,39 @@ def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_
                bias_ih: Tensor | None = None, bias_hh: Tensor | None = None,
                weight_ch: Tensor | None = None, weight_hr: Tensor | None = None, *,
                peephole=None, coupled: bool = False, reverse: bool = False,
-               batch_sizes=None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+               batch_sizes=None, cell_clip=None,
+               proj_clip=None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One fused layer in one direction; the time loop runs in C++.
 
     Padded: input [T, B, I] -> output [T, B, R]. Packed: input [N, I] with `batch_sizes`
     (non-increasing, as in PackedSequence) -> output [N, R]. `reverse` runs from the last step
-    to the first. Returns (output, (h_n [B, R], c_n [B, H])). Each bad argument is named in
-    the error (the twin, `lstm_fused.reference.lstm_layer`, rejects the same).
+    to the first. `cell_clip` / `proj_clip` as in `lstm_cell`. Returns (output, (h_n [B, R],
+    c_n [B, H])). Each bad argument is named in the error (the twin,
+    `lstm_fused.reference.lstm_layer`, rejects the same).
     """
     peephole = normalize_peephole(peephole)
     sizes = check_layer_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                              weight_hr, peephole, coupled, batch_sizes)
+    cell_clip, proj_clip = check_clips(cell_clip, proj_clip, weight_hr is not None)
     return fused_layer(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                        weight_hr, peephole=peephole, coupled=coupled, reverse=reverse,
-                       batch_sizes=sizes)
+                       batch_sizes=sizes, cell_clip=cell_clip, proj_clip=proj_clip)
 
 
 def fused_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                 bias_ih: Tensor | None, bias_hh: Tensor | None, weight_ch: Tensor | None,
                 weight_hr: Tensor | None, *, peephole: str | None, coupled: bool,
-                reverse: bool, batch_sizes: list[int] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                reverse: bool, batch_sizes: list[int] | None, cell_clip: float = 0.0,
+                proj_clip: float = 0.0) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """`lstm_layer` without the argument checks; `peephole` in canonical form, `batch_sizes` a
-    list of ints or None."""
+    list of ints or None, the clips floats (0.0 = off)."""
     # Inference (no_grad, inference_mode, or nothing requires grad): nothing saved for backward.
     need_backward = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr))
     output, h_n, c_n, _, _ = ops.layer_forward(
         input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, batch_sizes,
-        bool(reverse), peephole or "none", bool(coupled), need_backward)
+        bool(reverse), peephole or "none", bool(coupled), need_backward, cell_clip, proj_clip)
     return output, (h_n, c_n)
 
 

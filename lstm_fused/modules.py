@@ -17,6 +17,7 @@ from . import functional
 from ._checks import (
     check_cell_forward,
     check_cell_options,
+    check_clips,
     check_lstm_forward,
     check_lstm_options,
     check_regularizer_options,
@@ -96,6 +97,16 @@ class _VariantMixin:
             nn.init.uniform_(weight, -bound, bound)
         self._add_forget_bias()
 
+    def _init_clips(self, cell_clip, proj_clip, proj_size):
+        """Sets cell_clip and proj_clip: None when off (given as None or 0), else the float."""
+        cell_clip, proj_clip = check_clips(cell_clip, proj_clip, proj_size > 0)
+        self.cell_clip = cell_clip or None
+        self.proj_clip = proj_clip or None
+
+    def _clip_arguments(self) -> dict[str, float]:
+        """The clips as the functional layer and cell take them (0.0 = off)."""
+        return {"cell_clip": self.cell_clip or 0.0, "proj_clip": self.proj_clip or 0.0}
+
     def _variant_repr(self) -> str:
         s = ""
         if self.peephole is not None:
@@ -106,6 +117,10 @@ class _VariantMixin:
             s += f", forget_bias={self.forget_bias}"
         if self.weight_dropout != 0:
             s += f", weight_dropout={self.weight_dropout}"
+        if getattr(self, "cell_clip", None):
+            s += f", cell_clip={self.cell_clip}"
+        if getattr(self, "proj_clip", None):
+            s += f", proj_clip={self.proj_clip}"
         return s
 
     # --- torch.ao.quantization: no quantized version, and no silent skip -------------------
@@ -169,6 +184,9 @@ class LSTMCell(_VariantMixin, nn.Module):
         forget_bias: added to the forget gate's slice of bias_ih by reset_parameters() (so
             also at construction); needs bias=True when non-zero.
         weight_dropout: DropConnect rate on weight_hh in training, in [0, 1); identity in eval.
+        cell_clip (keyword): None or 0 (off), or clip c_1 to [-cell_clip, cell_clip] after the
+            update (TensorFlow LSTMCell's cell_clip); the clipped c_1 is returned and seen by
+            the output gate; zero gradient where the clip is active.
 
     Inputs: input [B, I] or [I]; (h_0, c_0) each [B, H] or [H], zeros when omitted.
     Outputs: (h_1, c_1), each [B, H] (or [H] for unbatched input).
@@ -180,12 +198,13 @@ class LSTMCell(_VariantMixin, nn.Module):
     _first_suffix = ""
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, peephole=None,
-                 coupled: bool = False, device=None, dtype=None, forget_bias: float = 0.0,
-                 weight_dropout: float = 0.0) -> None:
+                 coupled: bool = False, device=None, dtype=None, *, forget_bias: float = 0.0,
+                 weight_dropout: float = 0.0, cell_clip=None) -> None:
         super().__init__()
         peephole = check_cell_options(input_size, hidden_size, bias, peephole, coupled)
         self._init_variant(input_size, hidden_size, bias, peephole, coupled)
         self._init_regularizers(forget_bias, weight_dropout)
+        self._init_clips(cell_clip, None, 0)
         factory = {"device": device, "dtype": dtype}
         self._make_parameters("", self.input_size, self.hidden_size, 0, factory)
         self.reset_parameters()
@@ -238,7 +257,8 @@ class LSTMCell(_VariantMixin, nn.Module):
         weight_ih, weight_hh, *rest = self._parameters_for("")
         h, c = functional.fused_cell(input, hx[0], hx[1], weight_ih,
                                      self._recurrent_weight(weight_hh), *rest,
-                                     peephole=self.peephole, coupled=self.coupled)
+                                     peephole=self.peephole, coupled=self.coupled,
+                                     **self._clip_arguments())
         if not batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
@@ -279,7 +299,7 @@ class LSTMCell(_VariantMixin, nn.Module):
         bias_ih, bias_hh = rest[:2] if self.bias else (None, None)
         weight_ch = rest[-1] if self.peephole else None
         return _cell_step(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                          self.peephole or "none", self.coupled)
+                          self.peephole or "none", self.coupled, self.cell_clip or 0.0)
 
     @property
     def _step_parameter_names(self):
@@ -307,6 +327,10 @@ class LSTM(_VariantMixin, nn.Module):
             reset_parameters() (so also at construction); needs bias=True when non-zero;
         weight_dropout: DropConnect rate on every weight_hh_l{k} in training, in [0, 1): each
             layer and direction draws its own mask per forward call; identity in eval.
+        cell_clip, proj_clip (keywords): None or 0 (off), or clip every c_t to
+            [-cell_clip, cell_clip] after the update, and the projected h_t (needs proj_size) to
+            [-proj_clip, proj_clip] (TensorFlow LSTMCell's options); the clipped values are the
+            states and outputs; zero gradient where a clip is active.
 
     Inputs: input [T, B, I] ([B, T, I] if batch_first), [T, I] unbatched, or a PackedSequence;
         optional (h_0 [D*L, B, R], c_0 [D*L, B, H]) with D = 2 if bidirectional else 1 and
@@ -326,12 +350,14 @@ class LSTM(_VariantMixin, nn.Module):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, peephole=None, coupled: bool = False, device=None,
-                 dtype=None, forget_bias: float = 0.0, weight_dropout: float = 0.0) -> None:
+                 dtype=None, *, forget_bias: float = 0.0, weight_dropout: float = 0.0,
+                 cell_clip=None, proj_clip=None) -> None:
         super().__init__()
         peephole = check_lstm_options(input_size, hidden_size, num_layers, bias, batch_first,
                                       dropout, bidirectional, proj_size, peephole, coupled)
         self._init_variant(input_size, hidden_size, bias, peephole, coupled)
         self._init_regularizers(forget_bias, weight_dropout)
+        self._init_clips(cell_clip, proj_clip, proj_size)
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
                           f"non-zero dropout expects num_layers greater than 1, but got "
@@ -480,7 +506,7 @@ class LSTM(_VariantMixin, nn.Module):
                 out, (h, c) = self._layer_fn(
                     layer_input, h0[row], c0[row], weight_ih, self._recurrent_weight(weight_hh),
                     *rest, peephole=self.peephole, coupled=self.coupled, reverse=direction == 1,
-                    batch_sizes=batch_sizes)
+                    batch_sizes=batch_sizes, **self._clip_arguments())
                 outputs.append(out)
                 h_n.append(h)
                 c_n.append(c)
@@ -532,6 +558,11 @@ def _require_vanilla(module, method):
         raise ValueError(f"{type(module).__name__}.{method}(): torch.nn has no DropConnect; this "
                          f"module has weight_dropout={module.weight_dropout} (build it with "
                          f"weight_dropout=0 to convert it)")
+    clips = {name: getattr(module, name, None) for name in ("cell_clip", "proj_clip")}
+    if any(clips.values()):
+        raise ValueError(f"{type(module).__name__}.{method}() needs a module without state "
+                         f"clipping (torch.nn has none); this module has "
+                         + ", ".join(f"{name}={value}" for name, value in clips.items() if value))
 
 
 class PeepholeLSTM(LSTM):

@@ -16,9 +16,11 @@ What each fused op becomes (ONNX gate order is i, o, f, c; B = [Wb, Rb]; P order
   forget-gate rows (W, R, both biases and P_i = -w_cf): sigmoid(-z) = 1 - sigmoid(z), so this is
   exactly i = 1 - f in every runtime (onnxruntime's own input_forget=1 couples the other way,
   f = 1 - i, and onnx's reference evaluator ignores it).
-- `layer_forward` with peephole "full" or a projection (`proj_size`): the input projection of all
-  steps as one MatMul, then a standard `Scan` over time whose body is the step written with
-  standard ops (MatMul, Sigmoid, Tanh, Mul, Add).
+- `layer_forward` with peephole "full", a projection (`proj_size`) or state clipping
+  (`cell_clip`, `proj_clip`): the input projection of all steps as one MatMul, then a standard
+  `Scan` over time whose body is the step written with standard ops (MatMul, Sigmoid, Tanh, Mul,
+  Add, and `Clip` after the cell update and the projection). ONNX's LSTM has a `clip` attribute,
+  but it clips the gate pre-activations, not the cell state, so it cannot express cell_clip.
 - `cell_forward` (LSTMCell and variants): the same step ops, a dozen standard nodes.
 - A `PackedSequence` cannot be exported (torch.export cannot trace `pack_padded_sequence`).
 
@@ -168,6 +170,16 @@ class _Nodes:
     def ints(self, *values: int) -> ir.Value:
         return self.tape.op("Constant", [], {"value": ir.tensor(np.array(values, np.int64))})
 
+    def clip(self, x: ir.Value, bound: float, dtype: ir.DataType) -> ir.Value:
+        """x clipped to [-bound, bound] (x itself when bound is 0: no clipping)."""
+        if not bound > 0:
+            return x
+        def scalar(value):
+            value = ir.tensor(np.array(value, dtype.numpy()))
+            return self.tape.op("Constant", [], {"value": value})
+
+        return self.Clip(x, scalar(-bound), scalar(bound))
+
     def rows(self, x: ir.Value, start: int, stop: int, axis: int = 0) -> ir.Value:
         """x[start:stop] along `axis`."""
         return self.Slice(x, self.ints(start), self.ints(stop), self.ints(axis))
@@ -220,9 +232,11 @@ def _peephole_terms(g: _Nodes, weight_ch, peephole: str, coupled: bool, H: int) 
     return terms
 
 
-def _step(g: _Nodes, z, c_prev, peepholes: dict, peephole: str, coupled: bool, H: int):
+def _step(g: _Nodes, z, c_prev, peepholes: dict, peephole: str, coupled: bool, H: int,
+          cell_clip: float = 0.0, dtype: ir.DataType | None = None):
     """One step after the GEMMs: z [B, G*H] (our gate order), c_prev [B, H] -> (h, c), as
-    lstm_fused.reference._step; with coupled gates i = sigmoid(-(z_f + peep_f)) = 1 - f."""
+    lstm_fused.reference._step; with coupled gates i = sigmoid(-(z_f + peep_f)) = 1 - f;
+    cell_clip > 0 clips c (of `dtype`) after the update."""
     blocks = {gate: g.rows(z, k * H, (k + 1) * H, axis=-1)
               for k, gate in enumerate(_gate_names(coupled))}
 
@@ -235,18 +249,18 @@ def _step(g: _Nodes, z, c_prev, peepholes: dict, peephole: str, coupled: bool, H
     z_f = pre("f", c_prev)
     f = g.Sigmoid(z_f)
     i = g.Sigmoid(g.Neg(z_f)) if coupled else g.Sigmoid(pre("i", c_prev))
-    c = g.Add(g.Mul(f, c_prev), g.Mul(i, g.Tanh(blocks["g"])))
+    c = g.clip(g.Add(g.Mul(f, c_prev), g.Mul(i, g.Tanh(blocks["g"]))), cell_clip, dtype)
     o = g.Sigmoid(pre("o", c))
     return g.Mul(o, g.Tanh(c)), c
 
 
-def _cell_forward(gates, c_prev, weight_ch, peephole, coupled):
+def _cell_forward(gates, c_prev, weight_ch, peephole, coupled, cell_clip=0.0):
     """cell_forward(gates [B, G*H], c_prev [B, H], ...) -> (h [B, H], c [B, H]); gates_out,
     saved for the backward, is not exported."""
     g = _Nodes()
     H = _hidden_size(gates.shape[-1], coupled)
     h, c = _step(g, gates, c_prev, _peephole_terms(g, weight_ch, peephole, coupled, H),
-                 peephole, coupled, H)
+                 peephole, coupled, H, cell_clip, gates.dtype)
     return _emit(g, [h, c])
 
 
@@ -254,9 +268,10 @@ def _cell_forward(gates, c_prev, weight_ch, peephole, coupled):
 
 
 def _layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-                   batch_sizes, reverse, peephole, coupled, need_backward=True):
+                   batch_sizes, reverse, peephole, coupled, need_backward=True, cell_clip=0.0,
+                   proj_clip=0.0):
     """layer_forward(input [T, B, I], h0 [B, R], c0 [B, H], ...) -> (output [T, B, R], h_n, c_n):
-    one LSTM node, or a Scan for peephole="full" and projections. The op's two last outputs
+    one LSTM node, or a Scan for peephole="full", projections and clips. The op's two last outputs
     (gates and cells, saved for the backward) are not exported, so need_backward changes
     nothing here."""
     if batch_sizes is not None:
@@ -264,9 +279,13 @@ def _layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight
                          "the model on a padded tensor")
     g = _Nodes()
     H = _hidden_size(weight_ih.shape[0], coupled)
-    build = _scan_layer if peephole == "full" or weight_hr is not None else _lstm_node
-    outputs = build(g, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                    weight_hr, bool(reverse), peephole, bool(coupled), H)
+    if peephole == "full" or weight_hr is not None or cell_clip > 0 or proj_clip > 0:
+        outputs = _scan_layer(g, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
+                              weight_hr, bool(reverse), peephole, bool(coupled), H, cell_clip,
+                              proj_clip)
+    else:
+        outputs = _lstm_node(g, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
+                             weight_hr, bool(reverse), peephole, bool(coupled), H)
     return _emit(g, outputs)
 
 
@@ -316,7 +335,7 @@ _scan_counter = itertools.count()
 
 
 def _scan_layer(g: _Nodes, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                weight_hr, reverse, peephole, coupled, H):
+                weight_hr, reverse, peephole, coupled, H, cell_clip=0.0, proj_clip=0.0):
     # Input projections of all steps at once: zx [T, B, G*H] = x W_ih^T + b_ih + b_hh.
     zx = g.MatMul(input, g.Transpose(weight_ih, perm=[1, 0]))
     biases = _bias(g, bias_ih, bias_hh, weight_ih.shape[0])
@@ -334,9 +353,9 @@ def _scan_layer(g: _Nodes, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh
     c_prev = ir.Value(type=dtype, shape=ir.Shape([batch, H]))
     zx_t = ir.Value(type=dtype, shape=ir.Shape([batch, weight_ih.shape[0]]))
     z = body.Add(zx_t, body.MatMul(h_prev, w_hh_t))
-    h, c = _step(body, z, c_prev, peepholes, peephole, coupled, H)
+    h, c = _step(body, z, c_prev, peepholes, peephole, coupled, H, cell_clip, input.dtype)
     if w_hr_t is not None:
-        h = body.MatMul(h, w_hr_t)
+        h = body.clip(body.MatMul(h, w_hr_t), proj_clip, input.dtype)
     graph = ir.Graph([h_prev, c_prev, zx_t], [h, c, body.Identity(h)], nodes=body.tape.nodes,
                      name="lstm_fused_step")
     # Names are unique in the whole model, subgraphs included (ONNX's SSA rule).

@@ -1,16 +1,20 @@
 """The registered operators (schemas and device kernels are in C++, csrc/register.cpp): their
 fake (meta) kernels for torch.compile / export, and their autograd formulas.
 
-    torch.ops.lstm_fused.cell_forward(gates [B, G*H], c_prev [B, H], weight_ch, peephole, coupled)
+    torch.ops.lstm_fused.cell_forward(gates [B, G*H], c_prev [B, H], weight_ch, peephole, coupled,
+        cell_clip=0.0)
         -> (h [B, H], c [B, H], gates_out [B, G*H])
     torch.ops.lstm_fused.layer_forward(input [T, B, I] | [N, I], h0 [B, R], c0 [B, H], weight_ih,
         weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, batch_sizes, reverse, peephole, coupled,
-        need_backward=True)
+        need_backward=True, cell_clip=0.0, proj_clip=0.0)
         -> (output [T, B, R] | [N, R], h_n [B, R], c_n [B, H], gates, cells)
 
 `peephole` is the string "none", "diagonal" or "full"; `gates`/`cells` are what the backward
 needs (activated gates and cell states of every step); with need_backward=False (inference) they
-are not written and come back empty. The *_backward ops are what autograd calls for a first-order
+are not written and come back empty. `cell_clip` > 0 clips every c_t to [-cell_clip, cell_clip]
+after the update, `proj_clip` > 0 the projected h (TensorFlow LSTMCell's state clipping; 0 = off);
+the gradient is zero where a clip is active.
+The *_backward ops are what autograd calls for a first-order
 backward; a backward that builds a graph (create_graph=True, for double backward) differentiates a
 recomputation in torch ops instead (lstm_fused._double_backward).
 
@@ -41,12 +45,13 @@ def num_gates(coupled: bool) -> int:
 
 
 @torch.library.register_fake("lstm_fused::cell_forward")
-def _cell_forward_fake(gates, c_prev, weight_ch, peephole, coupled):
+def _cell_forward_fake(gates, c_prev, weight_ch, peephole, coupled, cell_clip=0.0):
     return c_prev.new_empty(c_prev.shape), c_prev.new_empty(c_prev.shape), gates.new_empty(gates.shape)
 
 
 @torch.library.register_fake("lstm_fused::cell_backward")
-def _cell_backward_fake(grad_h, grad_c, gates, c_prev, c, weight_ch, peephole, coupled):
+def _cell_backward_fake(grad_h, grad_c, gates, c_prev, c, weight_ch, peephole, coupled,
+                        cell_clip=0.0):
     grad_weight_ch = (
         weight_ch.new_empty(weight_ch.shape) if peephole != "none" else c.new_empty(0)
     )
@@ -55,13 +60,14 @@ def _cell_backward_fake(grad_h, grad_c, gates, c_prev, c, weight_ch, peephole, c
 
 @torch.library.register_fake("lstm_fused::cell_step")
 def _cell_step_fake(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, peephole,
-                    coupled):
+                    coupled, cell_clip=0.0):
     return cx.new_empty(cx.shape), cx.new_empty(cx.shape)
 
 
 @torch.library.register_fake("lstm_fused::layer_forward")
 def _layer_forward_fake(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                        weight_hr, batch_sizes, reverse, peephole, coupled, need_backward=True):
+                        weight_hr, batch_sizes, reverse, peephole, coupled, need_backward=True,
+                        cell_clip=0.0, proj_clip=0.0):
     lead = input.shape[:-1]
     gate_rows, hidden, proj = weight_ih.shape[0], c0.shape[-1], h0.shape[-1]
     saved = ((input.new_empty(*lead, gate_rows), input.new_empty(*lead, hidden)) if need_backward
@@ -72,7 +78,8 @@ def _layer_forward_fake(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, w
 @torch.library.register_fake("lstm_fused::layer_backward")
 def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh,
                          bias_ih, bias_hh, weight_ch, weight_hr, output, gates, cells,
-                         batch_sizes, reverse, peephole, coupled, need_input_grad):
+                         batch_sizes, reverse, peephole, coupled, need_input_grad, cell_clip=0.0,
+                         proj_clip=0.0):
     empty = input.new_empty(0)
     return (input.new_empty(input.shape) if need_input_grad else empty,
             h0.new_empty(h0.shape), c0.new_empty(c0.shape),
@@ -86,11 +93,12 @@ def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_
 
 
 def _cell_setup_context(ctx, inputs, output):
-    gates, c_prev, weight_ch, peephole, coupled = inputs
+    gates, c_prev, weight_ch, peephole, coupled, *clip = inputs
     _, c, gates_out = output
     # The pre-activation gates only serve a double backward; keeping them costs no time.
     ctx.save_for_backward(gates_out, c_prev, c, weight_ch, gates)
     ctx.peephole, ctx.coupled = peephole, coupled
+    ctx.cell_clip = clip[0] if clip else 0.0
     ctx.mark_non_differentiable(gates_out)
 
 
@@ -98,13 +106,20 @@ def _cell_backward(ctx, grad_h, grad_c, _grad_gates_out):
     gates_out, c_prev, c, weight_ch, gates = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
         forward = functools.partial(_double_backward.cell_pointwise, peephole=ctx.peephole,
-                                    coupled=ctx.coupled)
+                                    coupled=ctx.coupled, cell_clip=ctx.cell_clip)
         grads = _double_backward.differentiable_gradients(
             forward, (gates, c_prev, weight_ch), (grad_h, grad_c))
-        return *grads, None, None
+        return *grads, *_no_grads(ctx, 3)
     grad_gates, grad_c_prev, grad_weight_ch = ops.cell_backward(
-        grad_h, grad_c, gates_out, c_prev, c, weight_ch, ctx.peephole, ctx.coupled)
-    return grad_gates, grad_c_prev, grad_weight_ch if weight_ch is not None else None, None, None
+        grad_h, grad_c, gates_out, c_prev, c, weight_ch, ctx.peephole, ctx.coupled, ctx.cell_clip)
+    return (grad_gates, grad_c_prev, grad_weight_ch if weight_ch is not None else None,
+            *_no_grads(ctx, 3))
+
+
+def _no_grads(ctx, tensors: int) -> tuple[None, ...]:
+    """None for each of an op's non-tensor inputs, those after its first `tensors` inputs (how
+    many were passed: trailing defaults may be left out)."""
+    return (None,) * (len(ctx.needs_input_grad) - tensors)
 
 
 torch.library.register_autograd(
@@ -113,7 +128,9 @@ torch.library.register_autograd(
 
 def _layer_setup_context(ctx, inputs, output):
     (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-     batch_sizes, reverse, peephole, coupled, *need_backward) = inputs
+     batch_sizes, reverse, peephole, coupled, *extra) = inputs
+    need_backward = extra[:1]
+    cell_clip, proj_clip = (list(extra[1:3]) + [0.0, 0.0])[:2]
     if need_backward and not need_backward[0]:
         raise RuntimeError("lstm_fused: layer_forward(need_backward=False) saved nothing for "
                            "backward, but an input requires grad; call it with need_backward=True")
@@ -121,6 +138,7 @@ def _layer_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                           weight_hr, out, gates, cells)
     ctx.options = (batch_sizes, reverse, peephole, coupled)
+    ctx.clips = (cell_clip, proj_clip)
     ctx.mark_non_differentiable(gates, cells)
 
 
@@ -130,17 +148,18 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cel
     batch_sizes, reverse, peephole, coupled = ctx.options
     if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
         forward = functools.partial(_double_backward.layer, batch_sizes=batch_sizes,
-                                    reverse=reverse, peephole=peephole, coupled=coupled)
+                                    reverse=reverse, peephole=peephole, coupled=coupled,
+                                    cell_clip=ctx.clips[0], proj_clip=ctx.clips[1])
         grads = _double_backward.differentiable_gradients(
             forward, (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr),
             (grad_output, grad_h_n, grad_c_n))
-        return *grads, None, None, None, None
+        return *grads, *_no_grads(ctx, 9)
     need_input_grad = ctx.needs_input_grad[0]
     (grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_ch,
      grad_weight_hr) = ops.layer_backward(
         grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
         weight_ch, weight_hr, out, gates, cells, batch_sizes, reverse, peephole, coupled,
-        need_input_grad)
+        need_input_grad, *ctx.clips)
 
     def when(present, grad):
         return grad if present else None

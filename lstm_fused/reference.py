@@ -16,9 +16,11 @@ equation by equation so it can be checked line by line against docs/design.md se
     i   = sigmoid(z_i + peep_i(c_{t-1}))             (standard)
     g   = tanh(z_g)
     c_t = f * c_{t-1} + i * g
+    c_t = clip(c_t, -cell_clip, cell_clip)           (only with cell_clip > 0)
     o   = sigmoid(z_o + peep_o(c_t))                 the output gate sees the NEW cell state
     h_t = o * tanh(c_t)
     h_t = W_hr h_t                                   (only with a projection, weight_hr [R, H])
+    h_t = clip(h_t, -proj_clip, proj_clip)           (only with a projection and proj_clip > 0)
 
 ``peephole=None, coupled=False`` is exactly ``torch.nn.LSTMCell`` / ``torch.nn.LSTM``.
 
@@ -37,7 +39,7 @@ from torch import Tensor
 
 # Validation belongs to the library (lstm_fused._checks); the twin calls the same checks so that
 # it rejects the same inputs, and otherwise only computes.
-from ._checks import check_cell_args, check_layer_args, normalize_peephole
+from ._checks import check_cell_args, check_clips, check_layer_args, normalize_peephole
 
 __all__ = ["lstm_cell", "lstm_layer", "normalize_peephole"]
 
@@ -95,6 +97,8 @@ def _step(
     weight_hr: Tensor | None,
     peephole: str | None,
     coupled: bool,
+    cell_clip: float = 0.0,
+    proj_clip: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """One step, no validation: x [B, I], h_prev [B, R], c_prev [B, H] -> (h [B, R], c [B, H])."""
     # z = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh
@@ -117,6 +121,9 @@ def _step(
     g = torch.tanh(gates["g"])
     # c_t = f * c_{t-1} + i * g
     c = f * c_prev + i * g
+    # c_t = clip(c_t, -cell_clip, cell_clip): the clipped value is the state everything sees
+    if cell_clip > 0:
+        c = torch.clamp(c, -cell_clip, cell_clip)
     # o = sigmoid(z_o + peep_o(c_t))  -- the NEW cell state
     o = torch.sigmoid(gates["o"] + _peephole(c, weight_ch, "o", peephole, coupled))
     # h_t = o * tanh(c_t)
@@ -124,6 +131,9 @@ def _step(
     # h_t = W_hr h_t (projection)
     if weight_hr is not None:
         h = h @ weight_hr.T
+        # h_t = clip(h_t, -proj_clip, proj_clip)
+        if proj_clip > 0:
+            h = torch.clamp(h, -proj_clip, proj_clip)
     return h, c
 
 
@@ -145,6 +155,8 @@ def lstm_cell(
     *,
     peephole=None,
     coupled: bool = False,
+    cell_clip=None,
+    proj_clip=None,
 ) -> tuple[Tensor, Tensor]:
     """One time step. input [B, I], hx [B, R], cx [B, H] -> (h [B, R], c [B, H]).
 
@@ -153,13 +165,15 @@ def lstm_cell(
       weight_ch [P, H] (diagonal) or [P*H, H] (full), only with a peephole,
       weight_hr [R, H], only with a projection.
     peephole: None / False, True / "diagonal", or "full". coupled: i = 1 - f.
+    cell_clip / proj_clip: None or 0 (off), or the bound of c_t / of the projected h_t.
     """
     peephole = normalize_peephole(peephole)
     coupled = bool(coupled)
     check_cell_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
                     peephole, coupled)
+    cell_clip, proj_clip = check_clips(cell_clip, proj_clip, weight_hr is not None)
     return _step(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-                 peephole, coupled)
+                 peephole, coupled, cell_clip, proj_clip)
 
 
 def lstm_layer(
@@ -177,6 +191,8 @@ def lstm_layer(
     coupled: bool = False,
     reverse: bool = False,
     batch_sizes=None,
+    cell_clip=None,
+    proj_clip=None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One layer, one direction.
 
@@ -192,12 +208,13 @@ def lstm_layer(
 
     Returns (output, (h_n [B, R], c_n [B, H])): each row's final state (for the packed forward
     direction, the state at that row's last active step; for reverse, the state after step 0).
-    Parameters, ``peephole`` and ``coupled`` as in :func:`lstm_cell`.
+    Parameters, ``peephole``, ``coupled`` and the clips as in :func:`lstm_cell`.
     """
     peephole = normalize_peephole(peephole)
     coupled = bool(coupled)
     sizes = check_layer_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                              weight_hr, peephole, coupled, batch_sizes)
+    cell_clip, proj_clip = check_clips(cell_clip, proj_clip, weight_hr is not None)
     B, R = hx.shape
     if sizes is None:
         sizes = [B] * input.shape[0]
@@ -212,7 +229,7 @@ def lstm_layer(
     for t in steps:
         n = sizes[t]  # rows 0..n-1 are active at step t
         h_t, c_t = _step(xs[t], h[:n], c[:n], weight_ih, weight_hh, bias_ih, bias_hh,
-                         weight_ch, weight_hr, peephole, coupled)
+                         weight_ch, weight_hr, peephole, coupled, cell_clip, proj_clip)
         outputs[t] = h_t
         # Rows n.. keep their state: going forward they have already finished (batch sizes only
         # shrink), so they hold their final state; going in reverse they have not started yet,

@@ -51,6 +51,8 @@ COMPILE_CASES = {
                                                  "proj_size": 3},
     "diagonal-coupled": {"peephole": "diagonal", "coupled": True},
     "full-standard-2-layers": {"peephole": "full", "num_layers": 2},
+    "clipped-diagonal-projected": {"peephole": "diagonal", "proj_size": 3, "cell_clip": 0.3,
+                                   "proj_clip": 0.2},
 }
 
 
@@ -77,9 +79,10 @@ def test_inductor_compiled_model_matches_eager():
 
 
 @variant_params
-def test_exported_program_runs_and_matches_eager(variant):
+@pytest.mark.parametrize("clips", [{}, {"cell_clip": 0.3}], ids=["unclipped", "cell_clip"])
+def test_exported_program_runs_and_matches_eager(variant, clips):
     peephole, coupled = variant
-    model = make_tagger({"peephole": peephole, "coupled": coupled, "num_layers": 2})
+    model = make_tagger({"peephole": peephole, "coupled": coupled, "num_layers": 2, **clips})
     x = inputs()
     exported = torch.export.export(model, (x,))
     layer_ops = [node for node in exported.graph.nodes

@@ -114,10 +114,16 @@ def test_coupled_layer_matches_torch_lstm_through_identity(bidirectional):
 
 @variant_params
 @pytest.mark.parametrize("case", ["one-layer", "two-layer-bidirectional", "projected", "packed",
-                                  "packed-bidirectional-projected"])
+                                  "packed-bidirectional-projected", "cell_clip",
+                                  "cell_clip-packed-two-layer-bidirectional",
+                                  "clips-projected", "clips-projected-packed"])
 def test_gradcheck_layers(variant, case):
+    """float64 gradcheck of the module; the clip cases (TensorFlow's cell_clip / proj_clip, small
+    enough that some states are clipped: zero gradient there) are tests/test_clip.py's."""
     peephole, coupled = variant
     kwargs = {"peephole": peephole, "coupled": coupled, "dtype": torch.float64}
+    if "clip" in case:
+        kwargs.update(cell_clip=0.1, proj_clip=0.02 if "projected" in case else None)
     if "two-layer" in case:
         kwargs.update(num_layers=2)
     if "bidirectional" in case:
@@ -140,6 +146,10 @@ def test_gradcheck_layers(variant, case):
         out, (h_n, c_n) = torch.func.functional_call(module, dict(zip(names, ps)), (inp, (h0, c0)))
         return (out.data if packed else out), h_n, c_n
 
+    if "clip" in case:  # some final cell states at the bound, none beyond it
+        out, _, c_n = f(x, h0, c0, *params)
+        assert (c_n.abs() >= 0.1 * (1 - 1e-9)).any() and c_n.abs().max() <= 0.1
+        assert out.abs().max() <= (0.02 if "projected" in case else 1)
     assert torch.autograd.gradcheck(f, (x, h0, c0, *params))
 
 

@@ -29,6 +29,9 @@ OPTIONS = {
                                           "batch_first": True},
     "projection": {"proj_size": 2},
     "no-bias": {"bias": False},
+    # TensorFlow's state clipping: Clip nodes in the Scan body.
+    "cell_clip": {"cell_clip": 0.4},
+    "clips-projection": {"proj_size": 2, "cell_clip": 0.4, "proj_clip": 0.25},
 }
 
 
@@ -92,7 +95,9 @@ def assert_standard_graph(program, lstm):
     assert not program.model_proto.functions
     names = [name for _, name in types]
     nodes = lstm.num_layers * (2 if lstm.bidirectional else 1)
-    if lstm.peephole == "full" or lstm.proj_size:
+    clips = [clip for clip in (lstm.cell_clip, lstm.proj_clip) if clip]
+    assert names.count("Clip") == nodes * len(clips), names
+    if lstm.peephole == "full" or lstm.proj_size or clips:
         assert names.count("Scan") == nodes and "LSTM" not in names
     else:
         assert names.count("LSTM") == nodes and "Scan" not in names
@@ -114,6 +119,8 @@ FAST_CASES = (
     [(variant, "stacked-bidirectional-batch_first", True) for variant in VARIANTS]
     + [((None, False), "plain", False), (("diagonal", True), "no-bias", False),
        ((None, False), "projection", True), (("diagonal", True), "projection", False)]
+    + [(variant, "clips-projection", True) for variant in VARIANTS]
+    + [(("diagonal", False), "cell_clip", True)]
 )
 
 
@@ -176,11 +183,13 @@ def test_coupled_mapping_does_not_depend_on_input_forget():
             assert_matches(got, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("cell_clip", [None, 0.3])
 @pytest.mark.parametrize("variant", VARIANTS, ids=[variant_id(v) for v in VARIANTS])
-def test_cell_exports_as_a_few_standard_ops(variant):
+def test_cell_exports_as_a_few_standard_ops(variant, cell_clip):
     peephole, coupled = variant
     torch.manual_seed(0)
-    cell = lstm_fused.LSTMCell(I, H, peephole=peephole, coupled=coupled).eval()
+    cell = lstm_fused.LSTMCell(I, H, peephole=peephole, coupled=coupled,
+                               cell_clip=cell_clip).eval()
 
     def cell_args(B):
         generator = torch.Generator().manual_seed(B)
@@ -191,6 +200,7 @@ def test_cell_exports_as_a_few_standard_ops(variant):
     types = op_types(program)
     assert {domain for domain, _ in types} == {""} and len(types) <= 25, types
     assert not {"LSTM", "Scan", "Loop"} & {name for _, name in types}
+    assert [name for _, name in types].count("Clip") == (1 if cell_clip else 0)
     args = cell_args(RUN_B)
     assert_matches(run_onnxruntime(program, args), eager(cell, args), atol=1e-5)
 

@@ -72,18 +72,20 @@ class Config:
             forward = {"gates": torch.randn(B, (3 if coupled else 4) * H, generator=g),
                        "c_prev": torch.randn(B, H, generator=g),
                        "weight_ch": make_weight_ch(peephole, coupled, H, g),
-                       "peephole": peephole or "none", "coupled": coupled}
+                       "peephole": peephole or "none", "coupled": coupled, "cell_clip": 0.0}
             _, c, gates_out = ops.cell_forward(**forward)
             backward = {"grad_h": torch.randn(B, H, generator=g),
                         "grad_c": torch.randn(B, H, generator=g), "gates": gates_out,
                         "c_prev": forward["c_prev"], "c": c, "weight_ch": forward["weight_ch"],
-                        "peephole": forward["peephole"], "coupled": coupled}
+                        "peephole": forward["peephole"], "coupled": coupled, "cell_clip": 0.0}
             return {"cell_forward": forward, "cell_backward": backward}
-        # The arguments both libraries' layer_forward share (the shim has no need_backward).
+        # The arguments both libraries' layer_forward share (the shim has no need_backward), the
+        # state clips (off) apart.
+        clips = {"cell_clip": 0.0, "proj_clip": 0.0}
         names = [a.name for a in schema_arguments("lstm_fused", "layer_forward")
-                 if a.name != "need_backward"]
+                 if a.name != "need_backward" and a.name not in clips]
         values = layer_op_args(self.variant, DTYPE, self.packed, False, self.proj, g)
-        forward = dict(zip(names, values, strict=True))
+        forward = {**dict(zip(names, values, strict=True)), **clips}
         output, h_n, c_n, gates, cells = ops.layer_forward(**forward, need_backward=True)
         grads = {name: torch.randn(t.shape, generator=g)
                  for name, t in [("grad_output", output), ("grad_h_n", h_n), ("grad_c_n", c_n)]}

@@ -54,6 +54,18 @@ inline at::vec::Vectorized<float> lstm_tanh(at::vec::Vectorized<float> x) {
   q = at::vec::fmadd(x2, q, V(4.89352518554385e-03f));
   return x * p / q;
 }
+// SIMD forms of the clipping helpers of lstm_math.h (clip_state): minimum/maximum propagate NaN.
+template <typename T>
+inline at::vec::Vectorized<T> lstm_clamp(at::vec::Vectorized<T> x, at::vec::Vectorized<T> bound) {
+  return at::vec::minimum(at::vec::maximum(x, at::vec::Vectorized<T>(0) - bound), bound);
+}
+template <typename T>
+inline at::vec::Vectorized<T> lstm_inside_or_zero(at::vec::Vectorized<T> grad,
+                                                  at::vec::Vectorized<T> x,
+                                                  at::vec::Vectorized<T> bound) {
+  using V = at::vec::Vectorized<T>;
+  return V::blendv(V(0), grad, (x > V(0) - bound) & (x < bound));
+}
 }  // namespace LSTM_FUSED_ISA
 }  // namespace lstm_fused
 

@@ -3,6 +3,9 @@
 // ...) form a library of their own that tests/conftest.py builds and loads; the installed
 // lstm_fused._C never contains it. Each op takes the launch grid as two extra arguments (0, 0 =
 // the grid the CUDA launcher would choose), and `launches` reports what the kernels ran.
+#include <tuple>
+#include <utility>
+
 #include <torch/library.h>
 
 #include "../register.h"
@@ -12,15 +15,37 @@ namespace lstm_fused {
 
 namespace {
 
-template <auto kOp>
+// The schemas put the geometry (blocks, threads) before the op's last kTail arguments, the ones
+// with defaults (the state clips); Split cuts the op's argument list there.
+template <size_t kTail, typename... Args>
+struct Split {
+  using All = std::tuple<Args...>;
+  static constexpr size_t kHead = sizeof...(Args) - kTail;
+  template <size_t kOffset, size_t... kIndex>
+  static std::tuple<std::tuple_element_t<kOffset + kIndex, All>...> pick(
+      std::index_sequence<kIndex...>);
+  using Head = decltype(pick<0>(std::make_index_sequence<kHead>{}));
+  using Tail = decltype(pick<kHead>(std::make_index_sequence<kTail>{}));
+};
+
+template <auto kOp, typename Head, typename Tail>
+struct ShimCall;
+
+template <auto kOp, typename... Head, typename... Tail>
+struct ShimCall<kOp, std::tuple<Head...>, std::tuple<Tail...>> {
+  static auto call(Head... head, int64_t blocks, int64_t threads, Tail... tail) {
+    const ScopedHostShimGeometry geometry(blocks, threads);
+    return kOp(head..., tail...);
+  }
+};
+
+template <auto kOp, size_t kTail>
 struct WithShimGeometry;
 
-template <typename R, typename... Args, R (*kOp)(Args...)>
-struct WithShimGeometry<kOp> {
-  static R call(Args... args, int64_t blocks, int64_t threads) {
-    const ScopedHostShimGeometry geometry(blocks, threads);
-    return kOp(args...);
-  }
+template <typename R, typename... Args, R (*kOp)(Args...), size_t kTail>
+struct WithShimGeometry<kOp, kTail> {
+  using Parts = Split<kTail, Args...>;
+  static constexpr auto call = &ShimCall<kOp, typename Parts::Head, typename Parts::Tail>::call;
 };
 
 using Shim = DeviceOps<host_shim_kernels>;
@@ -30,9 +55,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> shim_layer_forward(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
     const OptTensor& weight_ch, const OptTensor& weight_hr, at::OptionalIntArrayRef batch_sizes,
-    bool reverse, c10::string_view peephole, bool coupled) {
+    bool reverse, c10::string_view peephole, bool coupled, double cell_clip, double proj_clip) {
   return Shim::layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                             weight_hr, batch_sizes, reverse, peephole, coupled, true);
+                             weight_hr, batch_sizes, reverse, peephole, coupled, true, cell_clip,
+                             proj_clip);
 }
 
 }  // namespace
@@ -44,11 +70,11 @@ TORCH_LIBRARY(lstm_fused_host_shim, m) {
 }
 
 TORCH_LIBRARY_IMPL(lstm_fused_host_shim, CPU, m) {
-  m.impl("cell_forward", &WithShimGeometry<&Shim::cell_forward>::call);
-  m.impl("cell_backward", &WithShimGeometry<&Shim::cell_backward>::call);
-  m.impl("layer_forward", &WithShimGeometry<&shim_layer_forward>::call);
-  m.impl("layer_backward", &WithShimGeometry<&Shim::layer_backward>::call);
-  m.impl("cell_step", &WithShimGeometry<&Shim::cell_step>::call);
+  m.impl("cell_forward", WithShimGeometry<&Shim::cell_forward, 1>::call);
+  m.impl("cell_backward", WithShimGeometry<&Shim::cell_backward, 1>::call);
+  m.impl("layer_forward", WithShimGeometry<&shim_layer_forward, 2>::call);
+  m.impl("layer_backward", WithShimGeometry<&Shim::layer_backward, 2>::call);
+  m.impl("cell_step", WithShimGeometry<&Shim::cell_step, 1>::call);
 }
 
 }  // namespace lstm_fused
