@@ -359,6 +359,8 @@ def test_inference_writes_nothing_for_backward_and_gives_the_same_outputs(varian
 def test_layer_asks_for_backward_buffers_only_when_a_gradient_is_needed(monkeypatch):
     calls = []
     real = functional.ops.layer_forward
+    schema = torch.ops.lstm_fused.layer_forward.default._schema
+    need_backward = [a.name for a in schema.arguments].index("need_backward")
 
     class Recording:
         def __getattr__(self, name):
@@ -366,7 +368,7 @@ def test_layer_asks_for_backward_buffers_only_when_a_gradient_is_needed(monkeypa
 
         @staticmethod
         def layer_forward(*args):
-            calls.append(args[-1])
+            calls.append(args[need_backward])
             return real(*args)
 
     monkeypatch.setattr(functional, "ops", Recording())
