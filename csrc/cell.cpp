@@ -141,6 +141,7 @@ std::tuple<Tensor, Tensor> cell_step(const Tensor& input, const Tensor& hx, cons
   // on the simd path the CPU kernel itself adds h W_hh^T, block by block, before it activates the
   // block. Other kernel tables (CUDA, the host shim's) always take the GEMMs + kernel route.
   const bool in_kernel = kernels.cpu_simd_step && kind != Peephole::Full && B > 0 &&
+                         B <= kSimdDotMaxRows &&
                          one_off_gemm_path(hx, weight_hh, true) == CpuGemmPath::Simd;
   Tensor z = gemm_nt(input, weight_ih, bias_ih);
   if (bias_hh) z.add_(*bias_hh);

@@ -10,10 +10,12 @@
 //   packed  MKL's packed GEMM (cblas_sgemm_pack / cblas_sgemm_compute, found in libtorch_cpu at
 //           run time; float32 only): the weight packed once per call, every step then computes
 //           straight into the addend with no allocation and no dispatcher call.
-//   simd    our own few-row kernels (cpu/small_gemm_kernels.h; float32, up to kSimdMaxRows rows):
-//           dot products over the weight as it is stored, nothing prepared; in a time loop each
-//           thread's share of the weight stays in its core's cache (batch-1 layers, and the
-//           LSTMCell step, which layer.cpp and cell.cpp also fuse with the pointwise step).
+//   simd    our own kernels (cpu/small_gemm_kernels.h; float32): one-off GEMMs of up to
+//           kSimdDotMaxRows rows take dot products over the weight as it is stored, nothing
+//           prepared; repeated GEMMs, and one-off GEMMs of more rows, pack the weight (once per
+//           call) into k-major panels and compute outer products; in a time loop each thread's
+//           share of the weight stays in its core's cache (layer.cpp and cell.cpp also fuse the
+//           forward step's GEMM with the pointwise step).
 // LSTM_FUSED_CPU_GEMM=auto|aten|onednn|packed|simd (read once, at the first GEMM) or
 // lstm_fused.cpu_gemm.set_mode() forces a path where it supports the dtype (ATen otherwise).
 // A path computes the same bits every time for the same operands and thread count.
@@ -105,8 +107,6 @@ const CpuGemmKernels& simd_kernels() { return simd_source().load()(); }
 constexpr std::array<CpuGemmPath, 4> kPaths = {CpuGemmPath::Aten, CpuGemmPath::OneDnn,
                                                CpuGemmPath::Packed, CpuGemmPath::Simd};
 
-// The few-row kernels are candidates up to this many rows (beyond, a blocked GEMM wins anyway).
-constexpr int64_t kSimdMaxRows = 32;
 
 std::optional<CpuGemmPath> parse_path(c10::string_view name) {
   if (name == "auto") return CpuGemmPath::Auto;
@@ -167,11 +167,10 @@ bool supports(CpuGemmPath path, at::ScalarType dtype) {
   return false;
 }
 
-// Whether `path` can run a GEMM of `rows` rows, one-off or repeated (packing pays off only when
-// the weight is reused; the few-row kernels only for few rows).
-bool fits(CpuGemmPath path, int64_t rows, bool repeated) {
+// Whether `path` can run a GEMM of `rows` rows, one-off or repeated (MKL's packing pays off only
+// when the weight is reused).
+bool fits(CpuGemmPath path, int64_t /*rows*/, bool repeated) {
   if (path == CpuGemmPath::Packed) return repeated;
-  if (path == CpuGemmPath::Simd) return rows <= kSimdMaxRows;
   return true;
 }
 
@@ -323,13 +322,59 @@ bool is_cpu_gemm(const Tensor& x) {
   return x.device().is_cpu() && x.size(0) > 0 && x.size(1) > 0;
 }
 
-// Our dot-product kernel: out (+)= x·wᵀ, every operand float32 with rows_strided layouts.
-void simd_dot_into(const Tensor& x, const Tensor& weight, const Tensor& out, bool accumulate) {
-  DotGemm p{};
-  p.x = x.const_data_ptr<float>(), p.x_stride = x.stride(0), p.rows = x.size(0), p.k = x.size(1);
-  p.w = weight.const_data_ptr<float>(), p.w_stride = weight.stride(0), p.n = weight.size(0);
-  p.out = out.data_ptr<float>(), p.out_stride = out.stride(0), p.accumulate = accumulate;
-  simd_kernels().dot(p);
+// The weight [N, K] (contiguous float32) in the panels of PanelGemm (cpu/small_gemm.h): `groups`
+// groups of N / groups rows, each in panels of `lanes` rows stored k-major, zeros past a group's
+// end. One pass, split by panels.
+Tensor pack_panels(const Tensor& weight, int64_t groups, int64_t lanes) {
+  const int64_t N = weight.size(0), K = weight.size(1), columns = N / groups;
+  const int64_t group_panels = (columns + lanes - 1) / lanes;
+  Tensor panels = at::empty({groups * group_panels, K, lanes}, weight.options());
+  const float* w = weight.const_data_ptr<float>();
+  float* out = panels.data_ptr<float>();
+  at::parallel_for(0, groups * group_panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t panel = begin; panel < end; ++panel) {
+      const int64_t g = panel / group_panels, first = (panel % group_panels) * lanes;
+      const int64_t used = std::min(lanes, columns - first);
+      float* dst = out + panel * K * lanes;
+      for (int64_t lane = 0; lane < used; ++lane) {
+        const float* row = w + (g * columns + first + lane) * K;
+        for (int64_t k = 0; k < K; ++k) dst[k * lanes + lane] = row[k];
+      }
+      for (int64_t k = 0; used < lanes && k < K; ++k) {
+        std::fill(dst + k * lanes + used, dst + (k + 1) * lanes, 0.f);
+      }
+    }
+  });
+  return panels;
+}
+
+PanelGemm panel_gemm(const float* x, int64_t x_stride, int64_t rows, const Tensor& weight,
+                     const Tensor& panels, int64_t groups, float* out, int64_t out_stride,
+                     bool accumulate) {
+  PanelGemm p{};
+  p.x = x, p.x_stride = x_stride, p.rows = rows, p.k = weight.size(1);
+  p.panels = panels.const_data_ptr<float>(), p.groups = groups;
+  p.group_columns = weight.size(0) / groups;
+  p.out = out, p.out_stride = out_stride, p.accumulate = accumulate;
+  return p;
+}
+
+// A one-off simd GEMM: out (+)= x·wᵀ, every operand float32 with rows_strided layouts; the dot
+// form for few rows, else the weight packed for this call.
+void simd_gemm_into(const Tensor& x, const Tensor& weight, const Tensor& out, bool accumulate) {
+  if (x.size(0) <= kSimdDotMaxRows) {
+    DotGemm p{};
+    p.x = x.const_data_ptr<float>(), p.x_stride = x.stride(0), p.rows = x.size(0);
+    p.k = x.size(1), p.w = weight.const_data_ptr<float>(), p.w_stride = weight.stride(0);
+    p.n = weight.size(0), p.out = out.data_ptr<float>(), p.out_stride = out.stride(0);
+    p.accumulate = accumulate;
+    simd_kernels().dot(p);
+    return;
+  }
+  const Tensor w = weight.contiguous();
+  simd_kernels().panel(panel_gemm(x.const_data_ptr<float>(), x.stride(0), x.size(0), w,
+                                  pack_panels(w, 1, simd_kernels().panel_lanes), 1,
+                                  out.data_ptr<float>(), out.stride(0), accumulate));
 }
 
 }  // namespace
@@ -433,7 +478,7 @@ CpuGemmPath one_off_gemm_path(const Tensor& x, const Tensor& weight, bool accumu
       onednn().unary->call(x.contiguous(), weight.contiguous(), std::nullopt, "none",
                            c10::List<std::optional<c10::Scalar>>(), std::nullopt);
     } else if (p == CpuGemmPath::Simd) {
-      simd_dot_into(x.contiguous(), weight.contiguous(),
+      simd_gemm_into(x.contiguous(), weight.contiguous(),
                     at::empty({x.size(0), weight.size(0)}, x.options()), false);
     } else {
       at::mm(x, weight.t());
@@ -449,7 +494,7 @@ Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias,
     const Tensor xs = rows_strided(x) ? x : x.contiguous();
     const bool in_place = addend && rows_strided(*addend);
     Tensor out = in_place ? *addend : at::empty({x.size(0), weight.size(0)}, x.options());
-    simd_dot_into(xs, w, out, in_place);
+    simd_gemm_into(xs, w, out, in_place);
     if (addend && !in_place) out = addend->add_(out);
     return bias ? out.add_(*bias) : out;
   }
@@ -468,8 +513,12 @@ Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias,
 // --- repeated GEMMs: the weight prepared once ------------------------------------------------
 
 RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumulate,
-                           int64_t out_stride)
-    : weight_(weight.contiguous()), weight_t_(weight_.t()), accumulate_(accumulate) {
+                           int64_t out_stride, int64_t column_groups)
+    : weight_(weight.contiguous()),
+      weight_t_(weight_.t()),
+      accumulate_(accumulate),
+      column_groups_(column_groups) {
+  TORCH_INTERNAL_ASSERT(column_groups > 0 && weight.size(0) % column_groups == 0);
   if (!weight_.device().is_cpu() || max_rows == 0 || weight_.numel() == 0) return;
   const at::ScalarType dtype = weight_.scalar_type();
   const int64_t ldo = std::max(out_stride, weight_.size(0));
@@ -493,7 +542,7 @@ RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumula
     }
     auto found = trials.find(p);
     if (found == trials.end()) {
-      RepeatedGemm trial(weight_, accumulate);
+      RepeatedGemm trial(weight_, accumulate, column_groups_);
       trial.prepare(p, max_rows);
       found = trials.emplace(p, std::move(trial)).first;
     }
@@ -504,14 +553,17 @@ RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumula
   max_rows_ = max_rows;
 }
 
-RepeatedGemm::RepeatedGemm(const Tensor& weight, bool accumulate)
-    : weight_(weight), weight_t_(weight.t()), accumulate_(accumulate) {}
+RepeatedGemm::RepeatedGemm(const Tensor& weight, bool accumulate, int64_t column_groups)
+    : weight_(weight), weight_t_(weight.t()), accumulate_(accumulate),
+      column_groups_(column_groups) {}
 
 void RepeatedGemm::prepare(CpuGemmPath path, int64_t max_rows) {
   path_ = path;
   const int64_t N = weight_.size(0), K = weight_.size(1);
   if (path == CpuGemmPath::OneDnn) {
     prepared_ = onednn().reorder->call(weight_, max_rows);
+  } else if (path == CpuGemmPath::Simd) {
+    prepared_ = pack_panels(weight_, column_groups_, simd_kernels().panel_lanes);
   } else if (path == CpuGemmPath::Packed) {
     const MklPacked& mkl = mkl_packed();
     const size_t bytes = mkl.get_size(MklPacked::kBMatrix, static_cast<int>(max_rows),
@@ -556,7 +608,11 @@ void RepeatedGemm::run_recurrent_step(const float* h_prev, int64_t h_prev_stride
                                       const ForwardStep& step) const {
   TORCH_INTERNAL_ASSERT(path_ == CpuGemmPath::Simd);
   sampled(step.rows, [&] {
-    lstm_fused::run_recurrent_step(h_prev, h_prev_stride, weight_, step);
+    RECORD_FUNCTION("lstm_fused::recurrent_step", {});
+    simd_kernels().recurrent_step_panels(
+        panel_gemm(h_prev, h_prev_stride, step.rows, weight_, prepared_, column_groups_,
+                   static_cast<float*>(const_cast<void*>(step.z)), step.z_stride, true),
+        step);
     return true;
   });
 }
@@ -578,7 +634,9 @@ Tensor RepeatedGemm::compute(const Tensor& x, const Tensor& out) const {
     case CpuGemmPath::Simd:
       if (!rows_strided(x)) return compute(x.contiguous(), out);
       TORCH_INTERNAL_ASSERT(rows_strided(out));
-      simd_dot_into(x, weight_, out, accumulate_);
+      simd_kernels().panel(panel_gemm(x.const_data_ptr<float>(), x.stride(0), x.size(0), weight_,
+                                      prepared_, column_groups_, out.data_ptr<float>(),
+                                      out.stride(0), accumulate_));
       return out;
     case CpuGemmPath::OneDnn:
       if (accumulate_) return onednn().binary->call(x.contiguous(), out.contiguous(), prepared_,

@@ -263,7 +263,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   const Tensor w_ch = weight_ch ? weight_ch->contiguous() : Tensor();
   const int64_t GH = shape.gates * H, peep_columns = full ? input_peephole_columns(coupled, H) : 0;
   // Every per-step GEMM writes rows of `gates` (GH apart), full peepholes column blocks of them.
-  const RepeatedGemm recurrent(weight_hh.narrow(0, peep_columns, GH - peep_columns), B, true, GH);
+  // One column group per gate: the simd path's fused step computes a block of units of each.
+  const RepeatedGemm recurrent(weight_hh.narrow(0, peep_columns, GH - peep_columns), B, true, GH,
+                               full ? 1 : shape.gates);
   const std::optional<RepeatedGemm> input_peephole =
       full ? std::optional<RepeatedGemm>(std::in_place,
                                          input_peephole_weight(weight_hh, w_ch, coupled), B, true,

@@ -176,8 +176,10 @@ CpuGemmPath one_off_gemm_path(const Tensor& x, const Tensor& weight, bool accumu
 class RepeatedGemm {
  public:
   // out_stride: the row stride of the outputs `run` will get (0: N, contiguous rows); the
-  // measured trials write the same layout.
-  RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumulate, int64_t out_stride = 0);
+  // measured trials write the same layout. column_groups: the weight's rows are that many equal
+  // groups (a recurrent weight's gates, which run_recurrent_step computes one gate at a time).
+  RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumulate, int64_t out_stride = 0,
+               int64_t column_groups = 1);
   // The result: `out` itself, written in place, or (oneDNN) a new [m, N] tensor.
   Tensor run(const Tensor& x, const Tensor& out) const;
   // The result in `out`, always.
@@ -190,7 +192,7 @@ class RepeatedGemm {
   const Tensor& weight() const { return weight_; }  // contiguous
 
  private:
-  RepeatedGemm(const Tensor& weight, bool accumulate);  // unprepared (ATen), for trials
+  RepeatedGemm(const Tensor& weight, bool accumulate, int64_t column_groups);  // for trials
   void prepare(CpuGemmPath path, int64_t max_rows);
   Tensor compute(const Tensor& x, const Tensor& out) const;
   // Runs `gemm` (of `rows` rows), timing it when it is a sample for the re-check.
@@ -199,6 +201,7 @@ class RepeatedGemm {
 
   Tensor weight_, weight_t_, prepared_;
   bool accumulate_;
+  int64_t column_groups_;
   CpuGemmPath path_ = CpuGemmPath::Aten;
   std::shared_ptr<ChoiceHealth> health_;  // measured choices only
   int64_t max_rows_ = 0;
@@ -215,8 +218,13 @@ inline void run_backward(const PointwiseKernels& kernels, const BackwardStep& st
   kernels.backward(step);
 }
 
+// One-off simd GEMMs (the LSTMCell step's) of up to this many rows read the weight as it is
+// stored (the dot form: packing it would cost more than it saves); more rows pack it (gemm.cpp).
+constexpr int64_t kSimdDotMaxRows = 32;
+
 // The float32 CPU forward step of the simd path (peephole none or diagonal): h_{t-1} W_hhᵀ added
-// to z and the pointwise forward, in one kernel (cpu/small_gemm_kernels.h).
+// to z and the pointwise forward, in one kernel (cpu/small_gemm_kernels.h), with the weight as it
+// is stored (the LSTMCell step; a layer's loop runs RepeatedGemm::run_recurrent_step).
 void run_recurrent_step(const float* h_prev, int64_t h_prev_stride, const Tensor& weight_hh,
                         const ForwardStep& step);
 

@@ -2,9 +2,11 @@
 
 Paths: "aten" (ATen's addmm: MKL or OpenBLAS), "onednn" (oneDNN's matmul, the weight reordered once
 per call), "packed" (MKL's packed GEMM, the weight packed once per call; float32, where torch has
-MKL), "simd" (our own kernels for up to 32 rows, float32: register tiles of 4 (2, 1) rows by a few
-weight rows over the weight as it is stored, each thread's share of it staying in its core's
-cache; in a layer's forward fused with the pointwise step, as in the LSTMCell step). By default ("auto") the first GEMM of each shape (rows, N, K), dtype and thread
+MKL), "simd" (our own kernels, float32: the time loops pack the weight once per call into panels and
+compute outer-product register tiles of 8 rows by 48 columns, each thread's share of the weight
+staying in its core's cache; the LSTMCell step's one-off GEMMs of up to 32 rows take dot products
+over the weight as it is stored; in a layer's forward and the LSTMCell step fused with the
+pointwise step). By default ("auto") the first GEMM of each shape (rows, N, K), dtype and thread
 count in the process times every path this CPU supports for that dtype and keeps the fastest, as
 `torch.backends.cudnn.benchmark` does; the choices are cached (`choices()`).
 
@@ -16,7 +18,7 @@ mark the choice stale, and the next layer call of that shape measures again (`Ch
 counts the measurements, at most 4 per shape). A forced path is never measured. A run is reproducible
 bit for bit with a fixed path: set `LSTM_FUSED_CPU_GEMM=aten|onednn|packed|simd` (read once, at the first
 GEMM) or call `set_mode()`. A forced path that does not support a dtype (oneDNN without bf16
-support, packed or simd for anything but float32, simd beyond 32 rows, packed for a one-off GEMM)
+support, packed or simd for anything but float32, packed for a one-off GEMM)
 falls back to "aten" there.
 
     import lstm_fused

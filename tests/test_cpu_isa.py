@@ -315,8 +315,10 @@ from lstm_fused import reference
 torch.manual_seed(0)
 worst = 0.0
 for peephole in (None, "diagonal", "full"):
-    # partial tiles, K tails, every row block (4, 2, 1)
-    for B, I, H in ((1, 21, 37), (5, 64, 16), (16, 7, 70), (7, 19, 23), (31, 33, 17)):
+    # partial tiles, K tails, every row block (dot: 4, 2, 1; panels: 8, 4, 2, 1), 5 * 30 input
+    # rows for the row-split panel GEMM
+    for B, I, H in ((1, 21, 37), (5, 64, 16), (16, 7, 70), (7, 19, 23), (31, 33, 17),
+                    (13, 9, 41), (30, 10, 25)):
         fused = lstm_fused.LSTM(I, H, peephole=peephole, proj_size=0)
         ref = lstm_fused.LSTM(I, H, peephole=peephole)
         ref.load_state_dict(fused.state_dict())
@@ -340,7 +342,8 @@ print(json.dumps({"kernels": torch.ops.lstm_fused.cpu_kernel_isa(), "worst": wor
 @pytest.mark.parametrize("level", LEVELS)
 def test_simd_gemm_kernels_match_the_reference_on_each_build(level):
     """The few-row GEMM kernels (and the fused forward step) of each instruction-set build, forced
-    with LSTM_FUSED_CPU_GEMM=simd, against the reference: layer and cell, 1 to 32 rows."""
+    with LSTM_FUSED_CPU_GEMM=simd, against the reference: layer and cell, 1 to 31 rows in a
+    step, up to 150 in the input projection."""
     if not supports(level):
         pytest.skip(f"this CPU supports up to {machine_level()}, not {level}")
     run = run_fresh(["-c", SIMD_GEMM], ATEN_CPU_CAPABILITY=level, LSTM_FUSED_CPU_GEMM="simd")

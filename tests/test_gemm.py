@@ -110,28 +110,33 @@ def test_a_forced_path_falls_back_to_aten_where_it_cannot_run_the_dtype():
     assert "packed" not in cpu_gemm.available(torch.float64)
 
 
-def test_simd_path_runs_up_to_32_rows_and_falls_back_to_aten_beyond():
+@pytest.mark.parametrize("batch", [1, 32, 33, 200])
+def test_simd_path_runs_the_fused_step_at_every_batch_size(batch):
+    """A layer's recurrent GEMM packs its weight once per call (the panel form), so the fused
+    step is not limited to few rows (the dot form of one-off GEMMs is, to 32)."""
     cpu_gemm.set_mode("simd")
     module = lstm_fused.LSTM(8, 16)
-    assert events(module, torch.randn(3, 32, 8)).get("lstm_fused::recurrent_step", 0) == 3
-    seen = events(module, torch.randn(3, 33, 8))
-    assert seen.get("lstm_fused::recurrent_step", 0) == 0 and seen.get("aten::addmm_", 0) >= 3
+    seen = events(module, torch.randn(3, batch, 8))
+    assert seen.get("lstm_fused::recurrent_step", 0) == 3 and seen.get("aten::addmm_", 0) == 0
 
 
 @pytest.mark.parametrize("hidden, input_size, rows", [(7, 5, 1), (16, 16, 4), (37, 19, 16),
                                                       (64, 100, 3), (130, 33, 2), (20, 17, 5),
                                                       (33, 31, 7), (16, 16, 17), (65, 40, 31),
-                                                      (9, 8, 32)])
+                                                      (9, 8, 32), (47, 9, 9), (48, 20, 13),
+                                                      (49, 16, 24), (97, 12, 22)])
 @pytest.mark.parametrize("variant", [(None, False), ("diagonal", False), ("diagonal", True),
                                      ("full", False)])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_simd_kernels_match_the_reference_at_every_width(hidden, input_size, rows, variant,
                                                          packed):
-    """Weight rows and K that are not multiples of the SIMD width (the partial tiles and the
-    masked K tail of the dot kernel), 1 to 32 rows (row blocks of 4, then 2 and 1), forward and
-    backward; full peepholes take the
-    simd GEMM without the fused step. Packed input keeps h in a running state that the fused step
-    reads from every thread: it must not be overwritten while the step runs."""
+    """Weight rows and K that are not multiples of the SIMD width: the dot kernel's partial
+    tiles and masked K tail (one-off GEMMs of up to 32 rows, row blocks of 4, then 2 and 1), the
+    panel kernel's zero-padded last panel of each gate and its tiles of 3, 2 and 1 panels by 8,
+    4, 2 and 1 rows (the time loop's GEMMs, and one-off GEMMs of more rows: 6 * 22 and 6 * 24
+    input rows, over 128, take its row-split form), forward and backward; full peepholes take
+    the simd GEMM without the fused step. Packed input keeps h in a running state that the fused
+    step reads from every thread: it must not be overwritten while the step runs."""
     cpu_gemm.set_mode("simd")
     fused, ref = twins(variant, input_size=input_size, hidden=hidden)
     x = torch.randn(6, rows, input_size)
@@ -141,7 +146,7 @@ def test_simd_kernels_match_the_reference_at_every_width(hidden, input_size, row
             assert_close(a, b, torch.float32, "simd")
 
 
-@pytest.mark.parametrize("rows", [3, 6, 21, 32])
+@pytest.mark.parametrize("rows", [3, 6, 9, 21, 32, 50])
 def test_simd_results_do_not_depend_on_the_thread_count(rows):
     cpu_gemm.set_mode("simd")
     module, x = lstm_fused.LSTM(40, 72, peephole="diagonal"), torch.randn(9, rows, 40)
@@ -161,14 +166,15 @@ def test_simd_results_do_not_depend_on_the_thread_count(rows):
 
 
 def test_simd_results_do_not_depend_on_the_row_blocking():
-    """Rows go through tiles of 4, 2 or 1 rows; each output is summed in the same order in all
-    of them: a sequence alone (batch 1) gives the bits it gives among 7 (a 4-row, a 2-row and a
-    1-row tile). T * B <= 32 rows: the input projection takes the simd path too."""
+    """Rows go through tiles of 8, 4, 2 or 1 rows (the panel kernel of the time loop; the dot
+    kernel of the input projection: 4, 2, 1); each output is summed in the same order in all of
+    them: a sequence alone (batch 1) gives the bits it gives among 15 (an 8-row, a 4-row, a 2-row
+    and a 1-row tile). T * B <= 32 rows: the input projection takes the dot form either way."""
     cpu_gemm.set_mode("simd")
-    module, x = lstm_fused.LSTM(24, 40), torch.randn(4, 7, 24)
+    module, x = lstm_fused.LSTM(24, 40), torch.randn(2, 15, 24)
     with torch.no_grad():
         together = module(x)[0]
-        for b in range(7):
+        for b in range(15):
             assert torch.equal(module(x[:, b:b + 1])[0], together[:, b:b + 1]), b
 
 

@@ -1,7 +1,9 @@
 // Few-row float32 GEMMs of our own (small_gemm_kernels.h, one build per instruction set, chosen
-// with the pointwise kernels): out[r, j] (+)= sum_k x[r, k] w[j, k], for r < rows, j < n, with the
-// weight as it is stored. gemm.cpp offers them as the "simd" path of its measured choice, next to
-// ATen, oneDNN and MKL; layer.cpp runs a whole forward step with them.
+// with the pointwise kernels): out[r, j] (+)= sum_k x[r, k] w[j, k], for r < rows, j < n. Two
+// forms: DotGemm reads the weight as it is stored (one-off GEMMs: the LSTMCell step, where
+// nothing can be prepared), PanelGemm reads it packed into panels once per call (the time loops'
+// repeated GEMMs). gemm.cpp offers them as the "simd" path of its measured choice, next to ATen,
+// oneDNN and MKL; layer.cpp and cell.cpp run a whole forward step with them.
 #pragma once
 
 #include <cstdint>
@@ -21,13 +23,36 @@ struct DotGemm {
   bool accumulate;
 };
 
+// The weight [n, k] packed by pack_panels (gemm.cpp) for a SIMD width of `lanes`: its n rows in
+// `groups` groups of group_columns (the gates of a recurrent weight), each group in panels of
+// `lanes` weight rows (zero rows after the group's last), a panel stored k-major ([k, lanes]), so
+// that one SIMD load at k holds w[j, k] for the panel's lanes consecutive outputs j. Panel q of
+// group g starts at panels + (g * group_panels + q) * k * lanes, group_panels =
+// ceil(group_columns / lanes). Output column of group g's column c: g * group_columns + c.
+struct PanelGemm {
+  const float* x;  // [rows, k]
+  int64_t x_stride;
+  int64_t rows;
+  int64_t k;
+  const float* panels;
+  int64_t groups;
+  int64_t group_columns;
+  float* out;  // [rows, groups * group_columns]
+  int64_t out_stride;
+  bool accumulate;
+};
+
 struct ForwardStep;
 
 struct CpuGemmKernels {
   void (*dot)(const DotGemm&);
-  // A layer's forward step, float32, peephole none or diagonal: gemm (x = h_{t-1}, w = W_hh,
-  // out = z, accumulating) and then step's pointwise forward, per block of hidden units.
+  void (*panel)(const PanelGemm&);
+  // A forward step, float32, peephole none or diagonal: gemm (x = h_{t-1}, w = W_hh, out = z,
+  // accumulating) and then step's pointwise forward, per block of hidden units; the weight as
+  // stored (the cell step) or packed in one panel group per gate (a layer's time loop).
   void (*recurrent_step)(const DotGemm& gemm, const ForwardStep& step);
+  void (*recurrent_step_panels)(const PanelGemm& gemm, const ForwardStep& step);
+  int panel_lanes;  // the SIMD width the panels are packed for
 };
 
 // gemm.cpp reaches the kernels through this: pointwise_cpu.cpp provides the build that matches

@@ -2,15 +2,18 @@
 // pointwise kernels (included by pointwise_cpu*.cpp after pointwise_cpu_kernels.h, whose
 // includes and namespaces it shares); small_gemm.h describes them.
 //
-// The weight is read as it is stored ([N, K] rows, as nn.LSTM keeps it), so nothing is packed
-// per call: a tile of kRows rows of x (4, then 2 and 1 for the rest) and kLanes / kRows weight
-// rows (one SIMD register's width in all: 16 with AVX-512) is computed with one accumulator
-// register per output, and the accumulators are then summed across lanes all at once by a tree
-// of deinterleave-and-add steps, whose result holds the tile's outputs in order. Each thread gets
-// the same blocks at every call of the same shape (at::parallel_for splits a range the same way
-// every time), so in a time loop its share of the recurrent weight stays in its core's cache.
-// Every output is summed by one thread in a fixed order: results do not depend on the thread
-// count (nor on the tile an output falls in).
+// Two forms (small_gemm.h). The dot form reads the weight as it is stored ([N, K] rows, as
+// nn.LSTM keeps it), so nothing is packed per call (the LSTMCell step): a tile of kRows rows of x
+// (4, then 2 and 1 for the rest) and kLanes / kRows weight rows (one SIMD register's width in all:
+// 16 with AVX-512) is computed with one accumulator register per output, and the accumulators are
+// then summed across lanes all at once by a tree of deinterleave-and-add steps, whose result holds
+// the tile's outputs in order. The panel form reads the weight packed once per call into k-major
+// panels (a layer's time loop reuses it T times), as outer products of broadcast x values and
+// weight vectors: no sums across lanes, twice the FMAs per load (the reason to pack, from 4
+// rows up). Each thread gets the same blocks at every call of the same shape (at::parallel_for
+// splits a range the same way every time), so in a time loop its share of the recurrent weight
+// stays in its core's cache. Every output is summed by one thread in a fixed order: results do
+// not depend on the thread count (nor on the tile an output falls in).
 #pragma once
 
 #include "small_gemm.h"
@@ -123,17 +126,128 @@ void dot_gemm(const DotGemm& p) {
   });
 }
 
-// One forward step of a layer: z += h_{t-1} W_hhᵀ, then the pointwise forward, split by hidden
-// units. A thread takes units [u0, u1): every gate's rows of W_hh for them, then their pointwise
-// step, so the step needs one parallel region, and z is activated while it is in the cache.
-void recurrent_step(const DotGemm& gemm, const ForwardStep& step) {
+// --- the panel form: the weight packed once per call (small_gemm.h, PanelGemm) ---------------
+//
+// An outer-product tile: kRows rows of x by kPanels panels (kPanels * kLanes output columns), one
+// accumulator register per (row, panel); at each k, one load per panel and one broadcast per row
+// feed kRows * kPanels FMAs. No sums across lanes and no stores but the tile's vectors at the
+// end: with AVX-512, 8 rows by 3 panels keep 24 accumulators and 2 of every 3 instructions are
+// FMAs. Every output is one chain of FMAs over k in order, then added to `out` when accumulating:
+// the result depends neither on the tile an output falls in nor on the thread count.
+constexpr int kPanelRows = kLanes >= 16 ? 8 : 4;
+constexpr int kTilePanels = kLanes >= 16 ? 3 : 2;
+
+const float* panel_at(const PanelGemm& p, int64_t group, int64_t column) {
+  const int64_t group_panels = (p.group_columns + kLanes - 1) / kLanes;
+  return p.panels + (group * group_panels + column / kLanes) * p.k * kLanes;
+}
+
+// Rows [r0, r0 + kRows) of group g's columns [c0, c0 + kPanels * kLanes), c0 a multiple of
+// kLanes; the last panel's first `last` columns only (the rest are past the group's end or the
+// caller's range).
+template <int kRows, int kPanels>
+void panel_tile(const PanelGemm& p, int64_t r0, int64_t g, int64_t c0, int last) {
+  const float* w = panel_at(p, g, c0);
+  const int64_t panel_stride = p.k * kLanes;
+  const float* x[kRows];
+  for (int i = 0; i < kRows; ++i) x[i] = p.x + (r0 + i) * p.x_stride;
+  FloatVec acc[kRows][kPanels];
+  for (int i = 0; i < kRows; ++i) {
+    for (int v = 0; v < kPanels; ++v) acc[i][v] = FloatVec(0.f);
+  }
+  for (int64_t k = 0; k < p.k; ++k) {
+    FloatVec wv[kPanels];
+    for (int v = 0; v < kPanels; ++v) wv[v] = FloatVec::loadu(w + v * panel_stride + k * kLanes);
+    for (int i = 0; i < kRows; ++i) {
+      const FloatVec xv(x[i][k]);
+      for (int v = 0; v < kPanels; ++v) acc[i][v] = at::vec::fmadd(xv, wv[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < kRows; ++i) {
+    float* out = p.out + (r0 + i) * p.out_stride + g * p.group_columns + c0;
+    for (int v = 0; v < kPanels; ++v) {
+      const int n = v == kPanels - 1 ? last : kLanes;
+      FloatVec sums = acc[i][v];
+      if (p.accumulate) sums = sums + FloatVec::loadu(out + v * kLanes, n);
+      sums.store(out + v * kLanes, n);
+    }
+  }
+}
+
+// Rows [r_begin, r_end) of group g's columns [c0, c0 + panels * kLanes) (panels <=
+// kTilePanels), in row tiles of kPanelRows, then 4, 2 and 1 rows.
+template <int kPanels>
+void panel_rows(const PanelGemm& p, int64_t r_begin, int64_t r_end, int64_t g, int64_t c0,
+                int last) {
+  int64_t r = r_begin;
+  for (; r + kPanelRows <= r_end; r += kPanelRows) {
+    panel_tile<kPanelRows, kPanels>(p, r, g, c0, last);
+  }
+  if constexpr (kPanelRows > 4) {
+    for (; r + 4 <= r_end; r += 4) panel_tile<4, kPanels>(p, r, g, c0, last);
+  }
+  for (; r + 2 <= r_end; r += 2) panel_tile<2, kPanels>(p, r, g, c0, last);
+  for (; r < r_end; ++r) panel_tile<1, kPanels>(p, r, g, c0, last);
+}
+
+// Rows [r_begin, r_end) of group g's columns [c_begin, c_end), c_begin a multiple of kLanes:
+// tiles of kTilePanels panels (whose weight then serves every row tile from the cache), the rest
+// narrower.
+void panel_columns(const PanelGemm& p, int64_t r_begin, int64_t r_end, int64_t g,
+                   int64_t c_begin, int64_t c_end) {
+  for (int64_t c = c_begin; c < c_end; c += kTilePanels * kLanes) {
+    const int64_t columns = std::min<int64_t>(c_end - c, kTilePanels * kLanes);
+    const int panels = static_cast<int>((columns + kLanes - 1) / kLanes);
+    const int last = static_cast<int>(columns - (panels - 1) * kLanes);
+    if (panels == 3) {
+      if constexpr (kTilePanels >= 3) panel_rows<3>(p, r_begin, r_end, g, c, last);
+    } else if (panels == 2) {
+      panel_rows<2>(p, r_begin, r_end, g, c, last);
+    } else {
+      panel_rows<1>(p, r_begin, r_end, g, c, last);
+    }
+  }
+}
+
+// Rows per task when a GEMM has many rows (a layer's input projection, T * B rows): their x
+// (kRowsPerTask * K floats) stays in the core's cache while every weight panel passes once.
+constexpr int64_t kRowsPerTask = 64;
+
+// Few rows (a time step's): the threads split the columns, so each keeps its share of the weight
+// in its cache from step to step. Many rows: the threads split the rows, in blocks of
+// kRowsPerTask, each block against the whole weight.
+void panel_gemm(const PanelGemm& p) {
+  const int64_t blocks = (p.group_columns + kLanes - 1) / kLanes;
+  if (p.rows <= 2 * kRowsPerTask) {
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = 0; g < p.groups; ++g) {
+        panel_columns(p, 0, p.rows, g, begin * kLanes, std::min(p.group_columns, end * kLanes));
+      }
+    });
+    return;
+  }
+  const int64_t row_blocks = (p.rows + kRowsPerTask - 1) / kRowsPerTask;
+  at::parallel_for(0, row_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block * kRowsPerTask, r1 = std::min(p.rows, r0 + kRowsPerTask);
+      for (int64_t g = 0; g < p.groups; ++g) panel_columns(p, r0, r1, g, 0, p.group_columns);
+    }
+  });
+}
+
+// One forward step: z += h_{t-1} W_hhᵀ, then the pointwise forward, split by hidden units. A
+// thread takes units [u0, u1): `gate_columns(g, u0, u1)` adds gate g's GEMM columns for them,
+// then the thread runs their pointwise step, so the step needs one parallel region, and z is
+// activated while it is in the cache.
+template <typename GateColumns>
+void recurrent_step_by_units(const ForwardStep& step, const GateColumns& gate_columns) {
   const int64_t H = step.hidden;
   const int gates = num_gates(step.coupled);
   const int64_t blocks = (H + kLanes - 1) / kLanes;
   variant_switch(step, [&](auto coupled, auto diagonal, auto part) {
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       const int64_t u0 = begin * kLanes, u1 = std::min(H, end * kLanes);
-      for (int g = 0; g < gates; ++g) dot_columns(gemm, g * H + u0, g * H + u1);
+      for (int g = 0; g < gates; ++g) gate_columns(g, u0, u1);
       for (int64_t row = 0; row < step.rows; ++row) {
         for (int64_t j = u0; j < u1; j += kLanes) {
           forward_chunk<SimdIO<float>, decltype(coupled)::value, decltype(diagonal)::value,
@@ -145,10 +259,28 @@ void recurrent_step(const DotGemm& gemm, const ForwardStep& step) {
   });
 }
 
+// The weight as stored ([G * H, K] rows): the LSTMCell step.
+void recurrent_step(const DotGemm& gemm, const ForwardStep& step) {
+  const int64_t H = step.hidden;
+  recurrent_step_by_units(step, [&](int g, int64_t u0, int64_t u1) {
+    dot_columns(gemm, g * H + u0, g * H + u1);
+  });
+}
+
+// The weight packed in one panel group per gate: a layer's time loop.
+void recurrent_step_panels(const PanelGemm& gemm, const ForwardStep& step) {
+  TORCH_INTERNAL_ASSERT(gemm.group_columns == step.hidden &&
+                        gemm.groups == num_gates(step.coupled));
+  recurrent_step_by_units(step, [&](int g, int64_t u0, int64_t u1) {
+    panel_columns(gemm, 0, gemm.rows, g, u0, u1);
+  });
+}
+
 }  // namespace
 
 const CpuGemmKernels& gemm_kernels() {
-  static const CpuGemmKernels table{dot_gemm, recurrent_step};
+  static const CpuGemmKernels table{dot_gemm, panel_gemm, recurrent_step, recurrent_step_panels,
+                                    kLanes};
   return table;
 }
 
