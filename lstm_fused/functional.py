@@ -144,10 +144,11 @@ def layer_keep(keep, input: Tensor, width: int, batch_sizes: list[int] | None) -
     if batch_sizes is None:
         return keep
     steps, batch = keep.shape[0], keep.shape[1]
-    sizes = torch.tensor(batch_sizes)
-    active = torch.arange(batch).unsqueeze(0) < sizes.unsqueeze(1)  # [T, B], on the host
-    rows = torch.arange(steps * batch).view(steps, batch)[active]
-    return keep.reshape(steps * batch, width).index_select(0, rows.to(keep.device))
+    # The packed rows' indices in [T * B], built from the (host) batch sizes: no data-dependent
+    # shape, so torch.compile traces it as a constant.
+    rows = torch.tensor([t * batch + b for t, n in enumerate(batch_sizes) for b in range(n)],
+                        dtype=torch.long, device=keep.device)
+    return keep.reshape(steps * batch, width).index_select(0, rows)
 
 
 __all__ = ["fused_cell", "fused_layer", "lstm_cell", "lstm_layer"]

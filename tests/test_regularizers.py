@@ -386,6 +386,7 @@ def test_regularizers_example_runs_every_setting_and_reports_held_out_loss(capsy
         assert all(math.isfinite(v) and v > 0 for v in losses["train"] + losses["test"])
     printed = capsys.readouterr().out
     assert "held-out MSE" in printed and "weight_dropout=0.5" in printed
+    assert "zoneout=0.1" in printed
 
 
 def test_regularizers_benchmark_runs_and_checks_the_wrapper_computes_the_same(tmp_path):
@@ -400,8 +401,10 @@ def test_regularizers_benchmark_runs_and_checks_the_wrapper_computes_the_same(tm
     result = bench.main(["--size", "5,3,4,6", "--warmup", "1", "--repeats", "2",
                          "--json", str(tmp_path / "r.json")])
     assert result["max_abs_diff_vs_wrapper"] < 1e-5
-    assert set(result["median_ms"]) == {"fused", "fused + DropConnect", "nn.LSTM + WeightDrop"}
+    assert set(result["median_ms"]) == {"fused", "fused + DropConnect", "nn.LSTM + WeightDrop",
+                                        "fused + zoneout", "nn.LSTMCell loop + zoneout"}
     assert result["ratio_vs_plain"] > 0 and result["ratio_vs_wrapper"] > 0
+    assert result["zoneout_ratio_vs_plain"] > 0 and result["zoneout_ratio_vs_cell_loop"] > 0
     assert (tmp_path / "r.json").stat().st_size > 0
 
 
@@ -779,3 +782,28 @@ def test_onnx_export_with_zoneout_eval_matches_eager_and_training_is_refused():
         with pytest.raises(ValueError, match=r"training mode with zoneout=\(0.3, 0.5\).*eval"):
             lstm_fused.onnx.export(lstm, (x,), verbose=False)
         assert_eval_onnx_matches_eager(onnxruntime, lstm, x)
+
+
+def test_zoneout_compiles_without_graph_breaks_and_matches_eager():
+    """Training (the masks drawn inside the graph, the same seed as eager) and eval. (Packed
+    input does not compile with or without zoneout: its batch sizes are checked as data.)"""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    lstm = lstm_fused.LSTM(I, H, num_layers=2, proj_size=2, zoneout=(0.3, 0.2),
+                           peephole="diagonal")
+    x = sequences(dtype=torch.float32)
+    explanation = torch._dynamo.explain(lstm)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    for training in (True, False):
+        lstm.train(training)
+        torch._dynamo.reset()
+        compiled = torch.compile(lstm, fullgraph=True, backend="aot_eager")
+        results = []
+        for model in (compiled, lstm):
+            lstm.zero_grad(set_to_none=True)
+            torch.manual_seed(4)
+            out, (h, c) = model(x)
+            (out.sum() + c.sum()).backward()
+            results.append([out, h, c] + [p.grad for p in lstm.parameters()])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b)
