@@ -1,4 +1,5 @@
-"""The cost of DropConnect (weight_dropout) in lstm_fused.LSTM, forward + backward, training mode.
+"""The cost of DropConnect (weight_dropout) and zoneout in lstm_fused.LSTM, forward + backward,
+training mode.
 
     python benchmarks/regularizer_cost.py                       # T=100 B=64 I=H=256, p=0.3
     python benchmarks/regularizer_cost.py --size 10,4,16,16 --repeats 3   # a toy run (the test)
@@ -9,10 +10,15 @@ Candidates, each one training step (forward, sum of the output, backward) on the
     nn.LSTM + WeightDrop    what users do today (AWD-LSTM's WeightDrop): a wrapper that keeps the
                             raw weight_hh_l0 as its own parameter and, before each call, assigns
                             F.dropout(raw) to nn.LSTM's weight_hh_l0 attribute
+    fused + zoneout         lstm_fused.LSTM(zoneout=z): masks drawn once per call, consumed by the
+                            fused time loop and its backward
+    nn.LSTMCell loop + zoneout  what users do today: a Python loop over time of torch.nn.LSTMCell,
+                            each step's (h, c) mixed with the previous ones by the same masks
 
 Reported: median ms over rotating rounds (every candidate timed once per round, so all see the
-same machine noise) and two ratios, each the median of the per-round ratios: DropConnect / fused
-(target <= 1.10) and DropConnect / WeightDrop (target <= 0.5). Zoneout is not built yet (issue 23).
+same machine noise) and four ratios, each the median of the per-round ratios: DropConnect / fused
+and zoneout / fused (targets <= 1.10), DropConnect / WeightDrop and zoneout / the cell loop
+(targets <= 0.5).
 """
 
 from __future__ import annotations
@@ -47,7 +53,33 @@ class WeightDrop(nn.Module):
         return self.lstm(x)
 
 
-def build(size, p):
+class ZoneoutCellLoop(nn.Module):
+    """Zoneout as users write it without lstm_fused: a Python loop over time of nn.LSTMCell, each
+    step's new (h, c) mixed with the previous ones by Bernoulli(p) keep masks (drawn as
+    lstm_fused.LSTM draws them: [T, B, H] for h, then for c), the expectation in eval."""
+
+    def __init__(self, cell: nn.LSTMCell, p: float):
+        super().__init__()
+        self.cell, self.p = cell, p
+
+    def forward(self, x):
+        T, B, _ = x.shape
+        h = c = x.new_zeros(B, self.cell.hidden_size)
+        if self.training:
+            keep_h, keep_c = (x.new_empty(T, B, self.cell.hidden_size).bernoulli_(self.p)
+                              for _ in range(2))
+        outputs = []
+        for t in range(T):
+            h_new, c_new = self.cell(x[t], (h, c))
+            if self.training:
+                h, c = torch.lerp(h_new, h, keep_h[t]), torch.lerp(c_new, c, keep_c[t])
+            else:
+                h, c = torch.lerp(h_new, h, self.p), torch.lerp(c_new, c, self.p)
+            outputs.append(h)
+        return torch.stack(outputs), (h.unsqueeze(0), c.unsqueeze(0))
+
+
+def build(size, p, zoneout):
     _, _, I, H = size
     torch.manual_seed(0)
     plain = lstm_fused.LSTM(I, H)
@@ -56,21 +88,34 @@ def build(size, p):
     theirs = nn.LSTM(I, H)
     theirs.load_state_dict(plain.state_dict())
     wrapped = WeightDrop(theirs, p)
-    return {"fused": plain, "fused + DropConnect": dropped, "nn.LSTM + WeightDrop": wrapped}
+    zoned = lstm_fused.LSTM(I, H, zoneout=zoneout)
+    zoned.load_state_dict(plain.state_dict())
+    cell = nn.LSTMCell(I, H)
+    cell.load_state_dict({name[:-3]: value for name, value in plain.state_dict().items()})
+    return {"fused": plain, "fused + DropConnect": dropped, "nn.LSTM + WeightDrop": wrapped,
+            "fused + zoneout": zoned, "nn.LSTMCell loop + zoneout": ZoneoutCellLoop(cell, zoneout)}
+
+
+# (ours, what users do today): pairs that draw the same masks from the same seed.
+SAME_FUNCTION = (("fused + DropConnect", "nn.LSTM + WeightDrop"),
+                 ("fused + zoneout", "nn.LSTMCell loop + zoneout"))
 
 
 def check_same_function(models, x) -> float:
-    """The wrapper and ours draw the same mask from the same seed: same output. Returns the
-    largest difference (an AssertionError past 1e-4)."""
-    outputs = []
-    for name in ("fused + DropConnect", "nn.LSTM + WeightDrop"):
-        torch.manual_seed(1)
-        with torch.no_grad():
-            outputs.append(models[name](x)[0])
-    error = (outputs[0] - outputs[1]).abs().max().item()
-    if error > 1e-4:
-        raise AssertionError(f"fused DropConnect and the WeightDrop wrapper differ by {error:.2e}")
-    return error
+    """Each pair of SAME_FUNCTION draws the same masks from the same seed: same output. Returns
+    the largest difference (an AssertionError past 1e-4)."""
+    errors = []
+    for pair in SAME_FUNCTION:
+        outputs = []
+        for name in pair:
+            torch.manual_seed(1)
+            with torch.no_grad():
+                outputs.append(models[name](x)[0])
+        error = (outputs[0] - outputs[1]).abs().max().item()
+        if error > 1e-4:
+            raise AssertionError(f"{pair[0]} and {pair[1]} differ by {error:.2e}")
+        errors.append(error)
+    return max(errors)
 
 
 def step(model, x):
@@ -99,37 +144,43 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=lambda s: tuple(int(v) for v in s.split(",")),
                         default=(100, 64, 256, 256), help="T,B,I,H (default 100,64,256,256)")
     parser.add_argument("--p", type=float, default=0.3, help="weight_dropout rate")
+    parser.add_argument("--zoneout", type=float, default=0.1, help="zoneout rate (h and c)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
     T, B, I, H = args.size
-    models = build(args.size, args.p)
+    models = build(args.size, args.p, args.zoneout)
     for model in models.values():
         model.train()
     x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(2))
     error = check_same_function(models, x)
     times = measure(models, x, args.warmup, args.repeats)
     median = {name: statistics.median(t) for name, t in times.items()}
-    ours = times["fused + DropConnect"]
-
-    def ratio(other):
-        return statistics.median(a / b for a, b in zip(ours, times[other], strict=True))
+    def ratio(ours, other):
+        return statistics.median(a / b for a, b in zip(times[ours], times[other], strict=True))
 
     result = {
         "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "size": {"T": T, "B": B, "I": I, "H": H}, "p": args.p, "repeats": args.repeats,
-        "median_ms": median, "max_abs_diff_vs_wrapper": error,
-        "ratio_vs_plain": ratio("fused"), "ratio_vs_wrapper": ratio("nn.LSTM + WeightDrop"),
+        "size": {"T": T, "B": B, "I": I, "H": H}, "p": args.p, "zoneout": args.zoneout,
+        "repeats": args.repeats, "median_ms": median, "max_abs_diff_vs_wrapper": error,
+        "ratio_vs_plain": ratio("fused + DropConnect", "fused"),
+        "ratio_vs_wrapper": ratio("fused + DropConnect", "nn.LSTM + WeightDrop"),
+        "zoneout_ratio_vs_plain": ratio("fused + zoneout", "fused"),
+        "zoneout_ratio_vs_cell_loop": ratio("fused + zoneout", "nn.LSTMCell loop + zoneout"),
     }
     print(f"{result['cpu']}, {result['threads']} threads, torch {torch.__version__}; "
-          f"T={T} B={B} I={I} H={H}, weight_dropout={args.p}, forward + backward, "
-          f"{args.repeats} rounds")
+          f"T={T} B={B} I={I} H={H}, weight_dropout={args.p}, zoneout={args.zoneout}, "
+          f"forward + backward, {args.repeats} rounds")
     for name, ms in median.items():
-        print(f"  {name:22s} {ms:9.2f} ms")
-    print(f"  DropConnect / fused       {result['ratio_vs_plain']:.3f}x   (target <= 1.10)")
-    print(f"  DropConnect / WeightDrop  {result['ratio_vs_wrapper']:.3f}x   (target <= 0.50)")
+        print(f"  {name:26s} {ms:9.2f} ms")
+    print(f"  DropConnect / fused         {result['ratio_vs_plain']:.3f}x   (target <= 1.10)")
+    print(f"  DropConnect / WeightDrop    {result['ratio_vs_wrapper']:.3f}x   (target <= 0.50)")
+    print(f"  zoneout / fused             {result['zoneout_ratio_vs_plain']:.3f}x   "
+          f"(target <= 1.10)")
+    print(f"  zoneout / nn.LSTMCell loop  {result['zoneout_ratio_vs_cell_loop']:.3f}x   "
+          f"(target <= 0.50)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -134,7 +134,7 @@ std::vector<int64_t> per_row_sizes(const Tensor& input, int64_t last) {
 void check_layer_backward(const OptTensor& grad_output, const OptTensor& grad_h_n,
                           const OptTensor& grad_c_n, const Tensor& input, const Tensor& output,
                           const Tensor& gates, const Tensor& cells, const LayerShape& shape,
-                          const Schedule& schedule) {
+                          const Schedule& schedule, int64_t cells_width) {
   const Named like{input, "input"};
   const int64_t B = schedule.batch, H = shape.hidden, R = shape.proj;
   const char* per_step_h =
@@ -142,9 +142,9 @@ void check_layer_backward(const OptTensor& grad_output, const OptTensor& grad_h_
   check_arg({output, "output"}, like, per_row_sizes(input, R), per_step_h);
   check_arg({gates, "gates"}, like, per_row_sizes(input, shape.gates * H),
             "[..., G*H], with the leading dimensions of input and G*H from weight_ih");
-  check_arg({cells, "cells"}, like, per_row_sizes(input, H),
-            "[..., H], with the leading dimensions of input and H = weight_ih rows / G, G = 3 "
-            "gates if coupled, else 4");
+  check_arg({cells, "cells"}, like, per_row_sizes(input, cells_width),
+            "[..., H] (with zoneout_c [..., 2H]), with the leading dimensions of input and H = "
+            "weight_ih rows / G, G = 3 gates if coupled, else 4");
   if (grad_output) {
     check_arg({*grad_output, "grad_output"}, like, per_row_sizes(input, R), per_step_h);
   }
@@ -213,6 +213,37 @@ void check_clips(double cell_clip, double proj_clip, const OptTensor& weight_hr)
                     "0), got proj_clip=", proj_clip, " without weight_hr");
 }
 
+// Zoneout (lstm_math.h zoneout): the keep values of h ([..., R]) and of c ([..., H]), one row
+// per row of input, in input's dtype and on its device; 0/1 masks in training, the rates in eval
+// (rows may be 0 apart: one expanded row of rates).
+void check_zoneout(const OptTensor& keep_h, const OptTensor& keep_c, const Tensor& input,
+                   const LayerShape& shape) {
+  const Named like{input, "input"};
+  if (keep_h) {
+    check_arg({*keep_h, "zoneout_h"}, like, per_row_sizes(input, shape.proj),
+              "[..., R]: one keep value per h unit of every row of input, R from weight_hr or H "
+              "without it");
+  }
+  if (keep_c) {
+    check_arg({*keep_c, "zoneout_c"}, like, per_row_sizes(input, shape.hidden),
+              "[..., H]: one keep value per c unit of every row of input, H = weight_ih rows / G");
+  }
+}
+
+// A keep tensor as [N, D] rows with a unit column stride (a view where it can be), or undefined.
+Tensor keep_rows(const OptTensor& keep, int64_t rows, int64_t width) {
+  if (!keep) return Tensor();
+  Tensor k = keep->reshape({rows, width});
+  return k.stride(1) == 1 || width == 1 ? k : k.contiguous();
+}
+
+// The saved cell states: [N, H] c_t, or with zoneout of c [N, 2H]: the computed c~_t (what tanh,
+// the output gate and the clip saw) in the first H columns, the zoned c_t (the state the next step
+// started from) in the last H.
+int64_t saved_cells_width(int64_t hidden, const OptTensor& keep_c) {
+  return keep_c ? 2 * hidden : hidden;
+}
+
 // The running states of a layer: h_{t-1} (for packed input or full peepholes; padded input reads
 // it from the output) and c_{t-1}, as views into one buffer for full peepholes.
 struct RunningState {
@@ -240,11 +271,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
     const OptTensor& weight_ch, const OptTensor& weight_hr, at::OptionalIntArrayRef batch_sizes,
     bool reverse, c10::string_view peephole, bool coupled, bool need_backward, double cell_clip,
-    double proj_clip, const PointwiseKernels& kernels) {
+    double proj_clip, const OptTensor& zoneout_h, const OptTensor& zoneout_c,
+    const PointwiseKernels& kernels) {
   const Schedule s = make_schedule(input, batch_sizes, reverse);
   const LayerShape shape = check_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
                                        weight_ch, weight_hr, s, peephole, coupled);
   check_clips(cell_clip, proj_clip, weight_hr);
+  check_zoneout(zoneout_h, zoneout_c, input, shape);
   const c10::OptionalDeviceGuard guard(input.device());
   const int64_t B = s.batch, H = shape.hidden, R = shape.proj, N = s.rows;
   const bool projected = weight_hr.has_value();
@@ -256,7 +289,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   Tensor gates = gemm_nt(x, weight_ih, bias.defined() ? OptTensor(bias) : std::nullopt);
   // Inference: the activated gates are not stored (gates keeps the pre-activations) and the cell
   // state goes only to the running state.
-  Tensor cells = need_backward ? at::empty({N, H}, options) : Tensor();
+  const bool zone_h = zoneout_h.has_value(), zone_c = zoneout_c.has_value();
+  const Tensor keep_h = keep_rows(zoneout_h, N, R), keep_c = keep_rows(zoneout_c, N, H);
+  Tensor cells =
+      need_backward ? at::empty({N, saved_cells_width(H, zoneout_c)}, options) : Tensor();
+  // Zoneout of c: the computed c~_t (cells' first H columns) is not the state; in inference it
+  // goes to a step buffer of its own.
+  const Tensor zoned_cells = need_backward && zone_c ? cells.narrow(1, H, H) : Tensor();
+  const Tensor computed_c = !need_backward && zone_c ? at::empty({B, H}, options) : Tensor();
+  // Zoneout of h reads h_{t-1} in the kernel: rows with a unit column stride.
+  const Tensor h_initial = zone_h ? rows_contiguous(h0) : h0;
   Tensor output = at::empty({N, R}, options);
   RunningState state(h0, c0, full, s.ragged);
   Tensor unprojected = projected ? at::empty({B, H}, options) : Tensor();
@@ -288,9 +330,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   p.c_prev = state.c.data_ptr();
   p.c_prev_stride = state.c.stride(0);
   // The running state is c_out itself in inference (c_prev may alias it: loads come first).
-  p.c_state = need_backward ? state.c.data_ptr() : nullptr;
+  p.c_state = need_backward || zone_c ? state.c.data_ptr() : nullptr;
   p.c_state_stride = state.c.stride(0);
-  p.c_out_stride = need_backward ? H : state.c.stride(0);
+  p.c_out_stride = need_backward ? cells.stride(0) : zone_c ? H : state.c.stride(0);
+  p.keep_c_stride = zone_c ? keep_c.stride(0) : 0;
+  p.c_zoned_stride = zoned_cells.defined() ? zoned_cells.stride(0) : 0;
+  // The kernel zones an unprojected h; a projected one is zoned below, after W_hr and proj_clip.
+  p.keep_h_stride = zone_h ? keep_h.stride(0) : 0;
   p.h_out_stride = projected ? H : R;
   p.h_state = state.h.defined() && !projected ? state.h.data_ptr() : nullptr;
   p.h_state_stride = state.h.defined() ? state.h.stride(0) : 0;
@@ -305,9 +351,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   for (int64_t step = 0; step < s.steps(); ++step) {
     const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
     p.gates_out = need_backward ? row_ptr(gates, row) : nullptr;
-    p.c_out = need_backward ? row_ptr(cells, row) : state.c.data_ptr();
+    p.c_out = need_backward ? row_ptr(cells, row)
+              : zone_c      ? computed_c.data_ptr()
+                            : state.c.data_ptr();
     p.h_out = projected ? unprojected.data_ptr() : row_ptr(output, row);
     p.rows = n;
+    p.keep_c = zone_c ? row_ptr(keep_c, row) : nullptr;
+    p.c_zoned = zoned_cells.defined() ? row_ptr(zoned_cells, row) : nullptr;
+    // h_{t-1} of rows :n (what the recurrent GEMM reads): the running state (packed input, full
+    // peepholes), else h0 or the previous step's output rows.
+    const Tensor h_prev = full || s.ragged ? state.h.narrow(0, 0, n)
+                          : step == 0      ? h_initial
+                                           : output.narrow(0, s.offsets[s.time(step - 1)], n);
+    if (zone_h && !projected) {
+      p.keep_h = row_ptr(keep_h, row);
+      p.h_prev = h_prev.data_ptr(), p.h_prev_stride = h_prev.stride(0);
+    }
     if (one_kernel) {
       const float* h_prev = s.ragged    ? state.h.const_data_ptr<float>()
                             : step == 0 ? h_first.const_data_ptr<float>()
@@ -319,10 +378,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
         std::memcpy(state.h.data_ptr(), row_ptr(output, row), n * R * sizeof(float));
       }
     } else {
-      const Tensor recurrent_input =
-          full || s.ragged ? state.h.narrow(0, 0, n)
-          : step == 0      ? h0
-                           : output.narrow(0, s.offsets[s.time(step - 1)], n);
+      const Tensor& recurrent_input = h_prev;
       // z_t = x_t W_ih^T + b (computed for all steps above) + h_{t-1} W_hh^T: in place in the
       // gates rows (ATen, MKL packed) or a step-sized temporary (oneDNN); in training the kernel
       // writes the activated gates there. Full peepholes: two GEMMs into the rows' column blocks.
@@ -337,7 +393,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
       if (full) {
         p.part = Part::Update;
         run_forward(kernels, p);
-        const Tensor c_t = need_backward ? cells.narrow(0, row, n) : state.c.narrow(0, 0, n);
+        // The output gate sees the computed c~_t (with zoneout of c not the state).
+        const Tensor c_t = need_backward ? cells.narrow(0, row, n).narrow(1, 0, H)
+                           : zone_c      ? computed_c.narrow(0, 0, n)
+                                         : state.c.narrow(0, 0, n);
         output_peephole->run_into(c_t, z.narrow(1, o_column, H));
         p.part = Part::Output;
       }
@@ -347,6 +406,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
       const Tensor h = output.narrow(0, row, n);
       projection->run_into(unprojected.narrow(0, 0, n), h);
       if (proj_clip > 0) h.clamp_(-proj_clip, proj_clip);
+      // Zoneout of the projected h: m h_{t-1} + (1 - m) h~_t; lerp gives either value exactly
+      // for m = 0 or 1.
+      if (zone_h) h.lerp_(h_prev, keep_h.narrow(0, row, n));
       if (state.h.defined()) state.h.narrow(0, 0, n).copy_(h);
     }
   }
@@ -357,7 +419,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   if (!need_backward) return {output.view(per_row_sizes(input, R)), h_n, state.final_c(),
                              at::empty({0}, options), at::empty({0}, options)};
   return {output.view(per_row_sizes(input, R)), h_n, state.final_c(),
-          gates.view(per_row_sizes(input, shape.gates * H)), cells.view(per_row_sizes(input, H))};
+          gates.view(per_row_sizes(input, shape.gates * H)),
+          cells.view(per_row_sizes(input, cells.size(1)))};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
@@ -367,12 +430,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const OptTensor& weight_ch, const OptTensor& weight_hr, const Tensor& output,
     const Tensor& gates, const Tensor& cells, at::OptionalIntArrayRef batch_sizes, bool reverse,
     c10::string_view peephole, bool coupled, bool need_input_grad, double cell_clip,
-    double proj_clip, const PointwiseKernels& kernels) {
+    double proj_clip, const OptTensor& zoneout_h, const OptTensor& zoneout_c,
+    const PointwiseKernels& kernels) {
   const Schedule s = make_schedule(input, batch_sizes, reverse);
   const LayerShape shape = check_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
                                        weight_ch, weight_hr, s, peephole, coupled);
   check_clips(cell_clip, proj_clip, weight_hr);
-  check_layer_backward(grad_output, grad_h_n, grad_c_n, input, output, gates, cells, shape, s);
+  check_zoneout(zoneout_h, zoneout_c, input, shape);
+  check_layer_backward(grad_output, grad_h_n, grad_c_n, input, output, gates, cells, shape, s,
+                       saved_cells_width(shape.hidden, zoneout_c));
   const c10::OptionalDeviceGuard guard(input.device());
   const int64_t B = s.batch, H = shape.hidden, R = shape.proj, N = s.rows;
   const int64_t GH = shape.gates * H, peep_columns = input_peephole_columns(coupled, H);
@@ -383,7 +449,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const Tensor x = input.reshape({N, shape.input});
   const Tensor out = output.reshape({N, R});
   const Tensor saved_gates = gates.reshape({N, GH}).contiguous();
-  const Tensor c_all = cells.reshape({N, H}).contiguous();
+  const bool zone_h = zoneout_h.has_value(), zone_c = zoneout_c.has_value();
+  const Tensor keep_h = keep_rows(zoneout_h, N, R), keep_c = keep_rows(zoneout_c, N, H);
+  const Tensor c_all = cells.reshape({N, cells.size(-1)}).contiguous();
+  // The computed c~_t of every step and the states each step started from (with zoneout of c
+  // different tensors, saved_cells_width).
+  const Tensor c_computed = zone_c ? c_all.narrow(1, 0, H) : c_all;
+  const Tensor c_states = zone_c ? c_all.narrow(1, H, H) : c_all;
   const Tensor c_init = c0.contiguous();
   const Tensor grad_out = grad_output ? grad_output->reshape({N, R}).contiguous() : Tensor();
 
@@ -399,7 +471,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   // dz_(i,f) W_c(i,f) and dz_o W_co to dc_{t-1}; dr = dh W_hr.
   // Full peepholes write dh and dc into the running state [B, R + H] (rows R + H apart).
   const int64_t state_stride = full ? R + H : 0;
-  const RepeatedGemm recurrent(weight_hh.t(), B, full, state_stride);
+  // Zoneout of h: the kernel (or, projected, the loop) leaves m dh_t in the running dh_{t-1},
+  // so the GEMM adds to it.
+  const RepeatedGemm recurrent(weight_hh.t(), B, full || zone_h, state_stride);
   const std::optional<RepeatedGemm> input_peephole =
       full ? std::optional<RepeatedGemm>(std::in_place, w_ch.narrow(0, 0, peep_columns).t(), B,
                                          true, state_stride)
@@ -421,16 +495,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   p.dc_in = p.dc_prev_out = grad_state.c.data_ptr();
   p.dc_in_stride = p.dc_prev_stride = grad_state.c.stride(0);
   p.gates_stride = p.grad_z_stride = GH;
-  p.c_stride = H;
+  p.c_stride = c_all.stride(0);
   p.c_prev_tail = c_init.data_ptr(), p.c_prev_tail_stride = H;
   // Full peepholes add dh_{t-1} and part of dc_{t-1} with one accumulating GEMM, so the kernel
-  // zeroes dh after reading it.
-  p.consume_grad_h2 = full;
+  // replaces dh after reading it by what passes straight to dh_{t-1} (zoneout's m dh, else 0).
+  p.consume_grad_h2 = full || zone_h;
+  p.keep_c_stride = zone_c ? keep_c.stride(0) : 0;
+  p.keep_h_stride = zone_h && !projected ? keep_h.stride(0) : 0;
+  // Full peepholes with zoneout of c: m dc_t from the Output part to the Update part.
+  const Tensor dc_keep = full && zone_c ? at::empty({B, H}, options) : Tensor();
+  p.dc_keep = dc_keep.defined() ? dc_keep.data_ptr() : nullptr, p.dc_keep_stride = H;
+  // proj_clip's gradient mask needs the clipped projection h~_t, which zoneout of h replaced in
+  // the output by the zoned h_t: recomputed, one GEMM over all rows.
+  const Tensor proj_clip_source =
+      projected && proj_clip > 0 && zone_h
+          ? (saved_gates.narrow(1, output_gate(coupled) * H, H) * c_computed.tanh())
+                .mm(weight_hr->t())
+          : out;
   // dh_t arriving through the recurrence. Padded input takes each step's GEMM result as it is;
   // packed input and full peepholes accumulate in the running state (packed: its rows of
   // sequences that end at an earlier step still hold their grad_h_n).
   Tensor dh_carry = grad_state.h;
-  const bool carry_in_state = full || s.ragged;
+  const bool carry_in_state = full || s.ragged || zone_h;
   for (int64_t step = s.steps() - 1; step >= 0; --step) {
     const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
     Tensor dh_running = dh_carry.narrow(0, 0, n);
@@ -441,9 +527,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       } else {
         dh.copy_(dh_running);
       }
+      if (zone_h) {  // m dh stays in the running dh_{t-1}, (1 - m) dh reaches h~_t
+        at::mul_out(dh_running, dh, keep_h.narrow(0, row, n));
+        dh.sub_(dh_running);
+      }
       // proj_clip: the gradient of the unclipped projection (for dW_hr and dr as well).
-      if (proj_clip > 0) dh.masked_fill_(out.narrow(0, row, n).abs() >= proj_clip, 0);
-      if (full) dh_running.zero_();
+      if (proj_clip > 0) dh.masked_fill_(proj_clip_source.narrow(0, row, n).abs() >= proj_clip, 0);
+      if (full && !zone_h) dh_running.zero_();
       projection->run_into(dh, grad_unprojected.narrow(0, 0, n));
       p.grad_h = grad_unprojected.data_ptr(), p.grad_h_stride = H;
       p.grad_h2 = nullptr;
@@ -451,16 +541,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       p.grad_h = grad_out.defined() ? row_ptr(grad_out, row) : nullptr;
       p.grad_h_stride = R;
       p.grad_h2 = dh_running.data_ptr(), p.grad_h2_stride = dh_running.stride(0);
+      p.keep_h = zone_h ? row_ptr(keep_h, row) : nullptr;
     }
+    p.keep_c = zone_c ? row_ptr(keep_c, row) : nullptr;
     if (step == 0) {
       p.c_prev = c_init.data_ptr(), p.c_prev_stride = H, p.c_prev_rows = n;
     } else {
       const int64_t prev = s.time(step - 1);
-      p.c_prev = row_ptr(c_all, s.offsets[prev]), p.c_prev_stride = H;
+      p.c_prev = row_ptr(c_states, s.offsets[prev]), p.c_prev_stride = c_states.stride(0);
       p.c_prev_rows = s.sizes[prev];
     }
     p.gates = row_ptr(saved_gates, row);
-    p.c = row_ptr(c_all, row);
+    p.c = row_ptr(c_computed, row);
     p.grad_z = row_ptr(grad_z, row);
     p.rows = n;
     Tensor dz = grad_z.narrow(0, row, n);
@@ -490,11 +582,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   Tensor grad_weight_ch =
       shape.peephole == Peephole::None
           ? at::empty({0}, options)
-          : peephole_grad(shape.peephole, grad_z, previous_states(c_all, c_init, s), c_all,
-                          coupled);
+          : peephole_grad(shape.peephole, grad_z, previous_states(c_states, c_init, s).contiguous(),
+                          c_computed.contiguous(), coupled);
   Tensor grad_weight_hr = at::empty({0}, options);
   if (projected) {
-    const Tensor unprojected = saved_gates.narrow(1, o_column, H) * c_all.tanh();
+    const Tensor unprojected = saved_gates.narrow(1, o_column, H) * c_computed.tanh();
     grad_weight_hr = grad_h_all.t().mm(unprojected);
   }
   const Tensor grad_h0 = carry_in_state ? grad_state.final_h() : dh_carry;

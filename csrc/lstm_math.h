@@ -143,5 +143,27 @@ LSTM_HD inline V clip_state_backward(V dc, V clipped_c, V bound) {
   return lstm_inside_or_zero(dc, clipped_c, bound);
 }
 
+// Zoneout (Krueger et al. 2016): a unit keeps its previous value with probability p,
+//   s_t = m s_{t-1} + (1 - m) s~_t              for s = c (with m_c) and s = h (with m_h)
+// where s~_t is the value the step computed (after the clips: the mix of two in-range values stays
+// in range) and m the unit's "keep" value: a 0/1 Bernoulli(p) mask in training, the rate p itself
+// in eval (the expectation). The gates and h~_t = o tanh(c~_t) of step t see the unzoned c~_t; the
+// zoned s_t is the carried state and the output. Written as a sum of two products so that m = 1
+// gives s_{t-1} exactly and m = 0 gives s~_t exactly. Backward, with ds_t the gradient of the
+// zoned value:
+//   ds~_t = (1 - m) ds_t           ds_{t-1} += m ds_t
+template <typename V>
+LSTM_HD inline V zoneout(V previous, V computed, V keep) {
+  return keep * previous + (V(1) - keep) * computed;
+}
+
+// The gradient ds_t of a zoned value split between its two sources: returns the part of the
+// computed value s~_t, (1 - m) ds_t, and sets `to_previous` to m ds_t (the part of s_{t-1}).
+template <typename V>
+LSTM_HD inline V zoneout_backward(V grad, V keep, V& to_previous) {
+  to_previous = keep * grad;
+  return (V(1) - keep) * grad;
+}
+
 }  // namespace LSTM_FUSED_ISA
 }  // namespace lstm_fused

@@ -46,6 +46,18 @@ struct ForwardStep {
   Part part;                // Output reads z_o and the c_out written by Update
   c10::ScalarType dtype;
   double cell_clip;         // > 0: c_t clipped to [-cell_clip, cell_clip] (clip_state); 0: off
+  // Zoneout (lstm_math.h zoneout): with keep_c, c_out gets the computed c~_t (what the output
+  // gate and tanh see) and c_state / c_zoned the zoned m c_{t-1} + (1 - m) c~_t; with keep_h,
+  // h_out / h_state get m h_{t-1} + (1 - m) o tanh(c~_t) (layers without a projection: the
+  // projected h is zoned by the driver). Keep rows may have stride 0 (eval: one rate per unit).
+  const void* keep_c;       // [rows, H] keep values of c; null: no zoneout of c
+  int64_t keep_c_stride;
+  void* c_zoned;            // optional third copy of the zoned c (saved for backward)
+  int64_t c_zoned_stride;
+  const void* keep_h;       // [rows, H] keep values of h; null: no zoneout of h
+  int64_t keep_h_stride;
+  const void* h_prev;       // [rows, H] h_{t-1}, read with keep_h
+  int64_t h_prev_stride;
 };
 
 struct BackwardStep {
@@ -77,6 +89,19 @@ struct BackwardStep {
   Part part;                // Output: dz_o and dc without W_co^T dz_o; Update: the rest from dc
   c10::ScalarType dtype;
   double cell_clip;         // the forward's cell_clip: dc zeroed where it was active (|c| at it)
+  // Zoneout (lstm_math.h zoneout_backward). `c` is then the computed c~_t and c_prev the zoned
+  // c_{t-1}. keep_c: dc_in is the gradient of the zoned c_t; (1 - m) of it reaches c~_t and
+  // m of it is added to dc_prev_out. Full peepholes: the Output part writes that m dc_in to
+  // dc_keep, the Update part (whose dc_in is then the total gradient of c~_t) adds it.
+  // keep_h: the gradient of the zoned h_t, grad_h + grad_h2, is split: (1 - m) of it reaches
+  // o tanh(c~_t), and m of it is written back into grad_h2 (which must then be consumed) for
+  // the GEMM that adds dz W_hh to it.
+  const void* keep_c;       // [rows, H] keep values of c; null: no zoneout of c
+  int64_t keep_c_stride;
+  void* dc_keep;            // [rows, H] full peepholes with keep_c only
+  int64_t dc_keep_stride;
+  const void* keep_h;       // [rows, H] keep values of h; null: no zoneout of h
+  int64_t keep_h_stride;
 };
 
 // The inline code below is compiled once per kernel build; see isa_namespace.h.
@@ -147,11 +172,21 @@ LSTM_HD inline void forward_chunk(const ForwardStep& p, int64_t row, int64_t j, 
       IO::store(out + L::f * H, gates.f, n);
       IO::store(out + L::g * H, gates.g, n);
     }
+    V state = c;
+    if (p.keep_c) {
+      const V keep = IO::load(static_cast<const S*>(p.keep_c) + row * p.keep_c_stride + j, n);
+      state = zoneout(c_prev, c, keep);
+      if (p.c_zoned) IO::store(static_cast<S*>(p.c_zoned) + row * p.c_zoned_stride + j, state, n);
+    }
     IO::store(c_out, c, n);
-    if (p.c_state) IO::store(static_cast<S*>(p.c_state) + row * p.c_state_stride + j, c, n);
+    if (p.c_state) IO::store(static_cast<S*>(p.c_state) + row * p.c_state_stride + j, state, n);
     if (kPart == Part::Update) return;
   }
-  const V h = cell_output<kDiagonal>(z_o, c, w_co, gates);
+  V h = cell_output<kDiagonal>(z_o, c, w_co, gates);
+  if (p.keep_h) {
+    const V keep = IO::load(static_cast<const S*>(p.keep_h) + row * p.keep_h_stride + j, n);
+    h = zoneout(IO::load(static_cast<const S*>(p.h_prev) + row * p.h_prev_stride + j, n), h, keep);
+  }
   if (out) IO::store(out + L::o * H, gates.o, n);
   IO::store(static_cast<S*>(p.h_out) + row * p.h_out_stride + j, h, n);
   if (p.h_state) IO::store(static_cast<S*>(p.h_state) + row * p.h_state_stride + j, h, n);
@@ -176,6 +211,17 @@ LSTM_HD inline void backward_chunk(const BackwardStep& p, int64_t row, int64_t j
   }
   V dc_in(0);
   if (p.dc_in) dc_in = IO::load(static_cast<const S*>(p.dc_in) + row * p.dc_in_stride + j, n);
+  // Zoneout of c: the part of dc_in that goes straight to c_{t-1}. The Update part of a full
+  // peephole step gets the total gradient of c~_t as dc_in, and that part from dc_keep.
+  V dc_kept(0);
+  if (p.keep_c) {
+    if (kPart == Part::Update) {
+      dc_kept = IO::load(static_cast<const S*>(p.dc_keep) + row * p.dc_keep_stride + j, n);
+    } else {
+      const V keep = IO::load(static_cast<const S*>(p.keep_c) + row * p.keep_c_stride + j, n);
+      dc_in = zoneout_backward(dc_in, keep, dc_kept);
+    }
+  }
 
   V dc = dc_in;  // the Update part receives the total dc
   const bool clipped = p.cell_clip > 0;
@@ -186,16 +232,23 @@ LSTM_HD inline void backward_chunk(const BackwardStep& p, int64_t row, int64_t j
   if (kPart != Part::Update) {
     V dh(0);
     if (p.grad_h) dh = IO::load(static_cast<const S*>(p.grad_h) + row * p.grad_h_stride + j, n);
-    if (p.grad_h2) {
-      S* grad_h2 = static_cast<S*>(p.grad_h2) + row * p.grad_h2_stride + j;
-      dh = dh + IO::load(grad_h2, n);
-      if (p.consume_grad_h2) IO::store(grad_h2, V(0), n);
+    S* grad_h2 = p.grad_h2 ? static_cast<S*>(p.grad_h2) + row * p.grad_h2_stride + j : nullptr;
+    if (grad_h2) dh = dh + IO::load(grad_h2, n);
+    // Zoneout of h: what grad_h2 passes on to h_{t-1} is m dh (nothing without zoneout).
+    V dh_kept(0);
+    if (p.keep_h) {
+      const V keep = IO::load(static_cast<const S*>(p.keep_h) + row * p.keep_h_stride + j, n);
+      dh = zoneout_backward(dh, keep, dh_kept);
     }
+    if (grad_h2 && p.consume_grad_h2) IO::store(grad_h2, dh_kept, n);
     const V o = IO::load(saved + L::o * H, n);
     const V dz_o = output_backward<kDiagonal>(dh, dc_in, c, o, w_co, dc);
     IO::store(dz + L::o * H, dz_o, n);
     if (kPart == Part::Output) {
       IO::store(dc_prev_out, dc, n);
+      if (p.keep_c) {
+        IO::store(static_cast<S*>(p.dc_keep) + row * p.dc_keep_stride + j, dc_kept, n);
+      }
       return;
     }
   }
@@ -214,7 +267,7 @@ LSTM_HD inline void backward_chunk(const BackwardStep& p, int64_t row, int64_t j
   if (!kCoupled) IO::store(dz + L::i * H, grads.dz_i, n);
   IO::store(dz + L::f * H, grads.dz_f, n);
   IO::store(dz + L::g * H, grads.dz_g, n);
-  IO::store(dc_prev_out, grads.dc_prev, n);
+  IO::store(dc_prev_out, p.keep_c ? grads.dc_prev + dc_kept : grads.dc_prev, n);
 }
 
 // Calls f(coupled, diagonal, part) with std::integral_constant arguments, so the kernels are

@@ -306,6 +306,78 @@ def check_regularizer_options(bias, forget_bias, weight_dropout) -> tuple[float,
     return float(forget_bias), float(weight_dropout)
 
 
+def check_zoneout(zoneout) -> tuple[float, float]:
+    """The `zoneout` keyword (docs/regularizers.md): a real number p (p_h = p_c = p) or a pair
+    (p_h, p_c), each in [0, 1), the probability that a unit keeps its previous value; returns
+    (p_h, p_c) as floats. A non-number is a TypeError; a pair of another length or a rate
+    outside [0, 1) (p = 1 would never update the state) a ValueError."""
+    if isinstance(zoneout, (tuple, list)):
+        if len(zoneout) != 2:
+            raise ValueError(f"zoneout should be a number or a pair (p_h, p_c), got a "
+                             f"{type(zoneout).__name__} of length {len(zoneout)}")
+        rates = tuple(zoneout)
+    else:
+        rates = (zoneout, zoneout)
+    for name, rate in zip(("p_h", "p_c"), rates):
+        if not isinstance(rate, numbers.Real) or isinstance(rate, bool):
+            raise TypeError(f"zoneout's {name} should be a real number, got "
+                            f"{type(rate).__name__}")
+        if not 0 <= rate < 1:
+            raise ValueError(f"zoneout's {name} should be a number in range [0, 1) representing "
+                             f"the probability of a unit keeping its previous value, got "
+                             f"{rate!r}")
+    return float(rates[0]), float(rates[1])
+
+
+def check_zoneout_keep(keep, state: Tensor, name: str) -> None:
+    """One keep value of the functional `zoneout=(keep_h, keep_c)` argument, against the state
+    it mixes (`name`: "keep_h" against hx, "keep_c" against cx): a rate in [0, 1) (the eval
+    expectation) or a mask tensor with the state's shape, dtype and device (training)."""
+    if isinstance(keep, Tensor):
+        if keep.shape != state.shape:
+            raise ValueError(f"zoneout {name}: expected a mask of shape {tuple(state.shape)} "
+                             f"(the state it mixes), got {tuple(keep.shape)}")
+        if keep.dtype != state.dtype:
+            raise TypeError(f"zoneout {name}: expected a mask of dtype {state.dtype} (the "
+                            f"state's), got {keep.dtype}")
+        if keep.device != state.device:
+            raise RuntimeError(f"zoneout {name}: expected a mask on {state.device} (the "
+                               f"state's device), got {keep.device}")
+        return
+    if not isinstance(keep, numbers.Real) or isinstance(keep, bool):
+        raise TypeError(f"zoneout {name}: expected a number or a mask tensor, got "
+                        f"{type(keep).__name__}")
+    if not 0 <= keep < 1:
+        raise ValueError(f"zoneout {name}: expected a keep rate in [0, 1), got {keep!r}")
+
+
+def check_zoneout_pair(zoneout, hx: Tensor, cx: Tensor):
+    """The functional `zoneout` argument: None (off) or (keep_h, keep_c), each as
+    check_zoneout_keep takes it; returned unchanged (None when both are 0)."""
+    if zoneout is None:
+        return None
+    if not isinstance(zoneout, (tuple, list)) or len(zoneout) != 2:
+        raise ValueError(f"zoneout should be None or a pair (keep_h, keep_c), got "
+                         f"{type(zoneout).__name__}")
+    check_zoneout_keep(zoneout[0], hx, "keep_h")
+    check_zoneout_keep(zoneout[1], cx, "keep_c")
+    return tuple(zoneout)
+
+
+def check_layer_zoneout(zoneout, hx: Tensor, cx: Tensor, steps: int):
+    """The functional layer's `zoneout` argument: None (off) or (keep_h, keep_c), each a rate in
+    [0, 1) or a mask [T, B, R] / [T, B, H] (T = steps; for packed input too: step t uses rows
+    :batch_sizes[t] of mask[t]); returned unchanged (None when off)."""
+    if zoneout is None:
+        return None
+    if not isinstance(zoneout, (tuple, list)) or len(zoneout) != 2:
+        raise ValueError(f"zoneout should be None or a pair (keep_h, keep_c), got "
+                         f"{type(zoneout).__name__}")
+    check_zoneout_keep(zoneout[0], hx.expand(steps, *hx.shape), "keep_h")
+    check_zoneout_keep(zoneout[1], cx.expand(steps, *cx.shape), "keep_c")
+    return tuple(zoneout)
+
+
 # --------------------------------------------------------------------------------------------
 # State clipping (cell_clip, proj_clip): TensorFlow LSTMCell's options
 # --------------------------------------------------------------------------------------------

@@ -56,16 +56,26 @@ def layer(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: T
           bias_ih: Tensor | None, bias_hh: Tensor | None, weight_ch: Tensor | None,
           weight_hr: Tensor | None, batch_sizes: Sequence[int] | None, reverse: bool,
           peephole: str, coupled: bool, cell_clip: float = 0.0,
-          proj_clip: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+          proj_clip: float = 0.0, zoneout_h: Tensor | None = None,
+          zoneout_c: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """What ``lstm_fused::layer_forward`` computes (its first three outputs): input [T, B, I]
     (or packed [N, I] with batch_sizes), h0 [B, R], c0 [B, H] -> (output [T, B, R] or [N, R],
     h_n [B, R], c_n [B, H]). At step t only the first batch_sizes[t] rows are active; the
-    others keep their state. cell_clip / proj_clip > 0 clip c_t and the projected h_t."""
+    others keep their state. cell_clip / proj_clip > 0 clip c_t and the projected h_t.
+    zoneout_h [..., R] / zoneout_c [..., H] (rows like input's; None = off): the keep values m,
+    h_t = m h_{t-1} + (1 - m) h~_t after the clips, likewise c; the gates saw the computed c~_t."""
     B = h0.shape[0]
     packed = batch_sizes is not None
     sizes = list(batch_sizes) if packed else [B] * input.shape[0]
     projected = F.linear(input, weight_ih, bias_ih)  # every step's input projection at once
     steps = projected.split(sizes, 0) if packed else projected.unbind(0)
+
+    def per_step(keep: Tensor | None) -> list[Tensor | None]:
+        if keep is None:
+            return [None] * len(sizes)
+        return list(keep.split(sizes, 0) if packed else keep.unbind(0))
+
+    keeps_h, keeps_c = per_step(zoneout_h), per_step(zoneout_c)
     h, c = h0, c0
     outputs: list[Tensor] = [None] * len(sizes)
     for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
@@ -76,6 +86,10 @@ def layer(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: T
             h_t = F.linear(h_t, weight_hr)
             if proj_clip > 0:
                 h_t = h_t.clamp(-proj_clip, proj_clip)
+        if keeps_h[t] is not None:
+            h_t = keeps_h[t] * h[:n] + (1 - keeps_h[t]) * h_t
+        if keeps_c[t] is not None:
+            c_t = keeps_c[t] * c[:n] + (1 - keeps_c[t]) * c_t
         outputs[t] = h_t
         h, c = torch.cat([h_t, h[n:]]), torch.cat([c_t, c[n:]])
     if not outputs:  # no time step

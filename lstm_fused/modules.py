@@ -21,6 +21,7 @@ from ._checks import (
     check_lstm_forward,
     check_lstm_options,
     check_regularizer_options,
+    check_zoneout,
 )
 from .ops import BUILT_WITH_CUDA
 
@@ -107,6 +108,23 @@ class _VariantMixin:
         """The clips as the functional layer and cell take them (0.0 = off)."""
         return {"cell_clip": self.cell_clip or 0.0, "proj_clip": self.proj_clip or 0.0}
 
+    def _init_zoneout(self, zoneout) -> None:
+        """Sets zoneout as (p_h, p_c) floats (docs/regularizers.md); checks it first."""
+        self.zoneout = check_zoneout(zoneout)
+
+    def _zoneout_keeps(self, like: Tensor, steps: tuple[int, ...], widths: tuple[int, int]):
+        """The functional `zoneout` argument for one layer/direction or cell call: None when off;
+        in training fresh 0/1 keep masks [*steps, B, R] (h) and [*steps, B, H] (c), each unit kept
+        with probability p_h / p_c, drawn on like's device with torch's generator; in eval the
+        rates themselves (the expectation, deterministic). A rate of 0 draws nothing."""
+        if not any(self.zoneout):
+            return None
+        if not self.training:
+            return self.zoneout
+        return tuple(
+            like.new_empty(*steps, width).bernoulli_(rate) if rate > 0 else 0.0
+            for rate, width in zip(self.zoneout, widths, strict=True))
+
     def _variant_repr(self) -> str:
         s = ""
         if self.peephole is not None:
@@ -121,6 +139,8 @@ class _VariantMixin:
             s += f", cell_clip={self.cell_clip}"
         if getattr(self, "proj_clip", None):
             s += f", proj_clip={self.proj_clip}"
+        if any(getattr(self, "zoneout", (0.0, 0.0))):
+            s += f", zoneout={self.zoneout}"
         return s
 
     # --- torch.ao.quantization: no quantized version, and no silent skip -------------------
@@ -187,6 +207,9 @@ class LSTMCell(_VariantMixin, nn.Module):
         cell_clip (keyword): None or 0 (off), or clip c_1 to [-cell_clip, cell_clip] after the
             update (TensorFlow LSTMCell's cell_clip); the clipped c_1 is returned and seen by
             the output gate; zero gradient where the clip is active.
+        zoneout (keyword): p or (p_h, p_c), each in [0, 1): in training each unit of h_1 / c_1
+            keeps its value in h_0 / c_0 with that probability (a fresh Bernoulli mask per call),
+            h_1 = m h_0 + (1 - m) h~_1; in eval the expectation p h_0 + (1 - p) h~_1.
 
     Inputs: input [B, I] or [I]; (h_0, c_0) each [B, H] or [H], zeros when omitted.
     Outputs: (h_1, c_1), each [B, H] (or [H] for unbatched input).
@@ -199,12 +222,13 @@ class LSTMCell(_VariantMixin, nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, peephole=None,
                  coupled: bool = False, device=None, dtype=None, *, forget_bias: float = 0.0,
-                 weight_dropout: float = 0.0, cell_clip=None) -> None:
+                 weight_dropout: float = 0.0, cell_clip=None, zoneout=0.0) -> None:
         super().__init__()
         peephole = check_cell_options(input_size, hidden_size, bias, peephole, coupled)
         self._init_variant(input_size, hidden_size, bias, peephole, coupled)
         self._init_regularizers(forget_bias, weight_dropout)
         self._init_clips(cell_clip, None, 0)
+        self._init_zoneout(zoneout)
         factory = {"device": device, "dtype": dtype}
         self._make_parameters("", self.input_size, self.hidden_size, 0, factory)
         self.reset_parameters()
@@ -258,7 +282,9 @@ class LSTMCell(_VariantMixin, nn.Module):
         h, c = functional.fused_cell(input, hx[0], hx[1], weight_ih,
                                      self._recurrent_weight(weight_hh), *rest,
                                      peephole=self.peephole, coupled=self.coupled,
-                                     **self._clip_arguments())
+                                     **self._clip_arguments(),
+                                     zoneout=self._zoneout_keeps(
+                                         input, (input.shape[0],), (self.hidden_size,) * 2))
         if not batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
@@ -273,6 +299,8 @@ class LSTMCell(_VariantMixin, nn.Module):
         None otherwise: forward() then takes the general path, which checks every argument with
         its own error."""
         if self.training and self.weight_dropout > 0:  # DropConnect draws a mask: general path
+            return None
+        if any(self.zoneout):  # zoneout mixes in the previous state: general path
             return None
         params = self._parameters  # a dict lookup, not nn.Module.__getattr__, per parameter
         weights = [params.get(name) for name in self._step_parameter_names]
@@ -331,6 +359,11 @@ class LSTM(_VariantMixin, nn.Module):
             [-cell_clip, cell_clip] after the update, and the projected h_t (needs proj_size) to
             [-proj_clip, proj_clip] (TensorFlow LSTMCell's options); the clipped values are the
             states and outputs; zero gradient where a clip is active.
+        zoneout (keyword): p or (p_h, p_c), each in [0, 1): in training every unit of h_t / c_t
+            keeps its previous value with that probability (fresh Bernoulli masks per call,
+            layer and direction), h_t = m h_{t-1} + (1 - m) h~_t, applied in the fused time loop
+            (with a projection to the projected h); in eval the expectation
+            p h_{t-1} + (1 - p) h~_t. The zoned values are the states and the outputs.
 
     Inputs: input [T, B, I] ([B, T, I] if batch_first), [T, I] unbatched, or a PackedSequence;
         optional (h_0 [D*L, B, R], c_0 [D*L, B, H]) with D = 2 if bidirectional else 1 and
@@ -351,13 +384,14 @@ class LSTM(_VariantMixin, nn.Module):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, peephole=None, coupled: bool = False, device=None,
                  dtype=None, *, forget_bias: float = 0.0, weight_dropout: float = 0.0,
-                 cell_clip=None, proj_clip=None) -> None:
+                 cell_clip=None, proj_clip=None, zoneout=0.0) -> None:
         super().__init__()
         peephole = check_lstm_options(input_size, hidden_size, num_layers, bias, batch_first,
                                       dropout, bidirectional, proj_size, peephole, coupled)
         self._init_variant(input_size, hidden_size, bias, peephole, coupled)
         self._init_regularizers(forget_bias, weight_dropout)
         self._init_clips(cell_clip, proj_clip, proj_size)
+        self._init_zoneout(zoneout)
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
                           f"non-zero dropout expects num_layers greater than 1, but got "
@@ -498,6 +532,10 @@ class LSTM(_VariantMixin, nn.Module):
 
         layer_input = data
         h_n, c_n = [], []
+        # Zoneout masks [T, B, D] for padded and packed input alike (packed: step t uses rows
+        # :batch_sizes[t]), so no row's draws depend on another row's length.
+        zoneout_steps = (len(batch_sizes) if packed else data.shape[0], batch)
+        zoneout_widths = (self._output_size, self.hidden_size)
         for layer in range(self.num_layers):
             outputs = []
             for direction, suffix in enumerate(self._suffixes(layer)):
@@ -506,7 +544,8 @@ class LSTM(_VariantMixin, nn.Module):
                 out, (h, c) = self._layer_fn(
                     layer_input, h0[row], c0[row], weight_ih, self._recurrent_weight(weight_hh),
                     *rest, peephole=self.peephole, coupled=self.coupled, reverse=direction == 1,
-                    batch_sizes=batch_sizes, **self._clip_arguments())
+                    batch_sizes=batch_sizes, **self._clip_arguments(),
+                    zoneout=self._zoneout_keeps(data, zoneout_steps, zoneout_widths))
                 outputs.append(out)
                 h_n.append(h)
                 c_n.append(c)
@@ -558,6 +597,10 @@ def _require_vanilla(module, method):
         raise ValueError(f"{type(module).__name__}.{method}(): torch.nn has no DropConnect; this "
                          f"module has weight_dropout={module.weight_dropout} (build it with "
                          f"weight_dropout=0 to convert it)")
+    if any(getattr(module, "zoneout", (0.0, 0.0))):
+        raise ValueError(f"{type(module).__name__}.{method}(): torch.nn has no zoneout; this "
+                         f"module has zoneout={module.zoneout} (build it with zoneout=0 to "
+                         f"convert it)")
     clips = {name: getattr(module, name, None) for name in ("cell_clip", "proj_clip")}
     if any(clips.values()):
         raise ValueError(f"{type(module).__name__}.{method}() needs a module without state "

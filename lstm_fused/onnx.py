@@ -21,7 +21,11 @@ What each fused op becomes (ONNX gate order is i, o, f, c; B = [Wb, Rb]; P order
   `Scan` over time whose body is the step written with standard ops (MatMul, Sigmoid, Tanh, Mul,
   Add, and `Clip` after the cell update and the projection). ONNX's LSTM has a `clip` attribute,
   but it clips the gate pre-activations, not the cell state, so it cannot express cell_clip.
-- `cell_forward` (LSTMCell and variants): the same step ops, a dozen standard nodes.
+- `layer_forward` with zoneout (eval mode: the rates, the expectation; training mode is refused):
+  the same Scan, the keep values as two more scan inputs, and after the step (and its clips)
+  h = m h_prev + (1 - m) h~, c likewise.
+- `cell_forward` (LSTMCell and variants): the same step ops, a dozen standard nodes (an LSTMCell's
+  zoneout is plain torch ops around it, exported by torch).
 - A `PackedSequence` cannot be exported (torch.export cannot trace `pack_padded_sequence`).
 
 Importing this module imports onnx, onnxscript and onnx_ir; `import lstm_fused` does not.
@@ -92,12 +96,20 @@ def export(model: torch.nn.Module, args: tuple, f=None, *, dynamic: bool = True,
 
 
 def _refuse_training_regularizers(model: torch.nn.Module) -> None:
-    """A ValueError for a module of ours in training mode with weight_dropout > 0: the export
-    would freeze one random DropConnect mask into the graph (or export a random op). In eval
-    mode DropConnect is the identity and the export is the inference function."""
+    """A ValueError for a module of ours in training mode with weight_dropout > 0 or zoneout:
+    the export would freeze one random mask into the graph (or export a random op). In eval
+    mode DropConnect is the identity, zoneout its expectation, and the export is the inference
+    function."""
     from .modules import LSTM, LSTMCell  # modules imports the ops this module translates
 
     for name, module in model.named_modules():
+        if (isinstance(module, (LSTM, LSTMCell)) and module.training
+                and any(module.zoneout)):
+            raise ValueError(
+                f"lstm_fused.onnx.export: {name or 'the model'} ({type(module).__name__}) is in "
+                f"training mode with zoneout={module.zoneout}, which draws random masks on each "
+                f"call; call model.eval() before exporting (in eval mode zoneout is its "
+                f"expectation, p h_(t-1) + (1 - p) h~_t, which is exported)")
         if (isinstance(module, (LSTM, LSTMCell)) and module.training
                 and module.weight_dropout > 0):
             raise ValueError(
@@ -269,7 +281,7 @@ def _cell_forward(gates, c_prev, weight_ch, peephole, coupled, cell_clip=0.0):
 
 def _layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
                    batch_sizes, reverse, peephole, coupled, need_backward=True, cell_clip=0.0,
-                   proj_clip=0.0):
+                   proj_clip=0.0, zoneout_h=None, zoneout_c=None):
     """layer_forward(input [T, B, I], h0 [B, R], c0 [B, H], ...) -> (output [T, B, R], h_n, c_n):
     one LSTM node, or a Scan for peephole="full", projections and clips. The op's two last outputs
     (gates and cells, saved for the backward) are not exported, so need_backward changes
@@ -279,14 +291,23 @@ def _layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight
                          "the model on a padded tensor")
     g = _Nodes()
     H = _hidden_size(weight_ih.shape[0], coupled)
-    if peephole == "full" or weight_hr is not None or cell_clip > 0 or proj_clip > 0:
+    zoneout = (zoneout_h, zoneout_c)
+    if (peephole == "full" or weight_hr is not None or cell_clip > 0 or proj_clip > 0
+            or any(k is not None for k in zoneout)):
         outputs = _scan_layer(g, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                               weight_hr, bool(reverse), peephole, bool(coupled), H, cell_clip,
-                              proj_clip)
+                              proj_clip, zoneout)
     else:
         outputs = _lstm_node(g, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                              weight_hr, bool(reverse), peephole, bool(coupled), H)
     return _emit(g, outputs)
+
+
+def _zoneout(g: _Nodes, keep, previous, computed, dtype: ir.DataType):
+    """m previous + (1 - m) computed (lstm_math.h zoneout), m the keep values (of `dtype`)."""
+    one = g.tape.op("Constant", [], {"value": ir.tensor(np.array(1, dtype.numpy()))})
+    one_minus = g.Sub(one, keep)
+    return g.Add(g.Mul(keep, previous), g.Mul(one_minus, computed))
 
 
 def _bias(g: _Nodes, bias_ih, bias_hh, rows: int):
@@ -335,7 +356,8 @@ _scan_counter = itertools.count()
 
 
 def _scan_layer(g: _Nodes, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                weight_hr, reverse, peephole, coupled, H, cell_clip=0.0, proj_clip=0.0):
+                weight_hr, reverse, peephole, coupled, H, cell_clip=0.0, proj_clip=0.0,
+                zoneout=(None, None)):
     # Input projections of all steps at once: zx [T, B, G*H] = x W_ih^T + b_ih + b_hh.
     zx = g.MatMul(input, g.Transpose(weight_ih, perm=[1, 0]))
     biases = _bias(g, bias_ih, bias_hh, weight_ih.shape[0])
@@ -356,14 +378,26 @@ def _scan_layer(g: _Nodes, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh
     h, c = _step(body, z, c_prev, peepholes, peephole, coupled, H, cell_clip, input.dtype)
     if w_hr_t is not None:
         h = body.clip(body.MatMul(h, w_hr_t), proj_clip, input.dtype)
-    graph = ir.Graph([h_prev, c_prev, zx_t], [h, c, body.Identity(h)], nodes=body.tape.nodes,
-                     name="lstm_fused_step")
+    # Zoneout (docs/regularizers.md): the keep values of step t [B, R] / [B, H] are scan inputs.
+    keeps = []
+    for keep, state, width in ((zoneout[0], h_prev, h0.shape[-1]), (zoneout[1], c_prev, H)):
+        keeps.append(None if keep is None else ir.Value(
+            type=dtype, shape=ir.Shape([batch, width])))
+    if keeps[0] is not None:
+        h = _zoneout(body, keeps[0], h_prev, h, input.dtype)
+    if keeps[1] is not None:
+        c = _zoneout(body, keeps[1], c_prev, c, input.dtype)
+    scan_inputs = [zx_t, *(k for k in keeps if k is not None)]
+    graph = ir.Graph([h_prev, c_prev, *scan_inputs], [h, c, body.Identity(h)],
+                     nodes=body.tape.nodes, name="lstm_fused_step")
     # Names are unique in the whole model, subgraphs included (ONNX's SSA rule).
     scan = next(_scan_counter)
-    for k, value in enumerate([h_prev, c_prev, zx_t, *(v for n in graph for v in n.outputs)]):
+    for k, value in enumerate([h_prev, c_prev, *scan_inputs,
+                               *(v for n in graph for v in n.outputs)]):
         value.name = f"lstm_fused_scan{scan}_{k}"
-    directions = [1 if reverse else 0]
-    h_n, c_n, output = g.Scan(h0, c0, zx, body=graph, num_scan_inputs=1,
+    directions = [1 if reverse else 0] * len(scan_inputs)
+    h_n, c_n, output = g.Scan(h0, c0, zx, *(k for k in zoneout if k is not None), body=graph,
+                              num_scan_inputs=len(scan_inputs),
                               scan_input_directions=directions,
-                              scan_output_directions=directions, _outputs=3)
+                              scan_output_directions=directions[:1], _outputs=3)
     return [output, h_n, c_n]

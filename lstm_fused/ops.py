@@ -6,14 +6,18 @@ fake (meta) kernels for torch.compile / export, and their autograd formulas.
         -> (h [B, H], c [B, H], gates_out [B, G*H])
     torch.ops.lstm_fused.layer_forward(input [T, B, I] | [N, I], h0 [B, R], c0 [B, H], weight_ih,
         weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, batch_sizes, reverse, peephole, coupled,
-        need_backward=True, cell_clip=0.0, proj_clip=0.0)
+        need_backward=True, cell_clip=0.0, proj_clip=0.0, zoneout_h=None, zoneout_c=None)
         -> (output [T, B, R] | [N, R], h_n [B, R], c_n [B, H], gates, cells)
 
 `peephole` is the string "none", "diagonal" or "full"; `gates`/`cells` are what the backward
 needs (activated gates and cell states of every step); with need_backward=False (inference) they
 are not written and come back empty. `cell_clip` > 0 clips every c_t to [-cell_clip, cell_clip]
 after the update, `proj_clip` > 0 the projected h (TensorFlow LSTMCell's state clipping; 0 = off);
-the gradient is zero where a clip is active.
+the gradient is zero where a clip is active. `zoneout_h` [T, B, R] | [N, R] and `zoneout_c`
+[T, B, H] | [N, H] are zoneout's keep values (1 keeps a unit's previous value: 0/1 masks in
+training, the rates p in eval, e.g. expanded; None = off): h_t = m_h h_{t-1} + (1 - m_h) h~_t and
+likewise c (docs/regularizers.md); with zoneout_c `cells` is [..., 2H] (the computed c~_t, then the
+zoned c_t).
 The *_backward ops are what autograd calls for a first-order
 backward; a backward that builds a graph (create_graph=True, for double backward) differentiates a
 recomputation in torch ops instead (lstm_fused._double_backward).
@@ -67,11 +71,12 @@ def _cell_step_fake(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weigh
 @torch.library.register_fake("lstm_fused::layer_forward")
 def _layer_forward_fake(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                         weight_hr, batch_sizes, reverse, peephole, coupled, need_backward=True,
-                        cell_clip=0.0, proj_clip=0.0):
+                        cell_clip=0.0, proj_clip=0.0, zoneout_h=None, zoneout_c=None):
     lead = input.shape[:-1]
     gate_rows, hidden, proj = weight_ih.shape[0], c0.shape[-1], h0.shape[-1]
-    saved = ((input.new_empty(*lead, gate_rows), input.new_empty(*lead, hidden)) if need_backward
-             else (input.new_empty(0), input.new_empty(0)))
+    cells_width = 2 * hidden if zoneout_c is not None else hidden
+    saved = ((input.new_empty(*lead, gate_rows), input.new_empty(*lead, cells_width))
+             if need_backward else (input.new_empty(0), input.new_empty(0)))
     return (input.new_empty(*lead, proj), h0.new_empty(h0.shape), c0.new_empty(c0.shape), *saved)
 
 
@@ -79,7 +84,7 @@ def _layer_forward_fake(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, w
 def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh,
                          bias_ih, bias_hh, weight_ch, weight_hr, output, gates, cells,
                          batch_sizes, reverse, peephole, coupled, need_input_grad, cell_clip=0.0,
-                         proj_clip=0.0):
+                         proj_clip=0.0, zoneout_h=None, zoneout_c=None):
     empty = input.new_empty(0)
     return (input.new_empty(input.shape) if need_input_grad else empty,
             h0.new_empty(h0.shape), c0.new_empty(c0.shape),
@@ -131,12 +136,13 @@ def _layer_setup_context(ctx, inputs, output):
      batch_sizes, reverse, peephole, coupled, *extra) = inputs
     need_backward = extra[:1]
     cell_clip, proj_clip = (list(extra[1:3]) + [0.0, 0.0])[:2]
+    zoneout_h, zoneout_c = (list(extra[3:5]) + [None, None])[:2]
     if need_backward and not need_backward[0]:
         raise RuntimeError("lstm_fused: layer_forward(need_backward=False) saved nothing for "
                            "backward, but an input requires grad; call it with need_backward=True")
     out, _, _, gates, cells = output
     ctx.save_for_backward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                          weight_hr, out, gates, cells)
+                          weight_hr, out, gates, cells, zoneout_h, zoneout_c)
     ctx.options = (batch_sizes, reverse, peephole, coupled)
     ctx.clips = (cell_clip, proj_clip)
     ctx.mark_non_differentiable(gates, cells)
@@ -144,12 +150,13 @@ def _layer_setup_context(ctx, inputs, output):
 
 def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-     out, gates, cells) = ctx.saved_tensors
+     out, gates, cells, zoneout_h, zoneout_c) = ctx.saved_tensors
     batch_sizes, reverse, peephole, coupled = ctx.options
     if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
         forward = functools.partial(_double_backward.layer, batch_sizes=batch_sizes,
                                     reverse=reverse, peephole=peephole, coupled=coupled,
-                                    cell_clip=ctx.clips[0], proj_clip=ctx.clips[1])
+                                    cell_clip=ctx.clips[0], proj_clip=ctx.clips[1],
+                                    zoneout_h=zoneout_h, zoneout_c=zoneout_c)
         grads = _double_backward.differentiable_gradients(
             forward, (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr),
             (grad_output, grad_h_n, grad_c_n))
@@ -159,7 +166,7 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cel
      grad_weight_hr) = ops.layer_backward(
         grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
         weight_ch, weight_hr, out, gates, cells, batch_sizes, reverse, peephole, coupled,
-        need_input_grad, *ctx.clips)
+        need_input_grad, *ctx.clips, zoneout_h, zoneout_c)
 
     def when(present, grad):
         return grad if present else None

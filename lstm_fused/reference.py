@@ -21,6 +21,10 @@ equation by equation so it can be checked line by line against docs/design.md se
     h_t = o * tanh(c_t)
     h_t = W_hr h_t                                   (only with a projection, weight_hr [R, H])
     h_t = clip(h_t, -proj_clip, proj_clip)           (only with a projection and proj_clip > 0)
+    c_t = m_c * c_{t-1} + (1 - m_c) * c_t            zoneout (only with zoneout): m 0/1 masks in
+    h_t = m_h * h_{t-1} + (1 - m_h) * h_t            training (1 keeps the previous value), the
+                                                     rates p_c, p_h in eval; after the clips; the
+                                                     gates of step t saw the unzoned c_t
 
 ``peephole=None, coupled=False`` is exactly ``torch.nn.LSTMCell`` / ``torch.nn.LSTM``.
 
@@ -39,7 +43,14 @@ from torch import Tensor
 
 # Validation belongs to the library (lstm_fused._checks); the twin calls the same checks so that
 # it rejects the same inputs, and otherwise only computes.
-from ._checks import check_cell_args, check_clips, check_layer_args, normalize_peephole
+from ._checks import (
+    check_cell_args,
+    check_clips,
+    check_layer_args,
+    check_layer_zoneout,
+    check_zoneout_pair,
+    normalize_peephole,
+)
 
 __all__ = ["lstm_cell", "lstm_layer", "normalize_peephole"]
 
@@ -137,6 +148,11 @@ def _step(
     return h, c
 
 
+def _zoneout(previous: Tensor, new: Tensor, keep: Tensor | float) -> Tensor:
+    """m * previous + (1 - m) * new, m = keep: a 0/1 mask or a rate (the expectation)."""
+    return keep * previous + (1 - keep) * new
+
+
 # --------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------
@@ -157,6 +173,7 @@ def lstm_cell(
     coupled: bool = False,
     cell_clip=None,
     proj_clip=None,
+    zoneout=None,
 ) -> tuple[Tensor, Tensor]:
     """One time step. input [B, I], hx [B, R], cx [B, H] -> (h [B, R], c [B, H]).
 
@@ -166,14 +183,20 @@ def lstm_cell(
       weight_hr [R, H], only with a projection.
     peephole: None / False, True / "diagonal", or "full". coupled: i = 1 - f.
     cell_clip / proj_clip: None or 0 (off), or the bound of c_t / of the projected h_t.
+    zoneout: None (off) or (keep_h, keep_c): each a rate in [0, 1) or a 0/1 mask shaped like
+    hx / cx (the injected masks of the tests).
     """
     peephole = normalize_peephole(peephole)
     coupled = bool(coupled)
     check_cell_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
                     peephole, coupled)
     cell_clip, proj_clip = check_clips(cell_clip, proj_clip, weight_hr is not None)
-    return _step(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
+    zoneout = check_zoneout_pair(zoneout, hx, cx)
+    h, c = _step(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
                  peephole, coupled, cell_clip, proj_clip)
+    if zoneout is not None:
+        h, c = _zoneout(hx, h, zoneout[0]), _zoneout(cx, c, zoneout[1])
+    return h, c
 
 
 def lstm_layer(
@@ -193,6 +216,7 @@ def lstm_layer(
     batch_sizes=None,
     cell_clip=None,
     proj_clip=None,
+    zoneout=None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One layer, one direction.
 
@@ -209,6 +233,8 @@ def lstm_layer(
     Returns (output, (h_n [B, R], c_n [B, H])): each row's final state (for the packed forward
     direction, the state at that row's last active step; for reverse, the state after step 0).
     Parameters, ``peephole``, ``coupled`` and the clips as in :func:`lstm_cell`.
+    zoneout: None (off) or (keep_h, keep_c), each a rate in [0, 1) or a 0/1 mask [T, B, R] /
+    [T, B, H] (padded and packed alike: step t uses rows :batch_sizes[t] of mask[t]).
     """
     peephole = normalize_peephole(peephole)
     coupled = bool(coupled)
@@ -216,6 +242,8 @@ def lstm_layer(
                              weight_hr, peephole, coupled, batch_sizes)
     cell_clip, proj_clip = check_clips(cell_clip, proj_clip, weight_hr is not None)
     B, R = hx.shape
+    zoneout = check_layer_zoneout(zoneout, hx, cx,
+                                  len(sizes) if sizes is not None else input.shape[0])
     if sizes is None:
         sizes = [B] * input.shape[0]
         xs = input.unbind(0)  # T tensors [B, I]
@@ -230,6 +258,9 @@ def lstm_layer(
         n = sizes[t]  # rows 0..n-1 are active at step t
         h_t, c_t = _step(xs[t], h[:n], c[:n], weight_ih, weight_hh, bias_ih, bias_hh,
                          weight_ch, weight_hr, peephole, coupled, cell_clip, proj_clip)
+        if zoneout is not None:
+            keep_h, keep_c = (k[t, :n] if isinstance(k, Tensor) else k for k in zoneout)
+            h_t, c_t = _zoneout(h[:n], h_t, keep_h), _zoneout(c[:n], c_t, keep_c)
         outputs[t] = h_t
         # Rows n.. keep their state: going forward they have already finished (batch sizes only
         # shrink), so they hold their final state; going in reverse they have not started yet,

@@ -180,6 +180,46 @@ def test_layer_ops_agree_with_cpu(variant, dtype, packed, reverse, proj):
         assert_agree(a, b, dtype, name)
 
 
+@variant_params
+@grid(dtype=[torch.float32, torch.float64], packed=[False, True], proj=[0, 2])
+def test_layer_ops_with_zoneout_agree_with_cpu(variant, dtype, packed, proj):
+    """Zoneout's keep masks (and cell_clip) through the CUDA layer ops, forward and backward."""
+    g = torch.Generator().manual_seed(4)
+    args = layer_op_args(variant, dtype, packed, False, proj, g)
+    lead, R, H = args[0].shape[:-1], args[1].shape[-1], args[2].shape[-1]
+    keeps = tuple((torch.rand(*lead, width, generator=g) < 0.5).to(dtype) for width in (R, H))
+    extra = (True, 0.4, 0.0, *keeps)
+    expected = ops.layer_forward(*args, *extra)
+    got = ops.layer_forward(*to_device(args), *to_device(extra))
+    for a, b, name in zip(got, expected, ("output", "h_n", "c_n", "gates", "cells")):
+        assert_agree(a, b, dtype, name)
+    out, h_n, c_n, gates, cells = expected
+    backward_args = (*random_like([out, h_n, c_n], seed=3), *args[:9], out, gates, cells,
+                     *args[9:], True, 0.4, 0.0, *keeps)
+    expected = ops.layer_backward(*backward_args)
+    got = ops.layer_backward(*to_device(backward_args))
+    for k, (a, b) in enumerate(zip(got, expected)):
+        assert_agree(a, b, dtype, f"gradient {k}")
+
+
+def test_zoneout_module_draws_masks_on_the_gpu_and_matches_cpu():
+    """The masks come from the CUDA generator (torch.manual_seed seeds it): the same seed twice
+    is bit-identical; eval (the rates) agrees with the CPU module."""
+    torch.manual_seed(0)
+    lstm = lstm_fused.LSTM(5, 16, num_layers=2, zoneout=(0.3, 0.5))
+    x = torch.randn(7, 4, 5)
+    gpu = copy.deepcopy(lstm).to(CUDA)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        runs.append(gpu(x.to(CUDA))[0])
+    assert torch.equal(runs[0], runs[1])
+    lstm.eval()
+    gpu.eval()
+    with torch.no_grad():
+        assert_agree(gpu(x.to(CUDA))[0], lstm(x)[0], torch.float32, "eval output")
+
+
 def test_grid_stride_loop_beyond_the_maximum_grid():
     """More elements than 65535 blocks x 256 threads: each thread must loop."""
     rows, hidden = 2 * 65535, 257

@@ -186,3 +186,34 @@ def test_forced_simd_gemm_still_runs_the_cuda_kernels(host_shim, op):
     for a, b in zip(got, expected):
         if a.numel():
             close(a, b, torch.float32)
+
+
+@variant_params
+@grid(dtype=[torch.float32, torch.float64], packed=[False, True], proj=[0, 2],
+      keep=["masks", "rates"])
+def test_layer_zoneout_with_cuda_kernels_matches_cpu(host_shim, variant, dtype, packed, proj,
+                                                     keep):
+    """Zoneout's keep values (0/1 masks, or eval's rates as one expanded row) through the CUDA
+    kernels, forward and backward, with a cell clip."""
+    g = torch.Generator().manual_seed(3)
+    args = layer_op_args(variant, dtype, packed, False, proj, g)
+    lead, R, H = args[0].shape[:-1], args[1].shape[-1], args[2].shape[-1]
+    if keep == "masks":
+        keeps = tuple((torch.rand(*lead, width, generator=g) < 0.5).to(dtype) for width in (R, H))
+    else:
+        keeps = tuple(torch.full((width,), rate, dtype=dtype).expand(*lead, width)
+                      for width, rate in ((R, 0.3), (H, 0.6)))
+    clips = (0.4, 0.0)
+    expected = ops.layer_forward(*args, True, *clips, *keeps)
+    got = host_shim.layer_forward(*args, 3, 7, *clips, *keeps)
+    for a, b in zip(got, expected):
+        close(a, b, dtype)
+
+    out, h_n, c_n, gates, cells = expected
+    assert cells.shape[-1] == 2 * H  # the computed and the zoned c
+    grads = [torch.randn(t.shape, generator=g).to(dtype) for t in (out, h_n, c_n)]
+    backward_args = (*grads, *args[:9], out, gates, cells, *args[9:], True)
+    expected = ops.layer_backward(*backward_args, *clips, *keeps)
+    got = host_shim.layer_backward(*backward_args, 3, 7, *clips, *keeps)
+    for a, b in zip(got, expected):
+        close(a, b, dtype)

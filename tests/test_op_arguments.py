@@ -80,12 +80,17 @@ class Config:
                         "peephole": forward["peephole"], "coupled": coupled, "cell_clip": 0.0}
             return {"cell_forward": forward, "cell_backward": backward}
         # The arguments both libraries' layer_forward share (the shim has no need_backward), the
-        # state clips (off) apart.
+        # state clips (off) and zoneout's keep masks apart.
         clips = {"cell_clip": 0.0, "proj_clip": 0.0}
+        zoneout = ("zoneout_h", "zoneout_c")
         names = [a.name for a in schema_arguments("lstm_fused", "layer_forward")
-                 if a.name != "need_backward" and a.name not in clips]
+                 if a.name != "need_backward" and a.name not in clips and a.name not in zoneout]
         values = layer_op_args(self.variant, DTYPE, self.packed, False, self.proj, g)
-        forward = {**dict(zip(names, values, strict=True)), **clips}
+        forward = dict(zip(names, values, strict=True))
+        lead = forward["input"].shape[:-1]
+        keeps = {name: (torch.rand(*lead, state.shape[-1], generator=g) < 0.5).to(DTYPE)
+                 for name, state in zip(zoneout, (forward["h0"], forward["c0"]), strict=True)}
+        forward = {**forward, **clips, **keeps}
         output, h_n, c_n, gates, cells = ops.layer_forward(**forward, need_backward=True)
         grads = {name: torch.randn(t.shape, generator=g)
                  for name, t in [("grad_output", output), ("grad_h_n", h_n), ("grad_c_n", c_n)]}

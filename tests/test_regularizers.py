@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VARIANTS, variant_id, variant_params
+from conftest import VARIANTS, grid, make_params, variant_id, variant_params
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstm_fused
@@ -207,9 +207,17 @@ LAYER_CASES = {
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_weight_dropout_fused_matches_reference_forward_and_backward(variant, case, packed):
     """Same seed, same masks: the fused layer and the reference twin agree under DropConnect."""
+    assert_fused_equals_reference_with_the_same_seed(
+        lambda: make_lstm(variant, p=0.3, **LAYER_CASES[case]), packed)
+
+
+def assert_fused_equals_reference_with_the_same_seed(make_module, packed):
+    """The module (a fresh one from make_module per run) with the fused layer and with the
+    twin, each called after torch.manual_seed(7) (the same random masks): the same output,
+    states and parameter gradients."""
     results = []
     for layer_fn in (lstm_fused.functional.fused_layer, reference.lstm_layer):
-        lstm = make_lstm(variant, p=0.3, **LAYER_CASES[case])
+        lstm = make_module()
         lstm._layer_fn = layer_fn
         x = sequences()
         if packed:
@@ -346,6 +354,14 @@ def test_onnx_export_with_weight_dropout_eval_matches_eager_and_training_is_refu
     x = sequences(dtype=torch.float32)
     with pytest.raises(ValueError, match="training mode with weight_dropout=0.5.*eval"):
         lstm_fused.onnx.export(lstm, (x,), verbose=False)
+    assert_eval_onnx_matches_eager(onnxruntime, lstm, x)
+
+
+def assert_eval_onnx_matches_eager(onnxruntime, lstm, x):
+    """The module in eval mode, exported to ONNX and run in onnxruntime, gives eager's output
+    and final states."""
+    import lstm_fused.onnx
+
     lstm.eval()
     program = lstm_fused.onnx.export(lstm, (x,), verbose=False)
     session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(),
@@ -370,6 +386,7 @@ def test_regularizers_example_runs_every_setting_and_reports_held_out_loss(capsy
         assert all(math.isfinite(v) and v > 0 for v in losses["train"] + losses["test"])
     printed = capsys.readouterr().out
     assert "held-out MSE" in printed and "weight_dropout=0.5" in printed
+    assert "zoneout=0.1" in printed
 
 
 def test_regularizers_benchmark_runs_and_checks_the_wrapper_computes_the_same(tmp_path):
@@ -384,6 +401,440 @@ def test_regularizers_benchmark_runs_and_checks_the_wrapper_computes_the_same(tm
     result = bench.main(["--size", "5,3,4,6", "--warmup", "1", "--repeats", "2",
                          "--json", str(tmp_path / "r.json")])
     assert result["max_abs_diff_vs_wrapper"] < 1e-5
-    assert set(result["median_ms"]) == {"fused", "fused + DropConnect", "nn.LSTM + WeightDrop"}
+    assert set(result["median_ms"]) == {"fused", "fused + DropConnect", "nn.LSTM + WeightDrop",
+                                        "fused + zoneout", "nn.LSTMCell loop + zoneout"}
     assert result["ratio_vs_plain"] > 0 and result["ratio_vs_wrapper"] > 0
+    assert result["zoneout_ratio_vs_plain"] > 0 and result["zoneout_ratio_vs_cell_loop"] > 0
     assert (tmp_path / "r.json").stat().st_size > 0
+
+
+# --- zoneout: the fused time loop against the reference twin, with injected masks ------------
+
+T_Z, B_Z, BATCH_SIZES_Z = 4, 3, [3, 3, 2, 1]
+
+
+def zoneout_masks(R, HID, p=(0.4, 0.5), dtype=torch.float64, seed=5):
+    """0/1 keep masks [T, B, R] (h) and [T, B, H] (c), drawn with Bernoulli(p_h), (p_c)."""
+    generator = torch.Generator().manual_seed(seed)
+    return tuple((torch.rand(T_Z, B_Z, width, generator=generator) < rate).to(dtype)
+                 for width, rate in ((R, p[0]), (HID, p[1])))
+
+
+def zoneout_layer_inputs(variant, proj, packed, dtype=torch.float64, seed=2):
+    """(input, h0, c0, params) for the functional layer: T=4, B=3, I=3, H=5, packed with batch
+    sizes 3, 3, 2, 1; everything requires grad."""
+    peephole, coupled = variant
+    generator = torch.Generator().manual_seed(seed)
+    params = make_params_z(peephole, coupled, proj, dtype, generator)
+    R = proj or H
+    N = sum(BATCH_SIZES_Z)
+    x = torch.randn(N if packed else T_Z, *(() if packed else (B_Z,)), I, generator=generator)
+    h0, c0 = torch.randn(B_Z, R, generator=generator), torch.randn(B_Z, H, generator=generator)
+    return [t.to(dtype).requires_grad_() for t in (x, h0, c0)], params
+
+
+def make_params_z(peephole, coupled, proj, dtype, generator):
+    return [None if t is None else t.requires_grad_() for t in make_params(
+        I, H, peephole=peephole, coupled=coupled, proj=proj, dtype=dtype, generator=generator)]
+
+
+def run_zoneout_layer(layer_fn, variant, proj, packed, tensors, params, zoneout, reverse=False,
+                      **clips):
+    peephole, coupled = variant
+    x, h0, c0 = tensors
+    out, (h, c) = layer_fn(x, h0, c0, *params, peephole=peephole, coupled=coupled,
+                           reverse=reverse, batch_sizes=BATCH_SIZES_Z if packed else None,
+                           zoneout=zoneout, **clips)
+    return out, h, c
+
+
+def zoneout_grads(outputs, inputs):
+    out, h, c = outputs
+    loss = out.sin().sum() + (h * h).sum() + (c * c.cos()).sum()
+    wanted = [t for t in inputs if t is not None]
+    return torch.autograd.grad(loss, wanted)
+
+
+ZONEOUT_LAYER_CASES = grid(proj=[0, 2], packed=[False, True], reverse=[False, True],
+                           where=lambda proj, packed, reverse: not (reverse and proj))
+
+
+@variant_params
+@ZONEOUT_LAYER_CASES
+def test_zoneout_layer_fused_equals_reference_and_gradcheck(variant, proj, packed, reverse):
+    """Injected 0/1 masks: the fused time loop equals the twin, forward and every gradient, and
+    its own gradients pass gradcheck (float64)."""
+    tensors, params = zoneout_layer_inputs(variant, proj, packed)
+    masks = zoneout_masks(proj or H, H)
+    inputs = [*tensors, *params]
+    results = []
+    for layer_fn in (lstm_fused.functional.lstm_layer, reference.lstm_layer):
+        outputs = run_zoneout_layer(layer_fn, variant, proj, packed, tensors, params, masks,
+                                    reverse)
+        results.append([*outputs, *zoneout_grads(outputs, inputs)])
+    for fused, ref in zip(*results, strict=True):
+        torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-10)
+
+    def fused(*inputs):
+        return run_zoneout_layer(lstm_fused.functional.lstm_layer, variant, proj, packed,
+                                 inputs[:3], inputs[3:], masks, reverse)
+
+    differentiable = [t for t in inputs if t is not None]
+    positions = [k for k, t in enumerate(inputs) if t is not None]
+
+    def by_position(*values):
+        full = list(inputs)
+        for k, v in zip(positions, values):
+            full[k] = v
+        return fused(*full)
+
+    assert torch.autograd.gradcheck(by_position, differentiable)
+
+
+@pytest.mark.parametrize("variant", [VARIANTS[1], VARIANTS[2], VARIANTS[5]],
+                         ids=[variant_id(v) for v in (VARIANTS[1], VARIANTS[2], VARIANTS[5])])
+@pytest.mark.parametrize("proj", [0, 2])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_zoneout_layer_with_clips_and_eval_rates_equals_reference(variant, proj, packed):
+    """Clips then zoneout (c clipped, then zoned; the projection clipped, then zoned), with masks
+    and with eval's rates (the expectation): fused equals the twin, forward and backward."""
+    clips = {"cell_clip": 0.3, **({"proj_clip": 0.05} if proj else {})}
+    for zoneout in (zoneout_masks(proj or H, H), (0.3, 0.6), (0.0, 0.5), (0.5, 0.0)):
+        tensors, params = zoneout_layer_inputs(variant, proj, packed)
+        inputs = [*tensors, *params]
+        results = []
+        for layer_fn in (lstm_fused.functional.lstm_layer, reference.lstm_layer):
+            outputs = run_zoneout_layer(layer_fn, variant, proj, packed, tensors, params,
+                                        zoneout, **clips)
+            results.append([*outputs, *zoneout_grads(outputs, inputs)])
+        for fused, ref in zip(*results, strict=True):
+            torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-10)
+
+
+@variant_params
+@pytest.mark.parametrize("proj", [0, 2])
+def test_zoneout_layer_float32_matches_reference(variant, proj):
+    tensors, params = zoneout_layer_inputs(variant, proj, False, dtype=torch.float32)
+    masks = zoneout_masks(proj or H, H, dtype=torch.float32)
+    inputs = [*tensors, *params]
+    results = []
+    for layer_fn in (lstm_fused.functional.lstm_layer, reference.lstm_layer):
+        outputs = run_zoneout_layer(layer_fn, variant, proj, False, tensors, params, masks)
+        results.append([*outputs, *zoneout_grads(outputs, inputs)])
+    for fused, ref in zip(*results, strict=True):
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[2], VARIANTS[4]],
+                         ids=[variant_id(v) for v in (VARIANTS[0], VARIANTS[2], VARIANTS[4])])
+@pytest.mark.parametrize("proj", [0, 2])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_zoneout_layer_inference_path_equals_training_path(variant, proj, packed):
+    """need_backward=False (no_grad) computes the same zoned output and final states."""
+    tensors, params = zoneout_layer_inputs(variant, proj, packed)
+    masks = zoneout_masks(proj or H, H)
+    trained = run_zoneout_layer(lstm_fused.functional.lstm_layer, variant, proj, packed,
+                                tensors, params, masks, cell_clip=0.3)
+    with torch.no_grad():
+        inferred = run_zoneout_layer(lstm_fused.functional.lstm_layer, variant, proj, packed,
+                                     tensors, params, masks, cell_clip=0.3)
+    # (not bit for bit: the two paths may take other GEMM kernels for the W_co c~ GEMM)
+    for a, b in zip(trained, inferred, strict=True):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-12, atol=1e-12)
+
+
+def test_zoneout_layer_double_backward_matches_reference():
+    variant = ("diagonal", False)
+    tensors, params = zoneout_layer_inputs(variant, 2, True)
+    masks = zoneout_masks(2, H)
+    results = []
+    for layer_fn in (lstm_fused.functional.lstm_layer, reference.lstm_layer):
+        out, _, c = run_zoneout_layer(layer_fn, variant, 2, True, tensors, params, masks)
+        (grad_x,) = torch.autograd.grad(out.sin().sum() + c.sum(), tensors[0], create_graph=True)
+        results.append(torch.autograd.grad(grad_x.square().sum(), [tensors[1], params[1]]))
+    for fused, ref in zip(*results, strict=True):
+        torch.testing.assert_close(fused, ref, rtol=1e-9, atol=1e-10)
+
+
+@variant_params
+@pytest.mark.parametrize("proj", [0, 2])
+def test_zoneout_cell_fused_equals_reference_and_gradcheck(variant, proj):
+    peephole, coupled = variant
+    generator = torch.Generator().manual_seed(4)
+    params = make_params_z(peephole, coupled, proj, torch.float64, generator)
+    R = proj or H
+    x, hx, cx = (torch.randn(B_Z, width, generator=generator, dtype=torch.float64)
+                 .requires_grad_() for width in (I, R, H))
+    mask_h, mask_c = (m[0] for m in zoneout_masks(R, H))
+    inputs = [x, hx, cx, *params]
+    for zoneout in ((mask_h, mask_c), (0.3, 0.6)):
+        def cell(layer_fn, *values, zoneout=zoneout):
+            return layer_fn(*values[:3], *values[3:], peephole=peephole, coupled=coupled,
+                            zoneout=zoneout)
+        results = []
+        for fn in (lstm_fused.functional.lstm_cell, reference.lstm_cell):
+            h, c = cell(fn, *inputs)
+            results.append([h, c, *torch.autograd.grad(
+                h.sin().sum() + (c * c).sum(), [t for t in inputs if t is not None])])
+        for fused, ref in zip(*results, strict=True):
+            torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-10)
+    positions = [k for k, t in enumerate(inputs) if t is not None]
+
+    def by_position(*values):
+        full = list(inputs)
+        for k, v in zip(positions, values):
+            full[k] = v
+        return cell(lstm_fused.functional.lstm_cell, *full, zoneout=(mask_h, mask_c))
+
+    assert torch.autograd.gradcheck(by_position, [inputs[k] for k in positions])
+
+
+def test_zoneout_masks_keep_exactly_and_update_exactly():
+    """A kept unit carries its previous value bit for bit; p = 0 is the plain layer bit for bit."""
+    variant = (None, False)
+    tensors, params = zoneout_layer_inputs(variant, 0, False)
+    ones = torch.ones(T_Z, B_Z, H, dtype=torch.float64)
+    out, _, c = run_zoneout_layer(lstm_fused.functional.lstm_layer, variant, 0, False, tensors,
+                                  params, (ones, ones))
+    assert torch.equal(out, tensors[1].expand(T_Z, B_Z, H)) and torch.equal(c, tensors[2])
+    plain = run_zoneout_layer(lstm_fused.functional.lstm_layer, variant, 0, False, tensors,
+                              params, None)
+    zero = run_zoneout_layer(lstm_fused.functional.lstm_layer, variant, 0, False, tensors,
+                             params, (ones * 0, ones * 0))
+    for a, b in zip(plain, zero, strict=True):
+        assert torch.equal(a, b)
+
+
+# --- zoneout: the modules (masks drawn per call, layer and direction; eval's expectation) ------
+
+
+class KeepRecorder:
+    """A stand-in layer function that records the `zoneout` argument of every call."""
+
+    def __init__(self, layer_fn):
+        self.layer_fn, self.keeps = layer_fn, []
+
+    def __call__(self, *args, zoneout=None, **options):
+        self.keeps.append(zoneout)
+        return self.layer_fn(*args, zoneout=zoneout, **options)
+
+
+def test_zoneout_masks_statistics_one_per_layer_and_direction():
+    p_h, p_c = 0.3, 0.6
+    lstm = lstm_fused.LSTM(I, 64, num_layers=2, bidirectional=True, proj_size=8,
+                           zoneout=(p_h, p_c), dtype=torch.float64)
+    recorder = KeepRecorder(lstm_fused.functional.fused_layer)
+    lstm._layer_fn = recorder
+    x = sequences(T=20, B=16)
+    lstm(x)
+    assert len(recorder.keeps) == 4
+    for keep_h, keep_c in recorder.keeps:
+        assert keep_h.shape == (20, 16, 8) and keep_c.shape == (20, 16, 64)
+        for mask, p in ((keep_h, p_h), (keep_c, p_c)):
+            assert set(mask.unique().tolist()) <= {0.0, 1.0}
+            fraction, n = mask.mean().item(), mask.numel()
+            assert abs(fraction - p) < 4 * math.sqrt(p * (1 - p) / n), (fraction, p)
+    flat = [m for pair in recorder.keeps for m in pair]
+    for a in range(len(flat)):
+        for b in range(a):
+            assert flat[a].shape != flat[b].shape or not torch.equal(flat[a], flat[b])
+
+
+@variant_params
+@pytest.mark.parametrize("case", ["plain", "stacked-bidirectional", "projection",
+                                  "interlayer-dropout"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_zoneout_module_forward_and_backward_see_the_same_masks(variant, case, packed):
+    """The masks a training call drew, given to the twin (the same seed draws them again),
+    give the same output, states and gradients of every parameter: the backward used the
+    forward's masks. With DropConnect and forget_bias too."""
+    peephole, coupled = variant
+
+    def make():
+        torch.manual_seed(0)
+        return lstm_fused.LSTM(I, H, peephole=peephole, coupled=coupled, zoneout=(0.4, 0.3),
+                               dtype=torch.float64, weight_dropout=0.2, forget_bias=1.0,
+                               **LAYER_CASES[case])
+
+    assert_fused_equals_reference_with_the_same_seed(make, packed)
+
+
+def test_zoneout_eval_is_the_expectation_formula():
+    """Eval: h_t = p_h h_{t-1} + (1 - p_h) h~_t, c likewise, h~ and c~ from torch.nn.LSTMCell
+    on the zoned states; deterministic."""
+    p_h, p_c = 0.3, 0.6
+    torch.manual_seed(0)
+    lstm = lstm_fused.LSTM(I, H, zoneout=(p_h, p_c), dtype=torch.float64).eval()
+    cell = torch.nn.LSTMCell(I, H, dtype=torch.float64)
+    cell.load_state_dict({k[:-3]: v for k, v in lstm.state_dict().items()})
+    x = sequences(T=6)
+    h = c = torch.zeros(3, H, dtype=torch.float64)
+    expected = []
+    with torch.no_grad():
+        for x_t in x:
+            h_new, c_new = cell(x_t, (h, c))
+            h, c = p_h * h + (1 - p_h) * h_new, p_c * c + (1 - p_c) * c_new
+            expected.append(h)
+        out, (h_n, c_n) = lstm(x)
+        again = lstm(x)[0]
+    torch.testing.assert_close(out, torch.stack(expected), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h_n[0], h, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c_n[0], c, rtol=1e-12, atol=1e-12)
+    assert torch.equal(out, again)
+
+
+def test_zoneout_same_seed_bit_identical_different_seed_differs():
+    lstm = lstm_fused.LSTM(I, H, num_layers=2, zoneout=0.5)
+    x = sequences(dtype=torch.float32)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        out, (h, c) = lstm(x)
+        out.sum().backward()
+        grads = [p.grad.clone() for p in lstm.parameters()]
+        lstm.zero_grad()
+        return [out, h, c, *grads]
+
+    first, second, other = run(1), run(1), run(2)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not torch.equal(first[0], other[0])
+
+
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[4]],
+                         ids=[variant_id(v) for v in (VARIANTS[0], VARIANTS[4])])
+def test_zoneout_cell_module_training_masks_and_eval_expectation(variant):
+    peephole, coupled = variant
+    p_h, p_c = 0.5, 0.25
+    torch.manual_seed(0)
+    cell = lstm_fused.LSTMCell(I, 200, peephole=peephole, coupled=coupled, zoneout=(p_h, p_c),
+                               dtype=torch.float64)
+    x = torch.randn(64, I, dtype=torch.float64)
+    hx = (torch.randn(64, 200, dtype=torch.float64), torch.randn(64, 200, dtype=torch.float64))
+    h, c = cell(x, hx)
+    for new, old, p in ((h, hx[0], p_h), (c, hx[1], p_c)):
+        kept = (new == old).double().mean().item()
+        assert abs(kept - p) < 4 * math.sqrt(p * (1 - p) / new.numel())
+    cell.eval()
+    with torch.no_grad():
+        h, c = cell(x, hx)
+        plain_h, plain_c = reference.lstm_cell(x, *hx, *cell._parameters_for(""),
+                                               peephole=peephole, coupled=coupled)
+    torch.testing.assert_close(h, p_h * hx[0] + (1 - p_h) * plain_h, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c, p_c * hx[1] + (1 - p_c) * plain_c, rtol=1e-12, atol=1e-12)
+    # unbatched input: the same step on one row
+    h1, c1 = cell(x[0], (hx[0][0], hx[1][0]))
+    torch.testing.assert_close(h1, h[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c1, c[0], rtol=1e-12, atol=1e-12)
+
+
+def test_zoneout_unbatched_and_batch_first_match_batched():
+    torch.manual_seed(0)
+    lstm = lstm_fused.LSTM(I, H, zoneout=(0.2, 0.4), dtype=torch.float64).eval()
+    x = sequences()
+    out = lstm(x)[0]
+    torch.testing.assert_close(lstm(x[:, 1])[0], out[:, 1], rtol=1e-12, atol=1e-12)
+    lstm.batch_first = True
+    torch.testing.assert_close(lstm(x.transpose(0, 1))[0], out.transpose(0, 1), rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("module", [lstm_fused.LSTM, lstm_fused.LSTMCell])
+def test_zoneout_errors(module):
+    for bad in (1.0, -0.1, (0.2, 1.5), float("nan")):
+        with pytest.raises(ValueError, match="zoneout"):
+            module(I, H, zoneout=bad)
+    for bad in ((0.1,), (0.1, 0.2, 0.3), []):
+        with pytest.raises(ValueError, match="zoneout should be a number or a pair"):
+            module(I, H, zoneout=bad)
+    for bad in ("0.1", (0.1, "x"), None, True):
+        with pytest.raises(TypeError, match="zoneout"):
+            module(I, H, zoneout=bad)
+    with pytest.raises(ValueError, match="torch.nn has no zoneout"):
+        module(I, H, zoneout=0.1).to_torch()
+    assert module(I, H, zoneout=[0.1, 0.2]).zoneout == (0.1, 0.2)
+    assert "zoneout=(0.1, 0.1)" in repr(module(I, H, zoneout=0.1))
+    assert "zoneout" not in repr(module(I, H))
+
+
+def test_zoneout_functional_mask_errors_name_the_argument():
+    tensors, params = zoneout_layer_inputs((None, False), 0, False)
+    good = zoneout_masks(H, H)
+    for zoneout, error, match in (
+            ((good[0][:2], good[1]), ValueError, "keep_h: expected a mask of shape"),
+            ((good[0], good[1].float()), TypeError, "keep_c: expected a mask of dtype"),
+            ((good[0], 1.0), ValueError, "keep_c: expected a keep rate in"),
+            ((good[0],), ValueError, "pair"),
+            (("a", 0.1), TypeError, "keep_h")):
+        for layer_fn in (lstm_fused.functional.lstm_layer, reference.lstm_layer):
+            with pytest.raises(error, match=match):
+                run_zoneout_layer(layer_fn, (None, False), 0, False, tensors, params, zoneout)
+    x, h0, c0 = (t.detach() for t in tensors)
+    args = (x, h0, c0, *(p.detach() for p in params[:4]), None, None, None, False, "none", False)
+    with pytest.raises(ValueError, match="zoneout_c of shape"):
+        lstm_fused.ops.ops.layer_forward(*args, True, 0.0, 0.0, None, good[1][:, :2])
+
+
+def test_onnx_export_with_zoneout_eval_matches_eager_and_training_is_refused():
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import lstm_fused.onnx
+
+    torch.manual_seed(0)
+    for options in ({}, {"proj_size": 2, "cell_clip": 0.5, "bidirectional": True}):
+        lstm = lstm_fused.LSTM(I, H, num_layers=2, zoneout=(0.3, 0.5), **options)
+        x = sequences(dtype=torch.float32)
+        with pytest.raises(ValueError, match=r"training mode with zoneout=\(0.3, 0.5\).*eval"):
+            lstm_fused.onnx.export(lstm, (x,), verbose=False)
+        assert_eval_onnx_matches_eager(onnxruntime, lstm, x)
+
+
+def test_zoneout_compiles_without_graph_breaks_and_matches_eager():
+    """Training (the masks drawn inside the graph, the same seed as eager) and eval. (Packed
+    input does not compile with or without zoneout: its batch sizes are checked as data.)"""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    lstm = lstm_fused.LSTM(I, H, num_layers=2, proj_size=2, zoneout=(0.3, 0.2),
+                           peephole="diagonal")
+    x = sequences(dtype=torch.float32)
+    explanation = torch._dynamo.explain(lstm)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    for training in (True, False):
+        lstm.train(training)
+        torch._dynamo.reset()
+        compiled = torch.compile(lstm, fullgraph=True, backend="aot_eager")
+        results = []
+        for model in (compiled, lstm):
+            lstm.zero_grad(set_to_none=True)
+            torch.manual_seed(4)
+            out, (h, c) = model(x)
+            (out.sum() + c.sum()).backward()
+            results.append([out, h, c] + [p.grad for p in lstm.parameters()])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_zoneout_half_storage_and_autocast_follow_float32(dtype):
+    """A zoneout module stored in half precision, and the float32 module under autocast, give
+    the float32 result (eval: the rates; training: the same seed, so the same masks) within the
+    suite's half-precision tolerances."""
+    from conftest import assert_close_scaled
+
+    torch.manual_seed(0)
+    lstm = lstm_fused.LSTM(I, H, num_layers=2, zoneout=(0.3, 0.5), peephole="diagonal")
+    x = sequences(dtype=torch.float32)
+    for training in (False, True):
+        lstm.train(training)
+        torch.manual_seed(3)
+        expected = lstm(x)[0]
+        half = lstm_fused.LSTM(I, H, num_layers=2, zoneout=(0.3, 0.5), peephole="diagonal",
+                               dtype=dtype).train(training)
+        half.load_state_dict(lstm.state_dict())
+        torch.manual_seed(3)
+        assert_close_scaled(half(x.to(dtype))[0], expected.detach(), dtype,
+                            f"{dtype} storage, training={training}")
+        with torch.autocast("cpu", dtype=dtype):
+            torch.manual_seed(3)
+            out = lstm(x)[0]
+        assert out.dtype == dtype
+        assert_close_scaled(out, expected.detach(), dtype, f"autocast {dtype}",
+                            kind="autocast")
