@@ -55,10 +55,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> shim_layer_forward(
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
     const OptTensor& weight_ch, const OptTensor& weight_hr, at::OptionalIntArrayRef batch_sizes,
-    bool reverse, c10::string_view peephole, bool coupled, double cell_clip, double proj_clip) {
+    bool reverse, c10::string_view peephole, bool coupled, double cell_clip, double proj_clip,
+    const OptTensor& weight_ln, double layer_norm_eps) {
   return Shim::layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                              weight_hr, batch_sizes, reverse, peephole, coupled, true, cell_clip,
-                             proj_clip);
+                             proj_clip, weight_ln, layer_norm_eps);
 }
 
 }  // namespace
@@ -72,8 +73,8 @@ TORCH_LIBRARY(lstm_fused_host_shim, m) {
 TORCH_LIBRARY_IMPL(lstm_fused_host_shim, CPU, m) {
   m.impl("cell_forward", WithShimGeometry<&Shim::cell_forward, 1>::call);
   m.impl("cell_backward", WithShimGeometry<&Shim::cell_backward, 1>::call);
-  m.impl("layer_forward", WithShimGeometry<&shim_layer_forward, 2>::call);
-  m.impl("layer_backward", WithShimGeometry<&Shim::layer_backward, 2>::call);
+  m.impl("layer_forward", WithShimGeometry<&shim_layer_forward, 4>::call);
+  m.impl("layer_backward", WithShimGeometry<&Shim::layer_backward, 3>::call);
   m.impl("cell_step", WithShimGeometry<&Shim::cell_step, 1>::call);
 }
 
