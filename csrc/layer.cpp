@@ -134,14 +134,18 @@ std::vector<int64_t> per_row_sizes(const Tensor& input, int64_t last) {
 void check_layer_backward(const OptTensor& grad_output, const OptTensor& grad_h_n,
                           const OptTensor& grad_c_n, const Tensor& input, const Tensor& output,
                           const Tensor& gates, const Tensor& cells, const LayerShape& shape,
-                          const Schedule& schedule, int64_t cells_width) {
+                          const Schedule& schedule, int64_t gates_width,
+                          int64_t cells_width) {
   const Named like{input, "input"};
   const int64_t B = schedule.batch, H = shape.hidden, R = shape.proj;
   const char* per_step_h =
       "[..., R], with the leading dimensions of input and R from weight_hr, or H without it";
   check_arg({output, "output"}, like, per_row_sizes(input, R), per_step_h);
-  check_arg({gates, "gates"}, like, per_row_sizes(input, shape.gates * H),
-            "[..., G*H], with the leading dimensions of input and G*H from weight_ih");
+  check_arg({gates, "gates"}, like, per_row_sizes(input, gates_width),
+            gates_width == shape.gates * H
+                ? "[..., G*H], with the leading dimensions of input and G*H from weight_ih"
+                : "[..., 2*G*H + 2*G] (layer norm: the gates, x̂ and the statistics), with the "
+                  "leading dimensions of input and G*H from weight_ih");
   check_arg({cells, "cells"}, like, per_row_sizes(input, cells_width),
             "[..., H] (with zoneout_c [..., 2H]), with the leading dimensions of input and H = "
             "weight_ih rows / G, G = 3 gates if coupled, else 4");
@@ -244,6 +248,58 @@ int64_t saved_cells_width(int64_t hidden, const OptTensor& keep_c) {
   return keep_c ? 2 * hidden : hidden;
 }
 
+// Layer norm's γ: [G, H] like input, and its eps a finite number > 0.
+void check_layer_norm(const OptTensor& weight_ln, double eps, const LayerShape& shape,
+                      const Named& like) {
+  if (!weight_ln) return;
+  check_arg({*weight_ln, "weight_ln"}, like, {shape.gates, shape.hidden},
+            "[G, H], with G = 3 gates if coupled, else 4, and H = weight_ih rows / G");
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0,
+                    "lstm_fused: layer_norm_eps must be a finite number > 0, got ", eps);
+}
+
+// The width of a saved row of `gates`: the activated gates, with layer norm also x̂ and the
+// statistics of every gate (layer_norm_saved_width).
+int64_t saved_width(const LayerShape& shape, bool coupled, bool layer_norm) {
+  return layer_norm ? layer_norm_saved_width(coupled, shape.hidden) : shape.gates * shape.hidden;
+}
+
+// Layer norm's pre-activations of every step, x W_ih^T without bias, in the first G*H columns of
+// [N, W] rows: W = layer_norm_saved_width when the kernel saves x̂ and the statistics beside the
+// activated gates (training), G*H in inference.
+Tensor layer_norm_preactivations(const Tensor& x, const Tensor& weight_ih, bool need_backward,
+                                 bool coupled, int64_t hidden) {
+  if (!need_backward) return gemm_nt(x, weight_ih);
+  Tensor gates = at::empty({x.size(0), layer_norm_saved_width(coupled, hidden)}, x.options());
+  Tensor preactivations = gates.narrow(1, 0, weight_ih.size(0));
+  at::mm_out(preactivations, x, weight_ih.t());
+  return gates;
+}
+
+void set_layer_norm(ForwardStep& p, const Tensor& weight_ln, const Tensor& bias_ln, double eps) {
+  p.layer_norm = weight_ln.defined();
+  p.weight_ln = p.layer_norm ? weight_ln.data_ptr() : nullptr;
+  p.bias_ln = bias_ln.defined() ? bias_ln.data_ptr() : nullptr;
+  p.layer_norm_eps = eps;
+}
+
+// dγ [G, H] = sum over rows of dẑ ⊙ x̂, accumulated in the op-math type.
+Tensor layer_norm_weight_grad(const Tensor& grad_zhat, const Tensor& normed, int64_t gates) {
+  const auto opmath = at::toOpMathType(grad_zhat.scalar_type());
+  return (grad_zhat.to(opmath) * normed.to(opmath))
+      .sum(0)
+      .view({gates, -1})
+      .to(grad_zhat.scalar_type());
+}
+
+// Zoneout inside layer norm's whole-row kernels is not built yet: the combination is refused.
+void check_zoneout_without_layer_norm(const OptTensor& zoneout_h, const OptTensor& zoneout_c,
+                                      const OptTensor& weight_ln) {
+  TORCH_CHECK_VALUE(!weight_ln || (!zoneout_h && !zoneout_c),
+                    "lstm_fused: zoneout together with layer norm (weight_ln) is not supported "
+                    "yet; use one of them");
+}
+
 // The running states of a layer: h_{t-1} (for packed input or full peepholes; padded input reads
 // it from the output) and c_{t-1}, as views into one buffer for full peepholes.
 struct RunningState {
@@ -272,12 +328,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     const OptTensor& weight_ch, const OptTensor& weight_hr, at::OptionalIntArrayRef batch_sizes,
     bool reverse, c10::string_view peephole, bool coupled, bool need_backward, double cell_clip,
     double proj_clip, const OptTensor& zoneout_h, const OptTensor& zoneout_c,
+    const OptTensor& weight_ln, double layer_norm_eps,
     const PointwiseKernels& kernels) {
   const Schedule s = make_schedule(input, batch_sizes, reverse);
   const LayerShape shape = check_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
                                        weight_ch, weight_hr, s, peephole, coupled);
   check_clips(cell_clip, proj_clip, weight_hr);
   check_zoneout(zoneout_h, zoneout_c, input, shape);
+  check_layer_norm(weight_ln, layer_norm_eps, shape, {input, "input"});
+  check_zoneout_without_layer_norm(zoneout_h, zoneout_c, weight_ln);
+  const bool layer_norm = weight_ln.has_value();
   const c10::OptionalDeviceGuard guard(input.device());
   const int64_t B = s.batch, H = shape.hidden, R = shape.proj, N = s.rows;
   const bool projected = weight_hr.has_value();
@@ -286,7 +346,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
 
   const Tensor x = input.reshape({N, shape.input});
   const Tensor bias = input_bias(bias_ih, bias_hh);
-  Tensor gates = gemm_nt(x, weight_ih, bias.defined() ? OptTensor(bias) : std::nullopt);
+  // Layer norm: the biases come after the norm (the kernel adds them), so the pre-activations
+  // are x W_ih^T alone, in the first G*H columns of rows wide enough for what the kernel saves.
+  Tensor gates = layer_norm ? layer_norm_preactivations(x, weight_ih, need_backward, coupled, H)
+                            : gemm_nt(x, weight_ih, bias.defined() ? OptTensor(bias) : std::nullopt);
   // Inference: the activated gates are not stored (gates keeps the pre-activations) and the cell
   // state goes only to the running state.
   const bool zone_h = zoneout_h.has_value(), zone_c = zoneout_c.has_value();
@@ -306,17 +369,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   const int64_t GH = shape.gates * H, peep_columns = full ? input_peephole_columns(coupled, H) : 0;
   // Every per-step GEMM writes rows of `gates` (GH apart), full peepholes column blocks of them.
   // One column group per gate: the simd path's fused step computes a block of units of each.
-  const RepeatedGemm recurrent(weight_hh.narrow(0, peep_columns, GH - peep_columns), B, true, GH,
-                               full ? 1 : shape.gates);
+  const RepeatedGemm recurrent(weight_hh.narrow(0, peep_columns, GH - peep_columns), B, true,
+                               gates.stride(0), full ? 1 : shape.gates);
   const std::optional<RepeatedGemm> input_peephole =
       full ? std::optional<RepeatedGemm>(std::in_place,
                                          input_peephole_weight(weight_hh, w_ch, coupled), B, true,
-                                         GH)
+                                         gates.stride(0))
            : std::nullopt;
   const std::optional<RepeatedGemm> output_peephole =
       full ? std::optional<RepeatedGemm>(std::in_place,
                                          w_ch.narrow(0, peephole_input_blocks(coupled) * H, H), B,
-                                         true, GH)
+                                         true, gates.stride(0))
            : std::nullopt;
   const std::optional<RepeatedGemm> projection =
       projected ? std::optional<RepeatedGemm>(std::in_place, *weight_hr, B, false) : std::nullopt;
@@ -326,6 +389,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   p.weight_ch = shape.peephole == Peephole::Diagonal ? w_ch.data_ptr() : nullptr;
   p.hidden = H, p.coupled = coupled, p.peephole = shape.peephole, p.dtype = input.scalar_type();
   p.cell_clip = cell_clip;
+  const Tensor w_ln = layer_norm ? weight_ln->contiguous() : Tensor();
+  const Tensor bias_ln = layer_norm && bias.defined() ? bias.contiguous() : Tensor();
+  set_layer_norm(p, w_ln, bias_ln, layer_norm_eps);
   p.gates_stride = gates.stride(0);
   p.c_prev = state.c.data_ptr();
   p.c_prev_stride = state.c.stride(0);
@@ -343,7 +409,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   // The simd path (float32, few rows) runs the GEMM and the pointwise step as one kernel, on raw
   // pointers: no tensor views per step.
   // Only the CPU kernel table has that kernel (the host shim must run the CUDA kernels).
-  const bool one_kernel = kernels.cpu_simd_step && !full && recurrent.path() == CpuGemmPath::Simd;
+  const bool one_kernel = kernels.cpu_simd_step && !full && !layer_norm &&
+                          recurrent.path() == CpuGemmPath::Simd;
   const Tensor h_first = one_kernel ? h0.contiguous() : h0;
   // Every thread's GEMM reads all of h_{t-1} while other threads already write their units' h_t:
   // the kernel must not write the running h it reads (packed input), which is updated after it.
@@ -382,7 +449,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
       // z_t = x_t W_ih^T + b (computed for all steps above) + h_{t-1} W_hh^T: in place in the
       // gates rows (ATen, MKL packed) or a step-sized temporary (oneDNN); in training the kernel
       // writes the activated gates there. Full peepholes: two GEMMs into the rows' column blocks.
-      Tensor z = gates.narrow(0, row, n);
+      Tensor z = gates.narrow(0, row, n).narrow(1, 0, GH);
       if (full) {
         recurrent.run_into(recurrent_input, z.narrow(1, peep_columns, GH - peep_columns));
         input_peephole->run_into(state.hc.narrow(0, 0, n), z.narrow(1, 0, peep_columns));
@@ -419,11 +486,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   if (!need_backward) return {output.view(per_row_sizes(input, R)), h_n, state.final_c(),
                              at::empty({0}, options), at::empty({0}, options)};
   return {output.view(per_row_sizes(input, R)), h_n, state.final_c(),
-          gates.view(per_row_sizes(input, shape.gates * H)),
+          gates.view(per_row_sizes(input, gates.size(1))),
           cells.view(per_row_sizes(input, cells.size(1)))};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
     const OptTensor& grad_output, const OptTensor& grad_h_n, const OptTensor& grad_c_n,
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
@@ -431,13 +498,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const Tensor& gates, const Tensor& cells, at::OptionalIntArrayRef batch_sizes, bool reverse,
     c10::string_view peephole, bool coupled, bool need_input_grad, double cell_clip,
     double proj_clip, const OptTensor& zoneout_h, const OptTensor& zoneout_c,
-    const PointwiseKernels& kernels) {
+    const OptTensor& weight_ln, const PointwiseKernels& kernels) {
   const Schedule s = make_schedule(input, batch_sizes, reverse);
   const LayerShape shape = check_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
                                        weight_ch, weight_hr, s, peephole, coupled);
   check_clips(cell_clip, proj_clip, weight_hr);
   check_zoneout(zoneout_h, zoneout_c, input, shape);
+  const bool layer_norm = weight_ln.has_value();
+  check_layer_norm(weight_ln, 1.0, shape, {input, "input"});
+  check_zoneout_without_layer_norm(zoneout_h, zoneout_c, weight_ln);
   check_layer_backward(grad_output, grad_h_n, grad_c_n, input, output, gates, cells, shape, s,
+                       saved_width(shape, coupled, layer_norm),
                        saved_cells_width(shape.hidden, zoneout_c));
   const c10::OptionalDeviceGuard guard(input.device());
   const int64_t B = s.batch, H = shape.hidden, R = shape.proj, N = s.rows;
@@ -448,7 +519,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
 
   const Tensor x = input.reshape({N, shape.input});
   const Tensor out = output.reshape({N, R});
-  const Tensor saved_gates = gates.reshape({N, GH}).contiguous();
+  const Tensor saved_gates = gates.reshape({N, gates.size(-1)}).contiguous();
   const bool zone_h = zoneout_h.has_value(), zone_c = zoneout_c.has_value();
   const Tensor keep_h = keep_rows(zoneout_h, N, R), keep_c = keep_rows(zoneout_c, N, H);
   const Tensor c_all = cells.reshape({N, cells.size(-1)}).contiguous();
@@ -460,6 +531,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const Tensor grad_out = grad_output ? grad_output->reshape({N, R}).contiguous() : Tensor();
 
   Tensor grad_z = at::empty({N, GH}, options);
+  // Layer norm: dẑ, the gradient of the normalised pre-activations, for dγ and the bias.
+  Tensor grad_zhat = layer_norm ? at::empty({N, GH}, options) : Tensor();
+  const Tensor w_ln = layer_norm ? weight_ln->contiguous() : Tensor();
   // The gradients flowing back through the running states, dh_{t} and dc_{t}.
   const RunningState grad_state(grad_h_n ? *grad_h_n : at::zeros({B, R}, options),
                                 grad_c_n ? *grad_c_n : at::zeros({B, H}, options), full, true);
@@ -494,7 +568,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   p.cell_clip = cell_clip;
   p.dc_in = p.dc_prev_out = grad_state.c.data_ptr();
   p.dc_in_stride = p.dc_prev_stride = grad_state.c.stride(0);
-  p.gates_stride = p.grad_z_stride = GH;
+  p.gates_stride = saved_gates.stride(0);
+  p.grad_z_stride = GH;
+  p.layer_norm = layer_norm;
+  p.weight_ln = layer_norm ? w_ln.data_ptr() : nullptr;
+  p.grad_zhat_stride = GH;
   p.c_stride = c_all.stride(0);
   p.c_prev_tail = c_init.data_ptr(), p.c_prev_tail_stride = H;
   // Full peepholes add dh_{t-1} and part of dc_{t-1} with one accumulating GEMM, so the kernel
@@ -554,6 +632,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     p.gates = row_ptr(saved_gates, row);
     p.c = row_ptr(c_computed, row);
     p.grad_z = row_ptr(grad_z, row);
+    p.grad_zhat = layer_norm ? row_ptr(grad_zhat, row) : nullptr;
     p.rows = n;
     Tensor dz = grad_z.narrow(0, row, n);
     if (full) {
@@ -578,7 +657,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
                                       : at::empty({0}, options);
   Tensor grad_weight_ih = grad_z.t().mm(x);
   Tensor grad_weight_hh = grad_z.t().mm(previous_states(out, h0, s));
-  Tensor grad_bias = grad_z.sum(0);
+  // With layer norm the bias is the norm's shift: its gradient is dẑ's, γ's is dẑ x̂'s.
+  Tensor grad_bias = layer_norm ? grad_zhat.sum(0) : grad_z.sum(0);
+  Tensor grad_weight_ln =
+      layer_norm ? layer_norm_weight_grad(grad_zhat, saved_gates.narrow(1, GH, GH), shape.gates)
+                 : at::empty({0}, options);
   Tensor grad_weight_ch =
       shape.peephole == Peephole::None
           ? at::empty({0}, options)
@@ -591,7 +674,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   }
   const Tensor grad_h0 = carry_in_state ? grad_state.final_h() : dh_carry;
   return {grad_input, grad_h0, grad_state.final_c(), grad_weight_ih, grad_weight_hh,
-          grad_bias, grad_weight_ch, grad_weight_hr};
+          grad_bias, grad_weight_ch, grad_weight_hr, grad_weight_ln};
 }
 
 }  // namespace lstm_fused

@@ -165,5 +165,47 @@ LSTM_HD inline V zoneout_backward(V grad, V keep, V& to_previous) {
   return (V(1) - keep) * grad;
 }
 
+// Layer normalisation of the gates (issue 22; TFLite's per-gate form, as Lingvo's
+// LayerNormalizedLSTMCellSimple). For each gate k of one row, over its H units:
+//   v_k   = W_ih,k x_t + W_hh,k h_{t-1} + p_k          pre-norm; p_k the gate's peephole term
+//                                                      (p_i, p_f of c_{t-1}, p_o of the new c_t)
+//   mean  = (1/H) sum_j v_kj,  var = (1/H) sum_j (v_kj - mean)^2     (biased variance)
+//   rstd  = 1 / sqrt(var + eps)
+//   x̂_kj  = (v_kj - mean) rstd
+//   ẑ_kj  = γ_kj x̂_kj + b_kj     b = b_ih,k + b_hh,k, added AFTER the norm (it is its shift)
+// ẑ then enters the gate activations above with no peephole term (p_k is inside v_k).
+// Backward, from dẑ (the gradient of ẑ) of one gate of one row:
+//   dγ_kj += dẑ_kj x̂_kj,   db_kj += dẑ_kj                      (summed over rows and steps)
+//   a = (1/H) sum_j γ_kj dẑ_kj,   m = (1/H) sum_j γ_kj dẑ_kj x̂_kj
+//   dv_kj = rstd (γ_kj dẑ_kj - a - x̂_kj m)
+// The statistics are scalars per (row, gate), accumulated in the op-math type (float for
+// half/bfloat16 storage); the per-element parts below take any V.
+LSTM_HD inline float lstm_rsqrt(float x) { return 1.0f / sqrtf(x); }
+LSTM_HD inline double lstm_rsqrt(double x) { return 1.0 / sqrt(x); }
+
+template <typename T>
+LSTM_HD inline T layer_norm_rstd(T sum_squares, T count, T eps) {
+  return lstm_rsqrt(sum_squares / count + eps);
+}
+
+// x̂ = (v - mean) rstd
+template <typename V>
+LSTM_HD inline V layer_norm_normalize(V v, V mean, V rstd) {
+  return (v - mean) * rstd;
+}
+
+// ẑ = γ x̂ + b
+template <typename V>
+LSTM_HD inline V layer_norm_affine(V normed, V gamma, V shift) {
+  return gamma * normed + shift;
+}
+
+// dv = rstd (γ dẑ - a - x̂ m), with a and m the row means above.
+template <typename V>
+LSTM_HD inline V layer_norm_backward(V gamma_grad, V normed, V rstd, V mean_grad,
+                                     V mean_grad_normed) {
+  return rstd * (gamma_grad - mean_grad - normed * mean_grad_normed);
+}
+
 }  // namespace LSTM_FUSED_ISA
 }  // namespace lstm_fused

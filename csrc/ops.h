@@ -52,9 +52,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     const OptTensor& weight_ch, const OptTensor& weight_hr, at::OptionalIntArrayRef batch_sizes,
     bool reverse, c10::string_view peephole, bool coupled, bool need_backward, double cell_clip,
     double proj_clip, const OptTensor& zoneout_h, const OptTensor& zoneout_c,
-    const PointwiseKernels& kernels);
+    const OptTensor& weight_ln, double layer_norm_eps, const PointwiseKernels& kernels);
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
     const OptTensor& grad_output, const OptTensor& grad_h_n, const OptTensor& grad_c_n,
     const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
@@ -62,7 +62,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const Tensor& gates, const Tensor& cells, at::OptionalIntArrayRef batch_sizes, bool reverse,
     c10::string_view peephole, bool coupled, bool need_input_grad, double cell_clip,
     double proj_clip, const OptTensor& zoneout_h, const OptTensor& zoneout_c,
-    const PointwiseKernels& kernels);
+    const OptTensor& weight_ln, const PointwiseKernels& kernels);
 
 // --- helpers shared by the cell and layer drivers ---------------------------------------------
 

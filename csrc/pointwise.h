@@ -58,6 +58,14 @@ struct ForwardStep {
   int64_t keep_h_stride;
   const void* h_prev;       // [rows, H] h_{t-1}, read with keep_h
   int64_t h_prev_stride;
+  // Layer normalisation (layer_norm_forward_row): z holds the pre-norm W x + W h (no bias, full
+  // peepholes' W_c c added by the driver's GEMMs); the kernel adds the diagonal peephole terms,
+  // normalises each gate over its H units and adds bias_ln after the norm. gates_out rows then
+  // hold [activated gates | x̂ (G*H) | (mean, rstd) per gate (2*G)] (layer_norm_saved_width).
+  bool layer_norm;
+  const void* weight_ln;    // [G, H] γ, contiguous (layer_norm only)
+  const void* bias_ln;      // [G*H] b_ih + b_hh, contiguous; null: no bias
+  double layer_norm_eps;
 };
 
 struct BackwardStep {
@@ -102,6 +110,13 @@ struct BackwardStep {
   int64_t dc_keep_stride;
   const void* keep_h;       // [rows, H] keep values of h; null: no zoneout of h
   int64_t keep_h_stride;
+  // Layer normalisation (layer_norm_backward_row): `gates` rows are the forward's saved rows
+  // [activated gates | x̂ | (mean, rstd) per gate]; grad_z receives dv, the gradient of the
+  // pre-norm v (what the GEMMs and peepholes need), grad_zhat dẑ (for dγ and the bias).
+  bool layer_norm;
+  const void* weight_ln;    // [G, H] γ, contiguous
+  void* grad_zhat;          // [rows, G*H] gradient of the normalised pre-activations ẑ
+  int64_t grad_zhat_stride;
 };
 
 // The inline code below is compiled once per kernel build; see isa_namespace.h.
@@ -122,6 +137,11 @@ struct GateLayout {
 };
 
 inline int num_gates(bool coupled) { return coupled ? 3 : 4; }
+// Columns of a saved row with layer norm: the activated gates, x̂ of every gate, then (mean,
+// rstd) of each gate.
+inline int64_t layer_norm_saved_width(bool coupled, int64_t hidden) {
+  return 2 * num_gates(coupled) * hidden + 2 * num_gates(coupled);
+}
 inline int num_peepholes(bool coupled) { return coupled ? 2 : 3; }
 
 // One value at a time, computed in the op-math type (float for half/bfloat16 storage).
@@ -129,9 +149,12 @@ template <typename scalar_t>
 struct ScalarIO {
   using storage_t = scalar_t;
   using V = at::opmath_type<scalar_t>;
+  using Scalar = V;  // what a row reduction accumulates in
   static constexpr int kWidth = 1;
   LSTM_HD static V load(const scalar_t* p, int /*n*/) { return static_cast<V>(*p); }
   LSTM_HD static void store(scalar_t* p, V v, int /*n*/) { *p = static_cast<scalar_t>(v); }
+  LSTM_HD static V keep(V v, int /*n*/) { return v; }  // the first n lanes, the others 0
+  LSTM_HD static Scalar total(V v) { return v; }       // the sum of the lanes
 };
 
 // Computes the forward step for hidden units [j, j + n) of one row. IO decides how many values
@@ -268,6 +291,301 @@ LSTM_HD inline void backward_chunk(const BackwardStep& p, int64_t row, int64_t j
   IO::store(dz + L::f * H, grads.dz_f, n);
   IO::store(dz + L::g * H, grads.dz_g, n);
   IO::store(dc_prev_out, p.keep_c ? grads.dc_prev + dc_kept : grads.dc_prev, n);
+}
+
+// --- layer normalisation: whole rows ----------------------------------------------------------
+// The norm is a reduction over the H units of each gate of a row, so with layer_norm the kernels
+// take whole rows (one task or thread per row) instead of chunks: the statistics of a gate
+// first, then the chunk math of lstm_math.h on the normalised ẑ (with no peephole term: the
+// peepholes are inside v). The output gate's statistics come after the row's c_t update.
+
+template <typename IO>
+struct LayerNormStats {
+  typename IO::Scalar mean, rstd;
+};
+
+// v of one gate block for units [j, j + n): z, plus w ⊙ c with a diagonal peephole (w non-null).
+template <typename IO>
+LSTM_HD inline typename IO::V layer_norm_input(const typename IO::storage_t* z,
+                                               const typename IO::storage_t* w,
+                                               const typename IO::storage_t* c, int64_t j, int n) {
+  typename IO::V v = IO::load(z + j, n);
+  if (w) v = v + IO::load(w + j, n) * IO::load(c + j, n);
+  return v;
+}
+
+template <typename IO>
+LSTM_HD inline int chunk_width(int64_t hidden, int64_t j) {
+  return hidden - j < IO::kWidth ? static_cast<int>(hidden - j) : IO::kWidth;
+}
+
+// Mean and rstd of v (layer_norm_input) over the H units: two passes (the mean, then the sum of
+// squared deviations), which loses nothing to cancellation when the mean is large.
+template <typename IO>
+LSTM_HD inline LayerNormStats<IO> layer_norm_statistics(const typename IO::storage_t* z,
+                                                        const typename IO::storage_t* w,
+                                                        const typename IO::storage_t* c,
+                                                        int64_t H, double eps) {
+  using V = typename IO::V;
+  using A = typename IO::Scalar;
+  V sum(0);
+  for (int64_t j = 0; j < H; j += IO::kWidth) {
+    const int n = chunk_width<IO>(H, j);
+    sum = sum + IO::keep(layer_norm_input<IO>(z, w, c, j, n), n);
+  }
+  const A mean = IO::total(sum) / static_cast<A>(H);
+  V squares(0);
+  for (int64_t j = 0; j < H; j += IO::kWidth) {
+    const int n = chunk_width<IO>(H, j);
+    const V d = IO::keep(layer_norm_input<IO>(z, w, c, j, n) - V(mean), n);
+    squares = squares + d * d;
+  }
+  return {mean, layer_norm_rstd(IO::total(squares), static_cast<A>(H), static_cast<A>(eps))};
+}
+
+// x̂ and ẑ = γ x̂ + b of gate block k for units [j, j + n); x̂ stored in normed_out if non-null.
+template <typename IO>
+LSTM_HD inline typename IO::V layer_norm_gate(const ForwardStep& p, int k,
+                                              const typename IO::storage_t* z,
+                                              const typename IO::storage_t* w,
+                                              const typename IO::storage_t* c,
+                                              const LayerNormStats<IO>& stats,
+                                              typename IO::storage_t* normed_out, int64_t j,
+                                              int n) {
+  using S = typename IO::storage_t;
+  using V = typename IO::V;
+  const int64_t H = p.hidden;
+  const V normed = layer_norm_normalize(layer_norm_input<IO>(z, w, c, j, n), V(stats.mean),
+                                        V(stats.rstd));
+  if (normed_out) IO::store(normed_out + k * H + j, normed, n);
+  const V gamma = IO::load(static_cast<const S*>(p.weight_ln) + k * H + j, n);
+  const V shift = p.bias_ln ? IO::load(static_cast<const S*>(p.bias_ln) + k * H + j, n) : V(0);
+  return layer_norm_affine(normed, gamma, shift);
+}
+
+template <typename IO>
+LSTM_HD inline void store_layer_norm_stats(typename IO::storage_t* stats_out, int k,
+                                           const LayerNormStats<IO>& stats) {
+  using S = typename IO::storage_t;
+  if (!stats_out) return;
+  stats_out[2 * k] = static_cast<S>(stats.mean);
+  stats_out[2 * k + 1] = static_cast<S>(stats.rstd);
+}
+
+// The forward step of one row with layer norm: Update (i, f, g and c_t), Output (o and h_t) or
+// both. Reads every z of a gate before it writes that gate's activations, so z may alias
+// gates_out; c_prev may alias c_state or (inference) c_out.
+template <typename IO, bool kCoupled, bool kDiagonal, Part kPart>
+LSTM_HD inline void layer_norm_forward_row(const ForwardStep& p, int64_t row) {
+  using S = typename IO::storage_t;
+  using V = typename IO::V;
+  using L = GateLayout<kCoupled>;
+  const int64_t H = p.hidden;
+  if (H == 0) return;
+  const int64_t GH = L::kGates * H;
+  const S* z = static_cast<const S*>(p.z) + row * p.z_stride;
+  S* out = p.gates_out ? static_cast<S*>(p.gates_out) + row * p.gates_stride : nullptr;
+  S* normed_out = out ? out + GH : nullptr;
+  S* stats_out = out ? out + 2 * GH : nullptr;
+  S* c_out = static_cast<S*>(p.c_out) + row * p.c_out_stride;
+  const S* peep = kDiagonal ? static_cast<const S*>(p.weight_ch) : nullptr;
+  const double eps = p.layer_norm_eps;
+
+  if (kPart != Part::Output) {
+    const S* c_prev = static_cast<const S*>(p.c_prev) + row * p.c_prev_stride;
+    const S* peep_i = kDiagonal && !kCoupled ? peep + L::peep_i * H : nullptr;
+    const S* peep_f = kDiagonal ? peep + L::peep_f * H : nullptr;
+    LayerNormStats<IO> stats_i{};
+    if (!kCoupled) stats_i = layer_norm_statistics<IO>(z + L::i * H, peep_i, c_prev, H, eps);
+    const LayerNormStats<IO> stats_f =
+        layer_norm_statistics<IO>(z + L::f * H, peep_f, c_prev, H, eps);
+    const LayerNormStats<IO> stats_g =
+        layer_norm_statistics<IO>(z + L::g * H, nullptr, c_prev, H, eps);
+    if (!kCoupled) store_layer_norm_stats<IO>(stats_out, L::i, stats_i);
+    store_layer_norm_stats<IO>(stats_out, L::f, stats_f);
+    store_layer_norm_stats<IO>(stats_out, L::g, stats_g);
+    for (int64_t j = 0; j < H; j += IO::kWidth) {
+      const int n = chunk_width<IO>(H, j);
+      const V z_i = kCoupled ? V(0)
+                             : layer_norm_gate<IO>(p, L::i, z + L::i * H, peep_i, c_prev, stats_i,
+                                                   normed_out, j, n);
+      const V z_f =
+          layer_norm_gate<IO>(p, L::f, z + L::f * H, peep_f, c_prev, stats_f, normed_out, j, n);
+      const V z_g =
+          layer_norm_gate<IO>(p, L::g, z + L::g * H, nullptr, c_prev, stats_g, normed_out, j, n);
+      Gates<V> gates;
+      V c = cell_update<kCoupled, false>(z_i, z_f, z_g, IO::load(c_prev + j, n), V(0), V(0),
+                                         gates);
+      if (p.cell_clip > 0) c = clip_state(c, V(p.cell_clip));
+      if (out) {
+        if (!kCoupled) IO::store(out + L::i * H + j, gates.i, n);
+        IO::store(out + L::f * H + j, gates.f, n);
+        IO::store(out + L::g * H + j, gates.g, n);
+      }
+      IO::store(c_out + j, c, n);
+      if (p.c_state) IO::store(static_cast<S*>(p.c_state) + row * p.c_state_stride + j, c, n);
+    }
+    if (kPart == Part::Update) return;
+  }
+  // The output gate's norm sees the new, clipped c_t (its peephole term is inside v_o).
+  const S* peep_o = kDiagonal ? peep + L::peep_o * H : nullptr;
+  const LayerNormStats<IO> stats_o = layer_norm_statistics<IO>(z + L::o * H, peep_o, c_out, H, eps);
+  store_layer_norm_stats<IO>(stats_out, L::o, stats_o);
+  for (int64_t j = 0; j < H; j += IO::kWidth) {
+    const int n = chunk_width<IO>(H, j);
+    const V z_o =
+        layer_norm_gate<IO>(p, L::o, z + L::o * H, peep_o, c_out, stats_o, normed_out, j, n);
+    Gates<V> gates;
+    const V h = cell_output<false>(z_o, IO::load(c_out + j, n), V(0), gates);
+    if (out) IO::store(out + L::o * H + j, gates.o, n);
+    IO::store(static_cast<S*>(p.h_out) + row * p.h_out_stride + j, h, n);
+    if (p.h_state) IO::store(static_cast<S*>(p.h_state) + row * p.h_state_stride + j, h, n);
+  }
+}
+
+// The two row means of the norm's backward for gate block k, a = mean(γ dẑ) and
+// m = mean(γ dẑ x̂), with dẑ read back from grad_zhat.
+template <typename IO>
+struct LayerNormGradMeans {
+  typename IO::Scalar a, m;
+};
+
+template <typename IO>
+LSTM_HD inline LayerNormGradMeans<IO> layer_norm_grad_means(const typename IO::storage_t* gamma,
+                                                            const typename IO::storage_t* dzhat,
+                                                            const typename IO::storage_t* normed,
+                                                            int64_t H) {
+  using V = typename IO::V;
+  using A = typename IO::Scalar;
+  V sum_a(0), sum_m(0);
+  for (int64_t j = 0; j < H; j += IO::kWidth) {
+    const int n = chunk_width<IO>(H, j);
+    const V gamma_grad = IO::keep(IO::load(gamma + j, n) * IO::load(dzhat + j, n), n);
+    sum_a = sum_a + gamma_grad;
+    sum_m = sum_m + gamma_grad * IO::load(normed + j, n);
+  }
+  return {IO::total(sum_a) / static_cast<A>(H), IO::total(sum_m) / static_cast<A>(H)};
+}
+
+// dv of gate block k for units [j, j + n), stored in grad_z; returned for the peephole paths.
+template <typename IO>
+LSTM_HD inline typename IO::V layer_norm_input_grad(const typename IO::storage_t* gamma,
+                                                    const typename IO::storage_t* dzhat,
+                                                    const typename IO::storage_t* normed,
+                                                    typename IO::Scalar rstd,
+                                                    const LayerNormGradMeans<IO>& means,
+                                                    typename IO::storage_t* dv_out, int64_t j,
+                                                    int n) {
+  using V = typename IO::V;
+  const V dv = layer_norm_backward(IO::load(gamma + j, n) * IO::load(dzhat + j, n),
+                                   IO::load(normed + j, n), V(rstd), V(means.a), V(means.m));
+  IO::store(dv_out + j, dv, n);
+  return dv;
+}
+
+// The backward step of one row with layer norm, the mirror of layer_norm_forward_row: Output
+// (dẑ_o, then dv_o and dc with its peephole path; full peepholes add W_coᵀ dv_o by a GEMM
+// before Update), Update (from the total dc: dẑ_i, dẑ_f, dẑ_g, then their dv and dc_prev) or both.
+template <typename IO, bool kCoupled, bool kDiagonal, Part kPart>
+LSTM_HD inline void layer_norm_backward_row(const BackwardStep& p, int64_t row) {
+  using S = typename IO::storage_t;
+  using V = typename IO::V;
+  using L = GateLayout<kCoupled>;
+  const int64_t H = p.hidden;
+  if (H == 0) return;
+  const int64_t GH = L::kGates * H;
+  const S* saved = static_cast<const S*>(p.gates) + row * p.gates_stride;
+  const S* normed = saved + GH;
+  const S* stats = saved + 2 * GH;
+  S* dz = static_cast<S*>(p.grad_z) + row * p.grad_z_stride;
+  S* dzhat = static_cast<S*>(p.grad_zhat) + row * p.grad_zhat_stride;
+  S* dc_prev_out = static_cast<S*>(p.dc_prev_out) + row * p.dc_prev_stride;
+  const S* gamma = static_cast<const S*>(p.weight_ln);
+  const S* peep = kDiagonal ? static_cast<const S*>(p.weight_ch) : nullptr;
+  const S* c = static_cast<const S*>(p.c) + row * p.c_stride;
+  const S* dc_in = p.dc_in ? static_cast<const S*>(p.dc_in) + row * p.dc_in_stride : nullptr;
+  using A = typename IO::Scalar;
+  auto rstd_of = [&](int k) { return static_cast<A>(stats[2 * k + 1]); };
+
+  if (kPart != Part::Update) {
+    for (int64_t j = 0; j < H; j += IO::kWidth) {
+      const int n = chunk_width<IO>(H, j);
+      V dh(0);
+      if (p.grad_h) dh = IO::load(static_cast<const S*>(p.grad_h) + row * p.grad_h_stride + j, n);
+      if (p.grad_h2) {
+        S* grad_h2 = static_cast<S*>(p.grad_h2) + row * p.grad_h2_stride + j;
+        dh = dh + IO::load(grad_h2, n);
+        if (p.consume_grad_h2) IO::store(grad_h2, V(0), n);
+      }
+      V dc(0);
+      const V dzhat_o = output_backward<false>(dh, dc_in ? IO::load(dc_in + j, n) : V(0),
+                                               IO::load(c + j, n),
+                                               IO::load(saved + L::o * H + j, n), V(0), dc);
+      IO::store(dzhat + L::o * H + j, dzhat_o, n);
+      IO::store(dc_prev_out + j, dc, n);  // dc so far (dc_in may alias it: read above)
+    }
+    const LayerNormGradMeans<IO> means_o = layer_norm_grad_means<IO>(
+        gamma + L::o * H, dzhat + L::o * H, normed + L::o * H, H);
+    for (int64_t j = 0; j < H; j += IO::kWidth) {
+      const int n = chunk_width<IO>(H, j);
+      const V dv_o = layer_norm_input_grad<IO>(gamma + L::o * H, dzhat + L::o * H,
+                                               normed + L::o * H, rstd_of(L::o), means_o,
+                                               dz + L::o * H, j, n);
+      // v_o holds w_co ⊙ c_t: its gradient reaches c_t.
+      if (kDiagonal) {
+        IO::store(dc_prev_out + j,
+                  IO::load(dc_prev_out + j, n) + IO::load(peep + L::peep_o * H + j, n) * dv_o, n);
+      }
+    }
+    if (kPart == Part::Output) return;
+  }
+  // Update: from the total dc of the clipped c_t (All: in dc_prev_out now; Update: in dc_in).
+  const S* dc_total = kPart == Part::Update ? dc_in : dc_prev_out;
+  const S* c_prev = row < p.c_prev_rows
+                        ? static_cast<const S*>(p.c_prev) + row * p.c_prev_stride
+                        : static_cast<const S*>(p.c_prev_tail) + row * p.c_prev_tail_stride;
+  for (int64_t j = 0; j < H; j += IO::kWidth) {
+    const int n = chunk_width<IO>(H, j);
+    V dc = dc_total ? IO::load(dc_total + j, n) : V(0);
+    if (p.cell_clip > 0) dc = clip_state_backward(dc, IO::load(c + j, n), V(p.cell_clip));
+    Gates<V> gates;
+    gates.f = IO::load(saved + L::f * H + j, n);
+    gates.i = kCoupled ? V(1) - gates.f : IO::load(saved + L::i * H + j, n);
+    gates.g = IO::load(saved + L::g * H + j, n);
+    CellGrads<V> grads;
+    cell_update_backward<kCoupled, false>(dc, IO::load(c_prev + j, n), gates, V(0), V(0), grads);
+    if (!kCoupled) IO::store(dzhat + L::i * H + j, grads.dz_i, n);
+    IO::store(dzhat + L::f * H + j, grads.dz_f, n);
+    IO::store(dzhat + L::g * H + j, grads.dz_g, n);
+    IO::store(dc_prev_out + j, grads.dc_prev, n);
+  }
+  LayerNormGradMeans<IO> means_i{};
+  if (!kCoupled) {
+    means_i = layer_norm_grad_means<IO>(gamma + L::i * H, dzhat + L::i * H, normed + L::i * H, H);
+  }
+  const LayerNormGradMeans<IO> means_f =
+      layer_norm_grad_means<IO>(gamma + L::f * H, dzhat + L::f * H, normed + L::f * H, H);
+  const LayerNormGradMeans<IO> means_g =
+      layer_norm_grad_means<IO>(gamma + L::g * H, dzhat + L::g * H, normed + L::g * H, H);
+  for (int64_t j = 0; j < H; j += IO::kWidth) {
+    const int n = chunk_width<IO>(H, j);
+    V dv_i(0);
+    if (!kCoupled) {
+      dv_i = layer_norm_input_grad<IO>(gamma + L::i * H, dzhat + L::i * H, normed + L::i * H,
+                                       rstd_of(L::i), means_i, dz + L::i * H, j, n);
+    }
+    const V dv_f = layer_norm_input_grad<IO>(gamma + L::f * H, dzhat + L::f * H,
+                                             normed + L::f * H, rstd_of(L::f), means_f,
+                                             dz + L::f * H, j, n);
+    layer_norm_input_grad<IO>(gamma + L::g * H, dzhat + L::g * H, normed + L::g * H,
+                              rstd_of(L::g), means_g, dz + L::g * H, j, n);
+    // v_i and v_f hold w_ci ⊙ c_{t-1} and w_cf ⊙ c_{t-1}: their gradients reach c_{t-1}.
+    if (kDiagonal) {
+      V dc_prev = IO::load(dc_prev_out + j, n) + IO::load(peep + L::peep_f * H + j, n) * dv_f;
+      if (!kCoupled) dc_prev = dc_prev + IO::load(peep + L::peep_i * H + j, n) * dv_i;
+      IO::store(dc_prev_out + j, dc_prev, n);
+    }
+  }
 }
 
 // Calls f(coupled, diagonal, part) with std::integral_constant arguments, so the kernels are

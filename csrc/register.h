@@ -12,8 +12,10 @@ namespace lstm_fused {
 // and cells are empty), which the shim leaves out. cell_step is forward only (no autograd): the
 // latency path of LSTMCell under no_grad / inference_mode, both GEMMs and the kernel in one op.
 // The state clips (cell_clip, proj_clip: 0 = off) come after EXTRA, as they have defaults
-// (the shim's geometry has none); the layer ops' zoneout keep values (zoneout_h [..., R],
-// zoneout_c [..., H]: 0/1 masks in training, the rates in eval; None = off) last.
+// (the shim's geometry has none); then the layer ops' zoneout keep values (zoneout_h [..., R],
+// zoneout_c [..., H]: 0/1 masks in training, the rates in eval; None = off), then layer norm's γ
+// (weight_ln [G, H], None = off) and eps. With layer norm the layer's saved `gates` rows are
+// [activated gates | x̂ | (mean, rstd) per gate].
 #define LSTM_FUSED_SCHEMAS(EXTRA, LAYER_EXTRA)                                                  \
   "cell_forward(Tensor gates, Tensor c_prev, Tensor? weight_ch, str peephole, bool coupled" EXTRA \
   ", float cell_clip=0.0) -> (Tensor h, Tensor c, Tensor gates_out)",                         \
@@ -24,16 +26,17 @@ namespace lstm_fused {
       "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_ch, Tensor? weight_hr, "                \
       "int[]? batch_sizes, bool reverse, str peephole, bool coupled" LAYER_EXTRA EXTRA          \
       ", float cell_clip=0.0, float proj_clip=0.0, Tensor? zoneout_h=None, "                    \
-      "Tensor? zoneout_c=None"                                                                  \
+      "Tensor? zoneout_c=None, Tensor? weight_ln=None, float layer_norm_eps=1e-05"              \
       ") -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)",               \
       "layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "  \
       "Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "             \
       "Tensor? bias_hh, Tensor? weight_ch, Tensor? weight_hr, Tensor output, Tensor gates, "    \
       "Tensor cells, int[]? batch_sizes, bool reverse, str peephole, bool coupled, "            \
       "bool need_input_grad" EXTRA ", float cell_clip=0.0, float proj_clip=0.0, "               \
-      "Tensor? zoneout_h=None, Tensor? zoneout_c=None"                                          \
+      "Tensor? zoneout_h=None, Tensor? zoneout_c=None, Tensor? weight_ln=None"                  \
       ") -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, "        \
-      "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_ch, Tensor grad_weight_hr)", \
+      "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_ch, Tensor grad_weight_hr, " \
+      "Tensor grad_weight_ln)",                                                                 \
       "cell_step(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "      \
       "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_ch, str peephole, bool coupled" EXTRA   \
       ", float cell_clip=0.0) -> (Tensor h, Tensor c)"
@@ -74,14 +77,15 @@ struct DeviceOps {
       const OptTensor& weight_ch, const OptTensor& weight_hr,
       at::OptionalIntArrayRef batch_sizes, bool reverse, c10::string_view peephole,
       bool coupled, bool need_backward, double cell_clip, double proj_clip,
-      const OptTensor& zoneout_h, const OptTensor& zoneout_c) {
+      const OptTensor& zoneout_h, const OptTensor& zoneout_c, const OptTensor& weight_ln,
+      double layer_norm_eps) {
     return lstm_fused::layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
                                      weight_ch, weight_hr, batch_sizes, reverse, peephole,
                                      coupled, need_backward, cell_clip, proj_clip, zoneout_h,
-                                     zoneout_c, kKernels());
+                                     zoneout_c, weight_ln, layer_norm_eps, kKernels());
   }
 
-  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
   layer_backward(const OptTensor& grad_output, const OptTensor& grad_h_n,
                  const OptTensor& grad_c_n, const Tensor& input, const Tensor& h0,
                  const Tensor& c0, const Tensor& weight_ih, const Tensor& weight_hh,
@@ -90,11 +94,12 @@ struct DeviceOps {
                  const Tensor& cells, at::OptionalIntArrayRef batch_sizes, bool reverse,
                  c10::string_view peephole, bool coupled, bool need_input_grad,
                  double cell_clip, double proj_clip, const OptTensor& zoneout_h,
-                 const OptTensor& zoneout_c) {
+                 const OptTensor& zoneout_c, const OptTensor& weight_ln) {
     return lstm_fused::layer_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih,
                                       weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, output,
                                       gates, cells, batch_sizes, reverse, peephole, coupled,
                                       need_input_grad, cell_clip, proj_clip, zoneout_h, zoneout_c,
+                                      weight_ln,
                                       kKernels());
   }
 };

@@ -410,6 +410,54 @@ def check_clips(cell_clip, proj_clip, projected: bool) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------------------------
+# Layer normalisation (layer_norm, layer_norm_eps, weight_ln): issue 22, docs/layer-norm.md
+# --------------------------------------------------------------------------------------------
+
+
+def check_layer_norm_eps(value) -> float:
+    """layer_norm_eps as a float: a real number (TypeError otherwise) that is finite and > 0
+    (ValueError otherwise: the norm divides by sqrt(var + eps))."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"layer_norm_eps should be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"layer_norm_eps should be a finite number > 0, got {value}")
+    return value
+
+
+def check_layer_norm_options(layer_norm, layer_norm_eps) -> tuple[bool, float]:
+    """The modules' layer_norm (a bool: TypeError otherwise) and layer_norm_eps."""
+    _require_type("layer_norm", layer_norm, bool)
+    return layer_norm, check_layer_norm_eps(layer_norm_eps)
+
+
+def check_zoneout_without_layer_norm(zoneout, layer_norm) -> None:
+    """Zoneout inside layer norm's whole-row kernels is not built yet: a ValueError when both are
+    on (`zoneout` None/0/(0, 0) or a pair of keep values; `layer_norm` a flag or weight_ln)."""
+    if isinstance(zoneout, (tuple, list)):
+        zoned = any(isinstance(k, Tensor) or k != 0 for k in zoneout)
+    else:
+        zoned = zoneout is not None and zoneout != 0
+    if zoned and layer_norm is not None and layer_norm is not False:
+        raise ValueError("zoneout together with layer norm is not supported yet: use one of them")
+
+
+def check_weight_ln(weight_ln, input: Tensor, weight_ih: Tensor, coupled: bool) -> None:
+    """weight_ln (γ of the per-gate layer norm): None, or a [G, H] tensor on input's device of
+    its dtype, G = 3 when coupled else 4 and H = weight_ih rows / G."""
+    _require_tensor("weight_ln", weight_ln, optional=True)
+    if weight_ln is None:
+        return
+    _check_dtypes_and_devices(input, {"weight_ln": weight_ln})
+    G = len(_gate_names(coupled))
+    expected = (G, weight_ih.shape[0] // G)
+    if tuple(weight_ln.shape) != expected:
+        raise ValueError(f"expected weight_ln of shape [G, H] = {list(expected)} (G = {G} gates, "
+                         f"{'coupled' if coupled else 'standard'}; H from weight_ih), got "
+                         f"{list(weight_ln.shape)}")
+
+
+# --------------------------------------------------------------------------------------------
 # Modules: forward arguments, as torch.nn.LSTM / torch.nn.LSTMCell check them
 # --------------------------------------------------------------------------------------------
 

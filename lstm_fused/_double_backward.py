@@ -24,6 +24,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _peephole_term(c: Tensor, weight_ch: Tensor | None, peephole: str, coupled: bool,
+                   gate: int) -> Tensor | float:
+    """The peephole term of gate 0 (i), 1 (f) or 2 (o) for cell state c [B, H]: w ⊙ c
+    (diagonal), c W_ckᵀ (full) or 0."""
+    if peephole == "none":
+        return 0.0
+    k = ((None, 0, 1) if coupled else (0, 1, 2))[gate]  # its row/block of weight_ch
+    if peephole == "diagonal":
+        return weight_ch[k] * c
+    H = c.shape[-1]
+    return c @ weight_ch[k * H:(k + 1) * H].T
+
+
 def cell_pointwise(gates: Tensor, c_prev: Tensor, weight_ch: Tensor | None, peephole: str,
                    coupled: bool, cell_clip: float = 0.0) -> tuple[Tensor, Tensor]:
     """What ``lstm_fused::cell_forward`` computes: gates [B, G*H] pre-activations in order
@@ -32,16 +45,9 @@ def cell_pointwise(gates: Tensor, c_prev: Tensor, weight_ch: Tensor | None, peep
     "diagonal" or "full"; cell_clip > 0 clips c after the update -> (h [B, H], c [B, H])."""
     blocks = gates.chunk(3 if coupled else 4, dim=-1)
     z_i, (z_f, z_g, z_o) = (None, blocks) if coupled else (blocks[0], blocks[1:])
-    rows = (None, 0, 1) if coupled else (0, 1, 2)  # peephole row/block of i, f, o
 
     def peep(c: Tensor, gate: int) -> Tensor | float:
-        if peephole == "none":
-            return 0.0
-        k = rows[gate]
-        if peephole == "diagonal":
-            return weight_ch[k] * c
-        H = c.shape[-1]
-        return c @ weight_ch[k * H:(k + 1) * H].T
+        return _peephole_term(c, weight_ch, peephole, coupled, gate)
 
     f = torch.sigmoid(z_f + peep(c_prev, 1))
     i = 1 - f if coupled else torch.sigmoid(z_i + peep(c_prev, 0))
@@ -52,21 +58,58 @@ def cell_pointwise(gates: Tensor, c_prev: Tensor, weight_ch: Tensor | None, peep
     return o * torch.tanh(c), c
 
 
+def layer_norm_cell_pointwise(v: Tensor, c_prev: Tensor, weight_ch: Tensor | None,
+                              peephole: str, coupled: bool, cell_clip: float,
+                              weight_ln: Tensor, shift: Tensor | None,
+                              eps: float) -> tuple[Tensor, Tensor]:
+    """``cell_pointwise`` with layer norm: v [B, G*H] the pre-norm x W_ihᵀ + h W_hhᵀ (no bias),
+    weight_ln [G, H] γ, shift [G*H] (b_ih + b_hh) or None. Each gate k normalises v_k + p_k over
+    its H units (p_k its peephole term; the output gate's sees the new c), then γ_k ⊙ · + b_k."""
+    G = 3 if coupled else 4
+    H = c_prev.shape[-1]
+    blocks = v.chunk(G, dim=-1)
+    shifts = shift.chunk(G) if shift is not None else (None,) * G
+    names = ("f", "g", "o") if coupled else ("i", "f", "g", "o")
+
+    def peep(c: Tensor, gate: int) -> Tensor | float:
+        return _peephole_term(c, weight_ch, peephole, coupled, gate)
+
+    def normed(name: str, extra) -> Tensor:
+        k = names.index(name)
+        return F.layer_norm(blocks[k] + extra, (H,), weight_ln[k], shifts[k], eps)
+
+    f = torch.sigmoid(normed("f", peep(c_prev, 1)))
+    i = 1 - f if coupled else torch.sigmoid(normed("i", peep(c_prev, 0)))
+    c = f * c_prev + i * torch.tanh(normed("g", 0.0))
+    if cell_clip > 0:
+        c = c.clamp(-cell_clip, cell_clip)
+    o = torch.sigmoid(normed("o", peep(c, 2)))
+    return o * torch.tanh(c), c
+
+
 def layer(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
           bias_ih: Tensor | None, bias_hh: Tensor | None, weight_ch: Tensor | None,
           weight_hr: Tensor | None, batch_sizes: Sequence[int] | None, reverse: bool,
           peephole: str, coupled: bool, cell_clip: float = 0.0,
           proj_clip: float = 0.0, zoneout_h: Tensor | None = None,
-          zoneout_c: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+          zoneout_c: Tensor | None = None, weight_ln: Tensor | None = None,
+          layer_norm_eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
     """What ``lstm_fused::layer_forward`` computes (its first three outputs): input [T, B, I]
     (or packed [N, I] with batch_sizes), h0 [B, R], c0 [B, H] -> (output [T, B, R] or [N, R],
     h_n [B, R], c_n [B, H]). At step t only the first batch_sizes[t] rows are active; the
     others keep their state. cell_clip / proj_clip > 0 clip c_t and the projected h_t.
     zoneout_h [..., R] / zoneout_c [..., H] (rows like input's; None = off): the keep values m,
-    h_t = m h_{t-1} + (1 - m) h~_t after the clips, likewise c; the gates saw the computed c~_t."""
+    h_t = m h_{t-1} + (1 - m) h~_t after the clips, likewise c; the gates saw the computed c~_t.
+    With weight_ln the gates are layer-normalised (layer_norm_cell_pointwise)."""
     B = h0.shape[0]
     packed = batch_sizes is not None
     sizes = list(batch_sizes) if packed else [B] * input.shape[0]
+    layer_norm = weight_ln is not None
+    shift = None
+    if layer_norm:  # the biases come after the norm
+        present = [b for b in (bias_ih, bias_hh) if b is not None]
+        shift = sum(present[1:], present[0]) if present else None
+        bias_ih = bias_hh = None
     projected = F.linear(input, weight_ih, bias_ih)  # every step's input projection at once
     steps = projected.split(sizes, 0) if packed else projected.unbind(0)
 
@@ -81,7 +124,11 @@ def layer(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: T
     for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
         n = sizes[t]
         gates = steps[t] + F.linear(h[:n], weight_hh, bias_hh)
-        h_t, c_t = cell_pointwise(gates, c[:n], weight_ch, peephole, coupled, cell_clip)
+        if layer_norm:
+            h_t, c_t = layer_norm_cell_pointwise(gates, c[:n], weight_ch, peephole, coupled,
+                                                 cell_clip, weight_ln, shift, layer_norm_eps)
+        else:
+            h_t, c_t = cell_pointwise(gates, c[:n], weight_ch, peephole, coupled, cell_clip)
         if weight_hr is not None:
             h_t = F.linear(h_t, weight_hr)
             if proj_clip > 0:

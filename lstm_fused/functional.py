@@ -19,8 +19,11 @@ from ._checks import (
     check_cell_args,
     check_clips,
     check_layer_args,
+    check_layer_norm_eps,
     check_layer_zoneout,
+    check_weight_ln,
     check_zoneout_pair,
+    check_zoneout_without_layer_norm,
     normalize_peephole,
 )
 from .ops import ops
@@ -30,7 +33,8 @@ def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_h
               bias_ih: Tensor | None = None, bias_hh: Tensor | None = None,
               weight_ch: Tensor | None = None, weight_hr: Tensor | None = None, *,
               peephole=None, coupled: bool = False, cell_clip=None,
-              proj_clip=None, zoneout=None) -> tuple[Tensor, Tensor]:
+              proj_clip=None, zoneout=None, weight_ln: Tensor | None = None,
+              layer_norm_eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """One fused time step. input [B, I], hx [B, R], cx [B, H] -> (h [B, R], c [B, H]).
 
     The two GEMMs run as torch ops; activations, peepholes, the cell update and the output
@@ -39,7 +43,10 @@ def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_h
     TensorFlow LSTMCell's options). `zoneout`: None (off) or (keep_h, keep_c), each a rate in
     [0, 1) (the eval expectation) or a 0/1 mask tensor shaped like hx / cx (training; 1 keeps
     the previous value): h = keep_h hx + (1 - keep_h) h~, c = keep_c cx + (1 - keep_c) c~, after
-    the clips (docs/regularizers.md). Each bad argument is named in the error (the twin,
+    the clips (docs/regularizers.md). `weight_ln` [G, H] (γ) normalises each gate over its H
+    units before its activation, with the biases added after the norm (docs/layer-norm.md);
+    `layer_norm_eps` the norm's epsilon (zoneout and layer norm together: not yet, a ValueError).
+    Each bad argument is named in the error (the twin,
     `lstm_fused.reference.lstm_cell`, rejects the same).
     """
     peephole = normalize_peephole(peephole)
@@ -47,18 +54,33 @@ def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_h
                     peephole, coupled)
     cell_clip, proj_clip = check_clips(cell_clip, proj_clip, weight_hr is not None)
     zoneout = check_zoneout_pair(zoneout, hx, cx)
+    check_weight_ln(weight_ln, input, weight_ih, bool(coupled))
+    layer_norm_eps = check_layer_norm_eps(layer_norm_eps)
+    check_zoneout_without_layer_norm(zoneout, weight_ln)
     return fused_cell(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                       weight_hr, peephole=peephole, coupled=coupled, cell_clip=cell_clip,
-                      proj_clip=proj_clip, zoneout=zoneout)
+                      proj_clip=proj_clip, zoneout=zoneout, weight_ln=weight_ln,
+                      layer_norm_eps=layer_norm_eps)
 
 
 def fused_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                bias_ih: Tensor | None, bias_hh: Tensor | None, weight_ch: Tensor | None,
                weight_hr: Tensor | None, *, peephole: str | None,
                coupled: bool, cell_clip: float = 0.0,
-               proj_clip: float = 0.0, zoneout=None) -> tuple[Tensor, Tensor]:
+               proj_clip: float = 0.0, zoneout=None, weight_ln: Tensor | None = None,
+               layer_norm_eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """`lstm_cell` without the argument checks; `peephole` in canonical form (None,
-    "diagonal" or "full"), the clips floats (0.0 = off), `zoneout` None or checked."""
+    "diagonal" or "full"), the clips floats (0.0 = off), `zoneout` None or checked (not with
+    weight_ln)."""
+    if weight_ln is not None:
+        # The norm reduces over each gate's H units of a row, which the layer op's row kernels
+        # do: one step of it is the cell.
+        output, state = fused_layer(input.unsqueeze(0), hx, cx, weight_ih, weight_hh, bias_ih,
+                                    bias_hh, weight_ch, weight_hr, peephole=peephole,
+                                    coupled=coupled, reverse=False, batch_sizes=None,
+                                    cell_clip=cell_clip, proj_clip=proj_clip,
+                                    weight_ln=weight_ln, layer_norm_eps=layer_norm_eps)
+        return output[0], state[1]
     gates = F.linear(input, weight_ih, bias_ih) + F.linear(hx, weight_hh, bias_hh)
     h, c, _ = ops.cell_forward(gates, cx, weight_ch, peephole or "none", bool(coupled),
                                cell_clip)
@@ -88,15 +110,17 @@ def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_
                weight_ch: Tensor | None = None, weight_hr: Tensor | None = None, *,
                peephole=None, coupled: bool = False, reverse: bool = False,
                batch_sizes=None, cell_clip=None,
-               proj_clip=None, zoneout=None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+               proj_clip=None, zoneout=None, weight_ln: Tensor | None = None,
+               layer_norm_eps: float = 1e-5) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One fused layer in one direction; the time loop runs in C++.
 
     Padded: input [T, B, I] -> output [T, B, R]. Packed: input [N, I] with `batch_sizes`
     (non-increasing, as in PackedSequence) -> output [N, R]. `reverse` runs from the last step
-    to the first. `cell_clip` / `proj_clip` as in `lstm_cell`. `zoneout`: None (off) or
-    (keep_h, keep_c), each a rate in [0, 1) (eval: the expectation) or a 0/1 mask [T, B, R] /
-    [T, B, H] (training; packed input too: step t uses rows :batch_sizes[t] of mask[t]), applied
-    in the fused time loop. Returns (output, (h_n [B, R], c_n [B, H])). Each bad argument is named in the error (the twin,
+    to the first. `cell_clip` / `proj_clip`, `weight_ln` / `layer_norm_eps` as in `lstm_cell`.
+    `zoneout`: None (off) or (keep_h, keep_c), each a rate in [0, 1) (eval: the expectation) or
+    a 0/1 mask [T, B, R] / [T, B, H] (training; packed input too: step t uses rows
+    :batch_sizes[t] of mask[t]), applied in the fused time loop. Returns (output, (h_n [B, R],
+    c_n [B, H])). Each bad argument is named in the error (the twin,
     `lstm_fused.reference.lstm_layer`, rejects the same).
     """
     peephole = normalize_peephole(peephole)
@@ -105,30 +129,37 @@ def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_
     cell_clip, proj_clip = check_clips(cell_clip, proj_clip, weight_hr is not None)
     zoneout = check_layer_zoneout(zoneout, hx, cx,
                                   len(sizes) if sizes is not None else input.shape[0])
+    check_weight_ln(weight_ln, input, weight_ih, bool(coupled))
+    layer_norm_eps = check_layer_norm_eps(layer_norm_eps)
+    check_zoneout_without_layer_norm(zoneout, weight_ln)
     return fused_layer(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                        weight_hr, peephole=peephole, coupled=coupled, reverse=reverse,
                        batch_sizes=sizes, cell_clip=cell_clip, proj_clip=proj_clip,
-                       zoneout=zoneout)
+                       zoneout=zoneout, weight_ln=weight_ln, layer_norm_eps=layer_norm_eps)
 
 
 def fused_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                 bias_ih: Tensor | None, bias_hh: Tensor | None, weight_ch: Tensor | None,
                 weight_hr: Tensor | None, *, peephole: str | None, coupled: bool,
                 reverse: bool, batch_sizes: list[int] | None, cell_clip: float = 0.0,
-                proj_clip: float = 0.0, zoneout=None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                proj_clip: float = 0.0, zoneout=None, weight_ln: Tensor | None = None,
+                layer_norm_eps: float = 1e-5) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """`lstm_layer` without the argument checks; `peephole` in canonical form, `batch_sizes` a
-    list of ints or None, the clips floats (0.0 = off), `zoneout` None or checked."""
+    list of ints or None, the clips floats (0.0 = off), `zoneout` None or checked,
+    layer_norm_eps a float."""
     # Inference (no_grad, inference_mode, or nothing requires grad): nothing saved for backward.
     need_backward = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
-        for t in (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr))
+        for t in (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
+                  weight_ln))
     keep_h, keep_c = (None, None) if zoneout is None else (
         layer_keep(zoneout[0], input, hx.shape[-1], batch_sizes),
         layer_keep(zoneout[1], input, cx.shape[-1], batch_sizes))
+    layer_norm = () if weight_ln is None else (weight_ln, layer_norm_eps)
     output, h_n, c_n, _, _ = ops.layer_forward(
         input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, batch_sizes,
         bool(reverse), peephole or "none", bool(coupled), need_backward, cell_clip, proj_clip,
-        keep_h, keep_c)
+        keep_h, keep_c, *layer_norm)
     return output, (h_n, c_n)
 
 

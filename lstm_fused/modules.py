@@ -18,10 +18,12 @@ from ._checks import (
     check_cell_forward,
     check_cell_options,
     check_clips,
+    check_layer_norm_options,
     check_lstm_forward,
     check_lstm_options,
     check_regularizer_options,
     check_zoneout,
+    check_zoneout_without_layer_norm,
 )
 from .ops import BUILT_WITH_CUDA
 
@@ -55,6 +57,8 @@ class _VariantMixin:
             add("weight_ch", P, H)
         elif self.peephole == "full":
             add("weight_ch", P * H, H)
+        if self.layer_norm:
+            add("weight_ln", G, H)
         if proj_size > 0:
             add("weight_hr", proj_size, H)
 
@@ -92,11 +96,30 @@ class _VariantMixin:
                      ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_ch", "weight_hr"))
 
     def reset_parameters(self) -> None:
-        """Every parameter uniform in (-1/sqrt(H), 1/sqrt(H)), as torch.nn.LSTM."""
+        """Every parameter uniform in (-1/sqrt(H), 1/sqrt(H)), as torch.nn.LSTM; the layer
+        norm's γ (weight_ln) ones, so a fresh norm only standardises."""
         bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
+        for name, weight in self.named_parameters():
+            if name.startswith("weight_ln"):
+                nn.init.ones_(weight)
+            else:
+                nn.init.uniform_(weight, -bound, bound)
         self._add_forget_bias()
+
+    # --- layer normalisation (docs/layer-norm.md) --------------------------------------------
+
+    def _init_layer_norm(self, layer_norm, layer_norm_eps) -> None:
+        """Sets layer_norm and layer_norm_eps; checks them first."""
+        self.layer_norm, self.layer_norm_eps = check_layer_norm_options(layer_norm,
+                                                                        layer_norm_eps)
+
+    def _layer_norm_arguments(self, suffix) -> dict:
+        """weight_ln{suffix} and layer_norm_eps as the functional layer and cell take them
+        (nothing when layer_norm is off, so the op calls are those of before)."""
+        if not self.layer_norm:
+            return {}
+        return {"weight_ln": getattr(self, "weight_ln" + suffix),
+                "layer_norm_eps": self.layer_norm_eps}
 
     def _init_clips(self, cell_clip, proj_clip, proj_size):
         """Sets cell_clip and proj_clip: None when off (given as None or 0), else the float."""
@@ -141,6 +164,10 @@ class _VariantMixin:
             s += f", proj_clip={self.proj_clip}"
         if any(getattr(self, "zoneout", (0.0, 0.0))):
             s += f", zoneout={self.zoneout}"
+        if getattr(self, "layer_norm", False):
+            s += ", layer_norm=True"
+            if self.layer_norm_eps != 1e-5:
+                s += f", layer_norm_eps={self.layer_norm_eps}"
         return s
 
     # --- torch.ao.quantization: no quantized version, and no silent skip -------------------
@@ -178,6 +205,11 @@ class _VariantMixin:
             if coupled != self.coupled and weight_ih.shape[0] == gates * H:
                 found.append(f"weight_ih{suffix} has {gates}*hidden_size rows, as with "
                              f"coupled={coupled}")
+        weight_ln = state_dict.get(prefix + "weight_ln" + suffix)
+        if weight_ln is None and self.layer_norm:
+            found.append(f"it has no weight_ln{suffix}, as with layer_norm=False")
+        elif weight_ln is not None and not self.layer_norm:
+            found.append(f"it has weight_ln{suffix}, as with layer_norm=True")
         weight_ch = state_dict.get(prefix + "weight_ch" + suffix)
         if weight_ch is None and self.peephole is not None:
             found.append(f"it has no weight_ch{suffix}, as with peephole=None")
@@ -210,25 +242,33 @@ class LSTMCell(_VariantMixin, nn.Module):
         zoneout (keyword): p or (p_h, p_c), each in [0, 1): in training each unit of h_1 / c_1
             keeps its value in h_0 / c_0 with that probability (a fresh Bernoulli mask per call),
             h_1 = m h_0 + (1 - m) h~_1; in eval the expectation p h_0 + (1 - p) h~_1.
+        layer_norm, layer_norm_eps (keywords): normalise each gate over its H units before its
+            activation (mean, biased variance, eps), scale by weight_ln and add the biases after
+            the norm (TFLite's layer-norm LSTM; docs/layer-norm.md). Default off, eps 1e-5. Not
+            yet with zoneout (a ValueError).
 
     Inputs: input [B, I] or [I]; (h_0, c_0) each [B, H] or [H], zeros when omitted.
     Outputs: (h_1, c_1), each [B, H] (or [H] for unbatched input).
 
     Parameters: weight_ih [G*H, I], weight_hh [G*H, H], bias_ih and bias_hh [G*H],
-    weight_ch [P, H] (diagonal) or [P*H, H] (full); G = 3 coupled else 4, P = 2 coupled else 3.
+    weight_ch [P, H] (diagonal) or [P*H, H] (full), weight_ln [G, H] (layer norm); G = 3
+    coupled else 4, P = 2 coupled else 3.
     """
 
     _first_suffix = ""
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, peephole=None,
                  coupled: bool = False, device=None, dtype=None, *, forget_bias: float = 0.0,
-                 weight_dropout: float = 0.0, cell_clip=None, zoneout=0.0) -> None:
+                 weight_dropout: float = 0.0, cell_clip=None, zoneout=0.0,
+                 layer_norm: bool = False, layer_norm_eps: float = 1e-5) -> None:
         super().__init__()
         peephole = check_cell_options(input_size, hidden_size, bias, peephole, coupled)
         self._init_variant(input_size, hidden_size, bias, peephole, coupled)
         self._init_regularizers(forget_bias, weight_dropout)
         self._init_clips(cell_clip, None, 0)
         self._init_zoneout(zoneout)
+        self._init_layer_norm(layer_norm, layer_norm_eps)
+        check_zoneout_without_layer_norm(self.zoneout, self.layer_norm)
         factory = {"device": device, "dtype": dtype}
         self._make_parameters("", self.input_size, self.hidden_size, 0, factory)
         self.reset_parameters()
@@ -283,6 +323,7 @@ class LSTMCell(_VariantMixin, nn.Module):
                                      self._recurrent_weight(weight_hh), *rest,
                                      peephole=self.peephole, coupled=self.coupled,
                                      **self._clip_arguments(),
+                                     **self._layer_norm_arguments(""),
                                      zoneout=self._zoneout_keeps(
                                          input, (input.shape[0],), (self.hidden_size,) * 2))
         if not batched:
@@ -301,6 +342,8 @@ class LSTMCell(_VariantMixin, nn.Module):
         if self.training and self.weight_dropout > 0:  # DropConnect draws a mask: general path
             return None
         if any(self.zoneout):  # zoneout mixes in the previous state: general path
+            return None
+        if self.layer_norm:  # the norm runs in the layer op's row kernels: general path
             return None
         params = self._parameters  # a dict lookup, not nn.Module.__getattr__, per parameter
         weights = [params.get(name) for name in self._step_parameter_names]
@@ -364,6 +407,10 @@ class LSTM(_VariantMixin, nn.Module):
             layer and direction), h_t = m h_{t-1} + (1 - m) h~_t, applied in the fused time loop
             (with a projection to the projected h); in eval the expectation
             p h_{t-1} + (1 - p) h~_t. The zoned values are the states and the outputs.
+        layer_norm, layer_norm_eps (keywords): normalise each gate over its H units before its
+            activation, scale by weight_ln_l{k}, add the biases after the norm (TFLite's
+            layer-norm LSTM; docs/layer-norm.md). Default off, eps 1e-5. Not yet with zoneout
+            (a ValueError).
 
     Inputs: input [T, B, I] ([B, T, I] if batch_first), [T, I] unbatched, or a PackedSequence;
         optional (h_0 [D*L, B, R], c_0 [D*L, B, H]) with D = 2 if bidirectional else 1 and
@@ -372,7 +419,8 @@ class LSTM(_VariantMixin, nn.Module):
 
     Parameters per layer k (suffix _reverse for the backward direction): weight_ih_l{k}
     [G*H, I_k], weight_hh_l{k} [G*H, R], bias_ih_l{k}, bias_hh_l{k} [G*H],
-    weight_ch_l{k} [P, H] (diagonal) or [P*H, H] (full), weight_hr_l{k} [R, H].
+    weight_ch_l{k} [P, H] (diagonal) or [P*H, H] (full), weight_ln_l{k} [G, H] (layer norm),
+    weight_hr_l{k} [R, H].
     """
 
     # The per-layer function, called with arguments checked already; tests swap in
@@ -384,7 +432,8 @@ class LSTM(_VariantMixin, nn.Module):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, peephole=None, coupled: bool = False, device=None,
                  dtype=None, *, forget_bias: float = 0.0, weight_dropout: float = 0.0,
-                 cell_clip=None, proj_clip=None, zoneout=0.0) -> None:
+                 cell_clip=None, proj_clip=None, zoneout=0.0, layer_norm: bool = False,
+                 layer_norm_eps: float = 1e-5) -> None:
         super().__init__()
         peephole = check_lstm_options(input_size, hidden_size, num_layers, bias, batch_first,
                                       dropout, bidirectional, proj_size, peephole, coupled)
@@ -392,6 +441,8 @@ class LSTM(_VariantMixin, nn.Module):
         self._init_regularizers(forget_bias, weight_dropout)
         self._init_clips(cell_clip, proj_clip, proj_size)
         self._init_zoneout(zoneout)
+        self._init_layer_norm(layer_norm, layer_norm_eps)
+        check_zoneout_without_layer_norm(self.zoneout, self.layer_norm)
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
                           f"non-zero dropout expects num_layers greater than 1, but got "
@@ -459,9 +510,11 @@ class LSTM(_VariantMixin, nn.Module):
     @property
     def _all_weights(self) -> list[list[str]]:
         """Parameter names per layer and direction, in nn.LSTM's order (weight_ih, weight_hh,
-        bias_ih, bias_hh, weight_hr); peepholes add weight_ch before weight_hr."""
+        bias_ih, bias_hh, weight_hr); peepholes add weight_ch before weight_hr, layer norm
+        weight_ln after weight_ch."""
         names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
         names += ["weight_ch"] if self.peephole is not None else []
+        names += ["weight_ln"] if self.layer_norm else []
         names += ["weight_hr"] if self.proj_size > 0 else []
         return [[name + suffix for name in names]
                 for layer in range(self.num_layers) for suffix in self._suffixes(layer)]
@@ -545,7 +598,8 @@ class LSTM(_VariantMixin, nn.Module):
                     layer_input, h0[row], c0[row], weight_ih, self._recurrent_weight(weight_hh),
                     *rest, peephole=self.peephole, coupled=self.coupled, reverse=direction == 1,
                     batch_sizes=batch_sizes, **self._clip_arguments(),
-                    zoneout=self._zoneout_keeps(data, zoneout_steps, zoneout_widths))
+                    zoneout=self._zoneout_keeps(data, zoneout_steps, zoneout_widths),
+                    **self._layer_norm_arguments(suffix))
                 outputs.append(out)
                 h_n.append(h)
                 c_n.append(c)
@@ -601,6 +655,9 @@ def _require_vanilla(module, method):
         raise ValueError(f"{type(module).__name__}.{method}(): torch.nn has no zoneout; this "
                          f"module has zoneout={module.zoneout} (build it with zoneout=0 to "
                          f"convert it)")
+    if module.layer_norm:
+        raise ValueError(f"{type(module).__name__}.{method}() needs a module without layer "
+                         f"normalisation (torch.nn has none); this module has layer_norm=True")
     clips = {name: getattr(module, name, None) for name in ("cell_clip", "proj_clip")}
     if any(clips.values()):
         raise ValueError(f"{type(module).__name__}.{method}() needs a module without state "
@@ -634,3 +691,17 @@ class CoupledLSTMCell(LSTMCell):
 
     def __init__(self, *args, coupled=True, **kwargs):
         super().__init__(*args, coupled=coupled, **kwargs)
+
+
+class LayerNormLSTM(LSTM):
+    """LSTM with layer-normalised gates (layer_norm=True preset; docs/layer-norm.md)."""
+
+    def __init__(self, *args, layer_norm=True, **kwargs):
+        super().__init__(*args, layer_norm=layer_norm, **kwargs)
+
+
+class LayerNormLSTMCell(LSTMCell):
+    """LSTMCell with layer-normalised gates (layer_norm=True preset)."""
+
+    def __init__(self, *args, layer_norm=True, **kwargs):
+        super().__init__(*args, layer_norm=layer_norm, **kwargs)

@@ -24,6 +24,10 @@ What each fused op becomes (ONNX gate order is i, o, f, c; B = [Wb, Rb]; P order
 - `layer_forward` with zoneout (eval mode: the rates, the expectation; training mode is refused):
   the same Scan, the keep values as two more scan inputs, and after the step (and its clips)
   h = m h_prev + (1 - m) h~, c likewise.
+- `layer_forward` with layer norm (`layer_norm=True`): the same Scan, the input projection
+  without biases, and in the body one `LayerNormalization` per gate (axis -1 over its H units,
+  scale γ_k = row k of weight_ln, bias b_ih,k + b_hh,k, the module's epsilon) on the gate's
+  pre-activation with its peephole term; needs opset_version >= 17 (LayerNormalization's).
 - `cell_forward` (LSTMCell and variants): the same step ops, a dozen standard nodes (an LSTMCell's
   zoneout is plain torch ops around it, exported by torch).
 - A `PackedSequence` cannot be exported (torch.export cannot trace `pack_padded_sequence`).
@@ -245,25 +249,43 @@ def _peephole_terms(g: _Nodes, weight_ch, peephole: str, coupled: bool, H: int) 
 
 
 def _step(g: _Nodes, z, c_prev, peepholes: dict, peephole: str, coupled: bool, H: int,
-          cell_clip: float = 0.0, dtype: ir.DataType | None = None):
+          cell_clip: float = 0.0, dtype: ir.DataType | None = None, norms: dict | None = None):
     """One step after the GEMMs: z [B, G*H] (our gate order), c_prev [B, H] -> (h, c), as
     lstm_fused.reference._step; with coupled gates i = sigmoid(-(z_f + peep_f)) = 1 - f;
-    cell_clip > 0 clips c (of `dtype`) after the update."""
+    cell_clip > 0 clips c (of `dtype`) after the update. `norms` (layer norm): {gate: a
+    function of the gate's pre-activation (with its peephole term) -> the normalised one}."""
     blocks = {gate: g.rows(z, k * H, (k + 1) * H, axis=-1)
               for k, gate in enumerate(_gate_names(coupled))}
 
     def pre(gate, c):
-        if gate not in peepholes:
-            return blocks[gate]
-        term = g.Mul(c, peepholes[gate]) if peephole == "diagonal" else g.MatMul(c, peepholes[gate])
-        return g.Add(blocks[gate], term)
+        value = blocks[gate]
+        if gate in peepholes:
+            term = (g.Mul(c, peepholes[gate]) if peephole == "diagonal"
+                    else g.MatMul(c, peepholes[gate]))
+            value = g.Add(value, term)
+        return norms[gate](value) if norms else value
 
     z_f = pre("f", c_prev)
     f = g.Sigmoid(z_f)
     i = g.Sigmoid(g.Neg(z_f)) if coupled else g.Sigmoid(pre("i", c_prev))
-    c = g.clip(g.Add(g.Mul(f, c_prev), g.Mul(i, g.Tanh(blocks["g"]))), cell_clip, dtype)
+    c = g.clip(g.Add(g.Mul(f, c_prev), g.Mul(i, g.Tanh(pre("g", c_prev)))), cell_clip, dtype)
     o = g.Sigmoid(pre("o", c))
     return g.Mul(o, g.Tanh(c)), c
+
+
+def _layer_norms(g: _Nodes, body: _Nodes, weight_ln, shift, coupled: bool, H: int,
+                 eps: float) -> dict:
+    """{gate: v -> LayerNormalization(v) (a node of `body`) over its H units, scale γ_k, bias
+    shift_k (nodes of the outer graph `g`)}; shift [G*H] (b_ih + b_hh) or None."""
+    norms = {}
+    for k, gate in enumerate(_gate_names(coupled)):
+        scale = g.Squeeze(g.rows(weight_ln, k, k + 1), g.ints(0))
+        bias = None if shift is None else g.rows(shift, k * H, (k + 1) * H)
+
+        def norm(v, scale=scale, bias=bias):
+            return body.LayerNormalization(v, scale, bias, axis=-1, epsilon=float(eps))
+        norms[gate] = norm
+    return norms
 
 
 def _cell_forward(gates, c_prev, weight_ch, peephole, coupled, cell_clip=0.0):
@@ -281,7 +303,8 @@ def _cell_forward(gates, c_prev, weight_ch, peephole, coupled, cell_clip=0.0):
 
 def _layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
                    batch_sizes, reverse, peephole, coupled, need_backward=True, cell_clip=0.0,
-                   proj_clip=0.0, zoneout_h=None, zoneout_c=None):
+                   proj_clip=0.0, zoneout_h=None, zoneout_c=None, weight_ln=None,
+                   layer_norm_eps=1e-5):
     """layer_forward(input [T, B, I], h0 [B, R], c0 [B, H], ...) -> (output [T, B, R], h_n, c_n):
     one LSTM node, or a Scan for peephole="full", projections and clips. The op's two last outputs
     (gates and cells, saved for the backward) are not exported, so need_backward changes
@@ -293,10 +316,10 @@ def _layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight
     H = _hidden_size(weight_ih.shape[0], coupled)
     zoneout = (zoneout_h, zoneout_c)
     if (peephole == "full" or weight_hr is not None or cell_clip > 0 or proj_clip > 0
-            or any(k is not None for k in zoneout)):
+            or any(k is not None for k in zoneout) or weight_ln is not None):
         outputs = _scan_layer(g, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                               weight_hr, bool(reverse), peephole, bool(coupled), H, cell_clip,
-                              proj_clip, zoneout)
+                              proj_clip, zoneout, weight_ln, layer_norm_eps)
     else:
         outputs = _lstm_node(g, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                              weight_hr, bool(reverse), peephole, bool(coupled), H)
@@ -357,12 +380,14 @@ _scan_counter = itertools.count()
 
 def _scan_layer(g: _Nodes, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                 weight_hr, reverse, peephole, coupled, H, cell_clip=0.0, proj_clip=0.0,
-                zoneout=(None, None)):
-    # Input projections of all steps at once: zx [T, B, G*H] = x W_ih^T + b_ih + b_hh.
+                zoneout=(None, None), weight_ln=None, layer_norm_eps=1e-5):
+    # Input projections of all steps at once: zx [T, B, G*H] = x W_ih^T + b_ih + b_hh (with
+    # layer norm the biases come after the norm, in the body).
     zx = g.MatMul(input, g.Transpose(weight_ih, perm=[1, 0]))
     biases = _bias(g, bias_ih, bias_hh, weight_ih.shape[0])
-    if biases is not None:
-        zx = g.Add(zx, g.Add(*biases))
+    shift = None if biases is None else g.Add(*biases)
+    if shift is not None and weight_ln is None:
+        zx = g.Add(zx, shift)
     w_hh_t = g.Transpose(weight_hh, perm=[1, 0])
     w_hr_t = None if weight_hr is None else g.Transpose(weight_hr, perm=[1, 0])
     peepholes = _peephole_terms(g, weight_ch, peephole, coupled, H)
@@ -375,7 +400,9 @@ def _scan_layer(g: _Nodes, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh
     c_prev = ir.Value(type=dtype, shape=ir.Shape([batch, H]))
     zx_t = ir.Value(type=dtype, shape=ir.Shape([batch, weight_ih.shape[0]]))
     z = body.Add(zx_t, body.MatMul(h_prev, w_hh_t))
-    h, c = _step(body, z, c_prev, peepholes, peephole, coupled, H, cell_clip, input.dtype)
+    norms = (None if weight_ln is None
+             else _layer_norms(g, body, weight_ln, shift, coupled, H, layer_norm_eps))
+    h, c = _step(body, z, c_prev, peepholes, peephole, coupled, H, cell_clip, input.dtype, norms)
     if w_hr_t is not None:
         h = body.clip(body.MatMul(h, w_hr_t), proj_clip, input.dtype)
     # Zoneout (docs/regularizers.md): the keep values of step t [B, R] / [B, H] are scan inputs.

@@ -6,7 +6,8 @@ fake (meta) kernels for torch.compile / export, and their autograd formulas.
         -> (h [B, H], c [B, H], gates_out [B, G*H])
     torch.ops.lstm_fused.layer_forward(input [T, B, I] | [N, I], h0 [B, R], c0 [B, H], weight_ih,
         weight_hh, bias_ih, bias_hh, weight_ch, weight_hr, batch_sizes, reverse, peephole, coupled,
-        need_backward=True, cell_clip=0.0, proj_clip=0.0, zoneout_h=None, zoneout_c=None)
+        need_backward=True, cell_clip=0.0, proj_clip=0.0, zoneout_h=None, zoneout_c=None,
+        weight_ln=None, layer_norm_eps=1e-5)
         -> (output [T, B, R] | [N, R], h_n [B, R], c_n [B, H], gates, cells)
 
 `peephole` is the string "none", "diagonal" or "full"; `gates`/`cells` are what the backward
@@ -17,7 +18,10 @@ the gradient is zero where a clip is active. `zoneout_h` [T, B, R] | [N, R] and 
 [T, B, H] | [N, H] are zoneout's keep values (1 keeps a unit's previous value: 0/1 masks in
 training, the rates p in eval, e.g. expanded; None = off): h_t = m_h h_{t-1} + (1 - m_h) h~_t and
 likewise c (docs/regularizers.md); with zoneout_c `cells` is [..., 2H] (the computed c~_t, then the
-zoned c_t).
+zoned c_t). `weight_ln` [G, H] (γ) turns on layer normalisation of each gate over its H units
+(docs/layer-norm.md; the biases are then added after the norm), and the saved `gates` rows are
+[activated gates | x̂ (G*H) | (mean, rstd) per gate (2*G)]. Zoneout and layer norm together are
+refused (not built yet).
 The *_backward ops are what autograd calls for a first-order
 backward; a backward that builds a graph (create_graph=True, for double backward) differentiates a
 recomputation in torch ops instead (lstm_fused._double_backward).
@@ -43,6 +47,12 @@ BUILT_WITH_CUDA = bool(_C.built_with_cuda)
 
 def num_gates(coupled: bool) -> int:
     return 3 if coupled else 4
+
+
+def _saved_width(gate_rows: int, gates: int, layer_norm: bool) -> int:
+    """Columns of layer_forward's saved `gates` rows: G*H, or with layer norm 2*G*H + 2*G
+    (the activated gates, x̂, and (mean, rstd) of each gate)."""
+    return 2 * gate_rows + 2 * gates if layer_norm else gate_rows
 
 
 # --- fake kernels: output shapes only --------------------------------------------------------
@@ -71,11 +81,13 @@ def _cell_step_fake(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weigh
 @torch.library.register_fake("lstm_fused::layer_forward")
 def _layer_forward_fake(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                         weight_hr, batch_sizes, reverse, peephole, coupled, need_backward=True,
-                        cell_clip=0.0, proj_clip=0.0, zoneout_h=None, zoneout_c=None):
+                        cell_clip=0.0, proj_clip=0.0, zoneout_h=None, zoneout_c=None,
+                        weight_ln=None, layer_norm_eps=1e-5):
     lead = input.shape[:-1]
     gate_rows, hidden, proj = weight_ih.shape[0], c0.shape[-1], h0.shape[-1]
+    saved_width = _saved_width(gate_rows, num_gates(coupled), weight_ln is not None)
     cells_width = 2 * hidden if zoneout_c is not None else hidden
-    saved = ((input.new_empty(*lead, gate_rows), input.new_empty(*lead, cells_width))
+    saved = ((input.new_empty(*lead, saved_width), input.new_empty(*lead, cells_width))
              if need_backward else (input.new_empty(0), input.new_empty(0)))
     return (input.new_empty(*lead, proj), h0.new_empty(h0.shape), c0.new_empty(c0.shape), *saved)
 
@@ -84,14 +96,15 @@ def _layer_forward_fake(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, w
 def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh,
                          bias_ih, bias_hh, weight_ch, weight_hr, output, gates, cells,
                          batch_sizes, reverse, peephole, coupled, need_input_grad, cell_clip=0.0,
-                         proj_clip=0.0, zoneout_h=None, zoneout_c=None):
+                         proj_clip=0.0, zoneout_h=None, zoneout_c=None, weight_ln=None):
     empty = input.new_empty(0)
     return (input.new_empty(input.shape) if need_input_grad else empty,
             h0.new_empty(h0.shape), c0.new_empty(c0.shape),
             weight_ih.new_empty(weight_ih.shape), weight_hh.new_empty(weight_hh.shape),
             input.new_empty(weight_ih.shape[0]),
             weight_ch.new_empty(weight_ch.shape) if peephole != "none" else empty,
-            weight_hr.new_empty(weight_hr.shape) if weight_hr is not None else empty)
+            weight_hr.new_empty(weight_hr.shape) if weight_hr is not None else empty,
+            weight_ln.new_empty(weight_ln.shape) if weight_ln is not None else empty)
 
 
 # --- autograd --------------------------------------------------------------------------------
@@ -137,44 +150,73 @@ def _layer_setup_context(ctx, inputs, output):
     need_backward = extra[:1]
     cell_clip, proj_clip = (list(extra[1:3]) + [0.0, 0.0])[:2]
     zoneout_h, zoneout_c = (list(extra[3:5]) + [None, None])[:2]
+    weight_ln, layer_norm_eps = _layer_norm_inputs(extra)
     if need_backward and not need_backward[0]:
         raise RuntimeError("lstm_fused: layer_forward(need_backward=False) saved nothing for "
                            "backward, but an input requires grad; call it with need_backward=True")
     out, _, _, gates, cells = output
     ctx.save_for_backward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                          weight_hr, out, gates, cells, zoneout_h, zoneout_c)
+                          weight_hr, out, gates, cells, zoneout_h, zoneout_c, weight_ln)
     ctx.options = (batch_sizes, reverse, peephole, coupled)
     ctx.clips = (cell_clip, proj_clip)
+    ctx.layer_norm_eps = layer_norm_eps
     ctx.mark_non_differentiable(gates, cells)
+
+
+# Positions of layer_forward's layer-norm arguments (after the 13 leading ones, need_backward,
+# the two clips and zoneout's two keep tensors).
+_WEIGHT_LN, _LAYER_NORM_EPS = 18, 19
+
+
+def _layer_norm_inputs(extra):
+    """(weight_ln, layer_norm_eps) from layer_forward's arguments after `coupled` (trailing
+    defaults may be left out)."""
+    tail = list(extra[_WEIGHT_LN - 13:_LAYER_NORM_EPS - 13 + 1])
+    return (tail[0] if tail else None), (tail[1] if len(tail) > 1 else 1e-5)
 
 
 def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-     out, gates, cells, zoneout_h, zoneout_c) = ctx.saved_tensors
+     out, gates, cells, zoneout_h, zoneout_c, weight_ln) = ctx.saved_tensors
     batch_sizes, reverse, peephole, coupled = ctx.options
     if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
-        forward = functools.partial(_double_backward.layer, batch_sizes=batch_sizes,
+        options = functools.partial(_double_backward.layer, batch_sizes=batch_sizes,
                                     reverse=reverse, peephole=peephole, coupled=coupled,
                                     cell_clip=ctx.clips[0], proj_clip=ctx.clips[1],
-                                    zoneout_h=zoneout_h, zoneout_c=zoneout_c)
+                                    zoneout_h=zoneout_h, zoneout_c=zoneout_c,
+                                    layer_norm_eps=ctx.layer_norm_eps)
+
+        def forward(*tensors):  # the 9 layer tensors, then weight_ln
+            return options(*tensors[:9], weight_ln=tensors[9])
+
         grads = _double_backward.differentiable_gradients(
-            forward, (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr),
-            (grad_output, grad_h_n, grad_c_n))
-        return *grads, *_no_grads(ctx, 9)
+            forward, (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
+                      weight_ln), (grad_output, grad_h_n, grad_c_n))
+        return _with_layer_norm_grad(ctx, tuple(grads[:9]) + (None,) * 4, grads[9])
     need_input_grad = ctx.needs_input_grad[0]
     (grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_ch,
-     grad_weight_hr) = ops.layer_backward(
+     grad_weight_hr, grad_weight_ln) = ops.layer_backward(
         grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
         weight_ch, weight_hr, out, gates, cells, batch_sizes, reverse, peephole, coupled,
-        need_input_grad, *ctx.clips, zoneout_h, zoneout_c)
+        need_input_grad, *ctx.clips, zoneout_h, zoneout_c, weight_ln)
 
     def when(present, grad):
         return grad if present else None
 
-    return (when(need_input_grad, grad_input), grad_h0, grad_c0, grad_weight_ih, grad_weight_hh,
-            when(bias_ih is not None, grad_bias), when(bias_hh is not None, grad_bias),
-            when(weight_ch is not None, grad_weight_ch), when(weight_hr is not None, grad_weight_hr),
-            None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 13)
+    return _with_layer_norm_grad(ctx, (
+        when(need_input_grad, grad_input), grad_h0, grad_c0, grad_weight_ih, grad_weight_hh,
+        when(bias_ih is not None, grad_bias), when(bias_hh is not None, grad_bias),
+        when(weight_ch is not None, grad_weight_ch), when(weight_hr is not None, grad_weight_hr),
+        None, None, None, None), when(weight_ln is not None, grad_weight_ln))
+
+
+def _with_layer_norm_grad(ctx, grads13, grad_weight_ln):
+    """layer_forward's input gradients: the 13 leading ones, None for the options after them,
+    and weight_ln's gradient at its position (when that argument was passed)."""
+    grads = list(grads13) + [None] * (len(ctx.needs_input_grad) - 13)
+    if len(grads) > _WEIGHT_LN:
+        grads[_WEIGHT_LN] = grad_weight_ln
+    return tuple(grads)
 
 
 torch.library.register_autograd(

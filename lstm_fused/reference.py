@@ -28,6 +28,14 @@ equation by equation so it can be checked line by line against docs/design.md se
 
 ``peephole=None, coupled=False`` is exactly ``torch.nn.LSTMCell`` / ``torch.nn.LSTM``.
 
+With layer normalisation (``weight_ln`` [G, H], row k = γ_k; docs/layer-norm.md), every gate k is
+normalised over its H units before its activation, and the biases come after the norm:
+
+    v_k   = W_ih,k x_t + W_hh,k h_{t-1} + peep_k(c)   c = c_{t-1} for i, f; the new c_t for o
+    N(v)  = (v - mean(v)) / sqrt(var(v) + eps)        mean and biased variance over the H units
+    ẑ_k   = γ_k * N(v_k) + b_ih,k + b_hh,k
+    f = sigmoid(ẑ_f), i = 1 - f or sigmoid(ẑ_i), g = tanh(ẑ_g), o = sigmoid(ẑ_o), then as above
+
 Shapes: B = batch, I = input size, H = hidden size, R = projection size (or H without a
 projection), G = number of gate blocks (3 coupled, 4 standard), P = number of peephole blocks
 (2 coupled, 3 standard).
@@ -47,8 +55,11 @@ from ._checks import (
     check_cell_args,
     check_clips,
     check_layer_args,
+    check_layer_norm_eps,
     check_layer_zoneout,
+    check_weight_ln,
     check_zoneout_pair,
+    check_zoneout_without_layer_norm,
     normalize_peephole,
 )
 
@@ -94,6 +105,63 @@ def _peephole(
         return c * weight_ch[k]
     H = c.shape[-1]
     return c @ weight_ch[k * H : (k + 1) * H].T
+
+
+def _normalize(v: Tensor, eps: float) -> Tensor:
+    """N(v) = (v - mean(v)) / sqrt(var(v) + eps) over the last dimension, biased variance."""
+    mean = v.mean(dim=-1, keepdim=True)
+    var = ((v - mean) ** 2).mean(dim=-1, keepdim=True)
+    return (v - mean) / torch.sqrt(var + eps)
+
+
+def _layer_norm_step(
+    x: Tensor,
+    h_prev: Tensor,
+    c_prev: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor | None,
+    bias_hh: Tensor | None,
+    weight_ch: Tensor | None,
+    weight_hr: Tensor | None,
+    peephole: str | None,
+    coupled: bool,
+    cell_clip: float,
+    proj_clip: float,
+    weight_ln: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """One layer-normalised step, no validation (the module docstring's equations)."""
+    # v = W_ih x_t + W_hh h_{t-1}   (no biases: they come after the norm)
+    v = _split_gates(x @ weight_ih.T + h_prev @ weight_hh.T, coupled)
+    names = _gate_names(coupled)
+    G = len(names)
+    zeros = torch.zeros(G * weight_ln.shape[1], dtype=x.dtype, device=x.device)
+    b_ih = _split_gates(bias_ih if bias_ih is not None else zeros, coupled)
+    b_hh = _split_gates(bias_hh if bias_hh is not None else zeros, coupled)
+
+    def z_hat(gate: str, peep: Tensor | float) -> Tensor:
+        # ẑ_k = γ_k * N(v_k + peep_k(c)) + b_ih,k + b_hh,k
+        k = names.index(gate)
+        return weight_ln[k] * _normalize(v[gate] + peep, eps) + b_ih[gate] + b_hh[gate]
+
+    def peep(gate: str, c: Tensor) -> Tensor:
+        return _peephole(c, weight_ch, gate, peephole, coupled)
+
+    f = torch.sigmoid(z_hat("f", peep("f", c_prev)))
+    i = 1 - f if coupled else torch.sigmoid(z_hat("i", peep("i", c_prev)))
+    g = torch.tanh(z_hat("g", 0.0))  # the cell input has no peephole
+    c = f * c_prev + i * g
+    if cell_clip > 0:
+        c = torch.clamp(c, -cell_clip, cell_clip)
+    # the output gate's norm sees the NEW (clipped) cell state through its peephole
+    o = torch.sigmoid(z_hat("o", peep("o", c)))
+    h = o * torch.tanh(c)
+    if weight_hr is not None:
+        h = h @ weight_hr.T
+        if proj_clip > 0:
+            h = torch.clamp(h, -proj_clip, proj_clip)
+    return h, c
 
 
 def _step(
@@ -174,6 +242,8 @@ def lstm_cell(
     cell_clip=None,
     proj_clip=None,
     zoneout=None,
+    weight_ln: Tensor | None = None,
+    layer_norm_eps: float = 1e-5,
 ) -> tuple[Tensor, Tensor]:
     """One time step. input [B, I], hx [B, R], cx [B, H] -> (h [B, R], c [B, H]).
 
@@ -185,6 +255,7 @@ def lstm_cell(
     cell_clip / proj_clip: None or 0 (off), or the bound of c_t / of the projected h_t.
     zoneout: None (off) or (keep_h, keep_c): each a rate in [0, 1) or a 0/1 mask shaped like
     hx / cx (the injected masks of the tests).
+    weight_ln [G, H]: layer normalisation of every gate (γ_k = row k), with layer_norm_eps.
     """
     peephole = normalize_peephole(peephole)
     coupled = bool(coupled)
@@ -192,11 +263,24 @@ def lstm_cell(
                     peephole, coupled)
     cell_clip, proj_clip = check_clips(cell_clip, proj_clip, weight_hr is not None)
     zoneout = check_zoneout_pair(zoneout, hx, cx)
-    h, c = _step(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-                 peephole, coupled, cell_clip, proj_clip)
+    check_weight_ln(weight_ln, input, weight_ih, coupled)
+    eps = check_layer_norm_eps(layer_norm_eps)
+    check_zoneout_without_layer_norm(zoneout, weight_ln)
+    h, c = _any_step(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
+                     peephole, coupled, cell_clip, proj_clip, weight_ln, eps)
     if zoneout is not None:
         h, c = _zoneout(hx, h, zoneout[0]), _zoneout(cx, c, zoneout[1])
     return h, c
+
+
+def _any_step(x, h_prev, c_prev, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
+              peephole, coupled, cell_clip, proj_clip, weight_ln, eps):
+    """_step, or _layer_norm_step with weight_ln."""
+    if weight_ln is None:
+        return _step(x, h_prev, c_prev, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
+                     weight_hr, peephole, coupled, cell_clip, proj_clip)
+    return _layer_norm_step(x, h_prev, c_prev, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
+                            weight_hr, peephole, coupled, cell_clip, proj_clip, weight_ln, eps)
 
 
 def lstm_layer(
@@ -217,6 +301,8 @@ def lstm_layer(
     cell_clip=None,
     proj_clip=None,
     zoneout=None,
+    weight_ln: Tensor | None = None,
+    layer_norm_eps: float = 1e-5,
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One layer, one direction.
 
@@ -232,7 +318,7 @@ def lstm_layer(
 
     Returns (output, (h_n [B, R], c_n [B, H])): each row's final state (for the packed forward
     direction, the state at that row's last active step; for reverse, the state after step 0).
-    Parameters, ``peephole``, ``coupled`` and the clips as in :func:`lstm_cell`.
+    Parameters, ``peephole``, ``coupled``, the clips and layer norm as in :func:`lstm_cell`.
     zoneout: None (off) or (keep_h, keep_c), each a rate in [0, 1) or a 0/1 mask [T, B, R] /
     [T, B, H] (padded and packed alike: step t uses rows :batch_sizes[t] of mask[t]).
     """
@@ -241,9 +327,12 @@ def lstm_layer(
     sizes = check_layer_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                              weight_hr, peephole, coupled, batch_sizes)
     cell_clip, proj_clip = check_clips(cell_clip, proj_clip, weight_hr is not None)
+    check_weight_ln(weight_ln, input, weight_ih, coupled)
+    eps = check_layer_norm_eps(layer_norm_eps)
     B, R = hx.shape
     zoneout = check_layer_zoneout(zoneout, hx, cx,
                                   len(sizes) if sizes is not None else input.shape[0])
+    check_zoneout_without_layer_norm(zoneout, weight_ln)
     if sizes is None:
         sizes = [B] * input.shape[0]
         xs = input.unbind(0)  # T tensors [B, I]
@@ -256,8 +345,9 @@ def lstm_layer(
     steps = range(T - 1, -1, -1) if reverse else range(T)
     for t in steps:
         n = sizes[t]  # rows 0..n-1 are active at step t
-        h_t, c_t = _step(xs[t], h[:n], c[:n], weight_ih, weight_hh, bias_ih, bias_hh,
-                         weight_ch, weight_hr, peephole, coupled, cell_clip, proj_clip)
+        h_t, c_t = _any_step(xs[t], h[:n], c[:n], weight_ih, weight_hh, bias_ih, bias_hh,
+                             weight_ch, weight_hr, peephole, coupled, cell_clip, proj_clip,
+                             weight_ln, eps)
         if zoneout is not None:
             keep_h, keep_c = (k[t, :n] if isinstance(k, Tensor) else k for k in zoneout)
             h_t, c_t = _zoneout(h[:n], h_t, keep_h), _zoneout(c[:n], c_t, keep_c)

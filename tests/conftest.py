@@ -115,6 +115,26 @@ def assert_close_scaled(actual, expected, dtype, what="", kind="half_storage"):
     assert error <= tol * scale, f"{what}: max error {error:.3g} (scale {scale:.3g}, tol {tol})"
 
 
+def module_input(mode, generator, T, B, I, lengths):
+    """(an LSTM module's input, a function turning the module's output into a padded tensor):
+    x [T, B, I] (randn * 2, requiring grad) as it is ("padded"), its first sequence [T, I]
+    ("unbatched") or packed with `lengths` ("packed", sorted)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    x = (torch.randn(T, B, I, generator=generator) * 2).requires_grad_()
+    if mode == "unbatched":
+        return x[:, 0].detach().requires_grad_(), lambda out: out
+    if mode == "padded":
+        return x, lambda out: out
+    packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=True)
+    return packed, lambda out: pad_packed_sequence(out)[0]
+
+
+def leaf(x):
+    """The tensor a module input's gradient is taken of (a PackedSequence's data)."""
+    return x.data if isinstance(x, torch.nn.utils.rnn.PackedSequence) else x
+
+
 def grid(*, where=None, **axes):
     """Cartesian product of keyword axes, as pytest params with readable ids; `where(**combo)`
     keeps only the combinations that make sense."""

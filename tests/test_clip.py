@@ -12,10 +12,11 @@ from conftest import (
     assert_close,
     grid,
     layer_op_args,
+    leaf,
     make_params,
+    module_input,
     variant_params,
 )
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_fused
 from lstm_fused import functional, reference
@@ -70,17 +71,7 @@ def test_gradcheck_clipped_cell(variant, projected):
 
 def make_input(mode, generator):
     """(module input, a function turning the module output into a padded tensor)."""
-    x = (torch.randn(T, B, I, generator=generator) * 2).requires_grad_()
-    if mode == "unbatched":
-        return x[:, 0].detach().requires_grad_(), lambda out: out
-    if mode == "padded":
-        return x, lambda out: out
-    packed = pack_padded_sequence(x, torch.tensor(LENGTHS), enforce_sorted=True)
-    return packed, lambda out: pad_packed_sequence(out)[0]
-
-
-def leaf(x):
-    return x.data if isinstance(x, torch.nn.utils.rnn.PackedSequence) else x
+    return module_input(mode, generator, T, B, I, LENGTHS)
 
 
 @variant_params

@@ -53,6 +53,10 @@ COMPILE_CASES = {
     "full-standard-2-layers": {"peephole": "full", "num_layers": 2},
     "clipped-diagonal-projected": {"peephole": "diagonal", "proj_size": 3, "cell_clip": 0.3,
                                    "proj_clip": 0.2},
+    "layer-norm-full-coupled-bidirectional": {"layer_norm": True, "peephole": "full",
+                                              "coupled": True, "bidirectional": True},
+    "layer-norm-diagonal-projected-clipped": {"layer_norm": True, "peephole": "diagonal",
+                                              "proj_size": 3, "cell_clip": 0.3},
 }
 
 
@@ -79,7 +83,8 @@ def test_inductor_compiled_model_matches_eager():
 
 
 @variant_params
-@pytest.mark.parametrize("clips", [{}, {"cell_clip": 0.3}], ids=["unclipped", "cell_clip"])
+@pytest.mark.parametrize("clips", [{}, {"cell_clip": 0.3}, {"layer_norm": True, "cell_clip": 0.3}],
+                         ids=["unclipped", "cell_clip", "layer_norm"])
 def test_exported_program_runs_and_matches_eager(variant, clips):
     peephole, coupled = variant
     model = make_tagger({"peephole": peephole, "coupled": coupled, "num_layers": 2, **clips})

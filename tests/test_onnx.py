@@ -32,13 +32,21 @@ OPTIONS = {
     # TensorFlow's state clipping: Clip nodes in the Scan body.
     "cell_clip": {"cell_clip": 0.4},
     "clips-projection": {"proj_size": 2, "cell_clip": 0.4, "proj_clip": 0.25},
+    # Layer norm: one LayerNormalization per gate in the Scan body (opset >= 17).
+    "layer_norm": {"layer_norm": True, "num_layers": 2, "bidirectional": True},
+    "layer_norm-clips-projection": {"layer_norm": True, "proj_size": 2, "cell_clip": 0.4,
+                                    "proj_clip": 0.25, "layer_norm_eps": 1e-3},
 }
 
 
 def make_lstm(peephole, coupled, dtype=torch.float32, **options):
     torch.manual_seed(0)
-    return lstm_fused.LSTM(I, H, peephole=peephole, coupled=coupled, dtype=dtype,
-                           **options).eval()
+    lstm = lstm_fused.LSTM(I, H, peephole=peephole, coupled=coupled, dtype=dtype, **options)
+    with torch.no_grad():  # γ away from its initial ones, so the export must carry it
+        for name, p in lstm.named_parameters():
+            if name.startswith("weight_ln"):
+                p.uniform_(0.5, 1.5)
+    return lstm.eval()
 
 
 def lstm_inputs(lstm, T, B, initial_states, dtype=torch.float32):
@@ -97,7 +105,9 @@ def assert_standard_graph(program, lstm):
     nodes = lstm.num_layers * (2 if lstm.bidirectional else 1)
     clips = [clip for clip in (lstm.cell_clip, lstm.proj_clip) if clip]
     assert names.count("Clip") == nodes * len(clips), names
-    if lstm.peephole == "full" or lstm.proj_size or clips:
+    assert names.count("LayerNormalization") == (nodes * lstm.num_gates if lstm.layer_norm
+                                                 else 0), names
+    if lstm.peephole == "full" or lstm.proj_size or clips or lstm.layer_norm:
         assert names.count("Scan") == nodes and "LSTM" not in names
     else:
         assert names.count("LSTM") == nodes and "Scan" not in names
@@ -121,6 +131,8 @@ FAST_CASES = (
        ((None, False), "projection", True), (("diagonal", True), "projection", False)]
     + [(variant, "clips-projection", True) for variant in VARIANTS]
     + [(("diagonal", False), "cell_clip", True)]
+    + [(variant, "layer_norm-clips-projection", True) for variant in VARIANTS]
+    + [(("diagonal", True), "layer_norm", False), (("full", False), "layer_norm", True)]
 )
 
 
@@ -160,6 +172,17 @@ def test_float16_model_exports_and_matches_eager(variant):
 def test_opset_14(variant, options):
     program, _, _ = check_layer(*variant, options, opset_version=14)
     assert {o.domain: o.version for o in program.model_proto.opset_import}[""] == 14
+
+
+def test_layer_norm_exports_at_opset_17_and_is_refused_below():
+    """LayerNormalization exists from opset 17: a layer-norm model lowers to 17, not to 16."""
+    program, lstm, _ = check_layer("diagonal", True, OPTIONS["layer_norm-clips-projection"],
+                                   opset_version=17)
+    assert {o.domain: o.version for o in program.model_proto.opset_import}[""] == 17
+    with pytest.raises(ValueError, match=r"\(LayerNormalization\) is not the same operator at "
+                                         r"opset_version=16"):
+        lstm_fused.onnx.export(lstm, lstm_inputs(lstm, EXPORT_T, EXPORT_B, True), verbose=False,
+                               opset_version=16)
 
 
 def test_coupled_mapping_does_not_depend_on_input_forget():

@@ -80,22 +80,29 @@ class Config:
                         "peephole": forward["peephole"], "coupled": coupled, "cell_clip": 0.0}
             return {"cell_forward": forward, "cell_backward": backward}
         # The arguments both libraries' layer_forward share (the shim has no need_backward), the
-        # state clips (off) and zoneout's keep masks apart.
+        # state clips (off), zoneout's keep masks and layer norm apart.
         clips = {"cell_clip": 0.0, "proj_clip": 0.0}
         zoneout = ("zoneout_h", "zoneout_c")
+        # Layer norm (its γ [G, H] a tensor argument like the others) in the projected configs,
+        # zoneout's keep masks in the others (the two together are refused).
+        G, H = (3 if coupled else 4), 6  # layer_op_args' H
+        layer_norm = {"weight_ln": torch.rand(G, H, generator=g) + 0.5 if self.proj else None}
         names = [a.name for a in schema_arguments("lstm_fused", "layer_forward")
-                 if a.name != "need_backward" and a.name not in clips and a.name not in zoneout]
+                 if a.name not in ("need_backward", "layer_norm_eps", *clips, *zoneout,
+                                   *layer_norm)]
         values = layer_op_args(self.variant, DTYPE, self.packed, False, self.proj, g)
         forward = dict(zip(names, values, strict=True))
         lead = forward["input"].shape[:-1]
-        keeps = {name: (torch.rand(*lead, state.shape[-1], generator=g) < 0.5).to(DTYPE)
+        keeps = {name: None if self.proj
+                 else (torch.rand(*lead, state.shape[-1], generator=g) < 0.5).to(DTYPE)
                  for name, state in zip(zoneout, (forward["h0"], forward["c0"]), strict=True)}
-        forward = {**forward, **clips, **keeps}
+        forward = {**forward, **clips, **keeps, **layer_norm}
         output, h_n, c_n, gates, cells = ops.layer_forward(**forward, need_backward=True)
         grads = {name: torch.randn(t.shape, generator=g)
                  for name, t in [("grad_output", output), ("grad_h_n", h_n), ("grad_c_n", c_n)]}
         backward = {**grads, **forward, "output": output, "gates": gates, "cells": cells,
                     "need_input_grad": True}
+        forward["layer_norm_eps"] = 1e-5  # the forward's only
         return {"layer_forward": forward, "layer_backward": backward}
 
 

@@ -82,6 +82,7 @@ template <typename scalar_t>
 struct SimdIO {
   using storage_t = scalar_t;
   using V = at::vec::Vectorized<scalar_t>;
+  using Scalar = scalar_t;  // what a row reduction accumulates in
   static constexpr int kWidth = V::size();
   static V load(const scalar_t* p, int n) {
     LSTM_FUSED_ASAN_CHECK(p, n, false);
@@ -90,6 +91,15 @@ struct SimdIO {
   static void store(scalar_t* p, V v, int n) {
     LSTM_FUSED_ASAN_CHECK(p, n, true);
     v.store(p, n);
+  }
+  // The first n lanes of v, the others 0 (a partial chunk of a row reduction).
+  static V keep(V v, int n) { return n == kWidth ? v : V::set(V(0), v, n); }
+  static Scalar total(V v) {
+    alignas(64) scalar_t lanes[kWidth];
+    v.store(lanes);
+    Scalar sum = 0;
+    for (int k = 0; k < kWidth; ++k) sum += lanes[k];
+    return sum;
   }
 };
 
@@ -114,10 +124,26 @@ void for_each_chunk(int64_t rows, int64_t hidden, int width, const Chunk& chunk)
   });
 }
 
+// Layer norm: one task per row (the norm reduces over each gate's H units of the row).
+template <typename Row>
+void for_each_row(int64_t rows, int64_t hidden, const Row& row_step) {
+  const int64_t grain = std::max<int64_t>(1, 256 / std::max<int64_t>(hidden, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) row_step(row);
+  });
+}
+
 void forward_cpu(const ForwardStep& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_fused_forward_cpu", [&] {
     using IO = CpuIO<scalar_t>;
     variant_switch(p, [&](auto coupled, auto diagonal, auto part) {
+      if (p.layer_norm) {
+        for_each_row(p.rows, p.hidden, [&](int64_t row) {
+          layer_norm_forward_row<IO, decltype(coupled)::value, decltype(diagonal)::value,
+                                 decltype(part)::value>(p, row);
+        });
+        return;
+      }
       for_each_chunk(p.rows, p.hidden, IO::kWidth, [&](int64_t row, int64_t j, int n) {
         forward_chunk<IO, decltype(coupled)::value, decltype(diagonal)::value,
                       decltype(part)::value>(p, row, j, n);
@@ -130,6 +156,13 @@ void backward_cpu(const BackwardStep& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_fused_backward_cpu", [&] {
     using IO = CpuIO<scalar_t>;
     variant_switch(p, [&](auto coupled, auto diagonal, auto part) {
+      if (p.layer_norm) {
+        for_each_row(p.rows, p.hidden, [&](int64_t row) {
+          layer_norm_backward_row<IO, decltype(coupled)::value, decltype(diagonal)::value,
+                                  decltype(part)::value>(p, row);
+        });
+        return;
+      }
       for_each_chunk(p.rows, p.hidden, IO::kWidth, [&](int64_t row, int64_t j, int n) {
         backward_chunk<IO, decltype(coupled)::value, decltype(diagonal)::value,
                        decltype(part)::value>(p, row, j, n);

@@ -83,6 +83,29 @@ __global__ void lstm_fused_pointwise_backward(const BackwardStep p) {
   }
 }
 
+// Layer norm: one thread per row (the norm reduces over each gate's H units of the row), a
+// grid-stride loop over rows; correct for any geometry, not tuned (a warp per row and gate would
+// use the GPU better).
+template <typename scalar_t, typename Variant>
+__global__ void lstm_fused_layer_norm_forward(const ForwardStep p) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < p.rows;
+       row += stride) {
+    layer_norm_forward_row<ScalarIO<scalar_t>, Variant::kCoupled, Variant::kDiagonal,
+                           Variant::kPart>(p, row);
+  }
+}
+
+template <typename scalar_t, typename Variant>
+__global__ void lstm_fused_layer_norm_backward(const BackwardStep p) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < p.rows;
+       row += stride) {
+    layer_norm_backward_row<ScalarIO<scalar_t>, Variant::kCoupled, Variant::kDiagonal,
+                            Variant::kPart>(p, row);
+  }
+}
+
 // The named variant of variant_switch's integral_constant arguments.
 template <typename Coupled, typename Diagonal, typename PartOf>
 using VariantOf = typename NamedVariant<Coupled::value, Diagonal::value, PartOf::value>::type;
@@ -94,6 +117,11 @@ inline void launch_pointwise_forward(const ForwardStep& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_pointwise_forward", [&] {
     variant_switch(p, [&](auto is_coupled, auto is_diagonal, auto part) {
       using Variant = VariantOf<decltype(is_coupled), decltype(is_diagonal), decltype(part)>;
+      if (p.layer_norm) {
+        auto* kernel = &lstm_fused_layer_norm_forward<scalar_t, Variant>;
+        LSTM_LAUNCH(kernel, LSTM_GEOMETRY(p.rows), p);
+        return;
+      }
       auto* kernel = &lstm_fused_pointwise_forward<scalar_t, Variant>;
       LSTM_LAUNCH(kernel, geometry, p);
     });
@@ -107,6 +135,11 @@ inline void launch_pointwise_backward(const BackwardStep& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_pointwise_backward", [&] {
     variant_switch(p, [&](auto is_coupled, auto is_diagonal, auto part) {
       using Variant = VariantOf<decltype(is_coupled), decltype(is_diagonal), decltype(part)>;
+      if (p.layer_norm) {
+        auto* kernel = &lstm_fused_layer_norm_backward<scalar_t, Variant>;
+        LSTM_LAUNCH(kernel, LSTM_GEOMETRY(p.rows), p);
+        return;
+      }
       auto* kernel = &lstm_fused_pointwise_backward<scalar_t, Variant>;
       LSTM_LAUNCH(kernel, geometry, p);
     });

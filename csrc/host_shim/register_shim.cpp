@@ -56,10 +56,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> shim_layer_forward(
     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
     const OptTensor& weight_ch, const OptTensor& weight_hr, at::OptionalIntArrayRef batch_sizes,
     bool reverse, c10::string_view peephole, bool coupled, double cell_clip, double proj_clip,
-    const OptTensor& zoneout_h, const OptTensor& zoneout_c) {
+    const OptTensor& zoneout_h, const OptTensor& zoneout_c, const OptTensor& weight_ln,
+    double layer_norm_eps) {
   return Shim::layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                              weight_hr, batch_sizes, reverse, peephole, coupled, true, cell_clip,
-                             proj_clip, zoneout_h, zoneout_c);
+                             proj_clip, zoneout_h, zoneout_c, weight_ln, layer_norm_eps);
 }
 
 }  // namespace
@@ -73,8 +74,8 @@ TORCH_LIBRARY(lstm_fused_host_shim, m) {
 TORCH_LIBRARY_IMPL(lstm_fused_host_shim, CPU, m) {
   m.impl("cell_forward", WithShimGeometry<&Shim::cell_forward, 1>::call);
   m.impl("cell_backward", WithShimGeometry<&Shim::cell_backward, 1>::call);
-  m.impl("layer_forward", WithShimGeometry<&shim_layer_forward, 4>::call);
-  m.impl("layer_backward", WithShimGeometry<&Shim::layer_backward, 4>::call);
+  m.impl("layer_forward", WithShimGeometry<&shim_layer_forward, 6>::call);
+  m.impl("layer_backward", WithShimGeometry<&Shim::layer_backward, 5>::call);
   m.impl("cell_step", WithShimGeometry<&Shim::cell_step, 1>::call);
 }
 
