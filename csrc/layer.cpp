@@ -426,13 +426,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     p.keep_c = zone_c ? row_ptr(keep_c, row) : nullptr;
     p.c_zoned = zoned_cells.defined() ? row_ptr(zoned_cells, row) : nullptr;
     // h_{t-1} of rows :n (what the recurrent GEMM reads): the running state (packed input, full
-    // peepholes), else h0 or the previous step's output rows.
-    const Tensor h_prev = full || s.ragged ? state.h.narrow(0, 0, n)
-                          : step == 0      ? h_initial
+    // peepholes), else h0 or the previous step's output rows. The one-kernel path without
+    // zoneout of h reads raw pointers instead, so it makes no view.
+    const Tensor previous_h = one_kernel && !zone_h ? Tensor()
+                              : full || s.ragged     ? state.h.narrow(0, 0, n)
+                              : step == 0            ? h_initial
                                            : output.narrow(0, s.offsets[s.time(step - 1)], n);
     if (zone_h && !projected) {
       p.keep_h = row_ptr(keep_h, row);
-      p.h_prev = h_prev.data_ptr(), p.h_prev_stride = h_prev.stride(0);
+      p.h_prev = previous_h.data_ptr(), p.h_prev_stride = previous_h.stride(0);
     }
     if (one_kernel) {
       const float* h_prev = s.ragged    ? state.h.const_data_ptr<float>()
@@ -445,7 +447,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
         std::memcpy(state.h.data_ptr(), row_ptr(output, row), n * R * sizeof(float));
       }
     } else {
-      const Tensor& recurrent_input = h_prev;
+      const Tensor& recurrent_input = previous_h;
       // z_t = x_t W_ih^T + b (computed for all steps above) + h_{t-1} W_hh^T: in place in the
       // gates rows (ATen, MKL packed) or a step-sized temporary (oneDNN); in training the kernel
       // writes the activated gates there. Full peepholes: two GEMMs into the rows' column blocks.
@@ -475,7 +477,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
       if (proj_clip > 0) h.clamp_(-proj_clip, proj_clip);
       // Zoneout of the projected h: m h_{t-1} + (1 - m) h~_t; lerp gives either value exactly
       // for m = 0 or 1.
-      if (zone_h) h.lerp_(h_prev, keep_h.narrow(0, row, n));
+      if (zone_h) h.lerp_(previous_h, keep_h.narrow(0, row, n));
       if (state.h.defined()) state.h.narrow(0, 0, n).copy_(h);
     }
   }
