@@ -141,10 +141,13 @@ def main(argv=None) -> dict:
     models = build(args.size, not args.no_compile)
     x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(2))
     error = check_same_function(models, x)
-    result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    result = {"cpu": cpu_name(), "isa": {"torch": torch.backends.cpu.get_cpu_capability(),
+                                         "lstm_fused": torch.ops.lstm_fused.cpu_kernel_isa()},
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
               "size": {"T": T, "B": B, "I": I, "H": H}, "repeats": args.repeats,
               "max_abs_diff_vs_loop": error, "modes": {}}
-    print(f"{result['cpu']}, {result['threads']} threads, torch {torch.__version__}; "
+    print(f"{result['cpu']} (kernels {result['isa']['lstm_fused']}, ATen "
+          f"{result['isa']['torch']}), {result['threads']} threads, torch {torch.__version__}; "
           f"T={T} B={B} I={I} H={H} float32, {args.repeats} rounds")
     print(f"  {'':22s} {'forward ms':>12s} {'fwd+bwd ms':>12s}")
     for mode in ("forward", "fwd+bwd"):

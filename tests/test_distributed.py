@@ -55,6 +55,7 @@ CONFIGS = {
     "stack": {"num_layers": 2, "bidirectional": True, "proj_size": 3},  # 2 layers x 2 directions
     "single": {"num_layers": 1},
     "clipped": {"proj_size": 3, "cell_clip": 0.5, "proj_clip": 0.4},  # TensorFlow's state clips
+    "layer_norm": {"layer_norm": True, "bidirectional": True},  # weight_ln_l{k} parameters too
 }
 RTOL = ATOL = TOLERANCES["reference"][torch.float32]
 pytestmark = pytest.mark.slow  # worker processes: torch import, process groups, compiles
