@@ -175,9 +175,23 @@ def children_per_step(fn, steps_a, steps_b, op):
 
 
 @variant_params
-def test_device_operations_per_step(variant):
+@pytest.mark.parametrize("gemm", ["aten", "simd"])
+def test_device_operations_per_step(variant, gemm):
+    """Per step, in each in-place CPU GEMM path (forced: a measured choice could pick oneDNN,
+    whose results are copied into z, and make the count depend on the machine's load)."""
+    if gemm not in lstm_fused.cpu_gemm.available(torch.float32):
+        pytest.skip(f"the {gemm} GEMM path does not run here")
     peephole, coupled = variant
     module = lstm_fused.LSTM(8, 16, peephole=peephole, coupled=coupled)
+    previous = lstm_fused.cpu_gemm.get_mode()
+    lstm_fused.cpu_gemm.set_mode(gemm)
+    try:
+        check_operations_per_step(module, peephole)
+    finally:
+        lstm_fused.cpu_gemm.set_mode(previous)
+
+
+def check_operations_per_step(module, peephole):
 
     def forward(steps):
         with torch.no_grad():
