@@ -21,13 +21,14 @@ noise) and the per-round-median ratios fused / compiled loop (target <= 0.5) and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from onnx_vs_fused import cpu_name  # benchmarks/, beside this script
+from regularizer_cost import measure
 from torch import nn
 
 import lstm_fused
@@ -111,20 +112,6 @@ def run(model, x, mode):
     out.sum().backward()
 
 
-def measure(models, x, mode, warmup, repeats) -> dict[str, list[float]]:
-    names = list(models)
-    for _ in range(warmup):
-        for name in names:
-            run(models[name], x, mode)
-    times = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
-            start = time.perf_counter()
-            run(models[name], x, mode)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python benchmarks/layer_norm.py",
                                      description=__doc__.split("\n")[0])
@@ -151,7 +138,8 @@ def main(argv=None) -> dict:
           f"T={T} B={B} I={I} H={H} float32, {args.repeats} rounds")
     print(f"  {'':22s} {'forward ms':>12s} {'fwd+bwd ms':>12s}")
     for mode in ("forward", "fwd+bwd"):
-        times = measure(models, x, mode, args.warmup, args.repeats)
+        times = measure(models, functools.partial(run, x=x, mode=mode), args.warmup,
+                        args.repeats)
         def ratio(other, times=times):
             return statistics.median(a / b for a, b in zip(times["fused LN-LSTM"], times[other],
                                                            strict=True))

@@ -124,16 +124,18 @@ def step(model, x):
     out.sum().backward()
 
 
-def measure(models, x, warmup, repeats) -> dict[str, list[float]]:
+def measure(models, call, warmup, repeats) -> dict[str, list[float]]:
+    """{name: [ms of call(model) per round]}: `warmup` untimed rounds, then `repeats` rounds in
+    which every model runs once, the order rotated each round (benchmarks/layer_norm.py too)."""
     names = list(models)
     for _ in range(warmup):
         for name in names:
-            step(models[name], x)
+            call(models[name])
     times = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
             start = time.perf_counter()
-            step(models[name], x)
+            call(models[name])
             times[name].append((time.perf_counter() - start) * 1e3)
     return times
 
@@ -156,7 +158,7 @@ def main(argv=None) -> dict:
         model.train()
     x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(2))
     error = check_same_function(models, x)
-    times = measure(models, x, args.warmup, args.repeats)
+    times = measure(models, lambda model: step(model, x), args.warmup, args.repeats)
     median = {name: statistics.median(t) for name, t in times.items()}
     def ratio(ours, other):
         return statistics.median(a / b for a, b in zip(times[ours], times[other], strict=True))
