@@ -1,13 +1,13 @@
 // Autocast kernels of every lstm_fused operator, for CPU and CUDA autocast.
 //
-// Forward ops (cell_forward, cell_step, layer_forward) follow torch's own LSTM ops (lstm, lstm_cell,
+// Forward ops (cell_forward, cell_step, layer_forward, gru_layer_forward) follow torch's own LSTM ops (lstm, lstm_cell,
 // _thnn_fused_lstm_cell are "lower_precision_fp" in ATen's autocast lists): under
 // torch.autocast every floating-point input is cast to the autocast dtype (float16 or bfloat16,
 // whatever torch.autocast was given; float64 inputs are left alone, as ATen does), with ATen's
 // cast cache for weights, and the op runs in that dtype: fp32 math inside the kernels, fp16/bf16
 // storage.
 //
-// Backward ops (cell_backward, layer_backward) run in the precision of the forward whose
+// Backward ops (cell_backward, layer_backward, gru_layer_backward) run in the precision of the forward whose
 // saved tensors they receive (the dtype of `gates`): autocast must not lower the precision of
 // a gradient computation for a forward that ran outside autocast, and a gradient arriving in
 // another dtype is cast to the forward's dtype, as autograd itself does for built-in ops.
@@ -74,9 +74,14 @@ using CellBackward = Autocast<kCellBackward, decltype(Ops::cell_backward)>;
 using LayerForward = Autocast<kLayerForward, decltype(Ops::layer_forward)>;
 using LayerBackward = Autocast<kLayerBackward, decltype(Ops::layer_backward)>;
 using CellStep = Autocast<kCellStep, decltype(Ops::cell_step)>;
+constexpr char kGruLayerForward[] = "lstm_fused::gru_layer_forward";
+constexpr char kGruLayerBackward[] = "lstm_fused::gru_layer_backward";
+using GruLayerForward = Autocast<kGruLayerForward, decltype(Ops::gru_layer_forward)>;
+using GruLayerBackward = Autocast<kGruLayerBackward, decltype(Ops::gru_layer_backward)>;
 // Position of `gates` (the forward's saved activations) in the backward schemas.
 constexpr size_t kCellBackwardGates = 2;
 constexpr size_t kLayerBackwardGates = 13;
+constexpr size_t kGruLayerBackwardGates = 9;
 
 template <c10::DeviceType kDevice>
 void register_autocast(torch::Library& m) {
@@ -85,6 +90,8 @@ void register_autocast(torch::Library& m) {
   m.impl("cell_step", &CellStep::autocast_dtype<kDevice>);
   m.impl("cell_backward", &CellBackward::forward_dtype<kDevice, kCellBackwardGates>);
   m.impl("layer_backward", &LayerBackward::forward_dtype<kDevice, kLayerBackwardGates>);
+  m.impl("gru_layer_forward", &GruLayerForward::autocast_dtype<kDevice>);
+  m.impl("gru_layer_backward", &GruLayerBackward::forward_dtype<kDevice, kGruLayerBackwardGates>);
 }
 
 }  // namespace

@@ -679,4 +679,168 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
           grad_bias, grad_weight_ch, grad_weight_hr, grad_weight_ln};
 }
 
+// --- GRU -------------------------------------------------------------------------------------
+// The GRU's time loop (issue 24), with the LSTM's schedule, GEMM choice and state helpers above:
+//   forward,  once:      a = x W_ih^T + b_ih                       (one GEMM over all steps)
+//             per step:  b_t = h_{t-1} W_hh^T                      (one GEMM into a step buffer:
+//                                                                   the reset gate multiplies
+//                                                                   b_n, so it cannot add onto a)
+//                        pointwise forward (adds b_hh)             (one kernel; writes r, z, n
+//                                                                   and b_n over a_t)
+//   backward, per step:  pointwise backward -> da_t, db_t, dh z    (one kernel)
+//                        dh_{t-1} = dh z + db_t W_hh               (one accumulating GEMM)
+//             once:      dW_ih, dW_hh, dx, the bias gradients over all T*B rows.
+
+namespace {
+
+constexpr int64_t kGruGates = GruLayout::kGates;
+constexpr int64_t kGruSaved = kGruGates + 1;  // r, z, n, b_n
+
+// The GRU's tensors against input: returns H.
+int64_t check_gru_layer(const Tensor& input, const Tensor& h0, const Tensor& weight_ih,
+                        const Tensor& weight_hh, const OptTensor& bias_ih,
+                        const OptTensor& bias_hh, const Schedule& schedule) {
+  const Named like{input, "input"};
+  check_floating(like);
+  TORCH_CHECK_VALUE(weight_ih.dim() == 2 && weight_ih.size(0) % kGruGates == 0,
+                    "lstm_fused: expected weight_ih of shape [3*H, I] (GRU gates r, z, n), got ",
+                    weight_ih.sizes());
+  const int64_t H = weight_ih.size(0) / kGruGates;
+  check_arg({weight_ih, "weight_ih"}, like, {kGruGates * H, input.size(-1)},
+            "[3*H, I], with I from input");
+  check_arg({weight_hh, "weight_hh"}, like, {kGruGates * H, H},
+            "[3*H, H], with H = weight_ih rows / 3");
+  check_arg({h0, "h0"}, like, {schedule.batch, H},
+            "[B, H], with B from input (packed: batch_sizes[0]) and H = weight_ih rows / 3");
+  const char* bias = "[3*H], with 3*H from weight_ih";
+  if (bias_ih) check_arg({*bias_ih, "bias_ih"}, like, {kGruGates * H}, bias);
+  if (bias_hh) check_arg({*bias_hh, "bias_hh"}, like, {kGruGates * H}, bias);
+  return H;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
+    const Tensor& input, const Tensor& h0, const Tensor& weight_ih, const Tensor& weight_hh,
+    const OptTensor& bias_ih, const OptTensor& bias_hh, at::OptionalIntArrayRef batch_sizes,
+    bool reverse, bool need_backward, const PointwiseKernels& kernels) {
+  const Schedule s = make_schedule(input, batch_sizes, reverse);
+  const int64_t H = check_gru_layer(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, s);
+  const c10::OptionalDeviceGuard guard(input.device());
+  const int64_t B = s.batch, N = s.rows;
+  const auto options = input.options();
+  const Tensor x = input.reshape({N, input.size(-1)});
+  // a of every step; in training in the first 3H columns of the saved rows, which the kernel
+  // overwrites with r, z, n (and b_n after them).
+  Tensor gates;
+  if (need_backward) {
+    gates = at::empty({N, kGruSaved * H}, options);
+    Tensor a = gates.narrow(1, 0, kGruGates * H);
+    if (bias_ih) {
+      at::addmm_out(a, *bias_ih, x, weight_ih.t());
+    } else {
+      at::mm_out(a, x, weight_ih.t());
+    }
+  } else {
+    gates = gemm_nt(x, weight_ih, bias_ih);
+  }
+  Tensor output = at::empty({N, H}, options);
+  // Packed input keeps a running h (the rows of sequences that ended keep theirs); padded input
+  // reads h_{t-1} from the previous step's output rows.
+  const Tensor h_initial = rows_contiguous(h0);
+  Tensor h_state = s.ragged ? h0.clone(at::MemoryFormat::Contiguous) : Tensor();
+  const RepeatedGemm recurrent(weight_hh, B, false);
+  const Tensor step_buffer = at::empty({B, kGruGates * H}, options);
+  const Tensor b_hh = bias_hh ? bias_hh->contiguous() : Tensor();
+
+  GruForwardStep p{};
+  p.input_gates_stride = gates.stride(0);
+  p.bias_hh = b_hh.defined() ? b_hh.data_ptr() : nullptr;
+  p.gates_stride = gates.stride(0);
+  p.h_out_stride = H;
+  p.h_state = h_state.defined() ? h_state.data_ptr() : nullptr;
+  p.h_state_stride = H;
+  p.hidden = H, p.dtype = input.scalar_type();
+  for (int64_t step = 0; step < s.steps(); ++step) {
+    const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
+    const Tensor h_prev = s.ragged    ? h_state.narrow(0, 0, n)
+                          : step == 0 ? h_initial
+                                      : output.narrow(0, s.offsets[s.time(step - 1)], n);
+    // In place into the step buffer, or (oneDNN) a new tensor.
+    const Tensor b = recurrent.run(h_prev, step_buffer.narrow(0, 0, n));
+    p.input_gates = row_ptr(gates, row);
+    p.hidden_gates = b.data_ptr(), p.hidden_gates_stride = b.stride(0);
+    p.h_prev = h_prev.data_ptr(), p.h_prev_stride = h_prev.stride(0);
+    p.gates_out = need_backward ? row_ptr(gates, row) : nullptr;
+    p.h_out = row_ptr(output, row);
+    p.rows = n;
+    run_gru_forward(kernels, p);
+  }
+  Tensor h_n = h_state.defined()  ? h_state
+               : s.steps() == 0 ? h0.clone(at::MemoryFormat::Contiguous)
+                                 : output.narrow(0, s.offsets[s.time(s.steps() - 1)], B).clone();
+  return {output.view(per_row_sizes(input, H)), h_n,
+          need_backward ? gates.view(per_row_sizes(input, kGruSaved * H))
+                        : at::empty({0}, options)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
+    const OptTensor& grad_output, const OptTensor& grad_h_n, const Tensor& input,
+    const Tensor& h0, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias_ih,
+    const OptTensor& bias_hh, const Tensor& output, const Tensor& gates,
+    at::OptionalIntArrayRef batch_sizes, bool reverse, bool need_input_grad,
+    const PointwiseKernels& kernels) {
+  const Schedule s = make_schedule(input, batch_sizes, reverse);
+  const int64_t H = check_gru_layer(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, s);
+  const Named like{input, "input"};
+  const char* per_step_h = "[..., H], with the leading dimensions of input and H = weight_ih rows / 3";
+  check_arg({output, "output"}, like, per_row_sizes(input, H), per_step_h);
+  check_arg({gates, "gates"}, like, per_row_sizes(input, kGruSaved * H),
+            "[..., 4*H] (r, z, n and W_hn h + b_hn of every step), with the leading dimensions "
+            "of input and H = weight_ih rows / 3");
+  if (grad_output) check_arg({*grad_output, "grad_output"}, like, per_row_sizes(input, H), per_step_h);
+  if (grad_h_n) {
+    check_arg({*grad_h_n, "grad_h_n"}, like, {s.batch, H},
+              "[B, H], with B from input (packed: batch_sizes[0]) and H = weight_ih rows / 3");
+  }
+  const c10::OptionalDeviceGuard guard(input.device());
+  const int64_t B = s.batch, N = s.rows, G = kGruGates * H;
+  const auto options = input.options();
+  const Tensor x = input.reshape({N, input.size(-1)});
+  const Tensor saved = gates.reshape({N, kGruSaved * H}).contiguous();
+  // h_{t-1} of every row (the kernel's dz and the GEMM for dW_hh).
+  const Tensor h_prev_all = previous_states(output.reshape({N, H}), h0, s).contiguous();
+  const Tensor grad_out = grad_output ? grad_output->reshape({N, H}).contiguous() : Tensor();
+  Tensor grad_a = at::empty({N, G}, options), grad_b = at::empty({N, G}, options);
+  // dh_t arriving through the recurrence, rows like the batch: for packed input the rows of
+  // sequences that end at an earlier step still hold their grad_h_n.
+  Tensor dh_carry = grad_h_n ? grad_h_n->clone(at::MemoryFormat::Contiguous)
+                             : at::zeros({B, H}, options);
+  const RepeatedGemm recurrent(weight_hh.t(), B, true);
+
+  GruBackwardStep p{};
+  p.grad_h_stride = H, p.grad_h2_stride = H;
+  p.gates_stride = saved.stride(0);
+  p.h_prev_stride = H;
+  p.grad_input_gates_stride = G, p.grad_hidden_gates_stride = G;
+  p.hidden = H, p.dtype = input.scalar_type();
+  for (int64_t step = s.steps() - 1; step >= 0; --step) {
+    const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
+    const Tensor dh_running = dh_carry.narrow(0, 0, n);
+    p.grad_h = grad_out.defined() ? row_ptr(grad_out, row) : nullptr;
+    p.grad_h2 = dh_running.data_ptr();
+    p.gates = row_ptr(saved, row);
+    p.h_prev = row_ptr(h_prev_all, row);
+    p.grad_input_gates = row_ptr(grad_a, row);
+    p.grad_hidden_gates = row_ptr(grad_b, row);
+    p.rows = n;
+    run_gru_backward(kernels, p);  // leaves dh z in dh_running
+    recurrent.run_into(grad_b.narrow(0, row, n), dh_running);
+  }
+  Tensor grad_input = need_input_grad ? gemm_nt(grad_a, weight_ih.t()).view(input.sizes())
+                                      : at::empty({0}, options);
+  return {grad_input,         dh_carry,          grad_a.t().mm(x), grad_b.t().mm(h_prev_all),
+          grad_a.sum(0),      grad_b.sum(0)};
+}
+
 }  // namespace lstm_fused

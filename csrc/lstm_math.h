@@ -207,5 +207,48 @@ LSTM_HD inline V layer_norm_backward(V gamma_grad, V normed, V rstd, V mean_grad
   return rstd * (gamma_grad - mean_grad - normed * mean_grad_normed);
 }
 
+// --- GRU (issue 24): PyTorch's and cuDNN's form, gate blocks (r, z, n) --------------------------
+// With a_k = W_ik x_t + b_ik (the input projection, one GEMM for all steps) and
+//      b_k = W_hk h_{t-1} + b_hk (the step's recurrent GEMM, b_hh added by the kernel):
+//   r = sigmoid(a_r + b_r),  z = sigmoid(a_z + b_z)
+//   n = tanh(a_n + r b_n)                the reset gate multiplies AFTER W_hn h_{t-1} + b_hn
+//   h_t = (1 - z) n + z h_{t-1}           (computed as n + z (h_{t-1} - n))
+template <typename V>
+struct GruGates {
+  V r, z, n;
+};
+
+template <typename V>
+LSTM_HD inline V gru_update(V a_r, V a_z, V a_n, V b_r, V b_z, V b_n, V h_prev,
+                            GruGates<V>& gates) {
+  gates.r = lstm_sigmoid(a_r + b_r);
+  gates.z = lstm_sigmoid(a_z + b_z);
+  gates.n = lstm_tanh(a_n + gates.r * b_n);
+  return gates.n + gates.z * (h_prev - gates.n);
+}
+
+// Gradients of the GRU step. da_k is the gradient of a_k (the input projection's rows), db_k of
+// b_k (the recurrent GEMM's rows); they differ only in the n block, db_n = r da_n.
+template <typename V>
+struct GruGrads {
+  V da_r, da_z, da_n, db_n, dh_prev;
+};
+
+// Backward of gru_update, from dh (the total gradient of h_t):
+//   dn = dh (1 - z),  dz = dh (h_{t-1} - n),  dh_{t-1} = dh z   (the driver's GEMM adds db W_hh)
+//   da_n = dn (1 - n^2),  db_n = r da_n,  dr = b_n da_n
+//   da_r = db_r = dr r (1 - r),  da_z = db_z = dz z (1 - z)
+template <typename V>
+LSTM_HD inline void gru_update_backward(V dh, V h_prev, V b_n, const GruGates<V>& gates,
+                                        GruGrads<V>& grads) {
+  const V dn = dh * (V(1) - gates.z);
+  const V dz = dh * (h_prev - gates.n);
+  grads.dh_prev = dh * gates.z;
+  grads.da_n = dn * (V(1) - gates.n * gates.n);
+  grads.db_n = gates.r * grads.da_n;
+  grads.da_r = b_n * grads.da_n * gates.r * (V(1) - gates.r);
+  grads.da_z = dz * gates.z * (V(1) - gates.z);
+}
+
 }  // namespace LSTM_FUSED_ISA
 }  // namespace lstm_fused

@@ -64,6 +64,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     double proj_clip, const OptTensor& zoneout_h, const OptTensor& zoneout_c,
     const OptTensor& weight_ln, const PointwiseKernels& kernels);
 
+// The GRU layer (gate blocks r, z, n as nn.GRU; lstm_math.h gru_update), the same time loop
+// structure: input [T, B, I] | [N, I] with batch_sizes, h0 [B, H] -> (output [..., H], h_n [B, H],
+// gates [..., 4H] saved for backward: r, z, n and W_hn h_{t-1} + b_hn; empty without
+// need_backward).
+std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
+    const Tensor& input, const Tensor& h0, const Tensor& weight_ih, const Tensor& weight_hh,
+    const OptTensor& bias_ih, const OptTensor& bias_hh, at::OptionalIntArrayRef batch_sizes,
+    bool reverse, bool need_backward, const PointwiseKernels& kernels);
+
+// -> (grad_input (empty without need_input_grad), grad_h0, grad_weight_ih, grad_weight_hh,
+//     grad_bias_ih, grad_bias_hh)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
+    const OptTensor& grad_output, const OptTensor& grad_h_n, const Tensor& input,
+    const Tensor& h0, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias_ih,
+    const OptTensor& bias_hh, const Tensor& output, const Tensor& gates,
+    at::OptionalIntArrayRef batch_sizes, bool reverse, bool need_input_grad,
+    const PointwiseKernels& kernels);
+
 // --- helpers shared by the cell and layer drivers ---------------------------------------------
 
 Peephole parse_peephole(c10::string_view peephole);
@@ -218,6 +236,14 @@ inline void run_forward(const PointwiseKernels& kernels, const ForwardStep& step
 inline void run_backward(const PointwiseKernels& kernels, const BackwardStep& step) {
   RECORD_FUNCTION("lstm_fused::pointwise_backward", {});
   kernels.backward(step);
+}
+inline void run_gru_forward(const PointwiseKernels& kernels, const GruForwardStep& step) {
+  RECORD_FUNCTION("lstm_fused::gru_pointwise_forward", {});
+  kernels.gru_forward(step);
+}
+inline void run_gru_backward(const PointwiseKernels& kernels, const GruBackwardStep& step) {
+  RECORD_FUNCTION("lstm_fused::gru_pointwise_backward", {});
+  kernels.gru_backward(step);
 }
 
 // One-off simd GEMMs (the LSTMCell step's) of up to this many rows read the weight as it is

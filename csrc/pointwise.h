@@ -1,4 +1,4 @@
-// The fused pointwise step of an LSTM layer, as plain parameter structs and one chunk function
+// The fused pointwise step of an LSTM (and a GRU) layer, as plain parameter structs and one chunk function
 // per direction, shared by the CPU kernels (SIMD chunks), the CUDA kernels (one element per
 // thread) and the host shim that runs the CUDA kernels on the CPU in tests.
 //
@@ -117,6 +117,46 @@ struct BackwardStep {
   const void* weight_ln;    // [G, H] γ, contiguous
   void* grad_zhat;          // [rows, G*H] gradient of the normalised pre-activations ẑ
   int64_t grad_zhat_stride;
+};
+
+// One GRU time step (lstm_math.h gru_update) for `rows` rows of `hidden` units. Saved rows for
+// backward are [r, z, n, b_n] (4H): the activated gates and the recurrent n pre-activation
+// W_hn h_{t-1} + b_hn that the reset gate multiplied.
+struct GruForwardStep {
+  const void* input_gates;   // [rows, 3H] a = x_t W_ihᵀ + b_ih (may alias gates_out)
+  int64_t input_gates_stride;
+  const void* hidden_gates;  // [rows, 3H] h_{t-1} W_hhᵀ, without b_hh
+  int64_t hidden_gates_stride;
+  const void* bias_hh;       // [3H] contiguous, added to hidden_gates; null: no bias
+  const void* h_prev;        // [rows, H] h_{t-1} (may alias h_state: loads come first)
+  int64_t h_prev_stride;
+  void* gates_out;           // [rows, 4H] r, z, n, b_n for backward; null: not stored
+  int64_t gates_stride;
+  void* h_out;               // [rows, H] h_t
+  int64_t h_out_stride;
+  void* h_state;             // optional second copy of h_t (the running state); may be null
+  int64_t h_state_stride;
+  int64_t rows;
+  int64_t hidden;
+  c10::ScalarType dtype;
+};
+
+struct GruBackwardStep {
+  const void* grad_h;        // [rows, H] gradient of h_t from the output; null means zero
+  int64_t grad_h_stride;
+  void* grad_h2;             // [rows, H] gradient of h_t from the next step; replaced by the part
+  int64_t grad_h2_stride;    // that reaches h_{t-1} directly, dh z (a GEMM then adds db W_hh)
+  const void* gates;         // [rows, 4H] the forward's saved r, z, n, b_n
+  int64_t gates_stride;
+  const void* h_prev;        // [rows, H] h_{t-1}
+  int64_t h_prev_stride;
+  void* grad_input_gates;    // [rows, 3H] da, gradient of x_t W_ihᵀ + b_ih
+  int64_t grad_input_gates_stride;
+  void* grad_hidden_gates;   // [rows, 3H] db, gradient of h_{t-1} W_hhᵀ + b_hh
+  int64_t grad_hidden_gates_stride;
+  int64_t rows;
+  int64_t hidden;
+  c10::ScalarType dtype;
 };
 
 // The inline code below is compiled once per kernel build; see isa_namespace.h.
@@ -588,6 +628,75 @@ LSTM_HD inline void layer_norm_backward_row(const BackwardStep& p, int64_t row) 
   }
 }
 
+// --- GRU: chunks of hidden units, like the LSTM's ------------------------------------------
+// Gate blocks of H columns (r, z, n) in a and b; saved rows (r, z, n, b_n).
+struct GruLayout {
+  static constexpr int kGates = 3;
+  static constexpr int r = 0, z = 1, n = 2, b_n = 3;
+};
+
+// The GRU forward step for hidden units [j, j + n) of one row. All loads come before all
+// stores, so input_gates may alias gates_out and h_prev may alias h_state.
+template <typename IO>
+LSTM_HD inline void gru_forward_chunk(const GruForwardStep& p, int64_t row, int64_t j, int n) {
+  using S = typename IO::storage_t;
+  using V = typename IO::V;
+  using L = GruLayout;
+  const int64_t H = p.hidden;
+  const S* a = static_cast<const S*>(p.input_gates) + row * p.input_gates_stride + j;
+  const S* b = static_cast<const S*>(p.hidden_gates) + row * p.hidden_gates_stride + j;
+  V b_r = IO::load(b + L::r * H, n), b_z = IO::load(b + L::z * H, n),
+    b_n = IO::load(b + L::n * H, n);
+  if (p.bias_hh) {
+    const S* bias = static_cast<const S*>(p.bias_hh) + j;
+    b_r = b_r + IO::load(bias + L::r * H, n);
+    b_z = b_z + IO::load(bias + L::z * H, n);
+    b_n = b_n + IO::load(bias + L::n * H, n);
+  }
+  const V h_prev = IO::load(static_cast<const S*>(p.h_prev) + row * p.h_prev_stride + j, n);
+  GruGates<V> gates;
+  const V h = gru_update(IO::load(a + L::r * H, n), IO::load(a + L::z * H, n),
+                         IO::load(a + L::n * H, n), b_r, b_z, b_n, h_prev, gates);
+  if (p.gates_out) {
+    S* out = static_cast<S*>(p.gates_out) + row * p.gates_stride + j;
+    IO::store(out + L::r * H, gates.r, n);
+    IO::store(out + L::z * H, gates.z, n);
+    IO::store(out + L::n * H, gates.n, n);
+    IO::store(out + L::b_n * H, b_n, n);
+  }
+  IO::store(static_cast<S*>(p.h_out) + row * p.h_out_stride + j, h, n);
+  if (p.h_state) IO::store(static_cast<S*>(p.h_state) + row * p.h_state_stride + j, h, n);
+}
+
+template <typename IO>
+LSTM_HD inline void gru_backward_chunk(const GruBackwardStep& p, int64_t row, int64_t j, int n) {
+  using S = typename IO::storage_t;
+  using V = typename IO::V;
+  using L = GruLayout;
+  const int64_t H = p.hidden;
+  const S* saved = static_cast<const S*>(p.gates) + row * p.gates_stride + j;
+  V dh(0);
+  if (p.grad_h) dh = IO::load(static_cast<const S*>(p.grad_h) + row * p.grad_h_stride + j, n);
+  S* grad_h2 = static_cast<S*>(p.grad_h2) + row * p.grad_h2_stride + j;
+  dh = dh + IO::load(grad_h2, n);
+  GruGates<V> gates;
+  gates.r = IO::load(saved + L::r * H, n);
+  gates.z = IO::load(saved + L::z * H, n);
+  gates.n = IO::load(saved + L::n * H, n);
+  GruGrads<V> grads;
+  gru_update_backward(dh, IO::load(static_cast<const S*>(p.h_prev) + row * p.h_prev_stride + j, n),
+                      IO::load(saved + L::b_n * H, n), gates, grads);
+  IO::store(grad_h2, grads.dh_prev, n);
+  S* da = static_cast<S*>(p.grad_input_gates) + row * p.grad_input_gates_stride + j;
+  S* db = static_cast<S*>(p.grad_hidden_gates) + row * p.grad_hidden_gates_stride + j;
+  IO::store(da + L::r * H, grads.da_r, n);
+  IO::store(da + L::z * H, grads.da_z, n);
+  IO::store(da + L::n * H, grads.da_n, n);
+  IO::store(db + L::r * H, grads.da_r, n);
+  IO::store(db + L::z * H, grads.da_z, n);
+  IO::store(db + L::n * H, grads.db_n, n);
+}
+
 // Calls f(coupled, diagonal, part) with std::integral_constant arguments, so the kernels are
 // instantiated per variant and the hot loops carry no variant branches.
 template <bool kValue>
@@ -619,6 +728,8 @@ inline void variant_switch(const Step& step, const F& f) {
 struct PointwiseKernels {
   void (*forward)(const ForwardStep&);
   void (*backward)(const BackwardStep&);
+  void (*gru_forward)(const GruForwardStep&);
+  void (*gru_backward)(const GruBackwardStep&);
   // The CPU table only: the drivers may run the simd path's one-kernel step (run_recurrent_step,
   // h W_hhᵀ and the pointwise forward together) instead of a GEMM and `forward`.
   bool cpu_simd_step = false;

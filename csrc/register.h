@@ -15,7 +15,8 @@ namespace lstm_fused {
 // (the shim's geometry has none); then the layer ops' zoneout keep values (zoneout_h [..., R],
 // zoneout_c [..., H]: 0/1 masks in training, the rates in eval; None = off), then layer norm's γ
 // (weight_ln [G, H], None = off) and eps. With layer norm the layer's saved `gates` rows are
-// [activated gates | x̂ | (mean, rstd) per gate].
+// [activated gates | x̂ | (mean, rstd) per gate]. The GRU's layer ops (gate blocks r, z, n, as
+// nn.GRU) save [r, z, n, W_hn h_{t-1} + b_hn] rows as `gates` ([..., 4H]).
 #define LSTM_FUSED_SCHEMAS(EXTRA, LAYER_EXTRA)                                                  \
   "cell_forward(Tensor gates, Tensor c_prev, Tensor? weight_ch, str peephole, bool coupled" EXTRA \
   ", float cell_clip=0.0) -> (Tensor h, Tensor c, Tensor gates_out)",                         \
@@ -39,7 +40,15 @@ namespace lstm_fused {
       "Tensor grad_weight_ln)",                                                                 \
       "cell_step(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "      \
       "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_ch, str peephole, bool coupled" EXTRA   \
-      ", float cell_clip=0.0) -> (Tensor h, Tensor c)"
+      ", float cell_clip=0.0) -> (Tensor h, Tensor c)",                                         \
+      "gru_layer_forward(Tensor input, Tensor h0, Tensor weight_ih, Tensor weight_hh, "         \
+      "Tensor? bias_ih, Tensor? bias_hh, int[]? batch_sizes, bool reverse" LAYER_EXTRA EXTRA    \
+      ") -> (Tensor output, Tensor h_n, Tensor gates)",                                         \
+      "gru_layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor input, Tensor h0, "     \
+      "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor output, "   \
+      "Tensor gates, int[]? batch_sizes, bool reverse, bool need_input_grad" EXTRA              \
+      ") -> (Tensor grad_input, Tensor grad_h0, Tensor grad_weight_ih, Tensor grad_weight_hh, " \
+      "Tensor grad_bias_ih, Tensor grad_bias_hh)"
 
 using KernelTable = const PointwiseKernels& (*)();
 
@@ -102,15 +111,36 @@ struct DeviceOps {
                                       weight_ln,
                                       kKernels());
   }
+
+  static std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
+      const Tensor& input, const Tensor& h0, const Tensor& weight_ih, const Tensor& weight_hh,
+      const OptTensor& bias_ih, const OptTensor& bias_hh, at::OptionalIntArrayRef batch_sizes,
+      bool reverse, bool need_backward) {
+    return lstm_fused::gru_layer_forward(input, h0, weight_ih, weight_hh, bias_ih, bias_hh,
+                                         batch_sizes, reverse, need_backward, kKernels());
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
+      const OptTensor& grad_output, const OptTensor& grad_h_n, const Tensor& input,
+      const Tensor& h0, const Tensor& weight_ih, const Tensor& weight_hh,
+      const OptTensor& bias_ih, const OptTensor& bias_hh, const Tensor& output,
+      const Tensor& gates, at::OptionalIntArrayRef batch_sizes, bool reverse,
+      bool need_input_grad) {
+    return lstm_fused::gru_layer_backward(grad_output, grad_h_n, input, h0, weight_ih, weight_hh,
+                                          bias_ih, bias_hh, output, gates, batch_sizes, reverse,
+                                          need_input_grad, kKernels());
+  }
 };
 
-#define LSTM_FUSED_IMPL_ALL(m, Ops)                 \
-  do {                                              \
-    m.impl("cell_forward", &Ops::cell_forward);     \
-    m.impl("cell_backward", &Ops::cell_backward);   \
-    m.impl("layer_forward", &Ops::layer_forward);   \
-    m.impl("layer_backward", &Ops::layer_backward); \
-    m.impl("cell_step", &Ops::cell_step);           \
+#define LSTM_FUSED_IMPL_ALL(m, Ops)                         \
+  do {                                                      \
+    m.impl("cell_forward", &Ops::cell_forward);             \
+    m.impl("cell_backward", &Ops::cell_backward);           \
+    m.impl("layer_forward", &Ops::layer_forward);           \
+    m.impl("layer_backward", &Ops::layer_backward);         \
+    m.impl("cell_step", &Ops::cell_step);                   \
+    m.impl("gru_layer_forward", &Ops::gru_layer_forward);   \
+    m.impl("gru_layer_backward", &Ops::gru_layer_backward); \
   } while (0)
 
 }  // namespace lstm_fused

@@ -9,6 +9,10 @@ fake (meta) kernels for torch.compile / export, and their autograd formulas.
         need_backward=True, cell_clip=0.0, proj_clip=0.0, zoneout_h=None, zoneout_c=None,
         weight_ln=None, layer_norm_eps=1e-5)
         -> (output [T, B, R] | [N, R], h_n [B, R], c_n [B, H], gates, cells)
+    torch.ops.lstm_fused.gru_layer_forward(input [T, B, I] | [N, I], h0 [B, H], weight_ih [3H, I],
+        weight_hh [3H, H], bias_ih, bias_hh, batch_sizes, reverse, need_backward=True)
+        -> (output [T, B, H] | [N, H], h_n [B, H], gates [..., 4H])   (the GRU, nn.GRU's gates
+        r, z, n; `gates` saves r, z, n and W_hn h_{t-1} + b_hn of every step)
 
 `peephole` is the string "none", "diagonal" or "full"; `gates`/`cells` are what the backward
 needs (activated gates and cell states of every step); with need_backward=False (inference) they
@@ -41,7 +45,8 @@ from . import (
 )
 
 ops = torch.ops.lstm_fused
-OP_NAMES = ("cell_forward", "cell_backward", "layer_forward", "layer_backward")
+OP_NAMES = ("cell_forward", "cell_backward", "layer_forward", "layer_backward",
+            "gru_layer_forward", "gru_layer_backward")
 BUILT_WITH_CUDA = bool(_C.built_with_cuda)
 
 
@@ -223,6 +228,61 @@ torch.library.register_autograd(
     "lstm_fused::layer_forward", _layer_backward, setup_context=_layer_setup_context)
 
 
+# --- GRU ------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("lstm_fused::gru_layer_forward")
+def _gru_layer_forward_fake(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes,
+                            reverse, need_backward=True):
+    lead, hidden = input.shape[:-1], h0.shape[-1]
+    gates = input.new_empty(*lead, 4 * hidden) if need_backward else input.new_empty(0)
+    return input.new_empty(*lead, hidden), h0.new_empty(h0.shape), gates
+
+
+@torch.library.register_fake("lstm_fused::gru_layer_backward")
+def _gru_layer_backward_fake(grad_output, grad_h_n, input, h0, weight_ih, weight_hh, bias_ih,
+                             bias_hh, output, gates, batch_sizes, reverse, need_input_grad):
+    rows = weight_ih.shape[0]
+    return (input.new_empty(input.shape) if need_input_grad else input.new_empty(0),
+            h0.new_empty(h0.shape), weight_ih.new_empty(weight_ih.shape),
+            weight_hh.new_empty(weight_hh.shape), input.new_empty(rows), input.new_empty(rows))
+
+
+def _gru_layer_setup_context(ctx, inputs, output):
+    input, h0, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes, reverse, *extra = inputs
+    if extra and not extra[0]:
+        raise RuntimeError("lstm_fused: gru_layer_forward(need_backward=False) saved nothing for "
+                           "backward, but an input requires grad; call it with "
+                           "need_backward=True")
+    out, _, gates = output
+    ctx.save_for_backward(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, out, gates)
+    ctx.options = (batch_sizes, reverse)
+    ctx.mark_non_differentiable(gates)
+
+
+def _gru_layer_backward(ctx, grad_output, grad_h_n, _grad_gates):
+    input, h0, weight_ih, weight_hh, bias_ih, bias_hh, out, gates = ctx.saved_tensors
+    batch_sizes, reverse = ctx.options
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+        forward = functools.partial(_double_backward.gru_layer, batch_sizes=batch_sizes,
+                                    reverse=reverse)
+        grads = _double_backward.differentiable_gradients(
+            forward, (input, h0, weight_ih, weight_hh, bias_ih, bias_hh), (grad_output, grad_h_n))
+        return *grads, *_no_grads(ctx, 6)
+    need_input_grad = ctx.needs_input_grad[0]
+    (grad_input, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias_ih,
+     grad_bias_hh) = ops.gru_layer_backward(
+        grad_output, grad_h_n, input, h0, weight_ih, weight_hh, bias_ih, bias_hh, out, gates,
+        batch_sizes, reverse, need_input_grad)
+    return (grad_input if need_input_grad else None, grad_h0, grad_weight_ih, grad_weight_hh,
+            grad_bias_ih if bias_ih is not None else None,
+            grad_bias_hh if bias_hh is not None else None, *_no_grads(ctx, 6))
+
+
+torch.library.register_autograd(
+    "lstm_fused::gru_layer_forward", _gru_layer_backward, setup_context=_gru_layer_setup_context)
+
+
 # --- the backward ops themselves are not differentiable ---------------------------------------
 # Autograd never differentiates them: a backward that builds a graph takes the recomputation
 # above. Only a direct call of torch.ops.lstm_fused.*_backward on tensors that require grad
@@ -236,5 +296,6 @@ def _no_double_backward(ctx, *grads):
         "double backward")
 
 
-for _backward_op in ("lstm_fused::cell_backward", "lstm_fused::layer_backward"):
+for _backward_op in ("lstm_fused::cell_backward", "lstm_fused::layer_backward",
+                     "lstm_fused::gru_layer_backward"):
     torch.library.register_autograd(_backward_op, _no_double_backward)

@@ -171,10 +171,29 @@ void backward_cpu(const BackwardStep& p) {
   });
 }
 
+void gru_forward_cpu(const GruForwardStep& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_fused_gru_forward_cpu", [&] {
+    using IO = CpuIO<scalar_t>;
+    for_each_chunk(p.rows, p.hidden, IO::kWidth, [&](int64_t row, int64_t j, int n) {
+      gru_forward_chunk<IO>(p, row, j, n);
+    });
+  });
+}
+
+void gru_backward_cpu(const GruBackwardStep& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_fused_gru_backward_cpu", [&] {
+    using IO = CpuIO<scalar_t>;
+    for_each_chunk(p.rows, p.hidden, IO::kWidth, [&](int64_t row, int64_t j, int n) {
+      gru_backward_chunk<IO>(p, row, j, n);
+    });
+  });
+}
+
 }  // namespace
 
 const PointwiseKernels& kernels() {
-  static const PointwiseKernels table{forward_cpu, backward_cpu, true};
+  static const PointwiseKernels table{forward_cpu, backward_cpu, gru_forward_cpu,
+                                      gru_backward_cpu, true};
   return table;
 }
 

@@ -106,6 +106,45 @@ __global__ void lstm_fused_layer_norm_backward(const BackwardStep p) {
   }
 }
 
+// One GRU time step (lstm_math.h gru_update), one element per thread like the LSTM's.
+template <typename scalar_t>
+__global__ void lstm_fused_gru_forward(const GruForwardStep p) {
+  const int64_t total = p.rows * p.hidden;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += stride) {
+    gru_forward_chunk<ScalarIO<scalar_t>>(p, idx / p.hidden, idx % p.hidden, 1);
+  }
+}
+
+template <typename scalar_t>
+__global__ void lstm_fused_gru_backward(const GruBackwardStep p) {
+  const int64_t total = p.rows * p.hidden;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += stride) {
+    gru_backward_chunk<ScalarIO<scalar_t>>(p, idx / p.hidden, idx % p.hidden, 1);
+  }
+}
+
+inline void launch_gru_forward(const GruForwardStep& p) {
+  const int64_t elements = p.rows * p.hidden;
+  if (elements == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_fused_gru_forward", [&] {
+    auto* kernel = &lstm_fused_gru_forward<scalar_t>;
+    LSTM_LAUNCH(kernel, LSTM_GEOMETRY(elements), p);
+  });
+}
+
+inline void launch_gru_backward(const GruBackwardStep& p) {
+  const int64_t elements = p.rows * p.hidden;
+  if (elements == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_fused_gru_backward", [&] {
+    auto* kernel = &lstm_fused_gru_backward<scalar_t>;
+    LSTM_LAUNCH(kernel, LSTM_GEOMETRY(elements), p);
+  });
+}
+
 // The named variant of variant_switch's integral_constant arguments.
 template <typename Coupled, typename Diagonal, typename PartOf>
 using VariantOf = typename NamedVariant<Coupled::value, Diagonal::value, PartOf::value>::type;

@@ -37,6 +37,8 @@ constexpr char kCellBackward[] = "lstm_fused::cell_backward";
 constexpr char kLayerForward[] = "lstm_fused::layer_forward";
 constexpr char kLayerBackward[] = "lstm_fused::layer_backward";
 constexpr char kCellStep[] = "lstm_fused::cell_step";
+constexpr char kGruLayerForward[] = "lstm_fused::gru_layer_forward";
+constexpr char kGruLayerBackward[] = "lstm_fused::gru_layer_backward";
 
 }  // namespace
 
@@ -46,6 +48,9 @@ TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) {
   m.impl("layer_forward", &WithNvtxRange<kLayerForward, &Cuda::layer_forward>::call);
   m.impl("layer_backward", &WithNvtxRange<kLayerBackward, &Cuda::layer_backward>::call);
   m.impl("cell_step", &WithNvtxRange<kCellStep, &Cuda::cell_step>::call);
+  m.impl("gru_layer_forward", &WithNvtxRange<kGruLayerForward, &Cuda::gru_layer_forward>::call);
+  m.impl("gru_layer_backward",
+         &WithNvtxRange<kGruLayerBackward, &Cuda::gru_layer_backward>::call);
 }
 
 }  // namespace lstm_fused
