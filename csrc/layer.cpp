@@ -685,8 +685,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 //             per step:  b_t = h_{t-1} W_hh^T                      (one GEMM into a step buffer:
 //                                                                   the reset gate multiplies
 //                                                                   b_n, so it cannot add onto a)
-//                        pointwise forward (adds b_hh)             (one kernel; writes r, z, n
-//                                                                   and b_n over a_t)
+//                        pointwise forward (adds b_hh)             (one kernel; saves r, z, n
+//                                                                   and b_n for backward)
 //   backward, per step:  pointwise backward -> da_t, db_t, dh z    (one kernel)
 //                        dh_{t-1} = dh z + db_t W_hh               (one accumulating GEMM)
 //             once:      dW_ih, dW_hh, dx, the bias gradients over all T*B rows.
@@ -730,20 +730,11 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
   const int64_t B = s.batch, N = s.rows;
   const auto options = input.options();
   const Tensor x = input.reshape({N, input.size(-1)});
-  // a of every step; in training in the first 3H columns of the saved rows, which the kernel
-  // overwrites with r, z, n (and b_n after them).
-  Tensor gates;
-  if (need_backward) {
-    gates = at::empty({N, kGruSaved * H}, options);
-    Tensor a = gates.narrow(1, 0, kGruGates * H);
-    if (bias_ih) {
-      at::addmm_out(a, *bias_ih, x, weight_ih.t());
-    } else {
-      at::mm_out(a, x, weight_ih.t());
-    }
-  } else {
-    gates = gemm_nt(x, weight_ih, bias_ih);
-  }
+  // a of every step, by the same GEMM in training and inference (so both give the same
+  // numbers); in training the kernel writes the saved rows [r, z, n, b_n] to `gates`.
+  const Tensor input_gates = gemm_nt(x, weight_ih, bias_ih);
+  const Tensor gates =
+      need_backward ? at::empty({N, kGruSaved * H}, options) : at::empty({0}, options);
   Tensor output = at::empty({N, H}, options);
   // Packed input keeps a running h (the rows of sequences that ended keep theirs); padded input
   // reads h_{t-1} from the previous step's output rows.
@@ -754,7 +745,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
   const Tensor b_hh = bias_hh ? bias_hh->contiguous() : Tensor();
 
   GruForwardStep p{};
-  p.input_gates_stride = gates.stride(0);
+  p.input_gates_stride = input_gates.stride(0);
   p.bias_hh = b_hh.defined() ? b_hh.data_ptr() : nullptr;
   p.gates_stride = gates.stride(0);
   p.h_out_stride = H;
@@ -768,7 +759,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
                                       : output.narrow(0, s.offsets[s.time(step - 1)], n);
     // In place into the step buffer, or (oneDNN) a new tensor.
     const Tensor b = recurrent.run(h_prev, step_buffer.narrow(0, 0, n));
-    p.input_gates = row_ptr(gates, row);
+    p.input_gates = row_ptr(input_gates, row);
     p.hidden_gates = b.data_ptr(), p.hidden_gates_stride = b.stride(0);
     p.h_prev = h_prev.data_ptr(), p.h_prev_stride = h_prev.stride(0);
     p.gates_out = need_backward ? row_ptr(gates, row) : nullptr;
@@ -780,8 +771,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
                : s.steps() == 0 ? h0.clone(at::MemoryFormat::Contiguous)
                                  : output.narrow(0, s.offsets[s.time(s.steps() - 1)], B).clone();
   return {output.view(per_row_sizes(input, H)), h_n,
-          need_backward ? gates.view(per_row_sizes(input, kGruSaved * H))
-                        : at::empty({0}, options)};
+          need_backward ? gates.view(per_row_sizes(input, kGruSaved * H)) : gates};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(

@@ -123,7 +123,7 @@ struct BackwardStep {
 // backward are [r, z, n, b_n] (4H): the activated gates and the recurrent n pre-activation
 // W_hn h_{t-1} + b_hn that the reset gate multiplied.
 struct GruForwardStep {
-  const void* input_gates;   // [rows, 3H] a = x_t W_ihᵀ + b_ih (may alias gates_out)
+  const void* input_gates;   // [rows, 3H] a = x_t W_ihᵀ + b_ih
   int64_t input_gates_stride;
   const void* hidden_gates;  // [rows, 3H] h_{t-1} W_hhᵀ, without b_hh
   int64_t hidden_gates_stride;

@@ -1,4 +1,5 @@
-"""lstm_fused: fused peephole and coupled-gate (CIFG) LSTMs for PyTorch, on CPU and CUDA.
+"""lstm_fused: fused peephole and coupled-gate (CIFG) LSTMs, and GRUs, for PyTorch, on CPU
+and CUDA.
 
     import lstm_fused
     lstm = lstm_fused.LSTM(input_size, hidden_size, peephole="diagonal", coupled=True)
@@ -7,9 +8,11 @@
 
 from . import cpu_gemm, functional, ops, reference
 from .modules import (
+    GRU,
     LSTM,
     CoupledLSTM,
     CoupledLSTMCell,
+    GRUCell,
     LayerNormLSTM,
     LayerNormLSTMCell,
     LSTMCell,
@@ -18,9 +21,11 @@ from .modules import (
 )
 
 __all__ = [
+    "GRU",
     "LSTM",
     "CoupledLSTM",
     "CoupledLSTMCell",
+    "GRUCell",
     "LSTMCell",
     "LayerNormLSTM",
     "LayerNormLSTMCell",

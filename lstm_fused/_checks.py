@@ -4,10 +4,11 @@ Each public call validates its arguments once, here, before any kernel runs (the
 again for users who call ``torch.ops.lstm_fused.*`` directly):
 
 - the modules (constructor options, forward arguments) raise what ``torch.nn.LSTM`` /
-  ``torch.nn.LSTMCell`` raise for the same mistake, with their messages where they are useful:
-  ``RuntimeError`` for size, batch and sequence-length mismatches, ``ValueError`` for a bad
-  input rank and (``LSTM``) an input dtype that is not the parameters', ``TypeError`` for a
-  non-bool flag or non-int size;
+  ``torch.nn.LSTMCell`` / ``torch.nn.GRU`` / ``torch.nn.GRUCell`` raise for the same mistake,
+  with their messages where they are useful: ``RuntimeError`` for size, batch and
+  sequence-length mismatches, ``ValueError`` for a bad input rank and (``LSTM``, ``GRU``) an
+  input dtype that is not the parameters', ``TypeError`` for a non-bool flag or non-int size.
+  LSTM and GRU share one check of each kind, told apart by their states (a pair or one);
 - the functional API checks the tensors of one cell or layer against the variant (their shapes
   follow from the weights), naming the argument and what was expected.
 
@@ -89,10 +90,18 @@ def _check_dtypes_and_devices(input: Tensor, named: dict[str, Tensor | None]) ->
                             f"got {t.dtype}")
 
 
+def _cell_kind(cell: str, coupled: bool) -> tuple[tuple[str, ...], str]:
+    """(gate blocks in order, the words for the cell in messages): "standard LSTM" (i, f, g, o),
+    "coupled LSTM" (f, g, o) or "GRU" (r, z, n)."""
+    if cell == "GRU":
+        return ("r", "z", "n"), "GRU"
+    return _gate_names(coupled), f"{'coupled' if coupled else 'standard'} LSTM"
+
+
 def _check_args(
     input: Tensor,
     hx: Tensor,
-    cx: Tensor,
+    cx: Tensor | None,
     weight_ih: Tensor,
     weight_hh: Tensor,
     bias_ih: Tensor | None,
@@ -101,11 +110,14 @@ def _check_args(
     weight_hr: Tensor | None,
     peephole: str | None,
     coupled: bool,
+    cell: str = "LSTM",
 ) -> tuple[int, int]:
     """Validate types, dtypes, devices and shapes against the variant; return (H, R).
-    ``peephole`` is already normalized. Every error names the argument and what was expected."""
-    required = {"input": input, "hx": hx, "cx": cx, "weight_ih": weight_ih,
-                "weight_hh": weight_hh}
+    ``peephole`` is already normalized. ``cell`` is "LSTM" or "GRU" (which has no cx, weight_ch
+    or weight_hr: pass None). Every error names the argument and what was expected."""
+    required = {"input": input, "hx": hx, "weight_ih": weight_ih, "weight_hh": weight_hh}
+    if cell != "GRU":
+        required["cx"] = cx
     optional = {"bias_ih": bias_ih, "bias_hh": bias_hh, "weight_ch": weight_ch,
                 "weight_hr": weight_hr}
     for name, t in required.items():
@@ -115,13 +127,13 @@ def _check_args(
     del required["input"]
     _check_dtypes_and_devices(input, required | optional)
 
-    G = len(_gate_names(coupled))
+    gates, kind = _cell_kind(cell, coupled)
+    G = len(gates)
     P = len(_peephole_names(coupled))
-    kind = "coupled" if coupled else "standard"
 
     if weight_ih.dim() != 2 or weight_ih.shape[0] % G != 0:
         raise ValueError(
-            f"weight_ih must have shape [{G}*hidden_size, input_size] for a {kind} LSTM "
+            f"weight_ih must have shape [{G}*hidden_size, input_size] for a {kind} "
             f"(G={G} gate blocks); got {tuple(weight_ih.shape)}"
         )
     H = weight_ih.shape[0] // G
@@ -141,7 +153,7 @@ def _check_args(
 
     if tuple(weight_hh.shape) != (G * H, R):
         raise ValueError(
-            f"weight_hh must have shape [{G * H}, {R}] for a {kind} LSTM with hidden_size={H}"
+            f"weight_hh must have shape [{G * H}, {R}] for a {kind} with hidden_size={H}"
             f"{' and proj_size=' + str(R) if weight_hr is not None else ''}; "
             f"got {tuple(weight_hh.shape)}"
         )
@@ -164,51 +176,80 @@ def _check_args(
             )
 
     if hx.shape[-1] != R:
-        raise ValueError(f"hx must have last dimension {R} (proj_size or hidden_size); got {tuple(hx.shape)}")
-    if cx.shape[-1] != H:
+        width = "hidden_size" if cell == "GRU" else "proj_size or hidden_size"
+        raise ValueError(f"hx must have last dimension {R} ({width}); got {tuple(hx.shape)}")
+    if cx is not None and cx.shape[-1] != H:
         raise ValueError(f"cx must have last dimension {H} (hidden_size); got {tuple(cx.shape)}")
     return H, R
 
 
+def _states_of(hx: Tensor, cx: Tensor | None) -> dict[str, Tensor]:
+    """The states present by name: hx, and cx for an LSTM (None for a GRU)."""
+    return {"hx": hx} if cx is None else {"hx": hx, "cx": cx}
+
+
 def check_cell_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-                    peephole: str | None, coupled: bool) -> None:
-    """The checks of :func:`lstm_cell` (shared with lstm_fused.functional.lstm_cell)."""
+                    peephole: str | None, coupled: bool, cell: str = "LSTM") -> None:
+    """The checks of :func:`lstm_cell` (shared with lstm_fused.functional.lstm_cell); with
+    cell="GRU" (cx, weight_ch, weight_hr None) those of the GRU cell."""
     _check_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-                peephole, coupled)
+                peephole, coupled, cell)
     if input.dim() != 2:
         raise ValueError(f"expected input of shape [B, input_size], got {tuple(input.shape)}")
     B = input.shape[0]
-    for name, state, size in (("hx", hx, hx.shape[-1]), ("cx", cx, cx.shape[-1])):
+    for name, state in _states_of(hx, cx).items():
+        size = state.shape[-1]
         if tuple(state.shape) != (B, size):
-            raise ValueError(f"expected {name} of shape {[B, size]} (batch of input, "
-                             f"{'proj_size or hidden_size' if name == 'hx' else 'hidden_size'}), "
+            width = ("proj_size or hidden_size" if name == "hx" and cell != "GRU"
+                     else "hidden_size")
+            raise ValueError(f"expected {name} of shape {[B, size]} (batch of input, {width}), "
                              f"got {tuple(state.shape)}")
 
 
 def check_layer_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                      weight_hr, peephole: str | None, coupled: bool,
-                     batch_sizes=None) -> list[int] | None:
-    """The checks of :func:`lstm_layer` (shared with lstm_fused.functional.lstm_layer); returns
-    batch_sizes as a list of ints (None for padded input)."""
+                     batch_sizes=None, cell: str = "LSTM") -> list[int] | None:
+    """The checks of :func:`lstm_layer` (shared with lstm_fused.functional.lstm_layer), or with
+    cell="GRU" (cx, weight_ch, weight_hr None) those of the GRU layer; returns batch_sizes as a
+    list of ints (None for padded input)."""
     _check_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
-                peephole, coupled)
-    if hx.dim() != 2 or cx.dim() != 2 or hx.shape[0] != cx.shape[0]:
-        raise ValueError(f"expected hx [B, R] and cx [B, H] (2-D, the same B); got hx "
-                         f"{tuple(hx.shape)}, cx {tuple(cx.shape)}")
+                peephole, coupled, cell)
+    states = _states_of(hx, cx)
+    if any(s.dim() != 2 for s in states.values()) or hx.shape[0] != states.get("cx", hx).shape[0]:
+        expected = ("hx [B, R] and cx [B, H] (2-D, the same B)" if cx is not None
+                    else "hx [B, H] (2-D)")
+        got = ", ".join(f"{name} {tuple(s.shape)}" for name, s in states.items())
+        raise ValueError(f"expected {expected}; got {got}")
     B = hx.shape[0]
+    names = "/".join(states) + (" have" if len(states) > 1 else " has")
     if batch_sizes is None:
         if input.dim() != 3:
             raise ValueError(f"padded input must be [T, B, I]; got {tuple(input.shape)}")
         if input.shape[1] != B:
-            raise ValueError(f"input has batch {input.shape[1]} but hx/cx have {B} rows")
+            raise ValueError(f"input has batch {input.shape[1]} but {names} {B} rows")
         return None
     sizes = as_batch_sizes(batch_sizes)
     if input.dim() != 2:
         raise ValueError(f"packed input must be [N, I]; got {tuple(input.shape)}")
     check_batch_sizes(sizes, input.shape[0])
     if sizes and sizes[0] != B:
-        raise ValueError(f"batch_sizes[0] = {sizes[0]} but hx/cx have {B} rows")
+        raise ValueError(f"batch_sizes[0] = {sizes[0]} but {names} {B} rows")
     return sizes
+
+
+def check_gru_cell_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> None:
+    """The checks of a GRU cell: input [B, I], hx [B, H], weight_ih [3H, I], weight_hh [3H, H],
+    bias_ih / bias_hh [3H] or None."""
+    check_cell_args(input, hx, None, weight_ih, weight_hh, bias_ih, bias_hh, None, None, None,
+                    False, cell="GRU")
+
+
+def check_gru_layer_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+                         batch_sizes=None) -> list[int] | None:
+    """The checks of a GRU layer (padded input [T, B, I] or packed [N, I] with batch_sizes, hx
+    [B, H], weights as check_gru_cell_args); returns batch_sizes as a list of ints or None."""
+    return check_layer_args(input, hx, None, weight_ih, weight_hh, bias_ih, bias_hh, None, None,
+                            None, False, batch_sizes, cell="GRU")
 
 
 def check_batch_sizes(sizes: list[int], rows: int) -> None:
@@ -246,8 +287,10 @@ def _require_type(name: str, value, kind: type) -> None:
         raise TypeError(f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
 
 
-def check_cell_options(input_size, hidden_size, bias, peephole, coupled) -> str | None:
-    """Options shared by LSTMCell and LSTM; returns peephole in canonical form.
+def check_cell_options(input_size, hidden_size, bias, peephole=None,
+                       coupled=False) -> str | None:
+    """Options shared by the cells and the layer stacks (LSTM's variant options default to
+    the GRU's: none); returns peephole in canonical form.
 
     Sizes: int (TypeError) and > 0 (ValueError); bias and coupled: bool (TypeError), as
     torch.nn.LSTM checks bias (torch.nn.LSTMCell checks nothing)."""
@@ -260,10 +303,11 @@ def check_cell_options(input_size, hidden_size, bias, peephole, coupled) -> str 
     return normalize_peephole(peephole)
 
 
-def check_lstm_options(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                       bidirectional, proj_size, peephole, coupled) -> str | None:
-    """LSTM's constructor options, with torch.nn.LSTM's exception types and messages (and, where
-    torch accepts a wrong type by accident, e.g. bidirectional="False", a TypeError in the same
+def check_rnn_options(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                      bidirectional, proj_size=0, peephole=None, coupled=False) -> str | None:
+    """LSTM's and GRU's constructor options (the GRU has no proj_size, peephole or coupled: the
+    defaults), with torch.nn.LSTM's / nn.GRU's exception types and messages (and, where torch
+    accepts a wrong type by accident, e.g. bidirectional="False", a TypeError in the same
     words); returns peephole in canonical form."""
     if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
             or not 0 <= dropout <= 1):
@@ -462,7 +506,13 @@ def check_weight_ln(weight_ln, input: Tensor, weight_ih: Tensor, coupled: bool) 
 # --------------------------------------------------------------------------------------------
 
 
-def _state_pair(cls: str, hx) -> tuple[Tensor, Tensor]:
+def _states(cls: str, hx, paired: bool) -> tuple[Tensor, ...]:
+    """The module's hx as a tuple of state tensors: (h_0, c_0) for an LSTM (`paired`), (h_0,) for
+    a GRU, whose hx is the tensor itself. A wrong type is a TypeError."""
+    if not paired:
+        if not isinstance(hx, Tensor):
+            raise TypeError(f"{cls}: expected hx to be a Tensor, got {type(hx).__name__}")
+        return (hx,)
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
         raise TypeError(f"{cls}: expected hx to be a tuple (h_0, c_0), got {type(hx).__name__}")
     for index, state in enumerate(hx):
@@ -472,15 +522,22 @@ def _state_pair(cls: str, hx) -> tuple[Tensor, Tensor]:
     return hx[0], hx[1]
 
 
+def _state_labels(states: tuple[Tensor, ...]) -> tuple[str, ...]:
+    """How torch's messages name each state: hx[0], hx[1] of an LSTM; hx of a GRU."""
+    return ("hx",) if len(states) == 1 else tuple(f"hx[{i}]" for i in range(len(states)))
+
+
 def _check_states_like_input(cls: str, states, input: Tensor) -> None:
     """States on input's device and (outside autocast) of its dtype: RuntimeError, as torch."""
-    for index, state in enumerate(states):
+    labels = _state_labels(states)
+    for label, state in zip(labels, states, strict=True):
         if state.device != input.device:
+            named = f" {label}" if len(states) > 1 else ""  # nn.GRU's message names none
             raise RuntimeError(f"{cls}: Input and hidden tensors are not at the same device, found "
-                               f"input tensor at {input.device} and hidden tensor hx[{index}] at "
+                               f"input tensor at {input.device} and hidden tensor{named} at "
                                f"{state.device}")
         if state.dtype != input.dtype and not autocast_enabled(input.device):
-            raise RuntimeError(f"{cls}: hx[{index}] dtype ({state.dtype}) does not match input "
+            raise RuntimeError(f"{cls}: {label} dtype ({state.dtype}) does not match input "
                                f"dtype ({input.dtype})")
 
 
@@ -491,14 +548,16 @@ def _check_device(cls: str, input: Tensor, weight: Tensor) -> None:
                            f"{weight.device}")
 
 
-def check_lstm_forward(lstm, input, hx) -> list[int] | None:
-    """LSTM.forward(input, hx): input [T, B, I] ([B, T, I] if batch_first), [T, I] or a
-    PackedSequence; hx None or (h_0 [D*L, B, R], c_0 [D*L, B, H]) ([D*L, R], [D*L, H] for
-    unbatched input). Checked in torch.nn.LSTM's order, with its exception types and messages
-    (hidden sizes are compared after unbatched states get their batch dimension of 1, as torch
-    does). Returns the PackedSequence's batch sizes as a list of ints (None for a tensor)."""
-    cls = type(lstm).__name__
-    weight = lstm.weight_ih_l0
+def _check_rnn_forward(module, input, hx, paired: bool) -> list[int] | None:
+    """The forward arguments of a layer stack, `paired` for the LSTM's (h_0, c_0), else the
+    GRU's h_0 alone: input [T, B, I] ([B, T, I] if batch_first), [T, I] or a PackedSequence;
+    hx None, (h_0 [D*L, B, R], c_0 [D*L, B, H]) or h_0 [D*L, B, H] ([D*L, R], ... for
+    unbatched input). Checked in torch.nn.LSTM's / nn.GRU's order, with their exception types
+    and messages (hidden sizes are compared after unbatched states get their batch dimension of
+    1, as torch does). Returns the PackedSequence's batch sizes as a list of ints (None for a
+    tensor)."""
+    cls = type(module).__name__
+    weight = module.weight_ih_l0
     sizes = None
     if isinstance(input, PackedSequence):
         data = input.data
@@ -511,7 +570,7 @@ def check_lstm_forward(lstm, input, hx) -> list[int] | None:
         if data.dim() not in (2, 3):
             raise ValueError(f"{cls}: Expected input to be 2D or 3D, got {data.dim()}D instead")
         batched = data.dim() == 3
-        time_dim = 1 if batched and lstm.batch_first else 0
+        time_dim = 1 if batched and module.batch_first else 0
         batch = data.shape[1 - time_dim] if batched else 1
         steps = data.shape[time_dim]
         expected_dim = data.dim()
@@ -519,33 +578,38 @@ def check_lstm_forward(lstm, input, hx) -> list[int] | None:
         raise TypeError(f"{cls}: expected input to be a Tensor or PackedSequence, got "
                         f"{type(input).__name__}")
     if hx is not None:
-        states = _state_pair(cls, hx)
+        states = _states(cls, hx, paired)
         if sizes is None:
             dims = 3 if batched else 2
-            if states[0].dim() != dims or states[1].dim() != dims:
-                raise RuntimeError(
-                    f"{cls}: For {'batched 3' if batched else 'unbatched 2'}-D input, hx and cx "
-                    f"should also be {dims}-D but got ({states[0].dim()}-D, {states[1].dim()}-D) "
-                    f"tensors")
+            if any(state.dim() != dims for state in states):
+                kind = "batched 3" if batched else "unbatched 2"
+                if paired:
+                    raise RuntimeError(
+                        f"{cls}: For {kind}-D input, hx and cx should also be {dims}-D but got "
+                        f"({states[0].dim()}-D, {states[1].dim()}-D) tensors")
+                raise RuntimeError(f"{cls}: For {kind}-D input, hx should also be {dims}-D but "
+                                   f"got {states[0].dim()}-D tensor")
     if data.dtype != weight.dtype and not autocast_enabled(data.device):
         raise ValueError(f"{cls}: RNN input dtype ({data.dtype}) does not match weight dtype "
                          f"({weight.dtype}). Convert input: input.to({weight.dtype}), or convert "
                          f"model: model.to({data.dtype})")
     if data.dim() != expected_dim:
         raise RuntimeError(f"{cls}: input must have {expected_dim} dimensions, got {data.dim()}")
-    if data.shape[-1] != lstm.input_size:
+    if data.shape[-1] != module.input_size:
         raise RuntimeError(f"{cls}: input.size(-1) must be equal to input_size. Expected "
-                           f"{lstm.input_size}, got {data.shape[-1]}")
+                           f"{module.input_size}, got {data.shape[-1]}")
     if sizes is not None:
         check_batch_sizes(sizes, data.shape[0])
-    rows = lstm.num_layers * (2 if lstm.bidirectional else 1)
+    rows = module.num_layers * (2 if module.bidirectional else 1)
     if hx is not None:
-        expected = ((rows, batch, lstm.proj_size or lstm.hidden_size),
-                    (rows, batch, lstm.hidden_size))
-        for index, (state, shape) in enumerate(zip(states, expected)):
+        widths = ((module.proj_size or module.hidden_size, module.hidden_size) if paired
+                  else (module.hidden_size,))
+        for index, (state, width) in enumerate(zip(states, widths, strict=True)):
+            shape = (rows, batch, width)
             size = list(state.shape) if batched else [state.shape[0], 1, *state.shape[1:]]
             if tuple(size) != shape:
-                raise RuntimeError(f"{cls}: Expected hidden[{index}] size {shape}, got {size}")
+                hidden = f"hidden[{index}]" if paired else "hidden"
+                raise RuntimeError(f"{cls}: Expected {hidden} size {shape}, got {size}")
     _check_device(cls, data, weight)
     if hx is not None:
         _check_states_like_input(cls, states, data)
@@ -555,28 +619,44 @@ def check_lstm_forward(lstm, input, hx) -> list[int] | None:
     return sizes
 
 
-def check_cell_forward(cell, input, hx) -> None:
-    """LSTMCell.forward(input, hx): input [B, I] or [I]; hx None or (h_0, c_0) each [B, H] (or
-    [H] for unbatched input). Checked as torch.nn.LSTMCell checks them (ValueError for a rank,
-    RuntimeError for a size or batch mismatch, with its messages); a dtype or device mismatch
-    is a RuntimeError, as there."""
+def check_lstm_forward(lstm, input, hx) -> list[int] | None:
+    """LSTM.forward(input, hx), hx None or (h_0 [D*L, B, R], c_0 [D*L, B, H]), as
+    torch.nn.LSTM checks it (_check_rnn_forward)."""
+    return _check_rnn_forward(lstm, input, hx, paired=True)
+
+
+def check_gru_forward(gru, input, hx) -> list[int] | None:
+    """GRU.forward(input, hx), hx None or h_0 [D*L, B, H], as torch.nn.GRU checks it
+    (_check_rnn_forward)."""
+    return _check_rnn_forward(gru, input, hx, paired=False)
+
+
+def _check_cell_forward(cell, input, hx, paired: bool) -> None:
+    """A cell's forward arguments, `paired` for LSTMCell's (h_0, c_0), else GRUCell's h_0 alone:
+    input [B, I] or [I]; each state [B, H] (or [H] for unbatched input). Checked as
+    torch.nn.LSTMCell / nn.GRUCell check them (ValueError for a rank, RuntimeError for a size or
+    batch mismatch, with their messages); a dtype or device mismatch is a RuntimeError, as
+    there."""
     cls = type(cell).__name__
     _require_tensor("input", input)
     if input.dim() not in (1, 2):
         raise ValueError(f"{cls}: Expected input to be 1D or 2D, got {input.dim()}D instead")
     if hx is not None:
-        states = _state_pair(cls, hx)
-        for index, state in enumerate(states):
+        states = _states(cls, hx, paired)
+        labels = _state_labels(states)
+        for label, state in zip(labels, states, strict=True):
             if state.dim() not in (1, 2):
-                raise ValueError(f"{cls}: Expected hx[{index}] to be 1D or 2D, got "
+                # nn.GRUCell calls its state "hidden" here, nn.LSTMCell "hx[i]"
+                named = label if paired else "hidden"
+                raise ValueError(f"{cls}: Expected {named} to be 1D or 2D, got "
                                  f"{state.dim()}D instead")
             if state.dim() != input.dim():
-                raise RuntimeError(f"{cls}: for {input.dim()}-D input, hx[{index}] should also "
+                raise RuntimeError(f"{cls}: for {input.dim()}-D input, {label} should also "
                                    f"be {input.dim()}-D but got {state.dim()}-D")
-    # Sizes first, then dtypes and devices: torch.nn.LSTMCell checks the sizes in
-    # torch._VF.lstm_cell (aten/src/ATen/native/RNN.cpp, check_rnn_cell_forward_input, then
-    # check_rnn_cell_forward_hidden for hidden0 and hidden1: batch, then hidden size) and meets
-    # a dtype or device mismatch only later, in its GEMMs.
+    # Sizes first, then dtypes and devices: torch.nn.LSTMCell / GRUCell check the sizes in
+    # torch._VF.{lstm,gru}_cell (aten/src/ATen/native/RNN.cpp, check_rnn_cell_forward_input,
+    # then check_rnn_cell_forward_hidden per state: batch, then hidden size) and meet a dtype or
+    # device mismatch only later, in their GEMMs.
     weight = cell.weight_ih
     if input.shape[-1] != cell.input_size:
         raise RuntimeError(f"{cls}: input has inconsistent input_size: got {input.shape[-1]} "
@@ -598,3 +678,15 @@ def check_cell_forward(cell, input, hx) -> None:
     _check_device(cls, input, weight)
     if hx is not None:
         _check_states_like_input(cls, states, input)
+
+
+def check_cell_forward(cell, input, hx) -> None:
+    """LSTMCell.forward(input, hx), hx None or (h_0, c_0), as torch.nn.LSTMCell checks it
+    (_check_cell_forward)."""
+    _check_cell_forward(cell, input, hx, paired=True)
+
+
+def check_gru_cell_forward(cell, input, hx) -> None:
+    """GRUCell.forward(input, hx), hx None or h_0, as torch.nn.GRUCell checks it
+    (_check_cell_forward)."""
+    _check_cell_forward(cell, input, hx, paired=False)

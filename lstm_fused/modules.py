@@ -1,6 +1,11 @@
 """Drop-in replacements for torch.nn.LSTM / torch.nn.LSTMCell with peephole and coupled-gate
-variants. Parameter names, shapes, gate order and calling conventions are nn.LSTM's, so
-`peephole=None, coupled=False` loads an nn.LSTM state_dict and gives the same results.
+variants, and for torch.nn.GRU / torch.nn.GRUCell. Parameter names, shapes, gate order and
+calling conventions are torch.nn's, so `peephole=None, coupled=False` loads an nn.LSTM
+state_dict (and GRU an nn.GRU one) and gives the same results.
+
+LSTM and GRU are one layer stack (`_LayerStack`: layers x directions, the state rows, inter-layer
+dropout, packing, batch_first, unbatched input) with the cell as a parameter: the per-layer
+function (`_layer_fn`), the argument check, the state widths and each layer's arguments.
 """
 
 from __future__ import annotations
@@ -18,18 +23,57 @@ from ._checks import (
     check_cell_forward,
     check_cell_options,
     check_clips,
+    check_gru_cell_forward,
+    check_gru_forward,
     check_layer_norm_options,
     check_lstm_forward,
-    check_lstm_options,
     check_regularizer_options,
+    check_rnn_options,
     check_zoneout,
     check_zoneout_without_layer_norm,
 )
 from .ops import BUILT_WITH_CUDA
 
 
-class _VariantMixin:
-    """Parameters and repr shared by the cell and the layer stack."""
+class _RecurrentMixin:
+    """What every module here has: the gate parameters weight_ih, weight_hh, bias_ih, bias_hh
+    (G = self.num_gates blocks of H rows), torch.nn's initialisation and DropConnect."""
+
+    def _make_gate_parameters(self, suffix, input_size, recurrent_size, factory):
+        """Registers weight_ih{suffix} [G*H, input_size], weight_hh [G*H, recurrent_size] and,
+        with bias, bias_ih and bias_hh [G*H]."""
+        rows = self.num_gates * self.hidden_size
+        self._add_parameter("weight_ih" + suffix, factory, rows, input_size)
+        self._add_parameter("weight_hh" + suffix, factory, rows, recurrent_size)
+        if self.bias:
+            self._add_parameter("bias_ih" + suffix, factory, rows)
+            self._add_parameter("bias_hh" + suffix, factory, rows)
+
+    def _add_parameter(self, name, factory, *shape):
+        self.register_parameter(name, nn.Parameter(torch.empty(*shape, **factory)))
+
+    def reset_parameters(self) -> None:
+        """Every parameter uniform in (-1/sqrt(H), 1/sqrt(H)), as torch.nn.LSTM / nn.GRU (in
+        registration order, so the same seed draws the same weights as theirs)."""
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for name, weight in self.named_parameters():
+            self._init_parameter(name, weight, bound)
+
+    def _init_parameter(self, name: str, weight: Tensor, bound: float) -> None:
+        nn.init.uniform_(weight, -bound, bound)
+
+    def _recurrent_weight(self, weight_hh: Tensor) -> Tensor:
+        """weight_hh as this forward call uses it: in training with weight_dropout > 0 a
+        DropConnect copy (one Bernoulli mask over the whole [G*H, R] matrix per call, kept
+        entries scaled by 1/(1-p)), shared by every step and row; the parameter itself is never
+        replaced, and autograd carries the mask into its gradient. Identity otherwise."""
+        if self.training and self.weight_dropout > 0:
+            return F.dropout(weight_hh, p=self.weight_dropout, training=True)
+        return weight_hh
+
+
+class _VariantMixin(_RecurrentMixin):
+    """Parameters and repr shared by the LSTM cell and the LSTM layer stack."""
 
     def _init_variant(self, input_size, hidden_size, bias, peephole, coupled):
         """Sets the options; `peephole` is already checked and in canonical form."""
@@ -46,13 +90,9 @@ class _VariantMixin:
         H, G, P = self.hidden_size, self.num_gates, self.num_peepholes
 
         def add(name, *shape):
-            self.register_parameter(name + suffix, nn.Parameter(torch.empty(*shape, **factory)))
+            self._add_parameter(name + suffix, factory, *shape)
 
-        add("weight_ih", G * H, input_size)
-        add("weight_hh", G * H, recurrent_size)
-        if self.bias:
-            add("bias_ih", G * H)
-            add("bias_hh", G * H)
+        self._make_gate_parameters(suffix, input_size, recurrent_size, factory)
         if self.peephole == "diagonal":
             add("weight_ch", P, H)
         elif self.peephole == "full":
@@ -81,15 +121,6 @@ class _VariantMixin:
                 if name.startswith("bias_ih"):
                     bias[self._forget_rows()] += self.forget_bias
 
-    def _recurrent_weight(self, weight_hh: Tensor) -> Tensor:
-        """weight_hh as this forward call uses it: in training with weight_dropout > 0 a
-        DropConnect copy (one Bernoulli mask over the whole [G*H, R] matrix per call, kept
-        entries scaled by 1/(1-p)), shared by every step and row; the parameter itself is never
-        replaced, and autograd carries the mask into its gradient. Identity otherwise."""
-        if self.training and self.weight_dropout > 0:
-            return F.dropout(weight_hh, p=self.weight_dropout, training=True)
-        return weight_hh
-
     def _parameters_for(self, suffix):
         """(weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr), None where absent."""
         return tuple(getattr(self, name + suffix, None) for name in
@@ -97,14 +128,15 @@ class _VariantMixin:
 
     def reset_parameters(self) -> None:
         """Every parameter uniform in (-1/sqrt(H), 1/sqrt(H)), as torch.nn.LSTM; the layer
-        norm's γ (weight_ln) ones, so a fresh norm only standardises."""
-        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for name, weight in self.named_parameters():
-            if name.startswith("weight_ln"):
-                nn.init.ones_(weight)
-            else:
-                nn.init.uniform_(weight, -bound, bound)
+        norm's γ (weight_ln) ones, so a fresh norm only standardises; then forget_bias."""
+        super().reset_parameters()
         self._add_forget_bias()
+
+    def _init_parameter(self, name: str, weight: Tensor, bound: float) -> None:
+        if name.startswith("weight_ln"):
+            nn.init.ones_(weight)
+        else:
+            super()._init_parameter(name, weight, bound)
 
     # --- layer normalisation (docs/layer-norm.md) --------------------------------------------
 
@@ -383,7 +415,159 @@ _cell_step = torch.ops.lstm_fused.cell_step.default
 _STEP_DEVICES = ("cpu", "cuda") if BUILT_WITH_CUDA else ("cpu",)  # where cell_step has a kernel
 
 
-class LSTM(_VariantMixin, nn.Module):
+class _LayerStack(nn.Module):
+    """The multi-layer, optionally bidirectional network around a per-layer function: what
+    torch.nn.LSTM and nn.GRU share (torch's RNNBase), written once for LSTM and GRU.
+
+    forward() runs layers x directions, each on state row layer * D + direction, concatenates
+    the directions, applies inter-layer dropout in training, and handles PackedSequence (sorting
+    the state rows), batch_first and unbatched input. The states are a tuple of tensors
+    [D*L, B, width]: (h, c) for the LSTM, whose hx is that pair, (h,) for the GRU, whose hx is
+    the tensor itself. A subclass names its cell:
+
+      _layer_fn            the per-layer function (class attribute; the tests swap in the
+                           reference twin): (input, *states, *weights, reverse=, batch_sizes=,
+                           **options) -> (output, final states: a tuple, or one tensor)
+      _check_forward       forward's argument check; returns the packed batch sizes or None
+      _state_widths        the width of each state
+      _layer_arguments     (weights, keyword options) of one layer and direction per call
+      _direction_parameter_names   the parameter names of one direction, without suffix
+    """
+
+    _first_suffix = "_l0"
+
+    def _init_stack(self, mode: str, num_layers: int, batch_first: bool, dropout: float,
+                    bidirectional: bool, proj_size: int) -> None:
+        """Sets torch.nn's layer-stack attributes (options already checked)."""
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                          f"non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={num_layers}", stacklevel=3)
+        self.mode = mode
+        self.num_layers = num_layers
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+
+    def _suffixes(self, layer):
+        return [f"_l{layer}"] + ([f"_l{layer}_reverse"] if self.bidirectional else [])
+
+    @property
+    def _output_size(self) -> int:
+        return self.proj_size or self.hidden_size
+
+    # --- torch.nn's view of the parameters, for tools that read it (weight_norm, prune, ...) ---
+    # Computed on each access from the module's current attributes, so it stays in sync when a
+    # parameter is replaced (weight_norm / parametrizations, pruning, to(), load_state_dict):
+    # torch.nn keeps a cached list and refreshes it in __setattr__ and _apply instead.
+
+    @property
+    def _all_weights(self) -> list[list[str]]:
+        """Parameter names per layer and direction, in torch.nn's order."""
+        names = self._direction_parameter_names()
+        return [[name + suffix for name in names]
+                for layer in range(self.num_layers) for suffix in self._suffixes(layer)]
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        return [name for names in self._all_weights for name in names]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        """The tensors named by _flat_weights_names, as the module holds them now (Parameters,
+        or plain tensors while a weight_norm or pruning reparametrization is applied)."""
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """The parameters per layer and direction, as torch.nn's all_weights."""
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """No-op, for torch.nn compatibility: the fused ops need no flat weight buffer."""
+
+    def _stack_repr(self) -> str:
+        """torch.nn's extra_repr of the layer stack."""
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size != 0:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout != 0:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        return s
+
+    def forward(self, input, hx=None):
+        """input [T, B, I] ([B, T, I] if batch_first), [T, I] or a PackedSequence; hx None or
+        the initial states [D*L, B, width] ([D*L, width] for unbatched input) -> (output, the
+        final states), as torch.nn.LSTM / nn.GRU. Bad arguments raise what torch.nn raises
+        (lstm_fused._checks)."""
+        batch_sizes = self._check_forward(input, hx)
+        packed = batch_sizes is not None
+        if packed:
+            data, _, sorted_indices, unsorted_indices = input
+            batched, batch = True, batch_sizes[0]
+        else:
+            sorted_indices = unsorted_indices = None
+            batched = input.dim() == 3
+            data = input if batched else input.unsqueeze(1)
+            if batched and self.batch_first:
+                data = data.transpose(0, 1)
+            batch = data.shape[1]
+
+        directions = 2 if self.bidirectional else 1
+        if hx is None:
+            states = tuple(data.new_zeros(self.num_layers * directions, batch, width)
+                           for width in self._state_widths)
+        else:
+            states = (hx,) if isinstance(hx, Tensor) else tuple(hx)
+            if not batched:
+                states = tuple(state.unsqueeze(1) for state in states)
+            if sorted_indices is not None:
+                states = tuple(state.index_select(1, sorted_indices) for state in states)
+
+        # Per-call draws (zoneout masks) are [T, B, ...] for padded and packed input alike
+        # (packed: step t uses rows :batch_sizes[t]), so no row's draws depend on another's length.
+        steps = (len(batch_sizes) if packed else data.shape[0], batch)
+        layer_input = data
+        finals: list[list[Tensor]] = [[] for _ in states]
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction, suffix in enumerate(self._suffixes(layer)):
+                row = layer * directions + direction
+                weights, options = self._layer_arguments(suffix, data, steps)
+                out, final = self._layer_fn(layer_input, *(state[row] for state in states),
+                                            *weights, reverse=direction == 1,
+                                            batch_sizes=batch_sizes, **options)
+                outputs.append(out)
+                for collected, state in zip(finals, (final,) if isinstance(final, Tensor)
+                                            else final, strict=True):
+                    collected.append(state)
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, p=self.dropout, training=True)
+        finals = [torch.stack(collected) for collected in finals]
+
+        if packed:
+            if unsorted_indices is not None:
+                finals = [state.index_select(1, unsorted_indices) for state in finals]
+            output = PackedSequence(layer_input, input.batch_sizes, sorted_indices,
+                                    unsorted_indices)
+        elif not batched:
+            output, finals = layer_input.squeeze(1), [state.squeeze(1) for state in finals]
+        else:
+            output = layer_input.transpose(0, 1) if self.batch_first else layer_input
+        return output, (finals[0] if len(finals) == 1 else tuple(finals))
+
+
+class LSTM(_VariantMixin, _LayerStack):
     r"""Multi-layer LSTM, a drop-in replacement for torch.nn.LSTM with peephole and coupled-gate
     variants. Each layer runs as one fused op: the time loop is C++, each step is one recurrent
     GEMM plus one fused pointwise kernel, on CPU and CUDA.
@@ -426,7 +610,6 @@ class LSTM(_VariantMixin, nn.Module):
     # The per-layer function, called with arguments checked already; tests swap in
     # lstm_fused.reference.lstm_layer (same signature).
     _layer_fn = staticmethod(functional.fused_layer)
-    _first_suffix = "_l0"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
@@ -435,7 +618,7 @@ class LSTM(_VariantMixin, nn.Module):
                  cell_clip=None, proj_clip=None, zoneout=0.0, layer_norm: bool = False,
                  layer_norm_eps: float = 1e-5) -> None:
         super().__init__()
-        peephole = check_lstm_options(input_size, hidden_size, num_layers, bias, batch_first,
+        peephole = check_rnn_options(input_size, hidden_size, num_layers, bias, batch_first,
                                       dropout, bidirectional, proj_size, peephole, coupled)
         self._init_variant(input_size, hidden_size, bias, peephole, coupled)
         self._init_regularizers(forget_bias, weight_dropout)
@@ -443,16 +626,7 @@ class LSTM(_VariantMixin, nn.Module):
         self._init_zoneout(zoneout)
         self._init_layer_norm(layer_norm, layer_norm_eps)
         check_zoneout_without_layer_norm(self.zoneout, self.layer_norm)
-        if dropout > 0 and num_layers == 1:
-            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
-                          f"non-zero dropout expects num_layers greater than 1, but got "
-                          f"dropout={dropout} and num_layers={num_layers}", stacklevel=2)
-        self.num_layers = num_layers
-        self.batch_first = batch_first
-        self.dropout = float(dropout)
-        self.bidirectional = bidirectional
-        self.proj_size = proj_size
-        self.mode = "LSTM"
+        self._init_stack("LSTM", num_layers, batch_first, dropout, bidirectional, proj_size)
         factory = {"device": device, "dtype": dtype}
         directions = 2 if self.bidirectional else 1
         R = self.proj_size or self.hidden_size
@@ -495,132 +669,38 @@ class LSTM(_VariantMixin, nn.Module):
         theirs.load_state_dict(self.state_dict())
         return theirs.train(self.training)
 
-    def _suffixes(self, layer):
-        return [f"_l{layer}"] + ([f"_l{layer}_reverse"] if self.bidirectional else [])
+    # --- the cell of the layer stack (_LayerStack) ----------------------------------------
+
+    def _check_forward(self, input, hx):
+        return check_lstm_forward(self, input, hx)
 
     @property
-    def _output_size(self) -> int:
-        return self.proj_size or self.hidden_size
+    def _state_widths(self) -> tuple[int, int]:
+        return (self._output_size, self.hidden_size)  # (h: R, c: H)
 
-    # --- nn.LSTM's view of the parameters, for tools that read it (weight_norm, prune, ...) ---
-    # Computed on each access from the module's current attributes, so it stays in sync when a
-    # parameter is replaced (weight_norm / parametrizations, pruning, to(), load_state_dict):
-    # nn.LSTM keeps a cached list and refreshes it in __setattr__ and _apply instead.
+    def _layer_arguments(self, suffix, like, steps):
+        """(weights, options) of fused_layer for one layer and direction: the parameters with
+        weight_hh through DropConnect, the variant, clips, zoneout masks and layer norm."""
+        weight_ih, weight_hh, *rest = self._parameters_for(suffix)
+        weights = (weight_ih, self._recurrent_weight(weight_hh), *rest)
+        options = {"peephole": self.peephole, "coupled": self.coupled,
+                   **self._clip_arguments(),
+                   "zoneout": self._zoneout_keeps(like, steps,
+                                                  (self._output_size, self.hidden_size)),
+                   **self._layer_norm_arguments(suffix)}
+        return weights, options
 
-    @property
-    def _all_weights(self) -> list[list[str]]:
-        """Parameter names per layer and direction, in nn.LSTM's order (weight_ih, weight_hh,
-        bias_ih, bias_hh, weight_hr); peepholes add weight_ch before weight_hr, layer norm
-        weight_ln after weight_ch."""
+    def _direction_parameter_names(self) -> list[str]:
+        """nn.LSTM's order (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr); peepholes add
+        weight_ch before weight_hr, layer norm weight_ln after weight_ch."""
         names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
         names += ["weight_ch"] if self.peephole is not None else []
         names += ["weight_ln"] if self.layer_norm else []
         names += ["weight_hr"] if self.proj_size > 0 else []
-        return [[name + suffix for name in names]
-                for layer in range(self.num_layers) for suffix in self._suffixes(layer)]
-
-    @property
-    def _flat_weights_names(self) -> list[str]:
-        return [name for names in self._all_weights for name in names]
-
-    @property
-    def _flat_weights(self) -> list[Tensor]:
-        """The tensors named by _flat_weights_names, as the module holds them now (Parameters,
-        or plain tensors while a weight_norm or pruning reparametrization is applied)."""
-        return [getattr(self, name) for name in self._flat_weights_names]
-
-    @property
-    def all_weights(self) -> list[list[Tensor]]:
-        """The parameters per layer and direction, as nn.LSTM.all_weights."""
-        return [[getattr(self, name) for name in names] for names in self._all_weights]
-
-    def flatten_parameters(self) -> None:
-        """No-op, for nn.LSTM compatibility: the fused ops need no flat weight buffer."""
+        return names
 
     def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}"
-        if self.proj_size != 0:
-            s += f", proj_size={self.proj_size}"
-        if self.num_layers != 1:
-            s += f", num_layers={self.num_layers}"
-        if not self.bias:
-            s += ", bias=False"
-        if self.batch_first:
-            s += ", batch_first=True"
-        if self.dropout != 0:
-            s += f", dropout={self.dropout}"
-        if self.bidirectional:
-            s += ", bidirectional=True"
-        return s + self._variant_repr()
-
-    def forward(self, input, hx: tuple[Tensor, Tensor] | None = None):
-        """input [T, B, I] ([B, T, I] if batch_first), [T, I] or a PackedSequence; hx None or
-        (h_0 [D*L, B, R], c_0 [D*L, B, H]) -> (output, (h_n, c_n)) as torch.nn.LSTM. Bad
-        arguments raise what torch.nn.LSTM raises (lstm_fused._checks)."""
-        batch_sizes = check_lstm_forward(self, input, hx)
-        packed = batch_sizes is not None
-        if packed:
-            data, _, sorted_indices, unsorted_indices = input
-            batched, batch = True, batch_sizes[0]
-        else:
-            sorted_indices = unsorted_indices = None
-            batched = input.dim() == 3
-            data = input if batched else input.unsqueeze(1)
-            if batched and self.batch_first:
-                data = data.transpose(0, 1)
-            batch = data.shape[1]
-
-        directions = 2 if self.bidirectional else 1
-        state_rows = self.num_layers * directions
-        if hx is None:
-            h0 = data.new_zeros(state_rows, batch, self._output_size)
-            c0 = data.new_zeros(state_rows, batch, self.hidden_size)
-        else:
-            h0, c0 = hx
-            if not batched:
-                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            if sorted_indices is not None:
-                h0 = h0.index_select(1, sorted_indices)
-                c0 = c0.index_select(1, sorted_indices)
-
-        layer_input = data
-        h_n, c_n = [], []
-        # Zoneout masks [T, B, D] for padded and packed input alike (packed: step t uses rows
-        # :batch_sizes[t]), so no row's draws depend on another row's length.
-        zoneout_steps = (len(batch_sizes) if packed else data.shape[0], batch)
-        zoneout_widths = (self._output_size, self.hidden_size)
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction, suffix in enumerate(self._suffixes(layer)):
-                row = layer * directions + direction
-                weight_ih, weight_hh, *rest = self._parameters_for(suffix)
-                out, (h, c) = self._layer_fn(
-                    layer_input, h0[row], c0[row], weight_ih, self._recurrent_weight(weight_hh),
-                    *rest, peephole=self.peephole, coupled=self.coupled, reverse=direction == 1,
-                    batch_sizes=batch_sizes, **self._clip_arguments(),
-                    zoneout=self._zoneout_keeps(data, zoneout_steps, zoneout_widths),
-                    **self._layer_norm_arguments(suffix))
-                outputs.append(out)
-                h_n.append(h)
-                c_n.append(c)
-            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, p=self.dropout, training=True)
-        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
-
-        if packed:
-            if unsorted_indices is not None:
-                h_n = h_n.index_select(1, unsorted_indices)
-                c_n = c_n.index_select(1, unsorted_indices)
-            output = PackedSequence(layer_input, input.batch_sizes, sorted_indices,
-                                    unsorted_indices)
-            return output, (h_n, c_n)
-        output = layer_input
-        if not batched:
-            return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
-        if self.batch_first:
-            output = output.transpose(0, 1)
-        return output, (h_n, c_n)
+        return self._stack_repr() + self._variant_repr()
 
 
 def _refuse_quantization(module, qconfig) -> None:
@@ -643,7 +723,9 @@ def _refuse_quantization(module, qconfig) -> None:
 
 
 def _require_vanilla(module, method):
-    if module.peephole is not None or module.coupled:
+    """The module is exactly its torch.nn counterpart (a GRU has no variant options, only
+    weight_dropout), or a ValueError says which option is not."""
+    if getattr(module, "peephole", None) is not None or getattr(module, "coupled", False):
         raise ValueError(f"{type(module).__name__}.{method}() needs the vanilla variant "
                          f"(peephole=None, coupled=False), the only one torch.nn has; this module "
                          f"has peephole={module.peephole!r}, coupled={module.coupled}")
@@ -655,7 +737,7 @@ def _require_vanilla(module, method):
         raise ValueError(f"{type(module).__name__}.{method}(): torch.nn has no zoneout; this "
                          f"module has zoneout={module.zoneout} (build it with zoneout=0 to "
                          f"convert it)")
-    if module.layer_norm:
+    if getattr(module, "layer_norm", False):
         raise ValueError(f"{type(module).__name__}.{method}() needs a module without layer "
                          f"normalisation (torch.nn has none); this module has layer_norm=True")
     clips = {name: getattr(module, name, None) for name in ("cell_clip", "proj_clip")}
@@ -705,3 +787,198 @@ class LayerNormLSTMCell(LSTMCell):
 
     def __init__(self, *args, layer_norm=True, **kwargs):
         super().__init__(*args, layer_norm=layer_norm, **kwargs)
+
+
+# --- GRU -------------------------------------------------------------------------------------
+
+
+class _GRUMixin(_RecurrentMixin):
+    """The GRU's options and gate count, shared by GRU and GRUCell."""
+
+    num_gates = 3  # (r, z, n)
+
+    def _init_gru(self, input_size, hidden_size, bias, weight_dropout) -> None:
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        _, self.weight_dropout = check_regularizer_options(bias, 0.0, weight_dropout)
+
+    def _weight_dropout_repr(self) -> str:
+        return f", weight_dropout={self.weight_dropout}" if self.weight_dropout != 0 else ""
+
+
+class GRU(_GRUMixin, _LayerStack):
+    r"""Multi-layer GRU, a drop-in replacement for torch.nn.GRU (its equations, gate order
+    (r, z, n), parameters, initialisation and calling conventions). Each layer runs as one
+    fused op: the time loop is C++, each step one recurrent GEMM plus one fused pointwise
+    kernel, on CPU and CUDA.
+
+        r = σ(W_ir x + b_ir + W_hr h + b_hr)
+        z = σ(W_iz x + b_iz + W_hz h + b_hz)
+        n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))
+        h' = (1 − z) ⊙ n + z ⊙ h
+
+    Args (as torch.nn.GRU): input_size, hidden_size, num_layers=1, bias=True,
+        batch_first=False, dropout=0.0 (between layers, in training), bidirectional=False,
+        device, dtype; and
+        weight_dropout (keyword): DropConnect rate on every weight_hh_l{k} in training, in
+            [0, 1): each layer and direction draws its own mask per forward call; identity in
+            eval.
+
+    Inputs: input [T, B, I] ([B, T, I] if batch_first), [T, I] unbatched, or a PackedSequence;
+        optional h_0 [D*L, B, H] ([D*L, H] unbatched), D = 2 if bidirectional else 1.
+    Outputs: output [T, B, D*H] ([B, T, D*H] if batch_first, [T, D*H] unbatched, or a
+        PackedSequence), h_n [D*L, B, H] ([D*L, H] unbatched).
+
+    Parameters per layer k (suffix _reverse for the backward direction): weight_ih_l{k}
+    [3H, I_k] (I_0 = input_size, else D*H), weight_hh_l{k} [3H, H], bias_ih_l{k},
+    bias_hh_l{k} [3H]; all uniform in (-1/sqrt(H), 1/sqrt(H)) at initialisation.
+    """
+
+    # The per-layer function, called with arguments checked already; tests swap in
+    # lstm_fused.reference.gru_layer (same signature).
+    _layer_fn = staticmethod(functional.fused_gru_layer)
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, *, weight_dropout: float = 0.0) -> None:
+        super().__init__()
+        check_rnn_options(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                          bidirectional)
+        self._init_gru(input_size, hidden_size, bias, weight_dropout)
+        self._init_stack("GRU", num_layers, batch_first, dropout, bidirectional, 0)
+        factory = {"device": device, "dtype": dtype}
+        directions = 2 if bidirectional else 1
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else hidden_size * directions
+            for suffix in self._suffixes(layer):
+                self._make_gate_parameters(suffix, layer_input, hidden_size, factory)
+        self.reset_parameters()
+
+    @classmethod
+    def from_torch(cls, gru: nn.GRU) -> GRU:
+        """An lstm_fused.GRU with the options, device, dtype, weights and training mode of
+        `gru`: same parameter names and shapes, so both compute the same function."""
+        if not isinstance(gru, nn.GRU):
+            raise TypeError(f"GRU.from_torch: expected a torch.nn.GRU, got {type(gru).__name__}")
+        weight = gru.weight_ih_l0
+        with warnings.catch_warnings():  # nn.GRU already warned about its own options
+            warnings.simplefilter("ignore", UserWarning)
+            ours = cls(gru.input_size, gru.hidden_size, num_layers=gru.num_layers, bias=gru.bias,
+                       batch_first=gru.batch_first, dropout=gru.dropout,
+                       bidirectional=gru.bidirectional, device=weight.device,
+                       dtype=weight.dtype)
+        ours.load_state_dict(gru.state_dict())
+        return ours.train(gru.training)
+
+    def to_torch(self) -> nn.GRU:
+        """The torch.nn.GRU with this module's options, device, dtype, weights and training
+        mode (only without weight_dropout, which torch.nn has not)."""
+        _require_vanilla(self, "to_torch")
+        weight = self.weight_ih_l0
+        with warnings.catch_warnings():  # this module already warned about its own options
+            warnings.simplefilter("ignore", UserWarning)
+            theirs = nn.GRU(self.input_size, self.hidden_size, num_layers=self.num_layers,
+                            bias=self.bias, batch_first=self.batch_first, dropout=self.dropout,
+                            bidirectional=self.bidirectional, device=weight.device,
+                            dtype=weight.dtype)
+        theirs.load_state_dict(self.state_dict())
+        return theirs.train(self.training)
+
+    # --- the cell of the layer stack (_LayerStack) ----------------------------------------
+
+    def _check_forward(self, input, hx):
+        return check_gru_forward(self, input, hx)
+
+    @property
+    def _state_widths(self) -> tuple[int]:
+        return (self.hidden_size,)
+
+    def _layer_arguments(self, suffix, like, steps):
+        """(weight_ih, weight_hh through DropConnect, bias_ih, bias_hh) and no options."""
+        weights = (getattr(self, "weight_ih" + suffix),
+                   self._recurrent_weight(getattr(self, "weight_hh" + suffix)),
+                   getattr(self, "bias_ih" + suffix, None), getattr(self, "bias_hh" + suffix, None))
+        return weights, {}
+
+    def _direction_parameter_names(self) -> list[str]:
+        return ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+
+    def extra_repr(self) -> str:
+        return self._stack_repr() + self._weight_dropout_repr()
+
+
+class GRUCell(_GRUMixin, nn.Module):
+    r"""One GRU step, a drop-in replacement for torch.nn.GRUCell (same equations as GRU, gate
+    order (r, z, n)). It runs the fused GRU layer op on a sequence of one step, so cell and layer
+    share one kernel path.
+
+    Args (as torch.nn.GRUCell): input_size, hidden_size, bias=True, device, dtype; and
+        weight_dropout (keyword): DropConnect rate on weight_hh in training, in [0, 1); identity
+            in eval.
+
+    Inputs: input [B, I] or [I]; h_0 [B, H] or [H], zeros when omitted.
+    Output: h_1 [B, H] (or [H] for unbatched input).
+
+    Parameters: weight_ih [3H, I], weight_hh [3H, H], bias_ih and bias_hh [3H].
+    """
+
+    # The per-layer function the step runs on a one-step sequence; tests swap in
+    # lstm_fused.reference.gru_layer.
+    _layer_fn = staticmethod(functional.fused_gru_layer)
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None, *, weight_dropout: float = 0.0) -> None:
+        super().__init__()
+        check_cell_options(input_size, hidden_size, bias)
+        self._init_gru(input_size, hidden_size, bias, weight_dropout)
+        self._make_gate_parameters("", input_size, hidden_size, {"device": device,
+                                                                 "dtype": dtype})
+        if not bias:  # as nn.GRUCell: the attributes exist, None
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    @classmethod
+    def from_torch(cls, cell: nn.GRUCell) -> GRUCell:
+        """An lstm_fused.GRUCell with the options, device, dtype, weights and training mode of
+        `cell`."""
+        if not isinstance(cell, nn.GRUCell):
+            raise TypeError(f"GRUCell.from_torch: expected a torch.nn.GRUCell, got "
+                            f"{type(cell).__name__}")
+        weight = cell.weight_ih
+        ours = cls(cell.input_size, cell.hidden_size, bias=cell.bias, device=weight.device,
+                   dtype=weight.dtype)
+        ours.load_state_dict(cell.state_dict())
+        return ours.train(cell.training)
+
+    def to_torch(self) -> nn.GRUCell:
+        """The torch.nn.GRUCell with this cell's options, device, dtype, weights and training
+        mode (only without weight_dropout)."""
+        _require_vanilla(self, "to_torch")
+        weight = self.weight_ih
+        theirs = nn.GRUCell(self.input_size, self.hidden_size, bias=self.bias,
+                            device=weight.device, dtype=weight.dtype)
+        theirs.load_state_dict(self.state_dict())
+        return theirs.train(self.training)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if not self.bias:
+            s += ", bias=False"
+        return s + self._weight_dropout_repr()
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        """input [B, I] or [I]; hx h_0 [B, H] or [H] (zeros when None) -> h_1, same batching.
+        Bad arguments raise what torch.nn.GRUCell raises (lstm_fused._checks)."""
+        check_gru_cell_forward(self, input, hx)
+        batched = input.dim() == 2
+        if not batched:
+            input = input.unsqueeze(0)
+            hx = hx.unsqueeze(0) if hx is not None else None
+        if hx is None:
+            hx = input.new_zeros(input.shape[0], self.hidden_size)
+        _, h = self._layer_fn(input.unsqueeze(0), hx, self.weight_ih,
+                              self._recurrent_weight(self.weight_hh), self.bias_ih, self.bias_hh,
+                              reverse=False, batch_sizes=None)
+        return h if batched else h.squeeze(0)

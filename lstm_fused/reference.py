@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference implementation of the LSTM variants in ``lstm_fused``.
+"""Plain-PyTorch reference implementation of the LSTM variants and the GRU in ``lstm_fused``.
 
 This module is the ground truth the fused C++/CUDA ops are tested against. It is written
 equation by equation so it can be checked line by line against docs/design.md section 1:
@@ -36,6 +36,14 @@ normalised over its H units before its activation, and the biases come after the
     ẑ_k   = γ_k * N(v_k) + b_ih,k + b_hh,k
     f = sigmoid(ẑ_f), i = 1 - f or sigmoid(ẑ_i), g = tanh(ẑ_g), o = sigmoid(ẑ_o), then as above
 
+The GRU (``gru_cell``, ``gru_layer``; torch.nn.GRU's and cuDNN's form), weights [3H, ...] in
+blocks of H in the order (r, z, n):
+
+    r   = sigmoid(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr)          reset gate
+    z   = sigmoid(W_iz x_t + b_iz + W_hz h_{t-1} + b_hz)          update gate
+    n   = tanh(W_in x_t + b_in + r * (W_hn h_{t-1} + b_hn))       r multiplies AFTER W_hn h + b_hn
+    h_t = (1 - z) * n + z * h_{t-1}
+
 Shapes: B = batch, I = input size, H = hidden size, R = projection size (or H without a
 projection), G = number of gate blocks (3 coupled, 4 standard), P = number of peephole blocks
 (2 coupled, 3 standard).
@@ -54,6 +62,8 @@ from torch import Tensor
 from ._checks import (
     check_cell_args,
     check_clips,
+    check_gru_cell_args,
+    check_gru_layer_args,
     check_layer_args,
     check_layer_norm_eps,
     check_layer_zoneout,
@@ -63,7 +73,7 @@ from ._checks import (
     normalize_peephole,
 )
 
-__all__ = ["lstm_cell", "lstm_layer", "normalize_peephole"]
+__all__ = ["gru_cell", "gru_layer", "lstm_cell", "lstm_layer", "normalize_peephole"]
 
 
 def _gate_names(coupled: bool) -> tuple[str, ...]:
@@ -363,3 +373,92 @@ def lstm_layer(
     else:
         output = torch.cat(outputs, 0) if T > 0 else input.new_empty((0, R))
     return output, (h, c)
+
+
+# --------------------------------------------------------------------------------------------
+# GRU
+# --------------------------------------------------------------------------------------------
+
+
+def _gru_step(
+    x: Tensor,
+    h_prev: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor | None,
+    bias_hh: Tensor | None,
+) -> Tensor:
+    """One GRU step, no validation: x [B, I], h_prev [B, H] -> h [B, H]."""
+    W_ir, W_iz, W_in = weight_ih.chunk(3, dim=0)  # each [H, I]
+    W_hr, W_hz, W_hn = weight_hh.chunk(3, dim=0)  # each [H, H]
+    zero = torch.zeros(W_ir.shape[0], dtype=x.dtype, device=x.device)
+    b_ir, b_iz, b_in = bias_ih.chunk(3) if bias_ih is not None else (zero,) * 3
+    b_hr, b_hz, b_hn = bias_hh.chunk(3) if bias_hh is not None else (zero,) * 3
+    # r = sigmoid(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr)
+    r = torch.sigmoid(x @ W_ir.T + b_ir + h_prev @ W_hr.T + b_hr)
+    # z = sigmoid(W_iz x_t + b_iz + W_hz h_{t-1} + b_hz)
+    z = torch.sigmoid(x @ W_iz.T + b_iz + h_prev @ W_hz.T + b_hz)
+    # n = tanh(W_in x_t + b_in + r * (W_hn h_{t-1} + b_hn))
+    n = torch.tanh(x @ W_in.T + b_in + r * (h_prev @ W_hn.T + b_hn))
+    # h_t = (1 - z) * n + z * h_{t-1}
+    return (1 - z) * n + z * h_prev
+
+
+def gru_cell(
+    input: Tensor,
+    hx: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor | None = None,
+    bias_hh: Tensor | None = None,
+) -> Tensor:
+    """One GRU step. input [B, I], hx [B, H] -> h' [B, H].
+
+    Parameters as torch.nn.GRUCell's: weight_ih [3H, I], weight_hh [3H, H], bias_ih / bias_hh
+    [3H] (each optional), gate blocks in the order (r, z, n)."""
+    check_gru_cell_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+    return _gru_step(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+
+
+def gru_layer(
+    input: Tensor,
+    hx: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor | None = None,
+    bias_hh: Tensor | None = None,
+    *,
+    reverse: bool = False,
+    batch_sizes=None,
+) -> tuple[Tensor, Tensor]:
+    """One GRU layer, one direction: (output, h_n).
+
+    Padded: input [T, B, I] -> output [T, B, H]. Packed: ``batch_sizes`` (non-increasing, as in
+    PackedSequence), input the packed data [N, I] -> output [N, H]; at step t only the first
+    batch_sizes[t] rows are active. hx [B, H] with B = input.shape[1] or batch_sizes[0].
+    reverse=True runs time from last to first; with packed input each row starts its reverse
+    pass at its own last step, from hx[b]. h_n [B, H]: each row's final state. Parameters as in
+    :func:`gru_cell`."""
+    sizes = check_gru_layer_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes)
+    B, H = hx.shape
+    if sizes is None:
+        sizes = [B] * input.shape[0]
+        xs = input.unbind(0)  # T tensors [B, I]
+    else:
+        xs = input.split(sizes, dim=0)  # T tensors [batch_sizes[t], I]
+
+    T = len(sizes)
+    h = hx  # state of all B rows
+    outputs: list[Tensor | None] = [None] * T
+    for t in range(T - 1, -1, -1) if reverse else range(T):
+        n = sizes[t]  # rows 0..n-1 are active at step t
+        h_t = _gru_step(xs[t], h[:n], weight_ih, weight_hh, bias_ih, bias_hh)
+        outputs[t] = h_t
+        # Rows n.. keep their state: finished (forward) or not started yet (reverse).
+        h = torch.cat([h_t, h[n:]], dim=0)
+
+    if batch_sizes is None:
+        output = torch.stack(outputs, 0) if T > 0 else input.new_empty((0, B, H))
+    else:
+        output = torch.cat(outputs, 0) if T > 0 else input.new_empty((0, H))
+    return output, h

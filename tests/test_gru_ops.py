@@ -33,10 +33,12 @@ def test_gru_layer_with_cuda_kernels_matches_cpu(host_shim, dtype, packed, rever
     g = torch.Generator().manual_seed(1)
     args = gru_op_args(dtype, packed, reverse, g, bias=bias)
     geometry = (3, 7)
+    # The scalar activations of the CUDA kernels vs the CPU's SIMD ones (float32 tanh: a 3-ULP
+    # rational form), their differences carried through the steps: the CUDA-vs-CPU tolerance.
     expected = ops.gru_layer_forward(*args)
     got = host_shim.gru_layer_forward(*args, *geometry)
     for a, b in zip(got, expected):
-        assert_close(a, b, dtype, kind="kernels")
+        assert_close(a, b, dtype, kind="devices")
 
     out, h_n, gates = expected
     grads = [torch.randn(t.shape, generator=g).to(dtype) for t in (out, h_n)]
@@ -44,7 +46,7 @@ def test_gru_layer_with_cuda_kernels_matches_cpu(host_shim, dtype, packed, rever
     expected = ops.gru_layer_backward(*backward_args)
     got = host_shim.gru_layer_backward(*backward_args, *geometry)
     for a, b in zip(got, expected):
-        assert_close(a, b, dtype, kind="kernels")
+        assert_close(a, b, dtype, kind="devices")
 
 
 def test_gru_layer_launches_one_pointwise_kernel_per_step(host_shim):
@@ -52,7 +54,7 @@ def test_gru_layer_launches_one_pointwise_kernel_per_step(host_shim):
     args = gru_op_args(torch.float32, False, False, g)
     steps = args[0].shape[0]
     host_shim_launches()
-    out, h_n, gates = host_shim.gru_layer_forward(*args, 3, 7)
+    out, _h_n, gates = host_shim.gru_layer_forward(*args, 3, 7)
     assert host_shim_launches() == [(3, 7, 21)] * steps
     host_shim.gru_layer_backward(torch.ones_like(out), None, *args[:6], out, gates, *args[6:],
                                  True, 3, 7)
@@ -195,7 +197,7 @@ def test_autocast_runs_in_the_autocast_dtype_and_backward_in_the_forwards():
     args = gru_op_args(torch.float32, False, False, g)
     tensors = [t.requires_grad_() for t in args[:6]]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, h_n = functional.gru_layer(*tensors)
+        out, _h_n = functional.gru_layer(*tensors)
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in tensors)
