@@ -1,6 +1,6 @@
 // Autocast kernels of every lstm_fused operator, for CPU and CUDA autocast.
 //
-// Forward ops (cell_forward, cell_step, layer_forward, gru_layer_forward) follow torch's own LSTM ops (lstm, lstm_cell,
+// Forward ops (cell_forward, cell_step, layer_forward, gru_layer_forward, gru_cell_step) follow torch's own LSTM ops (lstm, lstm_cell,
 // _thnn_fused_lstm_cell are "lower_precision_fp" in ATen's autocast lists): under
 // torch.autocast every floating-point input is cast to the autocast dtype (float16 or bfloat16,
 // whatever torch.autocast was given; float64 inputs are left alone, as ATen does), with ATen's
@@ -78,6 +78,8 @@ constexpr char kGruLayerForward[] = "lstm_fused::gru_layer_forward";
 constexpr char kGruLayerBackward[] = "lstm_fused::gru_layer_backward";
 using GruLayerForward = Autocast<kGruLayerForward, decltype(Ops::gru_layer_forward)>;
 using GruLayerBackward = Autocast<kGruLayerBackward, decltype(Ops::gru_layer_backward)>;
+constexpr char kGruCellStep[] = "lstm_fused::gru_cell_step";
+using GruCellStep = Autocast<kGruCellStep, decltype(Ops::gru_cell_step)>;
 // Position of `gates` (the forward's saved activations) in the backward schemas.
 constexpr size_t kCellBackwardGates = 2;
 constexpr size_t kLayerBackwardGates = 13;
@@ -91,6 +93,7 @@ void register_autocast(torch::Library& m) {
   m.impl("cell_backward", &CellBackward::forward_dtype<kDevice, kCellBackwardGates>);
   m.impl("layer_backward", &LayerBackward::forward_dtype<kDevice, kLayerBackwardGates>);
   m.impl("gru_layer_forward", &GruLayerForward::autocast_dtype<kDevice>);
+  m.impl("gru_cell_step", &GruCellStep::autocast_dtype<kDevice>);
   m.impl("gru_layer_backward", &GruLayerBackward::forward_dtype<kDevice, kGruLayerBackwardGates>);
 }
 

@@ -158,6 +158,41 @@ std::tuple<Tensor, Tensor> cell_step(const Tensor& input, const Tensor& hx, cons
   return {h, c};
 }
 
+Tensor gru_cell_step(const Tensor& input, const Tensor& hx, const Tensor& weight_ih,
+                     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
+                     const PointwiseKernels& kernels) {
+  TORCH_CHECK_VALUE(input.dim() == 2, "lstm_fused: expected input of shape [B, input_size], got ",
+                    input.sizes());
+  TORCH_CHECK_VALUE(hx.dim() == 2, "lstm_fused: expected hx of shape [B, H], got ", hx.sizes());
+  const Named like{input, "input"};
+  check_floating(like);
+  const int64_t B = input.size(0), H = hx.size(1), G = GruLayout::kGates * H;
+  check_arg({hx, "hx"}, like, {B, H}, "[B, H], with B from input");
+  check_arg({weight_ih, "weight_ih"}, like, {G, input.size(1)},
+            "[3*H, input_size], with H from hx");
+  check_arg({weight_hh, "weight_hh"}, like, {G, H}, "[3*H, H], with H from hx");
+  if (bias_ih) check_arg({*bias_ih, "bias_ih"}, like, {G}, "[3*H], with H from hx");
+  if (bias_hh) check_arg({*bias_hh, "bias_hh"}, like, {G}, "[3*H], with H from hx");
+  const c10::OptionalDeviceGuard guard(input.device());
+  // a = x W_ih^T + b_ih and b = h W_hh^T (the reset gate multiplies b_n, so the two stay apart);
+  // the kernel adds b_hh. The GEMMs are ATen's on any device, on the CPU the measured or forced
+  // path (the simd one takes dot products over the weight as stored: nothing packed per call).
+  const Tensor a = gemm_nt(input, weight_ih, bias_ih);
+  const Tensor h_prev = rows_contiguous(hx);
+  const Tensor b = gemm_nt(h_prev, weight_hh);
+  const Tensor b_hh = bias_hh ? bias_hh->contiguous() : Tensor();
+  Tensor h = at::empty({B, H}, input.options());
+  GruForwardStep p{};
+  p.input_gates = a.data_ptr(), p.input_gates_stride = a.stride(0);
+  p.hidden_gates = b.data_ptr(), p.hidden_gates_stride = b.stride(0);
+  p.bias_hh = b_hh.defined() ? b_hh.data_ptr() : nullptr;
+  p.h_prev = h_prev.data_ptr(), p.h_prev_stride = h_prev.stride(0);
+  p.h_out = h.data_ptr(), p.h_out_stride = H;
+  p.rows = B, p.hidden = H, p.dtype = input.scalar_type();
+  run_gru_forward(kernels, p);
+  return h;
+}
+
 std::tuple<Tensor, Tensor, Tensor> cell_backward(const OptTensor& grad_h, const OptTensor& grad_c,
                                                  const Tensor& gates, const Tensor& c_prev,
                                                  const Tensor& c, const OptTensor& weight_ch,

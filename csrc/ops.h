@@ -82,6 +82,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
     at::OptionalIntArrayRef batch_sizes, bool reverse, bool need_input_grad,
     const PointwiseKernels& kernels);
 
+// One GRU step, forward only (inference; the latency path of GRUCell): input [B, I], hx [B, H]
+// -> h [B, H], both GEMMs and the pointwise kernel in one op, nothing saved.
+Tensor gru_cell_step(const Tensor& input, const Tensor& hx, const Tensor& weight_ih,
+                     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
+                     const PointwiseKernels& kernels);
+
 // --- helpers shared by the cell and layer drivers ---------------------------------------------
 
 Peephole parse_peephole(c10::string_view peephole);

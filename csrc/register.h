@@ -16,7 +16,8 @@ namespace lstm_fused {
 // zoneout_c [..., H]: 0/1 masks in training, the rates in eval; None = off), then layer norm's γ
 // (weight_ln [G, H], None = off) and eps. With layer norm the layer's saved `gates` rows are
 // [activated gates | x̂ | (mean, rstd) per gate]. The GRU's layer ops (gate blocks r, z, n, as
-// nn.GRU) save [r, z, n, W_hn h_{t-1} + b_hn] rows as `gates` ([..., 4H]).
+// nn.GRU) save [r, z, n, W_hn h_{t-1} + b_hn] rows as `gates` ([..., 4H]); gru_cell_step is the
+// GRU's forward-only step, as cell_step is the LSTM's.
 #define LSTM_FUSED_SCHEMAS(EXTRA, LAYER_EXTRA)                                                  \
   "cell_forward(Tensor gates, Tensor c_prev, Tensor? weight_ch, str peephole, bool coupled" EXTRA \
   ", float cell_clip=0.0) -> (Tensor h, Tensor c, Tensor gates_out)",                         \
@@ -48,7 +49,9 @@ namespace lstm_fused {
       "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor output, "   \
       "Tensor gates, int[]? batch_sizes, bool reverse, bool need_input_grad" EXTRA              \
       ") -> (Tensor grad_input, Tensor grad_h0, Tensor grad_weight_ih, Tensor grad_weight_hh, " \
-      "Tensor grad_bias_ih, Tensor grad_bias_hh)"
+      "Tensor grad_bias_ih, Tensor grad_bias_hh)",                                              \
+      "gru_cell_step(Tensor input, Tensor hx, Tensor weight_ih, Tensor weight_hh, "             \
+      "Tensor? bias_ih, Tensor? bias_hh" EXTRA ") -> Tensor"
 
 using KernelTable = const PointwiseKernels& (*)();
 
@@ -120,6 +123,13 @@ struct DeviceOps {
                                          batch_sizes, reverse, need_backward, kKernels());
   }
 
+  static Tensor gru_cell_step(const Tensor& input, const Tensor& hx, const Tensor& weight_ih,
+                              const Tensor& weight_hh, const OptTensor& bias_ih,
+                              const OptTensor& bias_hh) {
+    return lstm_fused::gru_cell_step(input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+                                     kKernels());
+  }
+
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
       const OptTensor& grad_output, const OptTensor& grad_h_n, const Tensor& input,
       const Tensor& h0, const Tensor& weight_ih, const Tensor& weight_hh,
@@ -141,6 +151,7 @@ struct DeviceOps {
     m.impl("cell_step", &Ops::cell_step);                   \
     m.impl("gru_layer_forward", &Ops::gru_layer_forward);   \
     m.impl("gru_layer_backward", &Ops::gru_layer_backward); \
+    m.impl("gru_cell_step", &Ops::gru_cell_step);           \
   } while (0)
 
 }  // namespace lstm_fused

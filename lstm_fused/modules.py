@@ -62,6 +62,40 @@ class _RecurrentMixin:
     def _init_parameter(self, name: str, weight: Tensor, bound: float) -> None:
         nn.init.uniform_(weight, -bound, bound)
 
+    # --- the cells' latency path (no_grad / inference_mode): one op per step --------------
+
+    @property
+    def _step_parameter_names(self):
+        """The parameters the cell step reads, in order: weights, biases if any (and the LSTM's
+        peephole if any)."""
+        return ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.bias else ())
+
+    def _latency_step_weights(self, input) -> list[Tensor] | None:
+        """The parameters of the one-op step (torch.ops.lstm_fused.cell_step / gru_cell_step),
+        for a batched input on a device with its kernel, of the weights' dtype and input size,
+        outside autocast and torch.compile; None where the general path must run instead (it
+        checks every argument with its own error): DropConnect in training (a mask per call),
+        a parameter replaced (weight norm, pruning, parametrizations)."""
+        if self.training and self.weight_dropout > 0:
+            return None
+        params = self._parameters  # a dict lookup, not nn.Module.__getattr__, per parameter
+        weights = [params.get(name) for name in self._step_parameter_names]
+        if any(p is None for p in weights):
+            return None
+        w = weights[0]
+        if (type(input) is not Tensor or input.dim() != 2 or input.device != w.device
+                or input.device.type not in _STEP_DEVICES or input.dtype != w.dtype
+                or input.shape[1] != self.input_size
+                or torch.is_autocast_enabled(input.device.type) or torch.compiler.is_compiling()):
+            return None
+        return weights
+
+    def _is_plain_state(self, state, input, weight) -> bool:
+        """A state tensor [B, H] the one-op step takes as it is (batch of input, weight's dtype
+        and device)."""
+        return (type(state) is Tensor and state.shape == (input.shape[0], self.hidden_size)
+                and state.dtype == weight.dtype and state.device == weight.device)
+
     def _recurrent_weight(self, weight_hh: Tensor) -> Tensor:
         """weight_hh as this forward call uses it: in training with weight_dropout > 0 a
         DropConnect copy (one Bernoulli mask over the whole [G*H, R] matrix per call, kept
@@ -371,30 +405,19 @@ class LSTMCell(_VariantMixin, nn.Module):
         arguments are plainly valid (one device, one dtype), outside autocast and torch.compile;
         None otherwise: forward() then takes the general path, which checks every argument with
         its own error."""
-        if self.training and self.weight_dropout > 0:  # DropConnect draws a mask: general path
-            return None
         if any(self.zoneout):  # zoneout mixes in the previous state: general path
             return None
         if self.layer_norm:  # the norm runs in the layer op's row kernels: general path
             return None
-        params = self._parameters  # a dict lookup, not nn.Module.__getattr__, per parameter
-        weights = [params.get(name) for name in self._step_parameter_names]
-        if any(p is None for p in weights):  # replaced (weight norm, pruning, parametrizations)
+        weights = self._latency_step_weights(input)
+        if weights is None:
             return None
-        w = weights[0]
-        if (type(input) is not Tensor or input.dim() != 2 or input.device != w.device
-                or input.device.type not in _STEP_DEVICES or input.dtype != w.dtype
-                or input.shape[1] != self.input_size
-                or torch.is_autocast_enabled(input.device.type) or torch.compiler.is_compiling()):
-            return None
-        shape = (input.shape[0], self.hidden_size)
         if hx is None:
-            h0 = c0 = input.new_zeros(shape)
+            h0 = c0 = input.new_zeros(input.shape[0], self.hidden_size)
         elif type(hx) is tuple and len(hx) == 2:
             h0, c0 = hx
-            if not (type(h0) is Tensor and type(c0) is Tensor and h0.shape == shape
-                    and c0.shape == shape and h0.dtype == c0.dtype == w.dtype
-                    and h0.device == c0.device == w.device):
+            if not (self._is_plain_state(h0, input, weights[0])
+                    and self._is_plain_state(c0, input, weights[0])):
                 return None
         else:
             return None
@@ -406,12 +429,11 @@ class LSTMCell(_VariantMixin, nn.Module):
 
     @property
     def _step_parameter_names(self):
-        """The parameters the cell step reads, in order: weights, biases if any, peephole if any."""
-        return (("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.bias else ())
-                + (("weight_ch",) if self.peephole else ()))
+        return super()._step_parameter_names + (("weight_ch",) if self.peephole else ())
 
 
 _cell_step = torch.ops.lstm_fused.cell_step.default
+_gru_cell_step = torch.ops.lstm_fused.gru_cell_step.default
 _STEP_DEVICES = ("cpu", "cuda") if BUILT_WITH_CUDA else ("cpu",)  # where cell_step has a kernel
 
 
@@ -910,8 +932,9 @@ class GRU(_GRUMixin, _LayerStack):
 
 class GRUCell(_GRUMixin, nn.Module):
     r"""One GRU step, a drop-in replacement for torch.nn.GRUCell (same equations as GRU, gate
-    order (r, z, n)). It runs the fused GRU layer op on a sequence of one step, so cell and layer
-    share one kernel path.
+    order (r, z, n)). With autograd it runs the fused GRU layer op on a sequence of one step (cell
+    and layer share one kernel path); under no_grad / inference_mode one forward-only op,
+    torch.ops.lstm_fused.gru_cell_step (both GEMMs and the same fused kernel).
 
     Args (as torch.nn.GRUCell): input_size, hidden_size, bias=True, device, dtype; and
         weight_dropout (keyword): DropConnect rate on weight_hh in training, in [0, 1); identity
@@ -971,6 +994,12 @@ class GRUCell(_GRUMixin, nn.Module):
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """input [B, I] or [I]; hx h_0 [B, H] or [H] (zeros when None) -> h_1, same batching.
         Bad arguments raise what torch.nn.GRUCell raises (lstm_fused._checks)."""
+        if not torch.is_grad_enabled():
+            weights = self._latency_step_weights(input)
+            if weights is not None and (hx is None or self._is_plain_state(hx, input, weights[0])):
+                if hx is None:
+                    hx = input.new_zeros(input.shape[0], self.hidden_size)
+                return _gru_cell_step(input, hx, *weights, *((None, None) if not self.bias else ()))
         check_gru_cell_forward(self, input, hx)
         batched = input.dim() == 2
         if not batched:

@@ -13,6 +13,8 @@ fake (meta) kernels for torch.compile / export, and their autograd formulas.
         weight_hh [3H, H], bias_ih, bias_hh, batch_sizes, reverse, need_backward=True)
         -> (output [T, B, H] | [N, H], h_n [B, H], gates [..., 4H])   (the GRU, nn.GRU's gates
         r, z, n; `gates` saves r, z, n and W_hn h_{t-1} + b_hn of every step)
+    torch.ops.lstm_fused.gru_cell_step(input [B, I], hx [B, H], weight_ih, weight_hh, bias_ih,
+        bias_hh) -> h [B, H]       (forward only, nothing saved: GRUCell's latency path)
 
 `peephole` is the string "none", "diagonal" or "full"; `gates`/`cells` are what the backward
 needs (activated gates and cell states of every step); with need_backward=False (inference) they
@@ -246,6 +248,11 @@ def _gru_layer_backward_fake(grad_output, grad_h_n, input, h0, weight_ih, weight
     return (input.new_empty(input.shape) if need_input_grad else input.new_empty(0),
             h0.new_empty(h0.shape), weight_ih.new_empty(weight_ih.shape),
             weight_hh.new_empty(weight_hh.shape), input.new_empty(rows), input.new_empty(rows))
+
+
+@torch.library.register_fake("lstm_fused::gru_cell_step")
+def _gru_cell_step_fake(input, hx, weight_ih, weight_hh, bias_ih, bias_hh):
+    return hx.new_empty(hx.shape)
 
 
 def _gru_layer_setup_context(ctx, inputs, output):

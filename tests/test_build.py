@@ -293,7 +293,7 @@ def ops_with_tensor_arguments() -> list[str]:
 
 def test_the_dispatcher_lists_every_op():
     found = ops_with_tensor_arguments()
-    assert {f"lstm_fused::{n}" for n in (*ops.OP_NAMES, "cell_step")} <= set(found), found
+    assert {f"lstm_fused::{n}" for n in (*ops.OP_NAMES, "cell_step", "gru_cell_step")} <= set(found), found
 
 
 @pytest.mark.parametrize("key", ["CPU", "AutocastCPU", "AutocastCUDA"])

@@ -228,3 +228,40 @@ def test_compile_fullgraph_and_export():
     exported = torch.export.export(layer, (x, h0))
     for a, b in zip(exported.module()(x, h0), expected):
         torch.testing.assert_close(a, b)
+
+
+@grid(dtype=DTYPES, batch=[1, 5], bias=[True, False])
+def test_gru_cell_step_with_cuda_kernels_matches_cpu_and_the_layer_op(host_shim, dtype, batch,
+                                                                      bias):
+    """GRUCell's latency op (both GEMMs and the fused kernel, nothing saved) on the host shim and
+    the CPU kernels, and the same step through the layer op."""
+    g = torch.Generator().manual_seed(13)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = gru_op_args(dtype, False, False, g, batch=batch,
+                                                      steps=1, bias=bias)
+    expected = ops.gru_cell_step(x[0], h0, w_ih, w_hh, b_ih, b_hh)
+    assert_close(host_shim.gru_cell_step(x[0], h0, w_ih, w_hh, b_ih, b_hh, 3, 7), expected,
+                 dtype, kind="devices")
+    _, h_n, _ = ops.gru_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, None, False, False)
+    assert_close(expected, h_n, dtype, kind="devices")
+
+
+def test_gru_cell_step_names_the_bad_argument():
+    g = torch.Generator().manual_seed(14)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = gru_op_args(torch.float32, False, False, g, steps=1)
+    with pytest.raises(ValueError, match="weight_hh"):
+        ops.gru_cell_step(x[0], h0, w_ih, w_hh[:, :-1], b_ih, b_hh)
+    with pytest.raises(ValueError, match="hx"):
+        ops.gru_cell_step(x[0], h0[:-1], w_ih, w_hh, b_ih, b_hh)
+
+
+def test_gru_cell_under_no_grad_takes_the_one_op_step_and_matches_autograd():
+    import lstm_fused
+
+    cell = lstm_fused.GRUCell(7, 33)
+    x, h = torch.randn(4, 7), torch.randn(4, 33)
+    expected = cell(x, h)
+    with torch.profiler.profile() as prof, torch.no_grad():
+        got = cell(x, h)
+    names = {e.name for e in prof.events()}
+    assert "lstm_fused::gru_cell_step" in names and "lstm_fused::gru_layer_forward" not in names
+    assert_close(got, expected, torch.float32, kind="devices")

@@ -80,7 +80,7 @@ def test_layer_with_cuda_kernels_matches_cpu(host_shim, variant, dtype, packed, 
 
 
 def test_shim_covers_every_op(host_shim):
-    for name in (*OP_NAMES, "cell_step"):
+    for name in (*OP_NAMES, "cell_step", "gru_cell_step"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lstm_fused_host_shim::{name}",
                                                               "CPU")
 

@@ -39,6 +39,7 @@ constexpr char kLayerBackward[] = "lstm_fused::layer_backward";
 constexpr char kCellStep[] = "lstm_fused::cell_step";
 constexpr char kGruLayerForward[] = "lstm_fused::gru_layer_forward";
 constexpr char kGruLayerBackward[] = "lstm_fused::gru_layer_backward";
+constexpr char kGruCellStep[] = "lstm_fused::gru_cell_step";
 
 }  // namespace
 
@@ -51,6 +52,7 @@ TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) {
   m.impl("gru_layer_forward", &WithNvtxRange<kGruLayerForward, &Cuda::gru_layer_forward>::call);
   m.impl("gru_layer_backward",
          &WithNvtxRange<kGruLayerBackward, &Cuda::gru_layer_backward>::call);
+  m.impl("gru_cell_step", &WithNvtxRange<kGruCellStep, &Cuda::gru_cell_step>::call);
 }
 
 }  // namespace lstm_fused

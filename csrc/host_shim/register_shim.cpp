@@ -87,6 +87,7 @@ TORCH_LIBRARY_IMPL(lstm_fused_host_shim, CPU, m) {
   m.impl("cell_step", WithShimGeometry<&Shim::cell_step, 1>::call);
   m.impl("gru_layer_forward", WithShimGeometry<&shim_gru_layer_forward, 0>::call);
   m.impl("gru_layer_backward", WithShimGeometry<&Shim::gru_layer_backward, 0>::call);
+  m.impl("gru_cell_step", WithShimGeometry<&Shim::gru_cell_step, 0>::call);
 }
 
 }  // namespace lstm_fused
