@@ -16,12 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import (
-    _check_dtypes_and_devices,
-    _require_tensor,
-    as_batch_sizes,
-    check_batch_sizes,
     check_cell_args,
     check_clips,
+    check_gru_layer_args,
     check_layer_args,
     check_layer_norm_eps,
     check_layer_zoneout,
@@ -198,38 +195,7 @@ def gru_layer(input: Tensor, hx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
     first. Returns (output, h_n [B, H]). Each bad argument is named in the error (the twin,
     `lstm_fused.reference.gru_layer`, computes the same equations in plain PyTorch).
     """
-    for name, t in (("input", input), ("hx", hx), ("weight_ih", weight_ih),
-                    ("weight_hh", weight_hh)):
-        _require_tensor(name, t)
-    for name, t in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
-        _require_tensor(name, t, optional=True)
-    _check_dtypes_and_devices(input, {"hx": hx, "weight_ih": weight_ih, "weight_hh": weight_hh,
-                                     "bias_ih": bias_ih, "bias_hh": bias_hh})
-    if weight_ih.dim() != 2 or weight_ih.shape[0] % 3 != 0:
-        raise ValueError(f"expected weight_ih of shape [3*H, I] (GRU gates r, z, n); got "
-                         f"{tuple(weight_ih.shape)}")
-    H = weight_ih.shape[0] // 3
-    expected = {"weight_ih": (weight_ih, (3 * H, input.shape[-1])),
-                "weight_hh": (weight_hh, (3 * H, H)),
-                "bias_ih": (bias_ih, (3 * H,)), "bias_hh": (bias_hh, (3 * H,))}
-    for name, (t, shape) in expected.items():
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"expected {name} of shape {list(shape)} (H = weight_ih rows / 3 = "
-                             f"{H}, I = input.shape[-1]); got {tuple(t.shape)}")
-    sizes = None
-    if batch_sizes is None:
-        if input.dim() != 3:
-            raise ValueError(f"padded input must be [T, B, I]; got {tuple(input.shape)}")
-        batch = input.shape[1]
-    else:
-        sizes = as_batch_sizes(batch_sizes)
-        if input.dim() != 2:
-            raise ValueError(f"packed input must be [N, I]; got {tuple(input.shape)}")
-        check_batch_sizes(sizes, input.shape[0])
-        batch = sizes[0] if sizes else 0
-    if tuple(hx.shape) != (batch, H):
-        raise ValueError(f"expected hx of shape [B, H] = [{batch}, {H}] (B from input, H = "
-                         f"weight_ih rows / 3); got {tuple(hx.shape)}")
+    sizes = check_gru_layer_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes)
     return fused_gru_layer(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse=reverse,
                            batch_sizes=sizes)
 
