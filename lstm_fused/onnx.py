@@ -30,6 +30,13 @@ What each fused op becomes (ONNX gate order is i, o, f, c; B = [Wb, Rb]; P order
   pre-activation with its peephole term; needs opset_version >= 17 (LayerNormalization's).
 - `cell_forward` (LSTMCell and variants): the same step ops, a dozen standard nodes (an LSTMCell's
   zoneout is plain torch ops around it, exported by torch).
+- `gru_layer_forward` (GRU, GRUCell): ONE standard `GRU` node with `linear_before_reset=1`
+  (PyTorch's n = tanh(W_in x + b_in + r * (W_hn h + b_hn))), built by the same code as the LSTM
+  node with the cell type as a parameter: gate blocks re-ordered from ours (r, z, n) to ONNX's
+  (z, r, h), B = [Wb, Rb]. `export` then merges the forward and the reverse GRU node that read
+  the same input into one `direction="bidirectional"` node, so a GRU is one node per layer (the
+  translation table alone, used with torch.onnx.export directly, leaves the two nodes). A
+  GRUCell is a GRU node over one step.
 - A `PackedSequence` cannot be exported (torch.export cannot trace `pack_padded_sequence`).
 
 Importing this module imports onnx, onnxscript and onnx_ir; `import lstm_fused` does not.
@@ -55,7 +62,8 @@ __all__ = ["export", "translation_table"]
 def translation_table() -> dict[Callable, Callable]:
     """{torch op overload: ONNX translation} for `torch.onnx.export(..., dynamo=True,
     custom_translation_table=...)`. Merge it with your own table if you have one."""
-    return {ops.layer_forward.default: _layer_forward, ops.cell_forward.default: _cell_forward}
+    return {ops.layer_forward.default: _layer_forward, ops.cell_forward.default: _cell_forward,
+            ops.gru_layer_forward.default: _gru_layer_forward}
 
 
 def export(model: torch.nn.Module, args: tuple, f=None, *, dynamic: bool = True,
@@ -83,7 +91,7 @@ def export(model: torch.nn.Module, args: tuple, f=None, *, dynamic: bool = True,
     if opset_version is not None and (not isinstance(opset_version, int)
                                       or opset_version < MIN_OPSET):
         raise ValueError(f"lstm_fused.onnx.export: opset_version must be an int >= {MIN_OPSET} "
-                         f"(the LSTM operator with peepholes as used here), got {opset_version!r}")
+                         f"(the LSTM and GRU operators as used here), got {opset_version!r}")
     _refuse_training_regularizers(model)
     table = translation_table()
     table.update(kwargs.pop("custom_translation_table", None) or {})
@@ -92,6 +100,7 @@ def export(model: torch.nn.Module, args: tuple, f=None, *, dynamic: bool = True,
     lower = opset_version is not None and opset_version < _TORCHLIB_OPSET
     program = torch.onnx.export(model, args, dynamo=True, custom_translation_table=table,
                                 opset_version=None if lower else opset_version, **kwargs)
+    _merge_bidirectional(program.model.graph, _MERGED_CELLS)
     if lower:
         _lower_opset(program.model, opset_version)
     if f is not None:
@@ -100,21 +109,22 @@ def export(model: torch.nn.Module, args: tuple, f=None, *, dynamic: bool = True,
 
 
 def _refuse_training_regularizers(model: torch.nn.Module) -> None:
-    """A ValueError for a module of ours in training mode with weight_dropout > 0 or zoneout:
-    the export would freeze one random mask into the graph (or export a random op). In eval
-    mode DropConnect is the identity, zoneout its expectation, and the export is the inference
-    function."""
-    from .modules import LSTM, LSTMCell  # modules imports the ops this module translates
+    """A ValueError for a module of ours (LSTM, GRU and their cells) in training mode with
+    weight_dropout > 0 or zoneout: the export would freeze one random mask into the graph (or
+    export a random op). In eval mode DropConnect is the identity, zoneout its expectation, and
+    the export is the inference function."""
+    from .modules import GRU, LSTM, GRUCell, LSTMCell  # modules imports the ops translated here
 
+    ours = (LSTM, LSTMCell, GRU, GRUCell)
     for name, module in model.named_modules():
-        if (isinstance(module, (LSTM, LSTMCell)) and module.training
-                and any(module.zoneout)):
+        if (isinstance(module, ours) and module.training
+                and any(getattr(module, "zoneout", ()))):
             raise ValueError(
                 f"lstm_fused.onnx.export: {name or 'the model'} ({type(module).__name__}) is in "
                 f"training mode with zoneout={module.zoneout}, which draws random masks on each "
                 f"call; call model.eval() before exporting (in eval mode zoneout is its "
                 f"expectation, p h_(t-1) + (1 - p) h~_t, which is exported)")
-        if (isinstance(module, (LSTM, LSTMCell)) and module.training
+        if (isinstance(module, ours) and module.training
                 and module.weight_dropout > 0):
             raise ValueError(
                 f"lstm_fused.onnx.export: {name or 'the model'} ({type(module).__name__}) is in "
@@ -214,9 +224,17 @@ def _emit(g: _Nodes, outputs: list[ir.Value]):
     return tuple(identity(value) for value in outputs)
 
 
-def _gate_names(coupled: bool) -> tuple[str, ...]:
-    """Our gate blocks, in the order of the rows of weight_ih / weight_hh / the biases."""
+def _gate_names(coupled: bool, cell: str = "LSTM") -> tuple[str, ...]:
+    """Our gate blocks, in the order of the rows of weight_ih / weight_hh / the biases (the
+    GRU's are nn.GRU's: reset, update, new)."""
+    if cell == "GRU":
+        return ("r", "z", "n")
     return ("f", "g", "o") if coupled else ("i", "f", "g", "o")
+
+
+# The gate blocks in the order of ONNX's LSTM node (i, o, f, c) and GRU node (z, r, h), in our
+# names (g = c: the cell candidate; n = h: the GRU's new gate).
+_ONNX_GATES = {"LSTM": ("i", "o", "f", "g"), "GRU": ("z", "r", "n")}
 
 
 def _peephole_names(coupled: bool) -> tuple[str, ...]:
@@ -224,11 +242,11 @@ def _peephole_names(coupled: bool) -> tuple[str, ...]:
     return ("f", "o") if coupled else ("i", "f", "o")
 
 
-def _hidden_size(gate_rows, coupled: bool) -> int:
+def _hidden_size(gate_rows, coupled: bool, cell: str = "LSTM") -> int:
     """H from G*H, the gate rows of the weights (static, unlike the states' sizes)."""
     if not isinstance(gate_rows, int):
         raise TypeError(f"lstm_fused.onnx: the gate size must be static, got {gate_rows}")
-    return gate_rows // (3 if coupled else 4)
+    return gate_rows // len(_gate_names(coupled, cell))
 
 
 # --- the cell step with standard ops (cells, and the Scan body) --------------------------------
@@ -309,9 +327,7 @@ def _layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight
     one LSTM node, or a Scan for peephole="full", projections and clips. The op's two last outputs
     (gates and cells, saved for the backward) are not exported, so need_backward changes
     nothing here."""
-    if batch_sizes is not None:
-        raise ValueError("lstm_fused.onnx: a PackedSequence input cannot be exported; export "
-                         "the model on a padded tensor")
+    _refuse_packed(batch_sizes)
     g = _Nodes()
     H = _hidden_size(weight_ih.shape[0], coupled)
     zoneout = (zoneout_h, zoneout_c)
@@ -321,9 +337,28 @@ def _layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight
                               weight_hr, bool(reverse), peephole, bool(coupled), H, cell_clip,
                               proj_clip, zoneout, weight_ln, layer_norm_eps)
     else:
-        outputs = _lstm_node(g, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                             weight_hr, bool(reverse), peephole, bool(coupled), H)
+        outputs = _rnn_node(g, "LSTM", input, (h0, c0), weight_ih, weight_hh, bias_ih, bias_hh,
+                            bool(reverse), H, peephole=peephole, coupled=bool(coupled),
+                            weight_ch=weight_ch)
     return _emit(g, outputs)
+
+
+def _gru_layer_forward(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes, reverse,
+                       need_backward=True):
+    """gru_layer_forward(input [T, B, I], h0 [B, H], ...) -> (output [T, B, H], h_n [B, H]): one
+    GRU node (linear_before_reset=1). The op's last output (gates, saved for the backward) is
+    not exported."""
+    _refuse_packed(batch_sizes)
+    g = _Nodes()
+    H = _hidden_size(weight_ih.shape[0], False, "GRU")
+    return _emit(g, _rnn_node(g, "GRU", input, (h0,), weight_ih, weight_hh, bias_ih, bias_hh,
+                              bool(reverse), H))
+
+
+def _refuse_packed(batch_sizes) -> None:
+    if batch_sizes is not None:
+        raise ValueError("lstm_fused.onnx: a PackedSequence input cannot be exported; export "
+                         "the model on a padded tensor")
 
 
 def _zoneout(g: _Nodes, keep, previous, computed, dtype: ir.DataType):
@@ -344,35 +379,155 @@ def _bias(g: _Nodes, bias_ih, bias_hh, rows: int):
             bias_hh if bias_hh is not None else zeros)
 
 
-def _onnx_gate_order(g: _Nodes, w, coupled: bool, H: int):
-    """Rows of w ([G*H, ...] or [G*H]) from our order to ONNX's (i, o, f, c); coupled: the
-    i rows are the negated f rows."""
-    block = {gate: g.rows(w, k * H, (k + 1) * H) for k, gate in enumerate(_gate_names(coupled))}
-    i = g.Neg(block["f"]) if coupled else block["i"]
-    return g.Concat(i, block["o"], block["f"], block["g"], axis=0)
+def _onnx_gate_order(g: _Nodes, w, H: int, cell: str = "LSTM", coupled: bool = False):
+    """Rows of w ([G*H, ...] or [G*H]) from our gate order to ONNX's (_ONNX_GATES[cell]); a
+    coupled LSTM's i rows are the negated f rows."""
+    block = {gate: g.rows(w, k * H, (k + 1) * H)
+             for k, gate in enumerate(_gate_names(coupled, cell))}
+    if cell == "LSTM" and coupled:
+        block["i"] = g.Neg(block["f"])
+    return g.Concat(*(block[gate] for gate in _ONNX_GATES[cell]), axis=0)
 
 
-def _lstm_node(g: _Nodes, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-               weight_hr, reverse, peephole, coupled, H):
-    def one_direction(x):  # [...] -> [1, ...]: the num_directions axis of ONNX's LSTM
+def _rnn_node(g: _Nodes, cell: str, input, states, weight_ih, weight_hh, bias_ih, bias_hh,
+              reverse: bool, H: int, peephole: str = "none", coupled: bool = False,
+              weight_ch=None) -> list:
+    """One standard ONNX `LSTM` or `GRU` node (`cell`) for one direction of a layer: input
+    [T, B, I], states (h0, c0) or (h0,) [B, H] -> [output [T, B, H], *final states [B, H]].
+    W, R and B = [Wb, Rb] are our weights in ONNX's gate order; the LSTM gets the diagonal
+    peepholes P, the GRU linear_before_reset=1 (PyTorch's GRU)."""
+    def one_direction(x):  # [...] -> [1, ...]: the num_directions axis of ONNX's LSTM / GRU
         return g.Unsqueeze(x, g.ints(0))
 
-    W = one_direction(_onnx_gate_order(g, weight_ih, coupled, H))
-    R = one_direction(_onnx_gate_order(g, weight_hh, coupled, H))
+    def onnx_order(w):
+        return _onnx_gate_order(g, w, H, cell, coupled)
+
+    W = one_direction(onnx_order(weight_ih))
+    R = one_direction(onnx_order(weight_hh))
     biases = _bias(g, bias_ih, bias_hh, weight_ih.shape[0])
     B = None if biases is None else one_direction(
-        g.Concat(*(_onnx_gate_order(g, b, coupled, H) for b in biases), axis=0))
-    P = None
-    if peephole == "diagonal":
-        rows = {gate: g.rows(weight_ch, k, k + 1)
-                for k, gate in enumerate(_peephole_names(coupled))}
-        p_i = g.Neg(rows["f"]) if coupled else rows["i"]
-        P = g.Reshape(g.Concat(p_i, rows["o"], rows["f"], axis=0), g.ints(1, 3 * H))
-    Y, Y_h, Y_c = g.LSTM(input, W, R, B, None, one_direction(h0), one_direction(c0), P,
-                         hidden_size=H, direction="reverse" if reverse else "forward",
-                         input_forget=0, _outputs=3)
+        g.Concat(*(onnx_order(b) for b in biases), axis=0))
+    inputs = [input, W, R, B, None, *(one_direction(state) for state in states)]
+    attributes = {"hidden_size": H, "direction": "reverse" if reverse else "forward"}
+    if cell == "GRU":
+        attributes["linear_before_reset"] = 1
+    else:
+        attributes["input_forget"] = 0
+        if peephole == "diagonal":
+            rows = {gate: g.rows(weight_ch, k, k + 1)
+                    for k, gate in enumerate(_peephole_names(coupled))}
+            p_i = g.Neg(rows["f"]) if coupled else rows["i"]
+            inputs.append(g.Reshape(g.Concat(p_i, rows["o"], rows["f"], axis=0),
+                                    g.ints(1, 3 * H)))
+    Y, *finals = getattr(g, cell)(*inputs, _outputs=1 + len(states), **attributes)
     axis0, axis1 = g.ints(0), g.ints(1)
-    return [g.Squeeze(Y, axis1), g.Squeeze(Y_h, axis0), g.Squeeze(Y_c, axis0)]
+    return [g.Squeeze(Y, axis1), *(g.Squeeze(final, axis0) for final in finals)]
+
+
+# --- one bidirectional node per layer (a post-pass of `export`) --------------------------------
+
+_MERGED_CELLS = ("GRU",)  # the LSTM keeps a node per direction (docs/deploying.md)
+
+
+def _merge_bidirectional(graph: ir.Graph, op_types=_MERGED_CELLS) -> None:
+    """Replaces each pair of a "forward" and a "reverse" node of type `op_types` (as
+    _rnn_node makes them) that read the same input X, with the same attributes otherwise and
+    the same optional inputs present, by one node with direction="bidirectional": W, R, B and
+    the initial states concatenated along the num_directions axis (constants are folded into
+    one initializer), and the old outputs read back as Slices of the new ones ([T, 2, B, H]:
+    axis 1; the final states [2, B, H]: axis 0). Other nodes are left alone."""
+    def key(node):
+        attributes = sorted((name, repr(attr.value)) for name, attr in node.attributes.items()
+                            if name != "direction")
+        present = tuple(value is not None for value in node.inputs[1:])
+        return node.op_type, id(node.inputs[0]), present, tuple(attributes)
+
+    waiting: dict = {}
+    pairs = []
+    for node in graph:
+        if (node.op_type not in op_types or node.domain not in ("", "ai.onnx")
+                or node.inputs[0] is None
+                or (len(node.inputs) > 4 and node.inputs[4] is not None)):  # sequence_lens
+            continue
+        direction = node.attributes.get_string("direction", "forward")
+        if direction not in ("forward", "reverse"):
+            continue
+        k = key(node)
+        other = waiting.get(k)
+        if other is not None and other[0] != direction:
+            pairs.append((other[1], node) if direction == "reverse" else (node, other[1]))
+            del waiting[k]
+        elif other is None:
+            waiting[k] = (direction, node)
+    if not pairs:
+        return
+    for number, (forward, reverse) in enumerate(pairs):
+        _merge_pair(graph, forward, reverse, f"lstm_fused_bidirectional{number}")
+    graph.sort()
+
+
+_RNN_INPUTS = ("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P")
+
+
+def _merge_pair(graph: ir.Graph, forward: ir.Node, reverse: ir.Node, name: str) -> None:
+    """`forward` and `reverse` (same X) -> one bidirectional node `name` (_merge_bidirectional)."""
+    added, indices = [], {}
+
+    def index(v):  # a Slice bound or axis, one initializer per value
+        if v not in indices:
+            indices[v] = initializer(f"index{v}", np.array([v], np.int64))
+        return indices[v]
+
+    def initializer(suffix, array):
+        tensor = ir.tensor(array)
+        value = ir.Value(name=f"{name}_{suffix}", type=ir.TensorType(tensor.dtype),
+                         shape=ir.Shape(tensor.shape), const_value=tensor)
+        graph.register_initializer(value)
+        return value
+
+    def stack(k, a, b):  # [1, ...] and [1, ...] -> [2, ...] along num_directions
+        if a is None:
+            return None
+        arrays = [ir.convenience.get_const_tensor(v) for v in (a, b)]
+        if all(array is not None for array in arrays):
+            return initializer(_RNN_INPUTS[k], np.concatenate([x.numpy() for x in arrays]))
+        concat = ir.Node("", "Concat", [a, b], [ir.AttrInt64("axis", 0)],
+                         name=f"{name}_{_RNN_INPUTS[k]}")
+        added.append(concat)
+        return concat.outputs[0]
+
+    old_inputs = [*forward.inputs, *reverse.inputs]
+    inputs = [forward.inputs[0], *(stack(k, a, b) for k, (a, b) in enumerate(
+        zip(forward.inputs[1:], reverse.inputs[1:], strict=True), start=1))]
+    attributes = dict(forward.attributes)
+    attributes["direction"] = ir.AttrString("direction", "bidirectional")
+    merged = ir.Node("", forward.op_type, inputs, attributes.values(),
+                     num_outputs=len(forward.outputs), name=name)
+    added.append(merged)
+    for k, output in enumerate(merged.outputs):  # Y [T, 2, B, H]; Y_h, Y_c [2, B, H]
+        axis = 1 if k == 0 else 0
+        output.type = forward.outputs[k].type
+        if forward.outputs[k].shape is not None:
+            output.shape = ir.Shape([2 if d == axis else dim
+                                     for d, dim in enumerate(forward.outputs[k].shape)])
+        for row, old in enumerate((forward, reverse)):
+            value = old.outputs[k]
+            if not value.uses() and not value.is_graph_output():
+                continue
+            piece = ir.Node("", "Slice", [output, index(row), index(row + 1), index(axis)],
+                            name=f"{name}_slice{k}_{row}")
+            added.append(piece)
+            part = piece.outputs[0]
+            part.type, part.shape = value.type, value.shape
+            if value.is_graph_output():  # the model's output keeps its name
+                part.name, value.name = value.name, None
+            ir.convenience.replace_all_uses_with(value, part, replace_graph_outputs=True)
+    graph.insert_before(reverse, added)
+    graph.remove([forward, reverse], safe=True)
+    for value in old_inputs:  # the per-direction weights, now unused
+        if (value is not None and value.is_initializer() and not value.uses()
+                and not value.is_graph_input() and not value.is_graph_output()):
+            del graph.initializers[value.name]
 
 
 _scan_counter = itertools.count()

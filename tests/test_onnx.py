@@ -295,3 +295,170 @@ def test_onnx_benchmark_runs_and_checks_both_outputs():
     assert [row["variant"] for row in rows] == ["coupled", "full"]
     for row in rows:
         assert row["fused_ms"] > 0 and row["onnxruntime_ms"] > 0 and row["max_abs_diff"] <= 1e-4
+
+
+# --- GRU: one standard GRU node (linear_before_reset=1) per layer ---------------------------
+
+# Options of lstm_fused.GRU (all of nn.GRU's; dropout is the identity in eval).
+GRU_OPTIONS = {
+    "plain": {},
+    "no-bias": {"bias": False},
+    "batch_first": {"batch_first": True},
+    "bidirectional": {"bidirectional": True},
+    "stacked-bidirectional-batch_first-dropout": {"num_layers": 2, "bidirectional": True,
+                                                  "batch_first": True, "dropout": 0.3},
+    "stacked-no-bias": {"num_layers": 3, "bias": False},
+    "stacked-bidirectional-no-bias": {"num_layers": 2, "bidirectional": True, "bias": False},
+}
+GRU_CASES = [(options, hx) for options in GRU_OPTIONS for hx in (True, False)]
+
+
+def make_gru(dtype=torch.float32, **options):
+    """An eval-mode lstm_fused.GRU with weights in (-1, 1): every gate block matters at the
+    tolerance (a swapped z and r moves the outputs by ~0.1)."""
+    torch.manual_seed(0)
+    gru = lstm_fused.GRU(I, H, dtype=dtype, **options)
+    with torch.no_grad():
+        for p in gru.parameters():
+            p.uniform_(-1, 1)
+    return gru.eval()
+
+
+def gru_inputs(gru, T, B, initial_state, dtype=torch.float32):
+    """(x,) or (x, h_0) for `gru` at sequence length T and batch B."""
+    generator = torch.Generator().manual_seed(T * 100 + B)
+    x = torch.randn(*((B, T) if gru.batch_first else (T, B)), I, generator=generator)
+    if not initial_state:
+        return (x.to(dtype),)
+    rows = gru.num_layers * (2 if gru.bidirectional else 1)
+    return (x.to(dtype), torch.randn(rows, B, H, generator=generator).to(dtype))
+
+
+def gru_nodes(program):
+    return [n for n in program.model_proto.graph.node if n.op_type == "GRU"]
+
+
+def check_gru(options, initial_state=True, dtype=torch.float32, atol=1e-5, **export_options):
+    """Export at (EXPORT_T, EXPORT_B), run in onnxruntime at (RUN_T, RUN_B), compare with the
+    eager module and with torch.nn.GRU holding the same weights."""
+    gru = make_gru(dtype, **options)
+    program = lstm_fused.onnx.export(
+        gru, gru_inputs(gru, EXPORT_T, EXPORT_B, initial_state, dtype), verbose=False,
+        **export_options)
+    types = op_types(program)
+    assert {domain for domain, _ in types} <= {""}, types
+    names = [name for _, name in types]
+    assert names.count("GRU") == gru.num_layers and not {"LSTM", "Scan", "Loop"} & set(names)
+    args = gru_inputs(gru, RUN_T, RUN_B, initial_state, dtype)
+    got = run_onnxruntime(program, args)
+    assert_matches(got, eager(gru, args), atol)
+    if dtype == torch.float32:
+        assert_matches(got, eager(gru.to_torch(), args), atol)
+    return program, gru, args
+
+
+@pytest.mark.parametrize("options, initial_state", GRU_CASES,
+                         ids=[f"{o}-{'hx' if h else 'nohx'}" for o, h in GRU_CASES])
+def test_gru_exports_and_runs_in_onnxruntime_at_other_sizes(options, initial_state):
+    check_gru(GRU_OPTIONS[options], initial_state)
+
+
+def test_gru_matches_torch_nn_gru_loaded_into_it():
+    """An nn.GRU's state_dict loaded into lstm_fused.GRU exports to nn.GRU's numbers."""
+    torch.manual_seed(1)
+    theirs = torch.nn.GRU(I, H, num_layers=2, bidirectional=True, batch_first=True).eval()
+    ours = lstm_fused.GRU(I, H, num_layers=2, bidirectional=True, batch_first=True).eval()
+    ours.load_state_dict(theirs.state_dict())
+    program = lstm_fused.onnx.export(ours, gru_inputs(ours, EXPORT_T, EXPORT_B, True),
+                                     verbose=False)
+    args = gru_inputs(ours, RUN_T, RUN_B, True)
+    assert_matches(run_onnxruntime(program, args), eager(theirs, args), atol=1e-5)
+
+
+def _attribute(node, name):
+    return onnx.helper.get_node_attr_value(node, name)
+
+
+@pytest.mark.parametrize("options", ["stacked-bidirectional-batch_first-dropout",
+                                     "stacked-no-bias"])
+def test_gru_graph_is_one_gru_node_per_layer_in_onnx_gate_order(options):
+    """One GRU node per layer (bidirectional: direction="bidirectional"), linear_before_reset=1,
+    and W, R, B as the ONNX spec lays them out: [D, 3H, ...] with the blocks in ONNX's order
+    (z, r, h) from ours (r, z, n), B = [Wb_z, Wb_r, Wb_h, Rb_z, Rb_r, Rb_h]."""
+    program, gru, _ = check_gru(GRU_OPTIONS[options])
+    nodes = gru_nodes(program)
+    assert len(nodes) == gru.num_layers
+    suffixes = ["", "_reverse"] if gru.bidirectional else [""]
+    initializers = {i.name: onnx.numpy_helper.to_array(i)
+                    for i in program.model_proto.graph.initializer}
+
+    def onnx_order(w):  # ours r, z, n -> ONNX's z, r, h
+        r, z, n = np.split(w.detach().numpy(), 3)
+        return np.concatenate([z, r, n])
+
+    for layer, node in enumerate(nodes):
+        assert _attribute(node, "linear_before_reset") == 1
+        assert _attribute(node, "hidden_size") == H
+        assert _attribute(node, "direction").decode() == (
+            "bidirectional" if gru.bidirectional else "forward")
+        W, R = (initializers[node.input[k]] for k in (1, 2))
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if gru.bias else [])
+        params = {name: [getattr(gru, f"{name}_l{layer}{s}") for s in suffixes]
+                  for name in names}
+        np.testing.assert_array_equal(W, np.stack([onnx_order(w) for w in params["weight_ih"]]))
+        np.testing.assert_array_equal(R, np.stack([onnx_order(w) for w in params["weight_hh"]]))
+        if gru.bias:
+            B = initializers[node.input[3]]
+            np.testing.assert_array_equal(B, np.stack([
+                np.concatenate([onnx_order(b_ih), onnx_order(b_hh)])
+                for b_ih, b_hh in zip(params["bias_ih"], params["bias_hh"], strict=True)]))
+        else:
+            assert len(node.input) < 4 or node.input[3] == ""
+
+
+def test_gru_float16_and_opset_14():
+    program, _, _ = check_gru({"bidirectional": True}, dtype=torch.float16, atol=3e-3)
+    assert program.model_proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    program, _, _ = check_gru({"num_layers": 2, "bidirectional": True}, opset_version=14)
+    assert {o.domain: o.version for o in program.model_proto.opset_import}[""] == 14
+
+
+def test_gru_cell_exports_as_a_gru_node_over_one_step():
+    torch.manual_seed(0)
+    cell = lstm_fused.GRUCell(I, H).eval()
+
+    def cell_args(B):
+        generator = torch.Generator().manual_seed(B)
+        return (torch.randn(B, I, generator=generator), torch.randn(B, H, generator=generator))
+
+    program = lstm_fused.onnx.export(cell, cell_args(EXPORT_B), verbose=False)
+    assert [_attribute(n, "linear_before_reset") for n in gru_nodes(program)] == [1]
+    args = cell_args(RUN_B)
+    assert_matches(run_onnxruntime(program, args), eager(cell, args), atol=1e-5)
+    assert_matches(run_onnxruntime(program, args), eager(cell.to_torch(), args), atol=1e-5)
+
+
+def test_gru_with_torch_onnx_export_and_the_table_is_a_node_per_direction():
+    """torch.onnx.export with the translation table alone (no merging pass) gives one GRU node
+    per layer and direction, which computes the same."""
+    gru = make_gru(bidirectional=True)
+    time, batch = torch.export.Dim("time"), torch.export.Dim("batch")
+    program = torch.onnx.export(gru, gru_inputs(gru, EXPORT_T, EXPORT_B, False), dynamo=True,
+                                verbose=False, dynamic_shapes=({0: time, 1: batch},),
+                                custom_translation_table=lstm_fused.onnx.translation_table())
+    assert sorted(_attribute(n, "direction").decode() for n in gru_nodes(program)) == [
+        "forward", "reverse"]
+    args = gru_inputs(gru, RUN_T, RUN_B, False)
+    assert_matches(run_onnxruntime(program, args), eager(gru, args), atol=1e-5)
+
+
+@pytest.mark.parametrize("module", ["GRU", "GRUCell"])
+def test_gru_in_training_mode_with_weight_dropout_is_refused(module):
+    gru = getattr(lstm_fused, module)(I, H, weight_dropout=0.2)
+    x = torch.randn(EXPORT_T, EXPORT_B, I) if module == "GRU" else torch.randn(EXPORT_B, I)
+    with pytest.raises(ValueError, match=rf"\({module}\) is in training mode with "
+                                         r"weight_dropout=0.2.*model.eval\(\)"):
+        lstm_fused.onnx.export(gru, (x,), verbose=False)
+    gru.eval()  # DropConnect is the identity in eval: exported, and the plain GRU's numbers
+    program = lstm_fused.onnx.export(gru, (x,), verbose=False)
+    assert_matches(run_onnxruntime(program, (x,)), eager(gru, (x,)), atol=1e-5)
