@@ -1,4 +1,5 @@
-"""Benchmark the fused LSTM variants against torch.nn.LSTM and plain-PyTorch loops.
+"""Benchmark the fused LSTM variants against torch.nn.LSTM (and the fused GRU against torch.nn.GRU)
+and plain-PyTorch loops.
 
     python benchmarks/bench.py            # default grid (includes the headline T=100, B=64, I=H=256)
     python benchmarks/bench.py --quick    # tiny grid, < 1 min (used by `make run`)
@@ -16,17 +17,22 @@ Candidates, all fed the same input and (per variant) the same weights:
     reference loop       lstm_fused.reference.lstm_layer, a plain-PyTorch Python time loop.
     compiled cell loop   torch.compile(lstm_fused.reference.lstm_cell) called in a Python time loop
                          (inductor; falls back to aot_eager, labelled, if inductor fails or is slow).
+    nn.GRU, fused GRU    (--candidates gru) torch.nn.GRU (on CPU ATen's own time loop: torch has no
+                         oneDNN GRU; cuDNN on CUDA) and lstm_fused.GRU with its weights
+                         (load_state_dict). The fused GRU's ratio is against nn.GRU, measured in the
+                         same rounds as the LSTMs; nn.GRU's own row is its ratio to itself (1).
 
 Modes: "fwd" (inference: torch.no_grad) and "fwdbwd" (forward + backward of the output).
 Then the latency case: one LSTMCell step at batch 1 (I = H = --cell-sizes), under
-torch.inference_mode with 1 thread, lstm_fused.LSTMCell against torch.nn.LSTMCell; and the table of
-the performance targets (issue 15), each ratio with its target.
+torch.inference_mode with 1 thread, lstm_fused.LSTMCell against torch.nn.LSTMCell (and
+lstm_fused.GRUCell against torch.nn.GRUCell, in the same rounds); and the table of the performance
+targets (issues 15 and 24), each ratio with its target.
 Each (size, mode) point warms every candidate up, then runs rounds in which every candidate is timed
 once, in a rotating order, so all candidates see the same machine noise. Reported: median and spread
 (IQR, min-max) in ms, ratio vs nn.LSTM (ours / theirs, the median of the per-round ratios; < 1 is
-faster), GFLOP/s (GEMM FLOPs only: forward 2*T*B*(I+R)*G*H (+ projection, + full peepholes), forward
-+ backward 3x forward) and % of the measured GEMM peak. Writes bench.json, bench.png (and a chrome
-trace with --profile) to --out.
+faster; the GRU's vs nn.GRU), GFLOP/s (GEMM FLOPs only: forward 2*T*B*(I+R)*G*H (+ projection, +
+full peepholes; G = 3 for the GRU), forward + backward 3x forward) and % of the measured GEMM peak.
+Writes bench.json, bench.png (and a chrome trace with --profile) to --out.
 """
 
 from __future__ import annotations
@@ -78,7 +84,12 @@ VARIANTS = {
     "diagonal+coupled": ("diagonal", True),
     "full": ("full", False),
 }
-CANDIDATE_KINDS = ("nn", "nn-native", "fused", "fused-aten", "reference", "compiled")
+# --candidates choices; "gru" adds two rows: kind "nn-gru" (torch.nn.GRU, the GRU's baseline) and
+# kind "gru" (lstm_fused.GRU), both of variant GRU
+CANDIDATE_KINDS = ("nn", "nn-native", "fused", "fused-aten", "reference", "compiled", "gru")
+GRU = "gru"  # the variant name of the GRU rows (gemm_flops: 3 gate blocks, no peepholes)
+# kinds whose rows are a baseline: their ratio is 1, the other rows of their family divide by them
+BASELINE_KINDS = {"nn": "lstm", "nn-gru": "gru"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,8 +100,12 @@ CANDIDATE_KINDS = ("nn", "nn-native", "fused", "fused-aten", "reference", "compi
 def gemm_flops(T, B, I, H, variant="vanilla", proj=0, mode="fwd") -> int:
     """GEMM FLOPs of one layer: forward 2*T*B*(I+R)*G*H (+ 2*T*B*H*R projection, + 2*T*B*P*H*H
     full peepholes); forward+backward counts the backward as 2x the forward. `variant` is a name
-    of VARIANTS or a (peephole, coupled) pair. The one FLOP model (gpu_step_cost.py uses it)."""
-    peephole, coupled = VARIANTS[variant] if isinstance(variant, str) else variant
+    of VARIANTS or a (peephole, coupled) pair, or GRU ("gru": 3 gate blocks, as coupled, and no
+    peepholes). The one FLOP model (gpu_step_cost.py uses it)."""
+    if variant == GRU:
+        peephole, coupled = None, True
+    else:
+        peephole, coupled = VARIANTS[variant] if isinstance(variant, str) else variant
     G, P = (3, 2) if coupled else (4, 3)
     R = proj or H
     fwd = 2 * T * B * (I + R) * G * H
@@ -187,20 +202,39 @@ class Candidate:
     def ctx(self):
         return self.context() if self.context is not None else contextlib.nullcontext()
 
+    @property
+    def family(self) -> str:
+        """"gru" for nn.GRU and the fused GRU, else "lstm": whose baseline the ratio is against."""
+        return "gru" if self.variant == GRU else "lstm"
+
+
+def baseline_of(c: Candidate, cands: list[Candidate]) -> Candidate | None:
+    """The candidate c's ratio is measured against: nn.LSTM for the LSTMs, nn.GRU for the GRU."""
+    return next((b for b in cands if not b.skipped and BASELINE_KINDS.get(b.kind) == c.family),
+                None)
+
 
 def make_loop_layer(cell):
-    """A layer function (signature of reference.lstm_layer) calling `cell` in a Python loop."""
+    """A layer function (signature of reference.lstm_layer) calling `cell` in a Python loop. The
+    options the module passes switched off (cell_clip=0.0, zoneout=None, ...) are not passed on,
+    so the cell is called as prepare_compiled_cell warmed it up; those switched on (clips, layer
+    norm) are passed to every step; zoneout is not supported."""
 
     def layer(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_ch=None,
-              weight_hr=None, *, peephole=None, coupled=False, reverse=False, batch_sizes=None):
+              weight_hr=None, *, peephole=None, coupled=False, reverse=False, batch_sizes=None,
+              zoneout=None, **options):
         if batch_sizes is not None:
             raise NotImplementedError("compiled cell loop: packed sequences are not benchmarked")
+        if zoneout is not None:
+            raise NotImplementedError("compiled cell loop: zoneout is not benchmarked")
+        on = {k: v for k, v in options.items()
+              if v is not None and not (isinstance(v, (int, float)) and v == 0)}
         h, c = hx, cx
         outs = []
         steps = range(input.shape[0] - 1, -1, -1) if reverse else range(input.shape[0])
         for t in steps:
             h, c = cell(input[t], h, c, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
-                        weight_hr, peephole=peephole, coupled=coupled)
+                        weight_hr, peephole=peephole, coupled=coupled, **on)
             outs.append(h)
         if reverse:
             outs.reverse()
@@ -266,11 +300,15 @@ def prepare_compiled_cell(backend: str, variants: list[str], device, dtype, time
 
 
 def probe_variant(variant: str, device, dtype) -> str | None:
-    """None if lstm_fused.LSTM(variant) constructs and runs forward+backward on a toy input, else
-    the reason it does not."""
-    peephole, coupled = VARIANTS[variant]
+    """None if lstm_fused.LSTM(variant) (lstm_fused.GRU for GRU) constructs and runs
+    forward+backward on a toy input, else the reason it does not."""
     try:
-        m = lstm_fused.LSTM(3, 4, peephole=peephole, coupled=coupled, device=device, dtype=dtype)
+        if variant == GRU:
+            m = lstm_fused.GRU(3, 4, device=device, dtype=dtype)
+        else:
+            peephole, coupled = VARIANTS[variant]
+            m = lstm_fused.LSTM(3, 4, peephole=peephole, coupled=coupled, device=device,
+                                dtype=dtype)
         out, _ = m(torch.randn(2, 1, 3, device=device, dtype=dtype))
         out.sum().backward()
         return None
@@ -335,26 +373,46 @@ def build_candidates(args, I, H, compiled_cell, compiled_label, fused_skips) -> 
             cands.append(Candidate(f"{compiled_label.replace('compiled cell loop', 'compiled')} "
                                    f"{variant}", "compiled", variant,
                                    twin(variant, make_loop_layer(compiled_cell))))
+    if "gru" in args.candidates:
+        # The GRU against its own baseline, torch.nn.GRU with the same weights (load_state_dict),
+        # in the same rounds as the LSTMs. On the CPU torch runs aten::gru, its own time loop
+        # (torch has no oneDNN GRU); on CUDA cuDNN.
+        if args.proj_size:
+            cands.append(Candidate("fused GRU", "gru", GRU, skipped=True,
+                                   note="skipped: --proj-size (nn.GRU has no projection)"))
+        elif GRU in fused_skips:
+            cands.append(Candidate("fused GRU", "gru", GRU, note=fused_skips[GRU], skipped=True))
+        else:
+            torch.manual_seed(args.seed)  # the GRU's weights do not depend on the other candidates
+            theirs = nn.GRU(I, H, **factory)
+            ours = lstm_fused.GRU(I, H, **factory)
+            ours.load_state_dict(theirs.state_dict())
+            cands.append(Candidate(f"nn.GRU ({'cuDNN' if cuda else 'ATen'})", "nn-gru", GRU,
+                                   theirs))
+            cands.append(Candidate("fused GRU", "gru", GRU, ours))
     return cands
 
 
 def check_against_reference(cands: list[Candidate], x) -> None:
-    """c.check = max |output - reference loop output| with the same weights, on the prefix x."""
+    """c.check = max |output - reference loop output| with the same weights, on the prefix x
+    (reference.lstm_layer; reference.gru_layer for the GRU)."""
     refs = {}
     with torch.no_grad(), _quiet():
         for c in cands:
             if c.variant not in refs:
+                gru = c.variant == GRU
+                ours = lstm_fused.GRU if gru else lstm_fused.LSTM
                 weights = next((d.module for d in cands if d.variant == c.variant
-                                and isinstance(d.module, lstm_fused.LSTM)), None)
-                if weights is None:  # only torch's module runs this variant (vanilla)
+                                and isinstance(d.module, ours)), None)
+                if weights is None:  # only torch's module runs this variant (vanilla, GRU)
                     src = c.module
                     p = next(src.parameters())
-                    weights = lstm_fused.LSTM(src.input_size, src.hidden_size, src.num_layers,
-                                              proj_size=src.proj_size, device=p.device,
-                                              dtype=p.dtype)
+                    extra = {} if gru else {"proj_size": src.proj_size}
+                    weights = ours(src.input_size, src.hidden_size, src.num_layers,
+                                   device=p.device, dtype=p.dtype, **extra)
                     weights.load_state_dict(src.state_dict())
                 m = copy.deepcopy(weights)
-                m._layer_fn = reference.lstm_layer
+                m._layer_fn = reference.gru_layer if gru else reference.lstm_layer
                 refs[c.variant] = m(x)[0].float()
             with c.ctx():
                 out = c.module(x)[0].float()
@@ -373,6 +431,8 @@ def run_point(args, size, mode, cands, timer, peak_gflops) -> list[dict]:
     x = torch.randn(T, B, I, generator=g).to(device, dtype)
     R = args.proj_size or H
     grad_out = torch.randn(T, B, R, generator=g).to(device, dtype)
+    # the GRU's output is H wide (no projection): the same gradient where R == H
+    grad_out_h = grad_out if R == H else torch.randn(T, B, H, generator=g).to(device, dtype)
     active = [c for c in cands if not c.skipped]
     for c in cands:
         c.times, c.ratios = [], []
@@ -385,10 +445,12 @@ def run_point(args, size, mode, cands, timer, peak_gflops) -> list[dict]:
                 with torch.no_grad(), c.ctx():
                     return c.module(x)[0]
         else:
+            grad = grad_out_h if c.family == "gru" else grad_out
+
             def fn():
                 with c.ctx():
                     out = c.module(x)[0]
-                    out.backward(grad_out)
+                    out.backward(grad)
                 return out
         return fn
 
@@ -411,7 +473,7 @@ def run_point(args, size, mode, cands, timer, peak_gflops) -> list[dict]:
     if args.point_budget and round_ms > 0:
         repeats = int(min(args.repeats, max(args.min_repeats, args.point_budget * 1e3 // round_ms)))
 
-    base = next((c for c in active if c.kind == "nn"), None)
+    bases = {c.name: baseline_of(c, active) for c in active}  # nn.LSTM, nn.GRU for the GRU
     with _quiet():
         for r in range(repeats):
             order = active[r % len(active):] + active[:r % len(active)]
@@ -423,17 +485,20 @@ def run_point(args, size, mode, cands, timer, peak_gflops) -> list[dict]:
                         p.grad = None
             for c in active:
                 c.times.append(round_times[c.name])
-                if base is not None:
-                    c.ratios.append(round_times[c.name] / round_times[base.name])
+                if bases[c.name] is not None:
+                    c.ratios.append(round_times[c.name] / round_times[bases[c.name].name])
 
     rows = []
-    base_median = statistics.median(base.times) if base is not None else None
     for c in cands:
-        row = {"T": T, "B": B, "I": I, "H": H, "proj_size": args.proj_size, "mode": mode,
+        proj = 0 if c.family == "gru" else args.proj_size
+        base = bases.get(c.name)
+        base_median = statistics.median(base.times) if base is not None else None
+        row = {"T": T, "B": B, "I": I, "H": H, "proj_size": proj, "mode": mode,
                "candidate": c.name, "kind": c.kind, "variant": c.variant, "note": c.note,
-               "status": "skipped" if c.skipped else "ok"}
+               "status": "skipped" if c.skipped else "ok",
+               "baseline": base.name if base is not None else None}
         if not c.skipped:
-            flops = gemm_flops(T, B, I, H, c.variant, args.proj_size, mode)
+            flops = gemm_flops(T, B, I, H, c.variant, proj, mode)
             s = summarize(c.times)
             gflops = flops / (s["median_ms"] * 1e-3) / 1e9
             row.update(s, repeats=len(c.times), times_ms=c.times, flops=flops, gflops=gflops,
@@ -501,11 +566,15 @@ def measure_gemm_peak(size, args, timer) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def run_cell_latency(args) -> list[dict]:
+def run_cell_latency(args, gru: bool | None = None) -> list[dict]:
     """Microseconds per LSTMCell step at batch 1, I = H, under torch.inference_mode with 1 thread:
-    torch.nn.LSTMCell, lstm_fused.LSTMCell (the same weights) and lstm_fused.PeepholeLSTMCell,
-    each timed over --cell-calls chained calls (h, c fed back), in rounds of rotating order.
-    ratio_vs_nn is the median of the per-round ratios."""
+    torch.nn.LSTMCell, lstm_fused.LSTMCell (the same weights) and lstm_fused.PeepholeLSTMCell;
+    and with --candidates gru, torch.nn.GRUCell and lstm_fused.GRUCell (the same weights). Each is
+    timed over --cell-calls chained calls (the state fed back), all in the same rounds of rotating
+    order. ratio_vs_nn is the median of the per-round ratios against nn.LSTMCell (nn.GRUCell for
+    the GRU cells). gru=None: the GRU cells where --candidates has gru."""
+    if gru is None:
+        gru = "gru" in args.candidates
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = []
@@ -516,10 +585,21 @@ def run_cell_latency(args) -> list[dict]:
             theirs = nn.LSTMCell(H, H, **factory)
             cells = {"nn.LSTMCell": theirs, "fused vanilla": lstm_fused.LSTMCell.from_torch(theirs),
                      "fused diagonal": lstm_fused.PeepholeLSTMCell(H, H, **factory)}
+            baseline = dict.fromkeys(cells, "nn.LSTMCell")
+            if gru:
+                torch.manual_seed(args.seed)
+                theirs_gru = nn.GRUCell(H, H, **factory)
+                cells.update({"nn.GRUCell": theirs_gru,
+                              "fused GRUCell": lstm_fused.GRUCell.from_torch(theirs_gru)})
+                baseline.update(dict.fromkeys(("nn.GRUCell", "fused GRUCell"), "nn.GRUCell"))
             x = torch.randn(1, H, **factory)
 
             def chain(cell, x=x, H=H):
                 h = c = torch.zeros(1, H, device=x.device, dtype=x.dtype)
+                if isinstance(cell, (nn.GRUCell, lstm_fused.GRUCell)):
+                    for _ in range(args.cell_calls):
+                        h = cell(x, h)
+                    return h
                 for _ in range(args.cell_calls):
                     h, c = cell(x, (h, c))
                 return h
@@ -537,13 +617,14 @@ def run_cell_latency(args) -> list[dict]:
                          for n in order}
                     for n in names:
                         times[n].append(t[n])
-                        ratios[n].append(t[n] / t["nn.LSTMCell"])
+                        ratios[n].append(t[n] / t[baseline[n]])
             for n in names:
                 rows.append({"H": H, "B": 1, "candidate": n, "threads": 1,
+                             "baseline": baseline[n],
                              "us_per_step": statistics.median(times[n]),
                              "min_us": min(times[n]), "max_us": max(times[n]),
                              "ratio_vs_nn": statistics.median(ratios[n]),
-                             "ratio_of_mins": min(times[n]) / min(times["nn.LSTMCell"]),
+                             "ratio_of_mins": min(times[n]) / min(times[baseline[n]]),
                              "rounds": args.cell_rounds, "calls_per_round": args.cell_calls})
     finally:
         torch.set_num_threads(threads)
@@ -551,7 +632,8 @@ def run_cell_latency(args) -> list[dict]:
 
 
 def format_cell_latency(rows: list[dict]) -> str:
-    lines = ["one LSTMCell step, batch 1, I = H, torch.inference_mode, 1 thread:",
+    lines = [("one cell step, batch 1, I = H, torch.inference_mode, 1 thread (vs nn.LSTMCell; "
+              "the GRUCells vs nn.GRUCell):"),
              f"{'H':>5} {'candidate':<16} {'us/step':>8} {'min-max us':>14} {'vs nn':>6}"]
     for r in rows:
         lines.append(f"{r['H']:>5} {r['candidate']:<16} {r['us_per_step']:>8.2f} "
@@ -559,7 +641,8 @@ def format_cell_latency(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# The performance targets (issue 15): (what, size, mode, candidate, target ratio vs nn.LSTM).
+# The performance targets (issues 15, 24): (what, size, mode, candidate, target ratio vs nn.LSTM;
+# the GRU's vs nn.GRU, its cell's vs nn.GRUCell).
 TARGETS = [
     ("diagonal peephole, T=100 B=64 I=H=256, forward+backward", HEADLINE, "fwdbwd",
      "fused diagonal", 0.90),
@@ -575,6 +658,13 @@ TARGETS = [
      "fused vanilla", 0.70),
     ("one LSTMCell step, batch 1, H=256 (inference_mode, 1 thread), vs nn.LSTMCell", 256, "cell",
      "fused vanilla", 0.70),
+    # issue 24: the GRU against torch.nn.GRU / nn.GRUCell (same weights, same rounds)
+    ("GRU vs nn.GRU, T=100 B=64 I=H=256, forward+backward", HEADLINE, "fwdbwd", "fused GRU", 0.90),
+    ("GRU vs nn.GRU, same size, forward under no_grad", HEADLINE, "fwd", "fused GRU", 1.00),
+    ("GRU vs nn.GRU, batch 1 (T=100, I=H=256), forward", (100, 1, 256, 256), "fwd", "fused GRU",
+     1.00),
+    ("one GRUCell step, batch 1, H=256 (inference_mode, 1 thread), vs nn.GRUCell", 256, "cell",
+     "fused GRUCell", 0.70),
 ]
 
 
@@ -649,17 +739,17 @@ def format_table(rows: list[dict]) -> str:
 
 
 def format_summary(rows: list[dict]) -> str:
-    """One line per point: ratio vs nn.LSTM per candidate."""
+    """One line per point: ratio vs nn.LSTM per candidate (the GRU's vs nn.GRU)."""
     names = []
     for r in rows:
-        if r["candidate"] not in names and r["kind"] != "nn":
+        if r["candidate"] not in names and r["kind"] not in BASELINE_KINDS:
             names.append(r["candidate"])
     short = [n.replace("compiled (aot_eager fallback)", "compiled(aot)").replace("nn.LSTM ", "")
              .replace("reference loop", "ref").replace("compiled (inductor)", "compiled")
              .replace("diagonal+coupled", "diag+cpl").replace("diagonal", "diag")
              for n in names]
     width = max(9, *(len(s) for s in short))
-    lines = ["ratio vs nn.LSTM (our time / theirs, < 1 = faster):",
+    lines = ["ratio vs nn.LSTM (our time / theirs, < 1 = faster; fused GRU: vs nn.GRU):",
              f"{'T,B,I,H':<18} {'mode':<7}" + "".join(f" {s:>{width}}" for s in short)]
     seen = []
     for r in rows:
@@ -694,7 +784,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
                 points.append((r["T"], r["B"], r["I"], r["H"]))
         names = []
         for r in mrows:
-            if r["candidate"] not in names and r["kind"] != "nn":
+            if r["candidate"] not in names and r["kind"] not in BASELINE_KINDS:
                 names.append(r["candidate"])
         width = 0.8 / max(1, len(names))
         cmap = plt.get_cmap("tab10")
@@ -705,15 +795,17 @@ def plot(rows: list[dict], path: str, title: str) -> None:
                     if r["candidate"] == name and (r["T"], r["B"], r["I"], r["H"]) == point:
                         xs.append(p - 0.4 + width * (k + 0.5))
                         ys.append(r["ratio_vs_nn"])
-            ax.bar(xs, ys, width, label=name, color=cmap(k % 10))
+            label = name + (" (vs nn.GRU)" if name == "fused GRU" else "")
+            ax.bar(xs, ys, width, label=label, color=cmap(k % 10))
         ax.axhline(1.0, color="black", lw=1, ls="--")
         ax.set_yscale("log")
         ax.set_xticks(range(len(points)))
         ax.set_xticklabels([f"T={T} B={B}\nI={I} H={H}" for T, B, I, H in points], fontsize=8)
-        ax.set_ylabel("time / nn.LSTM time (log; < 1 faster)")
+        ax.set_ylabel("time / nn.LSTM's (GRU: nn.GRU's), log; < 1 faster")
         ax.set_title(f"{MODE_LABEL[mode]}")
         ax.grid(axis="y", which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2, loc="upper left")
+        if names:
+            ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -871,7 +963,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="fwd,fwdbwd (default both)")
     p.add_argument("--candidates", type=_csv(CANDIDATE_KINDS), default=None,
                    help=f"subset of {','.join(CANDIDATE_KINDS)} (nn.LSTM is always measured; "
-                   "default all, nn,fused with --batch-sweep)")
+                   "gru: lstm_fused.GRU against nn.GRU, and GRUCell against nn.GRUCell in the cell "
+                   "case; default all, nn,fused with --batch-sweep)")
     p.add_argument("--variants", type=_csv(list(VARIANTS)), default=list(VARIANTS),
                    help="fused variants (default all; 'full' is skipped with a note if unsupported)")
     p.add_argument("--ref-variants", type=_csv(list(VARIANTS)), default=["diagonal"],
@@ -949,7 +1042,7 @@ def main(argv=None) -> dict:
               + ", ".join(f"{k}: {v:.1f}" for k, v in peak["methods_gflops"].items()), flush=True)
 
     fused_skips = {}
-    for variant in args.variants:
+    for variant in args.variants + ([GRU] if "gru" in args.candidates else []):
         reason = probe_variant(variant, device, args.dtype)
         if reason:
             fused_skips[variant] = reason
@@ -973,7 +1066,8 @@ def main(argv=None) -> dict:
             rows.extend(point_rows)
             print(format_table(point_rows) + f"({time.perf_counter() - t0:.1f} s)\n", flush=True)
 
-    cell_rows = run_cell_latency(args) if args.cell_sizes else []
+    cell_rows = (run_cell_latency(args, gru="gru" in args.candidates and GRU not in fused_skips)
+                 if args.cell_sizes else [])
     if cell_rows:
         print(format_cell_latency(cell_rows) + "\n", flush=True)
     elapsed = time.perf_counter() - t_start
@@ -997,8 +1091,10 @@ def main(argv=None) -> dict:
         "fused_skipped": fused_skips, "elapsed_s": elapsed,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "notes": ("ratio_vs_nn = median over rounds of (candidate time / nn.LSTM time in the same "
-                  "round); gflops = GEMM FLOPs / median time (fwd+bwd = 3x forward FLOPs)"),
+        "notes": ("ratio_vs_nn = median over rounds of (candidate time / its baseline's time in "
+                  "the same round), the baseline nn.LSTM (nn.GRU for the GRU rows, nn.GRUCell for "
+                  "the GRU cells; the row's 'baseline'); gflops = GEMM FLOPs / median time "
+                  "(fwd+bwd = 3x forward FLOPs)"),
     }
     meta["gemm_choices"] = [c._replace(dtype=str(c.dtype))._asdict()
                             for c in lstm_fused.cpu_gemm.choices()]
@@ -1007,8 +1103,8 @@ def main(argv=None) -> dict:
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1, default=_json_default)
     png_path = os.path.join(args.out, "bench.png")
-    plot(rows, png_path, f"lstm_fused vs torch.nn.LSTM - {meta['cpu']}, {meta['threads']} threads, "
-                         f"{meta['dtype']}, torch {meta['torch']}")
+    plot(rows, png_path, f"lstm_fused vs torch.nn.LSTM / nn.GRU - {meta['cpu']}, "
+                         f"{meta['threads']} threads, {meta['dtype']}, torch {meta['torch']}")
     print(f"\nwrote {json_path}, {png_path}")
     if args.batch_sweep:
         table = format_sweep(rows, lstm_fused.cpu_gemm.choices(), meta)

@@ -10,13 +10,15 @@ CUDA GPU it:
   1. runs the CUDA suite, `pytest tests -m cuda` (parallel with pytest-xdist where installed),
      JUnit XML into OUT/junit.xml;
   2. runs compute-sanitizer memcheck, racecheck and initcheck on a small forward+backward of every
-     variant, float32 and bfloat16, cell and layer, padded and packed (--sanitizer-driver below),
+     variant and the GRU, float32 and bfloat16, cell and layer, padded and packed (the GRUCell's
+     no_grad step too) (--sanitizer-driver below),
      alongside counting the CUDA kernels per time step with the profiler against docs/gpu.md's
      cost model (benchmarks/gpu_step_cost.py; --launches below);
-  3. runs the benchmark (benchmarks/bench.py --device cuda) against torch.nn.LSTM (cuDNN) at a
-     few sizes, float32 and bfloat16, TF32 off on both sides, JSON into OUT/bench.json;
+  3. runs the benchmark (benchmarks/bench.py --device cuda) against torch.nn.LSTM (cuDNN), and the
+     fused GRU against torch.nn.GRU (cuDNN), at a few sizes, float32 and bfloat16, TF32 off on both
+     sides, JSON into OUT/bench.json;
   4. writes OUT/summary.md: GPU, driver, torch, each step's result (first lines of each failure),
-     kernels per step against the model, time ratios against cuDNN.
+     kernels per step against the model (LSTM variants), time ratios against cuDNN.
 
 Every step runs in its own process under a deadline (--budget seconds in all, 470 by default); a
 failing or timed-out step does not stop the others, and summary.md is rewritten after each phase,
@@ -62,6 +64,7 @@ MIN_CORRECTNESS_S = 60  # the build stops early enough to leave the tests this m
 MIN_BENCH_S = 15  # a benchmark run left less than this is not started (import and warm-up alone)
 BENCH_SIZES = "100,64,512,512;100,1,256,256;50,256,1024,1024"  # T,B,I,H: docs/gpu.md's, latency, big
 BENCH_DTYPES = ("float32", "bfloat16")
+BENCH_CANDIDATES = "nn,fused,gru"  # bench.py's: nn.LSTM, the fused variants, nn.GRU + fused GRU
 SANITIZER_TOOLS = ("memcheck", "racecheck", "initcheck")
 SANITIZER_ERROR_EXIT = 7  # compute-sanitizer's exit code when it found errors (--error-exitcode)
 LOG_TAIL_LINES = 400  # per log copied into OUT
@@ -364,6 +367,38 @@ def ratio_tables(bench: dict) -> list[str]:
             lines.append(f"| {T}, {B}, {I}, {H} | {mode} | {base_ms} | {per_step} | "
                          + " | ".join(cells) + " |")
         lines.append("")
+    return lines + gru_ratio_tables(bench)
+
+
+def gru_ratio_tables(bench: dict) -> list[str]:
+    """Per dtype: nn.GRU's time and the fused GRU's time ratio (ours / cuDNN's nn.GRU), from
+    bench.py's rows of kind "nn-gru" (the baseline) and "gru"."""
+    lines = []
+    for dtype, result in bench.items():
+        rows = result.get("results", []) if isinstance(result, dict) else []
+        if not any(r.get("kind") == "gru" for r in rows):
+            continue
+        if not lines:
+            lines += ["## Time vs torch.nn.GRU (cuDNN)", "",
+                      ("Median over rounds of (lstm_fused.GRU's time / nn.GRU's time in the same "
+                       "round): below 1 is faster. TF32 off for both."), ""]
+        lines += [f"**{dtype}**", "",
+                  "| T, B, I, H | mode | nn.GRU ms | nn.GRU µs/step | lstm_fused.GRU |",
+                  "|---|---|---:|---:|---:|"]
+        points = list(dict.fromkeys((r["T"], r["B"], r["I"], r["H"], r["mode"]) for r in rows
+                                    if r.get("kind") in ("gru", "nn-gru")))
+        for T, B, I, H, mode in points:
+            at = [r for r in rows if (r["T"], r["B"], r["I"], r["H"], r["mode"]) == (T, B, I, H, mode)]
+            base = next((r for r in at if r.get("kind") == "nn-gru" and r.get("status") == "ok"),
+                        None)
+            ours = next((r for r in at if r.get("kind") == "gru"), None)
+            ok = (ours is not None and ours.get("status") == "ok"
+                  and ours.get("ratio_vs_nn") is not None)
+            lines.append(f"| {T}, {B}, {I}, {H} | {mode} | "
+                         f"{base['median_ms']:.3f} | {base['median_ms'] * 1e3 / T:.1f} | "
+                         if base else f"| {T}, {B}, {I}, {H} | {mode} | - | - | ")
+            lines[-1] += (f"{ours['ratio_vs_nn']:.2f} |" if ok else "- |")
+        lines.append("")
     return lines
 
 
@@ -425,7 +460,7 @@ def plan(out: Path, work: Path, info: dict) -> dict[str, list[Step]]:
                             work / "launches.log"))
     bench = [Step(f"benchmark {dtype}",
                   [py, str(THIS), "--bench", "--device", "cuda", "--dtype", dtype,
-                   "--sizes", BENCH_SIZES, "--candidates", "nn,fused", "--warmup", "2",
+                   "--sizes", BENCH_SIZES, "--candidates", BENCH_CANDIDATES, "--warmup", "2",
                    "--repeats", "10", "--point-budget", "4", "--out", str(work / f"bench_{dtype}")],
                   work / f"bench_{dtype}.log") for dtype in BENCH_DTYPES]
     return {"build": [build], "correctness": correctness, "bench": bench}
@@ -519,8 +554,9 @@ def run_kit(out: Path, budget: float) -> int:
 
 def sanitizer_driver(device: str) -> int:
     """A small forward+backward of every variant in float32 and bfloat16: a cell, a padded
-    bidirectional layer and a packed bidirectional layer with projection (T=5, B=3, I=4, H=8).
-    Prints one line per case; the sanitizer checks every kernel these launch."""
+    bidirectional layer and a packed bidirectional layer with projection (T=5, B=3, I=4, H=8);
+    then the GRU likewise (GRUCell, its no_grad one-op step, padded and packed bidirectional
+    GRU). Prints one line per case; the sanitizer checks every kernel these launch."""
     import torch
     from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -551,6 +587,26 @@ def sanitizer_driver(device: str) -> int:
             name = f"{peephole or 'none'}{'+coupled' if coupled else ''}"
             print(f"case {name} {str(dtype).replace('torch.', '')}: {', '.join(ran)}", flush=True)
             cases += len(ran)
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        kw = {"device": device, "dtype": dtype}
+        x = torch.randn(5, 3, 4, device=device, dtype=dtype, requires_grad=True)
+        cell = lstm_fused.GRUCell(4, 8, **kw)
+        cell(x[0]).float().sum().backward()
+        ran = ["cell"]
+        with torch.no_grad():  # GRUCell's latency path: one gru_cell_step op
+            cell(x[0], torch.randn(3, 8, **kw))
+        ran.append("no_grad cell step")
+        gru = lstm_fused.GRU(4, 8, bidirectional=True, **kw)
+        for form, inp in (("padded", x), ("packed", pack_padded_sequence(x, torch.tensor([5, 3, 2])))):
+            out, h_n = gru(inp)
+            data = out.data if form == "packed" else out
+            (data.float().sum() + h_n.float().sum()).backward()
+            ran.append(f"{form} layer")
+        if device != "cpu":
+            torch.cuda.synchronize()
+        print(f"case gru {str(dtype).replace('torch.', '')}: {', '.join(ran)}", flush=True)
+        cases += len(ran)
     print(f"sanitizer driver: {cases} forward+backward cases on {device}")
     return 0
 

@@ -1,6 +1,6 @@
 """Precise timing: do peepholes help an LSTM count time? A small study with our fused layers.
 
-Run it:  python examples/demo.py [--full | --seeds N --steps N] [--out results/demo]
+Run it:  python examples/demo.py [--full | --seeds N --steps N] [--variants GRU,...] [--out DIR]
 
 The task (timed spike generation)
 ---------------------------------
@@ -27,9 +27,12 @@ stream; a binary cross-entropy loss (positive steps up-weighted) instead of squa
 readout of h_t instead of the paper's output units; and the thresholds above are our choice, not
 the paper's numbers.
 
-The four variants are `lstm_fused.LSTM` with (peephole, coupled) in
-{(None, False), ("diagonal", False), (None, True), ("diagonal", True)}; everything else (size,
-initialisation seed, data, optimiser) is identical. Runs are deterministic given the seeds.
+The four LSTM variants are `lstm_fused.LSTM` with (peephole, coupled) in
+{(None, False), ("diagonal", False), (None, True), ("diagonal", True)}; the fifth model is
+`lstm_fused.GRU` (torch.nn.GRU's equations: no cell state and no peepholes, an update gate that
+couples forgetting and writing as the coupled LSTM does, and a reset gate), at the same hidden size,
+which gives it as many parameters as the coupled LSTM. Everything else (size, initialisation seed,
+data, optimiser, steps, the criterion) is identical. Runs are deterministic given the seeds.
 """
 
 from __future__ import annotations
@@ -45,13 +48,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lstm_fused import LSTM
+from lstm_fused import GRU, LSTM
 
+# name -> SpikeTimer's options: the four LSTM variants and the GRU
 VARIANTS = {
     "vanilla": {"peephole": None, "coupled": False},
     "peephole": {"peephole": "diagonal", "coupled": False},
     "coupled": {"peephole": None, "coupled": True},
     "peephole+coupled": {"peephole": "diagonal", "coupled": True},
+    "GRU": {"cell": "gru"},
 }
 
 CRITERION = (
@@ -100,15 +105,19 @@ def timed_spikes(batch: int, length: int, delay: int, generator: torch.Generator
 
 
 class SpikeTimer(nn.Module):
-    """One fused LSTM layer and a linear readout: x [T, B, 1] -> logits [T, B, 1]."""
+    """One fused LSTM layer (cell="gru": one fused GRU layer) and a linear readout:
+    x [T, B, 1] -> logits [T, B, 1]."""
 
-    def __init__(self, hidden: int, peephole=None, coupled: bool = False):
+    def __init__(self, hidden: int, peephole=None, coupled: bool = False, cell: str = "lstm"):
         super().__init__()
-        self.lstm = LSTM(1, hidden, peephole=peephole, coupled=coupled)
+        if cell == "gru":
+            self.rnn = GRU(1, hidden)
+        else:
+            self.rnn = LSTM(1, hidden, peephole=peephole, coupled=coupled)
         self.readout = nn.Linear(hidden, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h, _ = self.lstm(x)
+        h, _ = self.rnn(x)
         return self.readout(h)
 
 
@@ -171,13 +180,14 @@ def summarize(runs: list[dict]) -> dict:
     }
 
 
-def run_study(cfg: Config, log=print) -> tuple[dict, dict]:
-    """Trains every variant on every seed. Returns (summary per variant, seed-0 models)."""
+def run_study(cfg: Config, log=print, variants=None) -> tuple[dict, dict]:
+    """Trains every variant (or those of `variants`, names of VARIANTS, in VARIANTS' order) on
+    every seed. Returns (summary per variant, seed-0 models)."""
     torch.set_num_threads(cfg.threads)
     x_test, y_test, _ = timed_spikes(cfg.n_test, cfg.length, cfg.delay,
                                      torch.Generator().manual_seed(1234))
     summary, models = {}, {}
-    for variant in VARIANTS:
+    for variant in [v for v in VARIANTS if variants is None or v in variants]:
         runs = []
         for seed in range(cfg.seeds):
             run = train_one(variant, seed, cfg, (x_test, y_test))
@@ -211,7 +221,7 @@ def plot(summary: dict, models: dict, cfg: Config, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     x, y, t0 = timed_spikes(3, cfg.length, cfg.delay, torch.Generator().manual_seed(7))
-    fig = plt.figure(figsize=(14, 7), constrained_layout=True)
+    fig = plt.figure(figsize=(max(14, 3.4 * len(models)), 7), constrained_layout=True)
     grid = fig.add_gridspec(2, len(models))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for col, (name, model) in enumerate(models.items()):
@@ -258,12 +268,22 @@ def write_results(summary: dict, models: dict, cfg: Config, out: Path, seconds: 
 
 # ----------------------------------------------------------------------------------------- CLI
 
-def parse_args(argv=None) -> tuple[Config, Path]:
+def _variant_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in VARIANTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(VARIANTS)}")
+    return names
+
+
+def parse_args(argv=None) -> tuple[Config, Path, list[str] | None]:
     parser = argparse.ArgumentParser(prog="python examples/demo.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("results/demo"))
     parser.add_argument("--full", action="store_true", help="longer study: 20 seeds, 2000 steps")
     parser.add_argument("--quick", action="store_true", help="toy size for tests: 1 seed, 20 steps")
+    parser.add_argument("--variants", type=_variant_list, default=None,
+                        help=f"a subset of {','.join(VARIANTS)} (default: all, the study)")
     for field, default in asdict(Config()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=None)
     args = parser.parse_args(argv)
@@ -275,15 +295,15 @@ def parse_args(argv=None) -> tuple[Config, Path]:
     for field in asdict(cfg):
         if getattr(args, field) is not None:
             setattr(cfg, field, getattr(args, field))
-    return cfg, args.out
+    return cfg, args.out, args.variants
 
 
 def main(argv=None) -> dict:
-    cfg, out = parse_args(argv)
+    cfg, out, variants = parse_args(argv)
     print(f"Timed spike generation: T={cfg.length}, delay={cfg.delay}, H={cfg.hidden}, "
           f"{cfg.seeds} seeds x {cfg.steps} steps x batch {cfg.batch}")
     start = time.perf_counter()
-    summary, models = run_study(cfg)
+    summary, models = run_study(cfg, variants=variants)
     seconds = time.perf_counter() - start
     write_results(summary, models, cfg, out, seconds)
     print()

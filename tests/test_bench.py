@@ -1,6 +1,7 @@
 """The benchmark CLI (benchmarks/bench.py) at a toy grid: it runs, writes its JSON and PNG, and the
 JSON has the documented fields. Correctness only: nothing here asserts on speed."""
 
+import itertools
 import json
 import math
 import statistics
@@ -17,15 +18,18 @@ TOY = ["--sizes", "4,2,6,5", "--headline", "4,2,6,5", "--warmup", "1", "--repeat
 
 ROW_FIELDS = {"T", "B", "I", "H", "mode", "candidate", "kind", "variant", "status", "note",
               "median_ms", "q1_ms", "q3_ms", "iqr_ms", "min_ms", "max_ms", "repeats", "times_ms",
-              "flops", "gflops", "pct_peak", "ratio_vs_nn", "check_max_abs_diff"}
+              "flops", "gflops", "pct_peak", "ratio_vs_nn", "check_max_abs_diff", "baseline"}
+# a toy cell-step case: the LSTM cells and the GRU cells at one small H
+TOY_CELL = ["--cell-sizes", "5", "--cell-calls", "3", "--cell-rounds", "2"]
 
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # without the torch.compile candidate (its compile dominates); see test_compiled_cell_*
-    result = bench.main(TOY + ["--candidates", "nn,nn-native,fused,fused-aten,reference",
-                               "--out", str(out)])
+    result = bench.main(TOY + TOY_CELL + ["--candidates",
+                                          "nn,nn-native,fused,fused-aten,reference,gru",
+                                          "--out", str(out)])
     return out, result
 
 
@@ -48,10 +52,14 @@ def test_every_candidate_and_mode_is_reported(toy_run):
     rows = result["results"]
     assert {r["mode"] for r in rows} == {"fwd", "fwdbwd"}
     kinds = {r["kind"] for r in rows}
-    assert kinds == {"nn", "nn-native", "fused", "fused-aten", "reference"}
+    assert kinds == {"nn", "nn-native", "fused", "fused-aten", "reference", "nn-gru", "gru"}
     for mode in ("fwd", "fwdbwd"):
         variants = {r["variant"] for r in rows if r["kind"] == "fused" and r["mode"] == mode}
         assert variants == {"vanilla", "diagonal", "coupled", "diagonal+coupled", "full"}
+        # the GRU: torch.nn.GRU and lstm_fused.GRU, in the same run
+        gru = {r["candidate"]: r for r in rows if r["variant"] == "gru" and r["mode"] == mode}
+        assert set(gru) == {"nn.GRU (ATen)", "fused GRU"}
+        assert gru["fused GRU"]["kind"] == "gru" and gru["nn.GRU (ATen)"]["kind"] == "nn-gru"
     for r in rows:
         if r["status"] == "skipped":  # only "full" while the fused ops do not implement it
             assert r["variant"] == "full" and r["note"].startswith("skipped")
@@ -67,14 +75,18 @@ def test_every_candidate_and_mode_is_reported(toy_run):
 
 def test_ratio_is_the_median_of_same_round_ratios(toy_run):
     """ratio_vs_nn: each round's candidate time over nn.LSTM's time in that round, then the median
-    (rounds saw the same machine noise, so they are compared pairwise)."""
+    (rounds saw the same machine noise, so they are compared pairwise); the GRU's over nn.GRU's."""
     _, result = toy_run
     rows = [r for r in result["results"] if r["status"] == "ok"]
-    for mode in ("fwd", "fwdbwd"):
-        [base] = [r for r in rows if r["kind"] == "nn" and r["mode"] == mode]
-        others = [r for r in rows if r["kind"] != "nn" and r["mode"] == mode]
+    for mode, (base_kind, family) in itertools.product(
+            ("fwd", "fwdbwd"), (("nn", lambda r: r["variant"] != "gru"),
+                                ("nn-gru", lambda r: r["variant"] == "gru"))):
+        [base] = [r for r in rows if r["kind"] == base_kind and r["mode"] == mode]
+        assert base["ratio_vs_nn"] == 1.0 and base["baseline"] == base["candidate"]
+        others = [r for r in rows if r["kind"] != base_kind and r["mode"] == mode and family(r)]
         assert others
         for r in others:
+            assert r["baseline"] == base["candidate"]
             assert len(r["times_ms"]) == len(base["times_ms"])
             pairs = zip(r["times_ms"], base["times_ms"])
             expected = statistics.median(ours / theirs for ours, theirs in pairs)
@@ -82,9 +94,11 @@ def test_ratio_is_the_median_of_same_round_ratios(toy_run):
 
 
 def test_gemm_flops():
-    # forward 2*T*B*(I+R)*G*H; coupled has 3 gate blocks; fwd+bwd = 3x forward
+    # forward 2*T*B*(I+R)*G*H; coupled and the GRU have 3 gate blocks; fwd+bwd = 3x forward
     assert bench.gemm_flops(100, 64, 256, 256) == 2 * 100 * 64 * 512 * 4 * 256
     assert bench.gemm_flops(1, 1, 2, 3, "coupled") == 2 * 5 * 3 * 3
+    assert bench.gemm_flops(1, 1, 2, 3, "gru") == 2 * 5 * 3 * 3
+    assert bench.gemm_flops(1, 1, 2, 3, "gru", mode="fwdbwd") == 3 * 2 * 5 * 3 * 3
     assert bench.gemm_flops(1, 1, 2, 3, mode="fwdbwd") == 3 * bench.gemm_flops(1, 1, 2, 3)
     assert bench.gemm_flops(1, 1, 2, 4, proj=2) == 2 * 4 * 4 * 4 + 2 * 4 * 2
     assert bench.gemm_flops(1, 1, 2, 3, "full") == 2 * 5 * 4 * 3 + 2 * 3 * 3 * 3
@@ -128,6 +142,32 @@ def test_loop_layer_matches_reference_layer():
             torch.testing.assert_close(out, ref)
             torch.testing.assert_close(h, h_ref)
             torch.testing.assert_close(c, c_ref)
+    # the options lstm_fused.LSTM passes its layer function: off (as it passes them by default),
+    # and a cell clip on
+    params = make_params(3, 4, generator=g)
+    x = torch.randn(5, 2, 3, generator=g, dtype=torch.float64)
+    h0, c0 = (torch.randn(2, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    for options in ({"cell_clip": 0.0, "proj_clip": 0.0, "zoneout": None},
+                    {"cell_clip": 0.3, "proj_clip": 0.0, "zoneout": None}):
+        out, (h, c) = bench.make_loop_layer(reference.lstm_cell)(x, h0, c0, *params, **options)
+        ref, (h_ref, c_ref) = reference.lstm_layer(x, h0, c0, *params, **options)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(c, c_ref)
+    assert c.abs().max() <= 0.3
+
+
+def test_compiled_candidate_runs_through_the_module():
+    """The compiled-cell candidate as build_candidates makes it: lstm_fused.LSTM with the loop
+    layer swapped in (the module passes its clip and zoneout options to the layer function)."""
+    from lstm_fused import reference
+
+    m = lstm_fused.LSTM(3, 4, peephole="diagonal")
+    ref = lstm_fused.LSTM(3, 4, peephole="diagonal")
+    ref.load_state_dict(m.state_dict())
+    m._layer_fn = bench.make_loop_layer(reference.lstm_cell)
+    ref._layer_fn = reference.lstm_layer
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(m(x)[0], ref(x)[0])
 
 
 @pytest.mark.slow
@@ -226,3 +266,51 @@ def test_gemm_paths_reports_each_path_by_batch_size(capsys):
         assert r["chosen"] in lstm_fused.cpu_gemm.MODES and r["fused_us"] > 0 and r["nn_us"] > 0
         assert set(r["gemm_us"]) <= set(lstm_fused.cpu_gemm.available(torch.float32))
     assert "nn.LSTM" in capsys.readouterr().out
+
+
+def test_cell_step_case_times_the_gru_cells_against_nn_grucell(toy_run):
+    """The batch-1 cell-step case: nn.LSTMCell and our LSTM cells, nn.GRUCell and our GRUCell, in
+    the same rounds; each ratio against its own torch cell."""
+    _, result = toy_run
+    cells = {r["candidate"]: r for r in result["cell_latency"]}
+    assert set(cells) == {"nn.LSTMCell", "fused vanilla", "fused diagonal", "nn.GRUCell",
+                          "fused GRUCell"}
+    for name, r in cells.items():
+        assert r["H"] == 5 and r["B"] == 1 and r["rounds"] == 2 and r["calls_per_round"] == 3
+        assert r["baseline"] == ("nn.GRUCell" if "GRU" in name else "nn.LSTMCell")
+        assert r["min_us"] <= r["us_per_step"] <= r["max_us"]
+        assert r["ratio_vs_nn"] > 0 and math.isfinite(r["ratio_vs_nn"])
+    assert cells["nn.GRUCell"]["ratio_vs_nn"] == cells["nn.LSTMCell"]["ratio_vs_nn"] == 1.0
+    assert "fused GRUCell" in bench.format_cell_latency(result["cell_latency"])
+
+
+def test_gru_targets_read_the_gru_rows():
+    """The GRU targets of issue 24 (vs nn.GRU / nn.GRUCell) are in the targets table and read the
+    fused GRU's rows at the headline size and batch 1, and the GRUCell step at H=256."""
+    rows = [{"T": 100, "B": B, "I": 256, "H": 256, "mode": mode, "candidate": "fused GRU",
+             "status": "ok", "ratio_vs_nn": ratio, "ratio_of_mins": ratio}
+            for B, mode, ratio in ((64, "fwdbwd", 0.85), (64, "fwd", 1.05), (1, "fwd", 0.9))]
+    cell_rows = [{"H": 256, "candidate": "fused GRUCell", "ratio_vs_nn": 0.5,
+                  "ratio_of_mins": 0.5}]
+    targets = {t["what"]: t for t in bench.target_rows(rows, cell_rows)}
+    gru = {what: (t["ratio"], t["target"], t["met"]) for what, t in targets.items()
+           if "GRU" in what}
+    assert gru == {
+        "GRU vs nn.GRU, T=100 B=64 I=H=256, forward+backward": (0.85, 0.90, True),
+        "GRU vs nn.GRU, same size, forward under no_grad": (1.05, 1.00, False),
+        "GRU vs nn.GRU, batch 1 (T=100, I=H=256), forward": (0.9, 1.00, True),
+        "one GRUCell step, batch 1, H=256 (inference_mode, 1 thread), vs nn.GRUCell":
+            (0.5, 0.70, True),
+    }
+    assert all(t["met"] is None for what, t in targets.items() if "GRU" not in what)
+    assert "GRUCell step" in bench.format_targets(list(targets.values()))
+
+
+def test_gru_is_skipped_with_a_note_under_proj_size(tmp_path):
+    """nn.GRU has no projection: with --proj-size the GRU is listed as skipped, the LSTMs run."""
+    result = bench.main(TOY + ["--candidates", "nn,gru", "--proj-size", "3", "--cell-sizes", "",
+                               "--modes", "fwd", "--out", str(tmp_path)])
+    rows = {r["candidate"]: r for r in result["results"]}
+    assert set(rows) == {"nn.LSTM (oneDNN)", "fused GRU"}
+    assert rows["nn.LSTM (oneDNN)"]["status"] == "ok"
+    assert rows["fused GRU"]["status"] == "skipped" and "proj" in rows["fused GRU"]["note"]

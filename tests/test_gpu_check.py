@@ -37,15 +37,32 @@ def test_make_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
 
 def test_sanitizer_driver_covers_every_variant_dtype_and_form(capsys):
     """The workload compute-sanitizer checks, run on the CPU: 6 variants x float32/bfloat16 x
-    (cell, padded layer, packed layer), each forward and backward."""
+    (cell, padded layer, packed layer), each forward and backward; and the GRU x float32/bfloat16
+    x (GRUCell, its no_grad step, padded GRU, packed GRU)."""
     assert gpu_check.main(["--sanitizer-driver", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
     cases = {line for line in lines if line.startswith("case ")}
     expected = {f"case {p}{c} {d}: cell, padded layer, packed layer"
                 for p in ("none", "diagonal", "full") for c in ("", "+coupled")
                 for d in ("float32", "bfloat16")}
+    expected |= {f"case gru {d}: cell, no_grad cell step, padded layer, packed layer"
+                 for d in ("float32", "bfloat16")}
     assert cases == expected
-    assert lines[-1] == "sanitizer driver: 36 forward+backward cases on cpu"
+    assert lines[-1] == "sanitizer driver: 44 forward+backward cases on cpu"
+
+
+def test_kit_benchmarks_the_gru_against_nn_gru():
+    """The benchmark steps ask bench.py for the GRU rows (nn.GRU and lstm_fused.GRU) beside the
+    LSTMs', with a candidate name bench.py accepts."""
+    import bench  # benchmarks/, on sys.path (conftest.py)
+
+    info = {"gpus": [{"capability": "9.0"}], "compute_sanitizer": None}
+    steps = gpu_check.plan(Path("out"), Path("work"), info)["bench"]
+    assert [s.name for s in steps] == ["benchmark float32", "benchmark bfloat16"]
+    for step in steps:
+        candidates = step.cmd[step.cmd.index("--candidates") + 1].split(",")
+        assert "gru" in candidates and {"nn", "fused"} <= set(candidates)
+        assert set(candidates) <= set(bench.CANDIDATE_KINDS)
 
 
 def test_a_failing_or_hanging_step_does_not_stop_the_others(tmp_path):
@@ -144,7 +161,8 @@ def test_summary_shows_failures_kernels_per_step_and_ratios_vs_cudnn(tmp_path):
                  "measured": 3.0, "kernels": {"gemm_splitk": 2.0, "lstm_fused_pointwise": 1.0}}]
     bench = {"bfloat16": {"results": [
         _bench_row("fwd", "nn", "vanilla", 1.5, 1.0), _bench_row("fwd", "fused", "vanilla", 1.8, 1.2),
-        _bench_row("fwd", "fused", "coupled", 1.2, 0.8)]}}
+        _bench_row("fwd", "fused", "coupled", 1.2, 0.8), _bench_row("fwd", "nn-gru", "gru", 1.0, 1.0),
+        _bench_row("fwd", "gru", "gru", 0.9, 0.9)]}}
     summary = gpu_check.render_summary(info, [build, sanitizer], launches, bench, 300.0, True)
     assert "**1 of 2 steps passed** in 300 s." in summary
     assert "NVIDIA H200 (sm_90, 143771 MiB, 132 SMs)" in summary and "580.159.04" in summary
@@ -154,6 +172,10 @@ def test_summary_shows_failures_kernels_per_step_and_ratios_vs_cudnn(tmp_path):
         in summary
     assert "| T, B, I, H | mode | nn.LSTM ms | nn.LSTM µs/step | vanilla | coupled |" in summary
     assert "| 100, 64, 512, 512 | fwd | 1.500 | 15.0 | 1.20 | 0.80 |" in summary
+    # The GRU's own table, against nn.GRU; its rows are not columns of the LSTM table.
+    assert "## Time vs torch.nn.GRU (cuDNN)" in summary
+    assert "| T, B, I, H | mode | nn.GRU ms | nn.GRU µs/step | lstm_fused.GRU |" in summary
+    assert "| 100, 64, 512, 512 | fwd | 1.000 | 10.0 | 0.90 |" in summary
 
 
 def _setup_py_arch_section():
