@@ -1,6 +1,8 @@
 """The CUDA suite (`make test-gpu`, pytest -m cuda): the CPU correctness checks on CUDA, CPU vs
 CUDA agreement per dtype, autocast, a training step captured in a CUDA graph and replayed,
-torch.compile(mode="reduce-overhead"), peak memory of a layer, and no host synchronisation.
+torch.compile(mode="reduce-overhead"), peak memory of a layer, and no host synchronisation; for
+the LSTM variants and the GRU (its ops gru_layer_forward/backward and gru_cell_step, GRU and
+GRUCell against the CPU, cuDNN's nn.GRU and the float32 reference).
 
 Without a GPU every test here is reported as skipped, with the reason (pytest -rs)."""
 
@@ -17,6 +19,7 @@ from conftest import (
     grid,
     layer_op_args,
     make_weight_ch,
+    variant_id,
     variant_params,
 )
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -76,10 +79,44 @@ def random_like(tensors, seed):
     return [torch.randn(t.shape, generator=g).to(t.device, t.dtype) for t in tensors]
 
 
+# The modules of the module-level tests: every LSTM variant, and the GRU.
+GRU = "gru"
+MODULES = [*VARIANTS, GRU]
+module_params = pytest.mark.parametrize("variant", MODULES,
+                                        ids=[variant_id(v) for v in VARIANTS] + [GRU])
+
+
+def make_module(variant, *args, **kwargs):
+    """lstm_fused.GRU for variant GRU, else lstm_fused.LSTM with the variant's options."""
+    if variant == GRU:
+        return lstm_fused.GRU(*args, **kwargs)
+    peephole, coupled = variant
+    return lstm_fused.LSTM(*args, peephole=peephole, coupled=coupled, **kwargs)
+
+
+def states_of(finals):
+    """A module's final states as a tuple: (h_n, c_n) for an LSTM, (h_n,) for a GRU."""
+    return (finals,) if isinstance(finals, torch.Tensor) else tuple(finals)
+
+
+def gru_layer_op_args(dtype, packed, reverse, bias, generator, device="cpu"):
+    """Arguments of torch.ops.lstm_fused.gru_layer_forward for a small layer (T=4, B=3, I=5,
+    H=6), padded or packed (batch sizes 3, 3, 2, 1)."""
+    T, B, I, H = 4, 3, 5, 6
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=generator) * 0.5).to(dtype=dtype, device=device)
+
+    batch_sizes = [3, 3, 2, 1] if packed else None
+    x = rand(sum(batch_sizes), I) if packed else rand(T, B, I)
+    biases = (rand(3 * H), rand(3 * H)) if bias else (None, None)
+    return (x, rand(B, H), rand(3 * H, I), rand(3 * H, H), *biases, batch_sizes, reverse)
+
+
 def test_every_op_has_a_cuda_kernel():
     assert BUILT_WITH_CUDA, "a GPU is present but lstm_fused was built without CUDA kernels"
-    for name in OP_NAMES:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lstm_fused::{name}", "CUDA")
+    for name in (*OP_NAMES, "cell_step", "gru_cell_step"):  # and the cells' one-op steps
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lstm_fused::{name}", "CUDA"), name
 
 
 # --- CPU vs CUDA, op by op -------------------------------------------------------------------
@@ -180,6 +217,51 @@ def test_layer_ops_agree_with_cpu(variant, dtype, packed, reverse, proj):
         assert_agree(a, b, dtype, name)
 
 
+@grid(dtype=DTYPES, packed=[False, True], reverse=[False, True], bias=[True, False])
+def test_gru_layer_ops_agree_with_cpu(dtype, packed, reverse, bias):
+    args = gru_layer_op_args(dtype, packed, reverse, bias, torch.Generator().manual_seed(2))
+    expected = ops.gru_layer_forward(*args)
+    got = ops.gru_layer_forward(*to_device(args))
+    for a, b, name in zip(got, expected, ("output", "h_n", "gates"), strict=True):
+        assert_agree(a, b, dtype, name)
+
+    out, h_n, gates = expected
+    backward_args = (*random_like([out, h_n], seed=3), *args[:6], out, gates, *args[6:], True)
+    expected = ops.gru_layer_backward(*backward_args)
+    got = ops.gru_layer_backward(*to_device(backward_args))
+    names = ("grad_input", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias_ih",
+             "grad_bias_hh")
+    for a, b, name in zip(got, expected, names, strict=True):
+        assert_agree(a, b, dtype, name)
+
+
+@grid(dtype=DTYPES, batch=[1, 5], hidden=[3, 33, 257], bias=[True, False])
+def test_gru_cell_step_agrees_with_cpu(dtype, batch, hidden, bias):
+    """torch.ops.lstm_fused.gru_cell_step (both GEMMs and the fused kernel, one op) on CUDA."""
+    g = torch.Generator().manual_seed(batch * 1000 + hidden + 9)
+    I = 11
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.5).to(dtype)
+
+    biases = (rand(3 * hidden), rand(3 * hidden)) if bias else (None, None)
+    args = (rand(batch, I), rand(batch, hidden), rand(3 * hidden, I), rand(3 * hidden, hidden),
+            *biases)
+    assert_agree(ops.gru_cell_step(*to_device(args)), ops.gru_cell_step(*args), dtype, "h")
+
+
+def test_gru_cell_latency_path_runs_gru_cell_step_on_cuda():
+    """GRUCell under no_grad on CUDA: one gru_cell_step op, the results of the general path."""
+    torch.manual_seed(0)
+    cell = lstm_fused.GRUCell(12, 20).to(CUDA)
+    x, h = torch.randn(3, 12, device=CUDA), torch.randn(3, 20, device=CUDA)
+    expected = cell(x, h)
+    with torch.profiler.profile() as prof, torch.no_grad():
+        got = cell(x, h)
+    assert "lstm_fused::gru_cell_step" in {e.key for e in prof.key_averages()}
+    assert_agree(got, expected.detach(), torch.float32, "h")
+
+
 @variant_params
 @grid(dtype=[torch.float32, torch.float64], packed=[False, True], proj=[0, 2])
 def test_layer_ops_with_zoneout_agree_with_cpu(variant, dtype, packed, proj):
@@ -261,16 +343,51 @@ def test_gradcheck_cell_on_cuda(variant):
     assert gradcheck_fused_cell(*variant, device=CUDA)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradcheck_gru_on_cuda(packed):
+    torch.manual_seed(0)
+    module = lstm_fused.GRU(2, 3, num_layers=2, bidirectional=True, device=CUDA,
+                            dtype=torch.float64)
+    names = [n for n, _ in module.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+    x = torch.randn(3, 2, 2, device=CUDA, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 2, 3, device=CUDA, dtype=torch.float64, requires_grad=True)
+
+    def f(x, h0, *ps):
+        inp = pack_padded_sequence(x, torch.tensor([3, 2])) if packed else x
+        out, h_n = torch.func.functional_call(module, dict(zip(names, ps)), (inp, h0))
+        return (out.data if packed else out), h_n
+
+    assert torch.autograd.gradcheck(f, (x, h0, *params))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_gru_cell_on_cuda(bias):
+    torch.manual_seed(0)
+    cell = lstm_fused.GRUCell(4, 5, bias=bias, device=CUDA, dtype=torch.float64)
+    names = [n for n, _ in cell.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in cell.parameters()]
+    x = torch.randn(3, 4, device=CUDA, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(3, 5, device=CUDA, dtype=torch.float64, requires_grad=True)
+
+    def f(x, h, *ps):
+        return torch.func.functional_call(cell, dict(zip(names, ps)), (x, h))
+
+    assert torch.autograd.gradcheck(f, (x, h, *params))
+
+
 def run_module(module, x, lengths=None):
-    """(padded output, h_n, c_n) and the gradients of a fixed random loss w.r.t. x and params."""
+    """(padded output, h_n[, c_n]) and the gradients of a fixed random loss w.r.t. x and
+    params (an LSTM's or a GRU's)."""
     inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if lengths is not None else x
-    out, (h_n, c_n) = module(inp)
+    out, finals = module(inp)
     if lengths is not None:
         out = pad_packed_sequence(out)[0]
-    weights = random_like([out, h_n, c_n], seed=11)
-    loss = sum((t.double() * w.double()).sum() for t, w in zip((out, h_n, c_n), weights))
+    outputs = (out, *states_of(finals))
+    weights = random_like(outputs, seed=11)
+    loss = sum((t.double() * w.double()).sum() for t, w in zip(outputs, weights))
     grads = torch.autograd.grad(loss, [x, *module.parameters()])
-    return [out, h_n, c_n, *grads]
+    return [*outputs, *grads]
 
 
 @grid(dtype=[torch.float64, torch.float32], bidirectional=[False, True], proj=[0, 3],
@@ -291,6 +408,46 @@ def test_vanilla_matches_cudnn_lstm(dtype, bidirectional, proj, packed):
         assert_agree(a, b, dtype, name)
 
 
+@grid(dtype=[torch.float64, torch.float32], bidirectional=[False, True], packed=[False, True],
+      bias=[True, False])
+def test_gru_matches_cudnn_gru(dtype, bidirectional, packed, bias):
+    torch.manual_seed(5)
+    kwargs = {"num_layers": 2, "bidirectional": bidirectional, "bias": bias, "device": CUDA,
+              "dtype": dtype}
+    theirs = torch.nn.GRU(7, 16, **kwargs)
+    ours = lstm_fused.GRU(7, 16, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(9, 4, 7, device=CUDA, dtype=dtype, requires_grad=True)
+    lengths = torch.tensor([9, 3, 7, 5]) if packed else None
+    names = ["output", "h_n", "grad input"] + [n for n, _ in ours.named_parameters()]
+    with torch.backends.cudnn.flags(enabled=True):
+        expected = run_module(theirs, x, lengths)
+    got = run_module(ours, x, lengths)
+    assert len(got) == len(expected) == len(names)
+    for a, b, name in zip(got, expected, names):
+        assert_agree(a, b, dtype, name)
+
+
+@grid(bias=[True, False], batched=[True, False])
+def test_gru_cell_matches_torch_gru_cell_on_cuda(bias, batched):
+    torch.manual_seed(5)
+    theirs = torch.nn.GRUCell(7, 16, bias=bias, device=CUDA, dtype=torch.float64)
+    ours = lstm_fused.GRUCell.from_torch(theirs)
+    x = torch.randn(4, 7, device=CUDA, dtype=torch.float64)
+    h = torch.randn(4, 16, device=CUDA, dtype=torch.float64)
+    if not batched:
+        x, h = x[0], h[0]
+
+    def run(cell):
+        leaves = [x.clone().requires_grad_(), h.clone().requires_grad_()]
+        out = cell(*leaves)
+        loss = (out * torch.linspace(-1, 1, out.numel(), device=CUDA).view_as(out)).sum()
+        return [out, *torch.autograd.grad(loss, [*leaves, *cell.parameters()])]
+
+    for a, b in zip(run(ours), run(theirs), strict=True):
+        assert_agree(a, b, torch.float64, "GRUCell vs nn.GRUCell")
+
+
 @variant_params
 @grid(dtype=DTYPES, proj=[0, 3])
 def test_layer_matches_float32_reference_on_cuda(variant, dtype, proj):
@@ -309,6 +466,32 @@ def test_layer_matches_float32_reference_on_cuda(variant, dtype, proj):
     names = ["output", "h_n", "c_n", "grad input"] + [n for n, _ in ours.named_parameters()]
     for a, b, name in zip(got, expected, names):
         assert_agree(a, b, dtype, name, tol=max(AGREEMENT_TOL[dtype], 1e-5))
+
+
+@grid(dtype=DTYPES, packed=[False, True])
+def test_gru_matches_float32_reference_on_cuda(dtype, packed):
+    """The GRU in every dtype, padded and packed, against the plain-PyTorch reference run in
+    float32 on CUDA; and the GRUCell."""
+    torch.manual_seed(6)
+    kwargs = {"num_layers": 2, "bidirectional": True, "device": CUDA}
+    ours = lstm_fused.GRU(5, 12, dtype=dtype, **kwargs)
+    ref = lstm_fused.GRU(5, 12, dtype=torch.float32, **kwargs)
+    ref._layer_fn = reference.gru_layer
+    ref.load_state_dict({k: v.float() for k, v in ours.state_dict().items()})
+    x = torch.randn(6, 3, 5, device=CUDA)
+    lengths = torch.tensor([6, 2, 4]) if packed else None
+    got = run_module(ours, x.to(dtype).requires_grad_(), lengths)
+    expected = run_module(ref, x.clone().requires_grad_(), lengths)
+    names = ["output", "h_n", "grad input"] + [n for n, _ in ours.named_parameters()]
+    assert len(got) == len(expected) == len(names)
+    for a, b, name in zip(got, expected, names):
+        assert_agree(a, b, dtype, name, tol=max(AGREEMENT_TOL[dtype], 1e-5))
+
+    cell = lstm_fused.GRUCell(5, 12, device=CUDA, dtype=dtype)
+    params = [p.float() for p in (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)]
+    h = torch.randn(3, 12, device=CUDA)
+    assert_agree(cell(x[0].to(dtype), h.to(dtype)), reference.gru_cell(x[0], h, *params), dtype,
+                 "GRUCell", tol=max(AGREEMENT_TOL[dtype], 1e-5))
 
 
 @pytest.mark.parametrize("coupled", [False, True])
@@ -378,14 +561,24 @@ def test_kernels_per_time_step_on_cuda(variant):
         assert expected <= per_step <= 1.5 * expected, (direction, per_step, expected, kernels)
 
 
-@variant_params
+@module_params
 def test_zero_length_and_empty_batch_on_cuda(variant):
-    peephole, coupled = variant
-    m = lstm_fused.LSTM(3, 4, peephole=peephole, coupled=coupled, device=CUDA)
-    out, (h, _) = m(torch.randn(0, 2, 3, device=CUDA))
-    assert out.shape == (0, 2, 4) and h.shape == (1, 2, 4) and out.is_cuda
-    out, (_, c) = m(torch.randn(5, 0, 3, device=CUDA))
-    assert out.shape == (5, 0, 4) and c.shape == (1, 0, 4)
+    """An empty batch runs (empty outputs, zero-row states); an empty sequence raises what
+    torch.nn.LSTM / nn.GRU raise (as on the CPU, test_reliability.py), before any kernel runs."""
+    m = make_module(variant, 3, 4, device=CUDA)
+    out, finals = m(torch.randn(5, 0, 3, device=CUDA))
+    assert out.shape == (5, 0, 4) and out.is_cuda
+    assert all(s.shape == (1, 0, 4) and s.is_cuda for s in states_of(finals))
+    with pytest.raises(RuntimeError, match="sequence length"):
+        m(torch.randn(0, 2, 3, device=CUDA))
+
+
+def test_gru_layer_op_on_an_empty_sequence_returns_h0_on_cuda():
+    args = to_device(gru_layer_op_args(torch.float32, False, False, True,
+                                       torch.Generator().manual_seed(7)))
+    out, h_n, _ = ops.gru_layer_forward(args[0][:0], *args[1:])
+    assert out.shape == (0, 3, 6) and out.is_cuda
+    torch.testing.assert_close(h_n, args[1], rtol=0, atol=0)
 
 
 @variant_params
@@ -412,12 +605,27 @@ def test_opcheck_every_op_on_cuda(variant):
                                               weight_ch, kind, coupled))
 
 
-@variant_params
+@pytest.mark.parametrize("packed", [False, True])
+def test_opcheck_gru_ops_on_cuda(packed):
+    args = to_device(gru_layer_op_args(torch.float32, packed, False, True,
+                                       torch.Generator().manual_seed(8)))
+    differentiable = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
+                      for a in args]
+    torch.library.opcheck(ops.gru_layer_forward, args)
+    torch.library.opcheck(ops.gru_layer_forward, differentiable)
+    out, h_n, gates = ops.gru_layer_forward(*args)
+    torch.library.opcheck(ops.gru_layer_backward, (*random_like([out, h_n], seed=9), *args[:6],
+                                                   out, gates, *args[6:], True))
+    x, h0, weight_ih, weight_hh, bias_ih, bias_hh = args[:6]
+    step_input = x if packed else x[0]
+    torch.library.opcheck(ops.gru_cell_step, (step_input[:3], h0, weight_ih, weight_hh, bias_ih,
+                                              bias_hh))
+
+
+@module_params
 def test_training_on_cuda_reduces_loss(variant):
-    peephole, coupled = variant
     torch.manual_seed(0)
-    model = lstm_fused.LSTM(1, 16, num_layers=2, peephole=peephole, coupled=coupled,
-                            batch_first=True, device=CUDA)
+    model = make_module(variant, 1, 16, num_layers=2, batch_first=True, device=CUDA)
     head = torch.nn.Linear(16, 1, device=CUDA)
     opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=1e-2)
     x = torch.randn(64, 12, 1, device=CUDA)
@@ -435,12 +643,11 @@ def test_training_on_cuda_reduces_loss(variant):
 # --- autocast ----------------------------------------------------------------------------------
 
 
-@variant_params
+@module_params
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_autocast_runs_in_the_autocast_dtype(variant, dtype):
-    peephole, coupled = variant
     torch.manual_seed(13)
-    model = lstm_fused.LSTM(8, 32, num_layers=2, peephole=peephole, coupled=coupled, device=CUDA)
+    model = make_module(variant, 8, 32, num_layers=2, device=CUDA)
     head = torch.nn.Linear(32, 1, device=CUDA)
     x = torch.randn(10, 4, 8, device=CUDA, requires_grad=True)
     params = [x, *model.parameters(), *head.parameters()]
@@ -465,14 +672,29 @@ def test_cuda_autocast_cell_with_float32_state():
     assert h1.dtype == c1.dtype == torch.float16
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "no_grad"])
+def test_cuda_autocast_gru_cell_with_float32_state(grad):
+    """GRUCell under CUDA autocast with a float32 state, on the training path (gru_layer_forward)
+    and the no_grad latency path (gru_cell_step): float16 out, close to the float32 cell."""
+    torch.manual_seed(1)
+    cell = lstm_fused.GRUCell(5, 16, device=CUDA)
+    x, h = torch.randn(4, 5, device=CUDA), torch.randn(4, 16, device=CUDA)
+    with torch.no_grad():
+        expected = cell(x, h)
+    with torch.set_grad_enabled(grad), torch.autocast("cuda"):
+        got = cell(x, h)
+    assert got.dtype == torch.float16
+    assert_agree(got, expected, torch.float16, "GRUCell under autocast",
+                 tol=TOLERANCES["autocast"][torch.float16])
+
+
 # --- CUDA graphs and torch.compile -------------------------------------------------------------
 
 
-def make_training_setup(peephole, coupled):
+def make_training_setup(variant):
     torch.manual_seed(14)
     model = torch.nn.ModuleDict({
-        "lstm": lstm_fused.LSTM(8, 32, num_layers=2, peephole=peephole, coupled=coupled,
-                                device=CUDA),
+        "lstm": make_module(variant, 8, 32, num_layers=2, device=CUDA),
         "head": torch.nn.Linear(32, 1, device=CUDA)})
 
     def loss_fn(x, y):
@@ -487,12 +709,11 @@ def batches(count):
              torch.randn(20, 16, 1, generator=g).to(CUDA)) for _ in range(count)]
 
 
-@variant_params
+@module_params
 def test_training_step_captured_in_a_cuda_graph(variant):
-    """Forward, backward and optimizer step of an LSTM, captured once and replayed on new data,
-    give the same losses and weights as the same steps run eagerly."""
-    peephole, coupled = variant
-    model, loss_fn = make_training_setup(peephole, coupled)
+    """Forward, backward and optimizer step of an LSTM (or GRU), captured once and replayed on
+    new data, give the same losses and weights as the same steps run eagerly."""
+    model, loss_fn = make_training_setup(variant)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     data = batches(6)
     static_x, static_y = data[0][0].clone(), data[0][1].clone()
@@ -532,7 +753,8 @@ def test_training_step_captured_in_a_cuda_graph(variant):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[4]], ids=["standard", "coupled-diag"])
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[4], GRU],
+                         ids=["standard", "coupled-diag", "gru"])
 def test_torch_compile_reduce_overhead(variant):
     """mode="reduce-overhead" runs the step through CUDA graph trees: the fused ops must not make
     inductor skip cudagraphs, and results equal eager."""
@@ -540,8 +762,7 @@ def test_torch_compile_reduce_overhead(variant):
 
     torch._dynamo.reset()
     counters.clear()
-    peephole, coupled = variant
-    model, loss_fn = make_training_setup(peephole, coupled)
+    model, loss_fn = make_training_setup(variant)
     compiled = torch.compile(loss_fn, mode="reduce-overhead", fullgraph=True)
     for x, y in batches(4):
         expected = loss_fn(x, y)
@@ -604,22 +825,20 @@ def test_peak_memory_of_layer_forward_backward(variant, dtype):
     assert peak <= bound, f"peak {peak / 2**20:.1f} MiB > bound {bound / 2**20:.1f} MiB"
 
 
-@variant_params
+@module_params
 @pytest.mark.parametrize("packed", [False, True])
 def test_no_host_synchronisation_in_layer_forward_backward(variant, packed):
     """torch.cuda.set_sync_debug_mode("error") raises on any synchronising CUDA call (including
     copies from pageable host memory) made while the ops run."""
-    peephole, coupled = variant
-    module = lstm_fused.LSTM(4, 8, num_layers=2, bidirectional=True, peephole=peephole,
-                             coupled=coupled, device=CUDA)
+    module = make_module(variant, 4, 8, num_layers=2, bidirectional=True, device=CUDA)
     x = torch.randn(6, 3, 4, device=CUDA, requires_grad=True)
     inp = pack_padded_sequence(x, torch.tensor([6, 4, 2])) if packed else x
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out, (h_n, c_n) = module(inp)
+        out, finals = module(inp)
         data = out.data if packed else out
-        (data.sum() + h_n.sum() + c_n.sum()).backward()
+        (data.sum() + sum(s.sum() for s in states_of(finals))).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert x.grad is not None and x.grad.is_cuda
@@ -637,3 +856,16 @@ def test_kernels_show_in_the_cuda_profiler_with_their_names():
     for direction in ("forward", "backward"):
         assert any(f"lstm_fused_pointwise_{direction}<float, " in n
                    and "coupled_diagonal_peephole" in n for n in names), sorted(names)
+
+
+def test_gru_kernels_show_in_the_cuda_profiler_with_their_names():
+    module = lstm_fused.GRU(4, 8, device=CUDA)
+    x = torch.randn(5, 2, 4, device=CUDA, requires_grad=True)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        module(x)[0].sum().backward()
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events()}
+    assert {"lstm_fused::gru_layer_forward", "lstm_fused::gru_layer_backward"} <= names
+    for direction in ("forward", "backward"):
+        assert any(f"lstm_fused_gru_{direction}<float>" in n for n in names), sorted(names)

@@ -1,10 +1,11 @@
-"""lstm_fused.LSTM under DistributedDataParallel, FSDP2 (fully_shard) and torch.compile(DDP).
+"""lstm_fused.LSTM and lstm_fused.GRU under DistributedDataParallel, FSDP2 (fully_shard) and
+torch.compile(DDP).
 
 The tests share one run of 2 worker processes (this file run as a script) on CPU with the gloo
 backend over loopback, killed if they outlive TIMEOUT; each test checks its scenario's part of
 their output (importing torch dominates a worker's runtime). Each worker runs every variant
-(conftest.VARIANTS: plain, peephole, coupled, both) in two shapes (2-layer bidirectional with
-projection; 1 layer), trains a few SGD steps on its half of a batch and checks the parameters
+(conftest.VARIANTS: plain, peephole, coupled, both) in its shapes (CONFIGS: 2-layer bidirectional
+with projection; 1 layer; clipped; layer norm) and the GRU (GRU_CONFIGS), trains a few SGD steps on its half of a batch and checks the parameters
 against single-process training on the whole batch (gradients are averaged across ranks and
 the losses are batch means, so the math is the same), plus cross-rank consistency and
 state_dict / checkpoint round trips.
@@ -56,6 +57,12 @@ CONFIGS = {
     "single": {"num_layers": 1},
     "clipped": {"proj_size": 3, "cell_clip": 0.5, "proj_clip": 0.4},  # TensorFlow's state clips
     "layer_norm": {"layer_norm": True, "bidirectional": True},  # weight_ln_l{k} parameters too
+}
+# lstm_fused.GRU, run as one more "variant" (GRU) beside conftest.VARIANTS.
+GRU = "gru"
+GRU_CONFIGS = {
+    "stack": {"num_layers": 2, "bidirectional": True},  # 2 layers x 2 directions
+    "single": {"num_layers": 1, "bias": False},
 }
 RTOL = ATOL = TOLERANCES["reference"][torch.float32]
 pytestmark = pytest.mark.slow  # worker processes: torch import, process groups, compiles
@@ -208,7 +215,7 @@ def _worker_main(scenarios: str, tmp_dir: str) -> None:
 
 def _check_all_ok(scenario: str) -> None:
     """Every case of the scenario printed its OK line (guards against a silently empty loop)."""
-    configs = _compile_configs if scenario.startswith("compile") else (lambda variant: CONFIGS)
+    configs = _compile_configs if scenario.startswith("compile") else _configs
     expected = sum(len(configs(v)) for v in _variants())
     assert _ok_lines[scenario] == expected, f"{scenario}: {_ok_lines[scenario]} of {expected} OK"
 
@@ -222,27 +229,35 @@ def _ok(scenario: str, message: str) -> None:
 
 
 class Net(nn.Module):
-    def __init__(self, peephole, coupled, config):
+    """The recurrent encoder (an LSTM variant, or the GRU for variant GRU) and a linear head
+    on its last step; forward returns (prediction, the last state: c_n, or h_n for the GRU)."""
+
+    def __init__(self, variant, config):
         super().__init__()
-        self.lstm = lstm_fused.LSTM(I, H, batch_first=True, peephole=peephole,
-                                    coupled=coupled, **config)
+        if variant == GRU:
+            self.lstm = lstm_fused.GRU(I, H, batch_first=True, **config)
+        else:
+            peephole, coupled = variant
+            self.lstm = lstm_fused.LSTM(I, H, batch_first=True, peephole=peephole,
+                                        coupled=coupled, **config)
         directions = 2 if self.lstm.bidirectional else 1
         self.head = nn.Linear(directions * (self.lstm.proj_size or H), O)
 
     def forward(self, x):
-        out, (_, c_n) = self.lstm(x)
-        return self.head(out[:, -1]), c_n
+        out, states = self.lstm(x)
+        last_state = states if isinstance(states, torch.Tensor) else states[1]
+        return self.head(out[:, -1]), last_state
 
 
 def loss_fn(model, x, y):
     # Batch means only, so that averaging per-rank gradients gives the full-batch gradient.
-    pred, c_n = model(x)
-    return F.mse_loss(pred, y) + 0.1 * c_n.pow(2).mean()
+    pred, state = model(x)
+    return F.mse_loss(pred, y) + 0.1 * state.pow(2).mean()
 
 
 def make_net(variant, config, seed=0):
     torch.manual_seed(seed)
-    return Net(*variant, config)
+    return Net(variant, config)
 
 
 def data():
@@ -293,21 +308,31 @@ def assert_same_on_all_ranks(tensors, what):
         assert torch.equal(other, flat), f"{what}: rank {r} differs from rank {dist.get_rank()}"
 
 
+def _variant_id(variant) -> str:
+    return GRU if variant == GRU else variant_id(variant)
+
+
 def _variants():
-    """conftest.VARIANTS, or only those whose ids (conftest.variant_id) are listed, comma-separated,
-    in LSTM_FUSED_TEST_DIST_VARIANTS (tests/asan/fsdp2_loop.py loops one variant)."""
+    """conftest.VARIANTS and the GRU, or only those whose ids (conftest.variant_id, "gru") are
+    listed, comma-separated, in LSTM_FUSED_TEST_DIST_VARIANTS (tests/asan/fsdp2_loop.py loops
+    one variant)."""
+    every = [*VARIANTS, GRU]
     wanted = os.environ.get("LSTM_FUSED_TEST_DIST_VARIANTS")
     if not wanted:
-        return VARIANTS
-    chosen = [v for v in VARIANTS if variant_id(v) in wanted.split(",")]
+        return every
+    chosen = [v for v in every if _variant_id(v) in wanted.split(",")]
     assert chosen, f"LSTM_FUSED_TEST_DIST_VARIANTS={wanted!r} names no variant"
     return chosen
 
 
-def cases(configs_of=lambda variant: CONFIGS):
+def _configs(variant):
+    return GRU_CONFIGS if variant == GRU else CONFIGS
+
+
+def cases(configs_of=_configs):
     for variant in _variants():
         for name, config in configs_of(variant).items():
-            yield f"{variant_id(variant)}/{name}", variant, config
+            yield f"{_variant_id(variant)}/{name}", variant, config
 
 
 def _scenario_ddp(scenario, tmp):
@@ -359,7 +384,7 @@ def _scenario_ddp(scenario, tmp):
         fresh.load_state_dict(torch.load(path, weights_only=True), strict=True)
         expected_keys = set(dict(model.module.named_parameters()))
         assert set(fresh.state_dict()) == expected_keys, f"{case}: state_dict keys"
-        if variant[0] == "diagonal":
+        if variant != GRU and variant[0] == "diagonal":
             assert "lstm.weight_ch_l0" in expected_keys, f"{case}: no weight_ch_l0"
         fresh = DDP(fresh, find_unused_parameters=False)
         with torch.no_grad():
@@ -455,7 +480,7 @@ def _scenario_fsdp2(scenario, tmp):
 
 def _compile_configs(variant):
     """Compiling dominates the runtime: every variant, as "stack" only."""
-    return {"stack": CONFIGS["stack"]}
+    return {"stack": _configs(variant)["stack"]}
 
 
 def _scenario_compile(scenario, tmp):
@@ -491,8 +516,10 @@ def _scenario_compile(scenario, tmp):
             loss_fn(model, xl, yl).backward()
             opt.step()
         layers = ddp.module.lstm.num_layers * (2 if ddp.module.lstm.bidirectional else 1)
-        assert len(compiled_ops) == layers and all("layer_forward" in op for op in compiled_ops), (
-            f"{case}: expected {layers} lstm_fused.layer_forward calls in the compiled graphs "
+        op = "gru_layer_forward" if variant == GRU else "layer_forward"
+        assert len(compiled_ops) == layers and all(
+            name.split(".")[1] == op for name in compiled_ops), (
+            f"{case}: expected {layers} lstm_fused.{op} calls in the compiled graphs "
             f"(compiled once), got {compiled_ops}; graph breaks: {dict(counters['graph_break'])}")
         compiled_ops.clear()
         for n, p in ddp.module.named_parameters():

@@ -375,6 +375,13 @@ def test_modules_validate_once_and_never_use_the_reference():
         lstm(num_layers=2, bidirectional=True)(seq())
         lstm_fused.PeepholeLSTMCell(I, H)(seq(B, I))
     assert lstm_check.call_count == cell_check.call_count == 1
+    # The GRU's modules likewise: one check, then the unchecked fused layer, never gru_layer.
+    with mock.patch.object(functional, "gru_layer", **refuse), \
+            mock.patch.object(modules, "check_gru_forward", wraps=modules.check_gru_forward) as gru_check, \
+            mock.patch.object(modules, "check_gru_cell_forward", wraps=modules.check_gru_cell_forward) as gru_cell_check:
+        lstm_fused.GRU(I, H, num_layers=2, bidirectional=True)(seq())
+        lstm_fused.GRUCell(I, H)(seq(B, I))
+    assert gru_check.call_count == gru_cell_check.call_count == 1
 
 
 def test_backward_ops_called_directly_are_not_differentiable():
@@ -388,6 +395,15 @@ def test_backward_ops_called_directly_are_not_differentiable():
                                          "none", False)
     with pytest.raises(NotImplementedError, match="the \\*_backward ops are not differentiable"):
         torch.autograd.grad(grad_gates.sum(), grad_h)
+    # The GRU's layer backward op, likewise.
+    x, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    weight_ih, weight_hh = torch.randn(3 * H, I), torch.randn(3 * H, H)
+    out, _, gates = ops.gru_layer_forward(x, h0, weight_ih, weight_hh, None, None, None, False)
+    grad_out = torch.randn(T, B, H, requires_grad=True)
+    grad_input = ops.gru_layer_backward(grad_out, torch.zeros(B, H), x, h0, weight_ih, weight_hh,
+                                        None, None, out, gates, None, False, True)[0]
+    with pytest.raises(NotImplementedError, match="the \\*_backward ops are not differentiable"):
+        torch.autograd.grad(grad_input.sum(), grad_out)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5, 1.0, -1e-9, 1 + 1e-9])
@@ -491,6 +507,58 @@ def test_lstm_reports_the_mistake_torch_reports_first(dtype, mistakes):
         args = LSTM_MISTAKES[mistake](args, other)
     theirs = _raised(lambda: theirs_lstm(args["input"], (args["h0"], args["c0"])))
     ours = _raised(lambda: ours_lstm(args["input"], (args["h0"], args["c0"])))
+    assert theirs is not None and ours is not None, (theirs, ours)
+    assert type(ours) is type(theirs), (ours, theirs)
+    assert str(theirs).replace("torch.", "") in str(ours).replace("torch.", ""), (
+        f"ours: {ours}\ntorch: {theirs}")
+
+
+# The GRU's mistakes: those of the LSTM's without the cell state (the GRU's state is h alone).
+GRU_CELL_MISTAKES = {k: v for k, v in CELL_MISTAKES.items() if not k.startswith("hidden1")}
+GRU_CELL_MISTAKE_PAIRS = [(a, b) for i, a in enumerate(GRU_CELL_MISTAKES)
+                          for b in list(GRU_CELL_MISTAKES)[i:]]
+GRU_MISTAKES = {k: v for k, v in LSTM_MISTAKES.items() if not k.startswith("hidden1")}
+GRU_MISTAKE_PAIRS = [(a, b) for i, a in enumerate(GRU_MISTAKES) for b in list(GRU_MISTAKES)[i:]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mistakes", GRU_CELL_MISTAKE_PAIRS, ids="+".join)
+def test_gru_cell_reports_the_mistake_torch_reports_first(dtype, mistakes):
+    """As test_cell_reports_the_mistake_torch_reports_first, for lstm_fused.GRUCell against
+    torch.nn.GRUCell, on the general path and the no_grad one-op path."""
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    torch.manual_seed(0)
+    theirs_cell = torch.nn.GRUCell(CELL_I, CELL_H).to(dtype)
+    ours_cell = lstm_fused.GRUCell(CELL_I, CELL_H).to(dtype)
+    args = {"input": torch.randn(CELL_B, CELL_I, dtype=dtype),
+            "h0": torch.randn(CELL_B, CELL_H, dtype=dtype)}
+    for mistake in mistakes:
+        args = GRU_CELL_MISTAKES[mistake](args, other)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            theirs = _raised(lambda: theirs_cell(args["input"], args["h0"]))
+            ours = _raised(lambda: ours_cell(args["input"], args["h0"]))
+        assert theirs is not None, "torch.nn.GRUCell accepted a mistake"
+        assert ours is not None, f"lstm_fused.GRUCell accepted what torch rejects: {theirs}"
+        assert type(ours) is type(theirs), (ours, theirs)
+        assert _same_check(ours, theirs), f"ours: {ours}\ntorch: {theirs}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mistakes", GRU_MISTAKE_PAIRS, ids="+".join)
+def test_gru_reports_the_mistake_torch_reports_first(dtype, mistakes):
+    """As test_lstm_reports_the_mistake_torch_reports_first, for lstm_fused.GRU against
+    torch.nn.GRU."""
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    torch.manual_seed(0)
+    theirs_gru = torch.nn.GRU(CELL_I, CELL_H).to(dtype)
+    ours_gru = lstm_fused.GRU(CELL_I, CELL_H).to(dtype)
+    args = {"input": torch.randn(4, CELL_B, CELL_I, dtype=dtype),
+            "h0": torch.randn(1, CELL_B, CELL_H, dtype=dtype)}
+    for mistake in mistakes:
+        args = GRU_MISTAKES[mistake](args, other)
+    theirs = _raised(lambda: theirs_gru(args["input"], args["h0"]))
+    ours = _raised(lambda: ours_gru(args["input"], args["h0"]))
     assert theirs is not None and ours is not None, (theirs, ours)
     assert type(ours) is type(theirs), (ours, theirs)
     assert str(theirs).replace("torch.", "") in str(ours).replace("torch.", ""), (

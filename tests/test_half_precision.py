@@ -1,7 +1,7 @@
-"""float16 / bfloat16 on the CPU: layers and cells with half storage against the float32 reference
-(the kernels compute in float and cast back), the weight-gradient reductions accumulating in
-float, and torch.autocast (every op has an autocast kernel; backward ops keep the forward's dtype).
-The same checks on CUDA are in test_cuda.py."""
+"""float16 / bfloat16 on the CPU: layers and cells (LSTM and GRU) with half storage against the
+float32 reference (the kernels compute in float and cast back), the weight-gradient reductions
+accumulating in float, and torch.autocast (every op has an autocast kernel; backward ops keep the
+forward's dtype). The same checks on CUDA are in test_cuda.py."""
 
 import pytest
 import torch
@@ -14,13 +14,19 @@ from lstm_fused.ops import OP_NAMES, ops
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 
 
+def states(finals):
+    """A module's final states as a tuple: (h_n, c_n) for an LSTM, (h_n,) for a GRU."""
+    return (finals,) if isinstance(finals, torch.Tensor) else tuple(finals)
+
+
 def outputs_and_grads(module, x, seed=5):
-    out, (h_n, c_n) = module(x)
+    out, finals = module(x)
+    outputs = (out, *states(finals))
     g = torch.Generator().manual_seed(seed)
-    weights = [torch.randn(t.shape, generator=g).to(t.dtype) for t in (out, h_n, c_n)]
-    loss = sum((t.float() * w.float()).sum() for t, w in zip((out, h_n, c_n), weights))
+    weights = [torch.randn(t.shape, generator=g).to(t.dtype) for t in outputs]
+    loss = sum((t.float() * w.float()).sum() for t, w in zip(outputs, weights))
     grads = torch.autograd.grad(loss, [x, *module.parameters()])
-    return [out, h_n, c_n, *grads]
+    return [*outputs, *grads]
 
 
 @variant_params
@@ -38,6 +44,24 @@ def test_half_layer_matches_float32_reference(variant, dtype, bidirectional, pro
     got = outputs_and_grads(half, x.clone().requires_grad_())
     expected = outputs_and_grads(ref, x.float().requires_grad_())
     names = ["output", "h_n", "c_n", "grad input"] + [n for n, _ in half.named_parameters()]
+    for a, b, name in zip(got, expected, names):
+        assert a.dtype == dtype, f"{name}: {a.dtype}"
+        assert_close_scaled(a, b, dtype, name)
+
+
+@grid(dtype=HALF_DTYPES, bidirectional=[False, True], bias=[True, False])
+def test_half_gru_matches_float32_reference(dtype, bidirectional, bias):
+    torch.manual_seed(0)
+    kwargs = {"num_layers": 2, "bidirectional": bidirectional, "bias": bias}
+    half = lstm_fused.GRU(6, 8, dtype=dtype, **kwargs)
+    ref = lstm_fused.GRU(6, 8, dtype=torch.float32, **kwargs)
+    ref._layer_fn = reference.gru_layer
+    ref.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    x = torch.randn(7, 3, 6).to(dtype)
+    got = outputs_and_grads(half, x.clone().requires_grad_())
+    expected = outputs_and_grads(ref, x.float().requires_grad_())
+    names = ["output", "h_n", "grad input"] + [n for n, _ in half.named_parameters()]
+    assert len(got) == len(expected) == len(names)
     for a, b, name in zip(got, expected, names):
         assert a.dtype == dtype, f"{name}: {a.dtype}"
         assert_close_scaled(a, b, dtype, name)
@@ -63,6 +87,30 @@ def test_half_packed_layer_matches_float32_reference(dtype):
         assert_close_scaled(a, b, dtype, name)
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_packed_gru_matches_float32_reference(dtype):
+    torch.manual_seed(1)
+    half = lstm_fused.GRU(4, 6, num_layers=2, bidirectional=True, dtype=dtype)
+    ref = lstm_fused.GRU(4, 6, num_layers=2, bidirectional=True)
+    ref._layer_fn = reference.gru_layer
+    ref.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    lengths = torch.tensor([5, 2, 4])
+    x = torch.randn(5, 3, 4).to(dtype)
+
+    def run(module, inputs):
+        inputs = inputs.detach().requires_grad_()
+        packed = torch.nn.utils.rnn.pack_padded_sequence(inputs, lengths, enforce_sorted=False)
+        out, h_n = module(packed)
+        loss = (out.data.float() * torch.linspace(-1, 1, out.data.numel()).view_as(out.data)
+                ).sum() + h_n.float().sum()
+        return [out.data, h_n, *torch.autograd.grad(loss, [inputs, *module.parameters()])]
+
+    names = ["output", "h_n", "grad input"] + [n for n, _ in half.named_parameters()]
+    for a, b, name in zip(run(half, x), run(ref, x.float()), names, strict=True):
+        assert a.dtype == dtype, f"{name}: {a.dtype}"
+        assert_close_scaled(a, b, dtype, name)
+
+
 @variant_params
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_half_cell_matches_float32_reference(variant, dtype):
@@ -76,6 +124,21 @@ def test_half_cell_matches_float32_reference(variant, dtype):
     for a, b, name in zip(got, expected, ("h", "c")):
         assert a.dtype == dtype, f"{name}: {a.dtype}"
         assert_close_scaled(a, b, dtype, name)
+
+
+@grid(dtype=HALF_DTYPES, bias=[True, False], batched=[True, False])
+def test_half_gru_cell_matches_float32_reference(dtype, bias, batched):
+    torch.manual_seed(2)
+    half = lstm_fused.GRUCell(5, 16, bias=bias, dtype=dtype)
+    x, h = torch.randn(4, 5), torch.randn(4, 16)
+    if not batched:
+        x, h = x[0], h[0]
+    params = [p.float() if p is not None else None
+              for p in (half.weight_ih, half.weight_hh, half.bias_ih, half.bias_hh)]
+    expected = reference.gru_cell(x.view(-1, 5), h.view(-1, 16), *params).view(h.shape)
+    got = half(x.to(dtype), h.to(dtype))
+    assert got.dtype == dtype and got.shape == h.shape
+    assert_close_scaled(got, expected, dtype, "h")
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -104,7 +167,7 @@ def test_diagonal_peephole_gradient_accumulates_in_float(dtype):
 
 @pytest.mark.parametrize("key", ["AutocastCPU", "AutocastCUDA"])
 def test_every_op_has_an_autocast_kernel(key):
-    for name in OP_NAMES:
+    for name in (*OP_NAMES, "cell_step", "gru_cell_step"):  # and the cells' one-op steps
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lstm_fused::{name}", key), name
 
 
@@ -127,6 +190,22 @@ def test_cell_step_under_cpu_autocast_runs_in_bfloat16(variant):
     assert torch.equal(h, expected[0]) and torch.equal(c, expected[1])
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_gru_cell_step_under_cpu_autocast_runs_in_bfloat16(bias):
+    """torch.ops.lstm_fused.gru_cell_step's autocast kernel, as cell_step's: float32 arguments
+    are cast to bfloat16 and the op runs in it, as if called on bfloat16 tensors."""
+    g = torch.Generator().manual_seed(6)
+    H = 16
+    shapes = [(3, 8), (3, H), (3 * H, 8), (3 * H, H)] + ([(3 * H,), (3 * H,)] if bias else [])
+    args = [torch.randn(*shape, generator=g) * 0.5 for shape in shapes]
+    args += [] if bias else [None, None]
+    with torch.autocast("cpu"):
+        h = ops.gru_cell_step(*args)
+    assert h.dtype == torch.bfloat16
+    expected = ops.gru_cell_step(*[a.bfloat16() if a is not None else None for a in args])
+    assert torch.equal(h, expected)
+
+
 @variant_params
 def test_cpu_autocast_runs_layers_in_bfloat16(variant):
     peephole, coupled = variant
@@ -147,12 +226,43 @@ def test_cpu_autocast_runs_layers_in_bfloat16(variant):
         assert_close_scaled(got, want, torch.bfloat16, "grad", kind="autocast_grad")
 
 
+@grid(bidirectional=[False, True], packed=[False, True])
+def test_cpu_autocast_runs_gru_in_bfloat16(bidirectional, packed):
+    torch.manual_seed(0)
+    module = lstm_fused.GRU(6, 8, num_layers=2, bidirectional=bidirectional)
+    x = torch.randn(7, 3, 6, requires_grad=True)
+    lengths = torch.tensor([7, 3, 5])
+
+    def run():
+        inp = (torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+               if packed else x)
+        out, h_n = module(inp)
+        return (out.data if packed else out), h_n
+
+    expected = run()
+    expected_grads = torch.autograd.grad(expected[0].sum(), [x, *module.parameters()])
+    with torch.autocast("cpu"):  # bfloat16 is CPU autocast's default
+        out, h_n = run()
+    for got, want, name in zip((out, h_n), expected, ("output", "h_n")):
+        assert got.dtype == torch.bfloat16, name
+        assert_close_scaled(got, want, torch.bfloat16, name, kind="autocast")
+    grads = torch.autograd.grad(out.float().sum(), [x, *module.parameters()])
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert got.dtype == torch.float32
+        assert_close_scaled(got, want, torch.bfloat16, "grad", kind="autocast_grad")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cpu_autocast_follows_the_requested_dtype(dtype):
     module = lstm_fused.LSTM(4, 5, peephole="full")
     with torch.autocast("cpu", dtype=dtype):
         out, (h_n, c_n) = module(torch.randn(3, 2, 4))
     assert out.dtype == h_n.dtype == c_n.dtype == dtype
+    gru, cell = lstm_fused.GRU(4, 5), lstm_fused.GRUCell(4, 5)
+    with torch.autocast("cpu", dtype=dtype):
+        out, h_n = gru(torch.randn(3, 2, 4))
+        h = cell(torch.randn(2, 4))
+    assert out.dtype == h_n.dtype == h.dtype == dtype
 
 
 @variant_params
@@ -171,9 +281,29 @@ def test_cpu_autocast_cell_with_float32_state(variant):
         assert_close_scaled(a, b, torch.bfloat16, "cell", kind="autocast")
 
 
-def test_cpu_autocast_under_torch_compile():
+def test_cpu_autocast_gru_cell_with_float32_state():
+    """GRUCell under autocast with a float32 hx: the op's autocast kernel casts the state too."""
+    torch.manual_seed(1)
+    cell = lstm_fused.GRUCell(5, 16)
+    x, h = torch.randn(4, 5, requires_grad=True), torch.randn(4, 16, requires_grad=True)
+    expected = cell(x, h)
+    expected_grads = torch.autograd.grad(expected.sum(), [x, h, *cell.parameters()])
+    with torch.autocast("cpu"):
+        got = cell(x, h)
+    assert got.dtype == torch.bfloat16
+    assert_close_scaled(got, expected, torch.bfloat16, "cell", kind="autocast")
+    grads = torch.autograd.grad(got.float().sum(), [x, h, *cell.parameters()])
+    for a, b in zip(grads, expected_grads, strict=True):
+        assert a.dtype == torch.float32
+        assert_close_scaled(a, b, torch.bfloat16, "grad", kind="autocast_grad")
+
+
+@pytest.mark.parametrize("make", [lambda: lstm_fused.LSTM(4, 6, peephole="diagonal"),
+                                  lambda: lstm_fused.GRU(4, 6, bidirectional=True)],
+                         ids=["lstm-diagonal", "gru-bidirectional"])
+def test_cpu_autocast_under_torch_compile(make):
     torch.manual_seed(2)
-    module = lstm_fused.LSTM(4, 6, peephole="diagonal")
+    module = make()
     x = torch.randn(5, 2, 4)
 
     def run(x):
@@ -210,9 +340,12 @@ def test_backward_ops_keep_the_forward_dtype_under_autocast():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_layer_backward_keeps_the_forward_dtype_under_autocast():
+@pytest.mark.parametrize("make", [lambda: lstm_fused.LSTM(3, 4, peephole="diagonal", proj_size=2),
+                                  lambda: lstm_fused.GRU(3, 4, num_layers=2)],
+                         ids=["lstm", "gru"])
+def test_layer_backward_keeps_the_forward_dtype_under_autocast(make):
     torch.manual_seed(4)
-    module = lstm_fused.LSTM(3, 4, peephole="diagonal", proj_size=2)
+    module = make()
     x = torch.randn(5, 2, 3, requires_grad=True)
     out = module(x)[0]
     expected = torch.autograd.grad(out.sum(), [x, *module.parameters()], retain_graph=True)

@@ -1,5 +1,5 @@
-"""Property-based tests (hypothesis): random variants, options and shapes, the fused ops against
-their plain-PyTorch twin (lstm_fused.reference) in float64, forward and gradients."""
+"""Property-based tests (hypothesis): random variants (and the GRU), options and shapes, the fused
+ops against their plain-PyTorch twin (lstm_fused.reference) in float64, forward and gradients."""
 
 import pytest
 import torch
@@ -46,14 +46,15 @@ def run_module(module, x, hx, mode, lengths, seed):
         inp = pack_padded_sequence(x, torch.tensor(lengths), batch_first=module.batch_first,
                                    enforce_sorted=False)
     torch.manual_seed(seed)  # the same dropout masks for the fused module and its twin
-    out, (h_n, c_n) = module(inp, hx)
+    out, finals = module(inp, hx)
     if mode == "packed":
         out = pad_packed_sequence(out, batch_first=module.batch_first)[0]
-    outputs = [out, h_n, c_n]
+    outputs = [out, *((finals,) if isinstance(finals, torch.Tensor) else finals)]
     weights = torch.Generator().manual_seed(seed)
     loss = sum((t * torch.randn(t.shape, generator=weights, dtype=t.dtype)).sum()
                for t in outputs)
-    leaves = [x, *module.parameters(), *(hx or ())]
+    states = (hx,) if isinstance(hx, torch.Tensor) else (hx or ())
+    leaves = [x, *module.parameters(), *states]
     return outputs + list(torch.autograd.grad(loss, leaves, allow_unused=True))
 
 
@@ -87,6 +88,81 @@ def test_lstm_module_matches_reference(case):
             assert a is None or not a.any()
         else:
             assert_close(a, b, torch.float64, f"{options} {mode} {sizes}")
+
+
+@st.composite
+def gru_cases(draw):
+    """(module options, input shape mode, sizes, lengths for packed input, with_state, seed)."""
+    options = {"num_layers": draw(st.integers(1, 3)), "bidirectional": draw(st.booleans()),
+               "bias": draw(st.booleans()), "batch_first": draw(st.booleans()),
+               "dropout": draw(st.sampled_from([0.0, 0.4]))}
+    mode = draw(st.sampled_from(["padded", "packed", "unbatched"]))
+    steps = draw(st.integers(1, 6))
+    batch = draw(st.integers(1 if mode == "packed" else 0, 4))
+    lengths = draw(st.lists(st.integers(1, steps), min_size=batch, max_size=batch))
+    sizes = {"input": draw(st.integers(1, 5)), "hidden": draw(st.integers(1, 8)), "steps": steps,
+             "batch": batch}
+    return options, mode, sizes, lengths, draw(st.booleans()), draw(st.integers(0, 2 ** 16))
+
+
+@PROPERTY_SETTINGS
+@given(gru_cases())
+def test_gru_module_matches_reference(case):
+    options, mode, sizes, lengths, with_state, seed = case
+    torch.manual_seed(seed)
+    fused = lstm_fused.GRU(sizes["input"], sizes["hidden"], dtype=torch.float64, **options)
+    twin = lstm_fused.GRU(sizes["input"], sizes["hidden"], dtype=torch.float64, **options)
+    twin.load_state_dict(fused.state_dict())
+    twin._layer_fn = reference.gru_layer
+
+    g = torch.Generator().manual_seed(seed)
+    T, B = sizes["steps"], sizes["batch"]
+    shape = {"unbatched": (T, sizes["input"])}.get(
+        mode, (B, T, sizes["input"]) if options["batch_first"] else (T, B, sizes["input"]))
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    hx = None
+    if with_state:
+        rows = fused.num_layers * (2 if fused.bidirectional else 1)
+        batch = () if mode == "unbatched" else (B,)
+        hx = torch.randn(rows, *batch, sizes["hidden"], generator=g,
+                         dtype=torch.float64).requires_grad_()
+    got = run_module(fused, x, hx, mode, lengths, seed)
+    want = run_module(twin, x, hx, mode, lengths, seed)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        if b is None:  # a parameter the outputs do not depend on
+            assert a is None or not a.any()
+        else:
+            assert_close(a, b, torch.float64, f"{options} {mode} {sizes}")
+
+
+@PROPERTY_SETTINGS
+@given(st.integers(1, 8), st.integers(1, 5), st.integers(0, 5), st.booleans(), st.booleans(),
+       st.integers(0, 2 ** 16))
+def test_gru_cell_matches_reference(hidden, input_size, batch, bias, with_state, seed):
+    """GRUCell (the fused layer op on one step) against the twin's gru_cell, with and without
+    an initial state, forward and every gradient."""
+    torch.manual_seed(seed)
+    cell = lstm_fused.GRUCell(input_size, hidden, bias=bias, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, input_size, generator=g, dtype=torch.float64).requires_grad_()
+    h = torch.randn(batch, hidden, generator=g, dtype=torch.float64).requires_grad_()
+    leaves = [x, *cell.parameters()] + ([h] if with_state else [])
+    params = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+
+    def run(step):
+        out = step()
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+        return [out, *torch.autograd.grad(loss, leaves, allow_unused=True)]
+
+    state = h if with_state else torch.zeros(batch, hidden, dtype=torch.float64)
+    got = run(lambda: cell(x, h if with_state else None))
+    want = run(lambda: reference.gru_cell(x, state, *params))
+    for a, b in zip(got, want, strict=True):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            assert_close(a, b, torch.float64, f"H={hidden} I={input_size} B={batch}")
 
 
 @st.composite
@@ -146,3 +222,29 @@ def test_packed_layer_op_equals_each_sequence_run_alone(variant, hidden, lengths
         assert_close(out[:len(seq), b], alone[:, 0], torch.float64, "output")
         assert_close(h_n[b], h_b[0], torch.float64, "h_n")
         assert_close(c_n[b], c_b[0], torch.float64, "c_n")
+
+
+@PROPERTY_SETTINGS
+@given(st.integers(1, 5), st.lists(st.integers(1, 6), min_size=1, max_size=5), st.booleans(),
+       st.booleans(), st.integers(0, 2 ** 16))
+def test_packed_gru_layer_op_equals_each_sequence_run_alone(hidden, lengths, reverse, bias, seed):
+    """The same for the fused GRU layer (functional.gru_layer)."""
+    lengths = sorted(lengths, reverse=True)
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * 0.5
+
+    params = (rand(3 * hidden, 3), rand(3 * hidden, hidden),
+              rand(3 * hidden) if bias else None, rand(3 * hidden) if bias else None)
+    sequences = [torch.randn(n, 3, generator=g, dtype=torch.float64) for n in lengths]
+    h0 = torch.randn(len(lengths), hidden, generator=g, dtype=torch.float64)
+    padded = torch.nn.utils.rnn.pad_sequence(sequences)
+    packed = pack_padded_sequence(padded, torch.tensor(lengths))
+    out, h_n = functional.gru_layer(packed.data, h0, *params, reverse=reverse,
+                                    batch_sizes=packed.batch_sizes)
+    out = pad_packed_sequence(packed._replace(data=out))[0]
+    for b, seq in enumerate(sequences):
+        alone, h_b = functional.gru_layer(seq.unsqueeze(1), h0[b:b + 1], *params, reverse=reverse)
+        assert_close(out[:len(seq), b], alone[:, 0], torch.float64, "output")
+        assert_close(h_n[b], h_b[0], torch.float64, "h_n")

@@ -1,5 +1,6 @@
 """Inputs that are legal but unusual (strided, broadcast, empty, NaN/Inf, huge offsets), and
-repeated or concurrent use: same answers every time, no crash, no memory growth."""
+repeated or concurrent use: same answers every time, no crash, no memory growth; for every LSTM
+variant and the GRU."""
 
 import gc
 import os
@@ -8,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import VARIANTS, assert_close, load_host_shim, variant_params
+from conftest import VARIANTS, assert_close, load_host_shim, variant_id, variant_params
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstm_fused
@@ -17,26 +18,48 @@ from lstm_fused.ops import ops
 
 T, B, I, H = 6, 3, 4, 5
 
+# The module-level tests run every LSTM variant and the GRU (variant GRU).
+GRU = "gru"
+module_params = pytest.mark.parametrize("variant", [*VARIANTS, GRU],
+                                        ids=[variant_id(v) for v in VARIANTS] + [GRU])
+
 
 def module_pair(peephole, coupled, dtype=torch.float64, **kwargs):
-    """(fused module, the same module running the plain-PyTorch reference layer)."""
+    """(fused module, the same module running the plain-PyTorch reference layer); the GRU for
+    peephole == GRU (coupled ignored)."""
     torch.manual_seed(0)
-    fused = lstm_fused.LSTM(I, H, peephole=peephole, coupled=coupled, dtype=dtype, **kwargs)
-    twin = lstm_fused.LSTM(I, H, peephole=peephole, coupled=coupled, dtype=dtype, **kwargs)
+    if peephole == GRU:
+        fused = lstm_fused.GRU(I, H, dtype=dtype, **kwargs)
+        twin = lstm_fused.GRU(I, H, dtype=dtype, **kwargs)
+        twin._layer_fn = reference.gru_layer
+    else:
+        fused = lstm_fused.LSTM(I, H, peephole=peephole, coupled=coupled, dtype=dtype, **kwargs)
+        twin = lstm_fused.LSTM(I, H, peephole=peephole, coupled=coupled, dtype=dtype, **kwargs)
+        twin._layer_fn = reference.lstm_layer
     twin.load_state_dict(fused.state_dict())
-    twin._layer_fn = reference.lstm_layer
     return fused, twin
+
+
+def unpack(variant):
+    """(peephole, coupled) of a variant, (GRU, False) for the GRU: module_pair's arguments."""
+    return (GRU, False) if variant == GRU else variant
+
+
+def states_of(finals):
+    """A module's final states as a tuple: (h_n, c_n) for an LSTM, (h_n,) for a GRU."""
+    return (finals,) if isinstance(finals, torch.Tensor) else tuple(finals)
 
 
 def outputs_and_grads(module, x, hx=None):
     """Forward, then gradients of a fixed weighting of all outputs w.r.t. x and parameters."""
     x = x.detach().requires_grad_()
-    out, (h_n, c_n) = module(x, hx)
+    out, finals = module(x, hx)
+    outputs = (out, *states_of(finals))
     weights = torch.Generator().manual_seed(1)
     loss = sum((t * torch.rand(t.shape, generator=weights, dtype=t.dtype)).sum()
-               for t in (out, h_n, c_n))
+               for t in outputs)
     grads = torch.autograd.grad(loss, [x, *module.parameters()], allow_unused=True)
-    return [out, h_n, c_n, *grads]
+    return [*outputs, *grads]
 
 
 # --- layouts -----------------------------------------------------------------------------------
@@ -57,18 +80,19 @@ def strided_layouts(x, h0, c0):
                                          (row.contiguous(), tuple(s.contiguous() for s in state)))}
 
 
-@variant_params
+@module_params
 @pytest.mark.parametrize("layout", ["transposed", "strided features", "padded rows",
                                     "expanded input and state"])
 def test_non_contiguous_and_expanded_inputs_give_the_contiguous_result(variant, layout):
-    peephole, coupled = variant
-    fused, _ = module_pair(peephole, coupled, num_layers=2)
+    fused, _ = module_pair(*unpack(variant), num_layers=2)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
     h0 = torch.randn(2, B, H, generator=g, dtype=torch.float64)
     c0 = torch.randn(2, B, H, generator=g, dtype=torch.float64)
     (strided, strided_hx), (contiguous, contiguous_hx) = strided_layouts(x, h0, c0)[layout]
     assert not strided.is_contiguous()
+    if variant == GRU:  # the GRU's state is h alone
+        strided_hx, contiguous_hx = strided_hx[0], contiguous_hx[0]
     got = outputs_and_grads(fused, strided, strided_hx)
     want = outputs_and_grads(fused, contiguous, contiguous_hx)
     for a, b in zip(got, want):
@@ -78,20 +102,27 @@ def test_non_contiguous_and_expanded_inputs_give_the_contiguous_result(variant, 
 # --- empty batch and empty sequence, as nn.LSTM ------------------------------------------------
 
 
-@pytest.mark.parametrize("options", [{}, {"batch_first": True}, {"bidirectional": True},
-                                     {"proj_size": 2, "num_layers": 2}],
-                         ids=["plain", "batch_first", "bidirectional", "projected-2-layers"])
-def test_empty_batch_and_empty_sequence_behave_as_torch_lstm(options):
+EMPTY_CASES = {"plain": (torch.nn.LSTM, {}), "batch_first": (torch.nn.LSTM, {"batch_first": True}),
+               "bidirectional": (torch.nn.LSTM, {"bidirectional": True}),
+               "projected-2-layers": (torch.nn.LSTM, {"proj_size": 2, "num_layers": 2}),
+               "gru": (torch.nn.GRU, {}), "gru-batch_first": (torch.nn.GRU, {"batch_first": True}),
+               "gru-bidirectional-2-layers": (torch.nn.GRU, {"bidirectional": True,
+                                                             "num_layers": 2})}
+
+
+@pytest.mark.parametrize("torch_class, options", EMPTY_CASES.values(), ids=EMPTY_CASES.keys())
+def test_empty_batch_and_empty_sequence_behave_as_torch_lstm(torch_class, options):
+    """As torch.nn.LSTM (torch.nn.GRU for the GRU)."""
     torch.manual_seed(0)
-    theirs = torch.nn.LSTM(I, H, **options)
-    ours = lstm_fused.LSTM.from_torch(theirs)
+    theirs = torch_class(I, H, **options)
+    ours = (lstm_fused.GRU if torch_class is torch.nn.GRU else lstm_fused.LSTM).from_torch(theirs)
     empty_batch = torch.randn(*((0, T) if options.get("batch_first") else (T, 0)), I,
                               requires_grad=True)
     results = []
     for module in (ours, theirs):
-        out, (h_n, c_n) = module(empty_batch)
-        (out.sum() + h_n.sum() + c_n.sum()).backward()
-        results.append([out, h_n, c_n, empty_batch.grad,
+        out, finals = module(empty_batch)
+        (out.sum() + sum(s.sum() for s in states_of(finals))).backward()
+        results.append([out, *states_of(finals), empty_batch.grad,
                         *[p.grad for p in module.parameters()]])
         empty_batch.grad = None
     for a, b in zip(*results):
@@ -117,6 +148,23 @@ def test_empty_batch_of_every_variant_and_the_cell(variant):
     assert h.shape == c.shape == (0, H)
 
 
+def test_empty_batch_of_the_gru_and_its_cell():
+    fused, twin = module_pair(GRU, False, bidirectional=True, num_layers=2)
+    for a, b in zip(outputs_and_grads(fused, torch.randn(T, 0, I, dtype=torch.float64)),
+                    outputs_and_grads(twin, torch.randn(T, 0, I, dtype=torch.float64)),
+                    strict=True):
+        assert a.shape == b.shape
+        assert_close(a, b, torch.float64, "empty batch")
+    cell = lstm_fused.GRUCell(I, H)
+    x = torch.randn(0, I, requires_grad=True)
+    h = cell(x)
+    assert h.shape == (0, H)
+    h.sum().backward()
+    assert x.grad.shape == (0, I) and all(not p.grad.any() for p in cell.parameters())
+    with torch.no_grad():  # the one-op latency path
+        assert cell(torch.randn(0, I), torch.randn(0, H)).shape == (0, H)
+
+
 # --- NaN and Inf ---------------------------------------------------------------------------------
 
 
@@ -128,10 +176,9 @@ def poisoned_input():
     return x
 
 
-@variant_params
+@module_params
 def test_nan_and_inf_propagate_as_in_the_reference(variant):
-    peephole, coupled = variant
-    fused, twin = module_pair(peephole, coupled, bidirectional=True)
+    fused, twin = module_pair(*unpack(variant), bidirectional=True)
     x = poisoned_input()
     got, want = outputs_and_grads(fused, x), outputs_and_grads(twin, x)
     assert got[0].isnan().any()  # the NaN did reach the output
@@ -139,13 +186,27 @@ def test_nan_and_inf_propagate_as_in_the_reference(variant):
         assert_close(a, b, torch.float64, equal_nan=True)
 
 
-def test_nan_and_inf_propagate_as_in_torch_lstm():
+@pytest.mark.parametrize("torch_class", [torch.nn.LSTM, torch.nn.GRU], ids=["lstm", "gru"])
+def test_nan_and_inf_propagate_as_in_torch_lstm(torch_class):
     torch.manual_seed(0)
-    theirs = torch.nn.LSTM(I, H, num_layers=2, dtype=torch.float64)
-    ours = lstm_fused.LSTM.from_torch(theirs)
+    theirs = torch_class(I, H, num_layers=2, dtype=torch.float64)
+    ours = (lstm_fused.GRU if torch_class is torch.nn.GRU else lstm_fused.LSTM).from_torch(theirs)
     x = poisoned_input()
     for a, b in zip(ours(x)[0], theirs(x)[0]):
         assert_close(a, b, torch.float64, equal_nan=True)
+
+
+def test_nan_and_inf_propagate_through_the_gru_cell_as_in_torch():
+    torch.manual_seed(0)
+    theirs = torch.nn.GRUCell(I, H, dtype=torch.float64)
+    ours = lstm_fused.GRUCell.from_torch(theirs)
+    x = poisoned_input()
+    h = torch.zeros(B, H, dtype=torch.float64)
+    for t in range(T):
+        got, want = ours(x[t], h), theirs(x[t], h)
+        assert_close(got, want, torch.float64, f"step {t}", equal_nan=True)
+        h = want
+    assert h.isnan().any()
 
 
 # --- index arithmetic past 2^31 ------------------------------------------------------------------
@@ -190,21 +251,22 @@ def test_row_offsets_past_2_to_the_31_elements(variant, kernels):
 # --- determinism -----------------------------------------------------------------------------
 
 
-@variant_params
+@module_params
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_repeated_runs_are_bit_identical(variant, packed):
-    peephole, coupled = variant
-    fused, _ = module_pair(peephole, coupled, dtype=torch.float32, num_layers=2,
-                           bidirectional=True, proj_size=2)
+    options = {} if variant == GRU else {"proj_size": 2}
+    fused, _ = module_pair(*unpack(variant), dtype=torch.float32, num_layers=2,
+                           bidirectional=True, **options)
     x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(5)).requires_grad_()
     lengths = torch.tensor([T, T - 2, 1])
 
     def run():
         inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
-        out, (h_n, c_n) = fused(inp)
+        out, finals = fused(inp)
         out = out.data if packed else out
-        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + h_n.sum() + c_n.sum()
-        return [out, h_n, c_n, *torch.autograd.grad(loss, [x, *fused.parameters()])]
+        loss = ((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+                + sum(s.sum() for s in states_of(finals)))
+        return [out, *states_of(finals), *torch.autograd.grad(loss, [x, *fused.parameters()])]
 
     first = run()
     for _ in range(3):
@@ -227,19 +289,22 @@ def test_2000_forward_backward_calls_do_not_grow_resident_memory():
     # Sizes where a tensor kept alive by every call (e.g. the saved gates, 5*32*4*32 floats)
     # would add up to well over the bound, while each call still takes about a millisecond.
     models = [lstm_fused.LSTM(16, 32, peephole=p, coupled=c, bidirectional=c, proj_size=8 * c)
-              for p, c in VARIANTS]
+              for p, c in VARIANTS] + [lstm_fused.GRU(16, 32, bidirectional=True)]
     cell = lstm_fused.LSTMCell(16, 32, peephole="full")
+    gru_cell = lstm_fused.GRUCell(16, 32)
     x = torch.randn(5, 32, 16, requires_grad=True)
     lengths = torch.arange(32, 0, -1).clamp(max=5)
 
     def call(i):
         """One forward+backward: the cell, or a layer variant on padded or packed input."""
         if i % (len(models) + 1) == len(models):
-            outputs = cell(x[0])
+            outputs = (*cell(x[0]), gru_cell(x[0]))
+            with torch.no_grad():  # and the GRUCell's one-op latency path
+                gru_cell(x[0])
         else:
-            out, (h_n, c_n) = models[i % (len(models) + 1)](
+            out, finals = models[i % (len(models) + 1)](
                 pack_padded_sequence(x, lengths) if i % 2 else x)
-            outputs = (out.data, h_n, c_n)
+            outputs = (out.data, *states_of(finals))
         sum(t.sum() for t in outputs).backward()
 
     # One intra-op thread: the calls are tiny, and on a busy machine waking a thread pool for
@@ -264,10 +329,9 @@ def test_2000_forward_backward_calls_do_not_grow_resident_memory():
 # --- threads -----------------------------------------------------------------------------------
 
 
-def test_concurrent_forwards_from_threads_match_the_single_threaded_result():
-    torch.manual_seed(0)
-    model = lstm_fused.LSTM(I, H, num_layers=2, bidirectional=True, peephole="diagonal",
-                            coupled=True, dtype=torch.float64)
+@pytest.mark.parametrize("variant", [("diagonal", True), GRU], ids=["diagonal-coupled", GRU])
+def test_concurrent_forwards_from_threads_match_the_single_threaded_result(variant):
+    model, _ = module_pair(*unpack(variant), num_layers=2, bidirectional=True)
     inputs = [torch.randn(T, B, I, dtype=torch.float64) for _ in range(4)]
     expected = [outputs_and_grads(model, x) for x in inputs]
     start = threading.Barrier(len(inputs))
