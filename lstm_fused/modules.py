@@ -62,6 +62,14 @@ class _RecurrentMixin:
     def _init_parameter(self, name: str, weight: Tensor, bound: float) -> None:
         nn.init.uniform_(weight, -bound, bound)
 
+    def __setattr__(self, name, value):
+        # torch.ao.quantization (quantize_dynamic, prepare, prepare_qat) assigns every module
+        # its `qconfig` before swapping the modules it knows by exact type, which never
+        # includes ours: the module would silently stay in floating point.
+        if name == "qconfig":
+            _refuse_quantization(self, value)
+        super().__setattr__(name, value)
+
     # --- the cells' latency path (no_grad / inference_mode): one op per step --------------
 
     @property
@@ -237,14 +245,6 @@ class _VariantMixin(_RecurrentMixin):
         return s
 
     # --- torch.ao.quantization: no quantized version, and no silent skip -------------------
-
-    def __setattr__(self, name, value):
-        # torch.ao.quantization (quantize_dynamic, prepare, prepare_qat) assigns every module
-        # its `qconfig` before swapping the modules it knows by exact type, which never
-        # includes ours: the module would silently stay in floating point.
-        if name == "qconfig":
-            _refuse_quantization(self, value)
-        super().__setattr__(name, value)
 
     # --- state_dict: a parameter set of another variant fails with a message saying so -------
 
@@ -730,17 +730,22 @@ def _refuse_quantization(module, qconfig) -> None:
     with a qconfig (it was asked to quantize this module) a NotImplementedError, without one (it
     quantizes other modules of the model) a warning that this one stays in floating point."""
     name = type(module).__name__
-    variant = f"peephole={module.peephole!r}, coupled={module.coupled}"
-    vanilla = module.peephole is None and not module.coupled
-    advice = (f"convert it with {name}.to_torch() before quantizing (the vanilla variant is "
-              f"exactly torch.nn.{'LSTMCell' if isinstance(module, LSTMCell) else 'LSTM'})"
+    if isinstance(module, _VariantMixin):
+        variant = f" (peephole={module.peephole!r}, coupled={module.coupled})"
+        vanilla = module.peephole is None and not module.coupled
+        torch_name = "LSTMCell" if isinstance(module, LSTMCell) else "LSTM"
+        what = "the vanilla variant is"
+    else:  # the GRU: always its torch.nn counterpart (less DropConnect)
+        variant, vanilla, torch_name, what = "", True, name, "it is"
+    advice = (f"convert it with {name}.to_torch() before quantizing ({what} exactly "
+              f"torch.nn.{torch_name})"
               if vanilla else "torch has no quantized peephole or coupled-gate LSTM")
     if qconfig is not None:
         raise NotImplementedError(
-            f"lstm_fused.{name} ({variant}) cannot be quantized by torch.ao.quantization, which "
+            f"lstm_fused.{name}{variant} cannot be quantized by torch.ao.quantization, which "
             f"would leave it in floating point without saying so: {advice}; or keep it in "
             f"floating point by leaving it out of qconfig_spec / qconfig")
-    warnings.warn(f"torch.ao.quantization leaves lstm_fused.{name} ({variant}) in floating "
+    warnings.warn(f"torch.ao.quantization leaves lstm_fused.{name}{variant} in floating "
                   f"point (it quantizes only its own module types): {advice}", stacklevel=4)
 
 

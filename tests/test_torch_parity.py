@@ -461,6 +461,8 @@ def test_modules_are_not_torch_rnn_subclasses():
     vanilla LSTM it is not."""
     assert not isinstance(lstm_fused.LSTM(3, 4), nn.RNNBase)
     assert not isinstance(lstm_fused.LSTMCell(3, 4), nn.RNNCellBase)
+    assert not isinstance(lstm_fused.GRU(3, 4), nn.RNNBase)
+    assert not isinstance(lstm_fused.GRUCell(3, 4), nn.RNNCellBase)
 
 
 @variant_params
@@ -488,6 +490,25 @@ def test_quantize_dynamic_refuses_to_quantize_our_modules(variant, spec):
         qconfig_spec = {type(module)} if spec == "our type" else {"": default_dynamic_qconfig}
         with pytest.raises(NotImplementedError, match="cannot be quantized by torch.ao"):
             quantize_dynamic(nn.Sequential(module), qconfig_spec=qconfig_spec)
+
+
+@pytest.mark.parametrize("module_class", [lstm_fused.GRU, lstm_fused.GRUCell])
+def test_quantize_dynamic_and_the_gru(module_class):
+    """The GRU as the LSTM: left in floating point with a warning by default, refused when asked
+    for, and quantized by torch through to_torch()."""
+    model = nn.Sequential(module_class(3, 4), nn.Linear(4, 2))
+    x = torch.randn(2, 3)
+    expected = model[0](x)
+    with pytest.warns(UserWarning, match=rf"leaves lstm_fused\.{module_class.__name__} in "):
+        quantized = quantize_dynamic(model)
+    assert type(quantized[0]) is module_class
+    torch.testing.assert_close(quantized[0](x), expected, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="cannot be quantized by torch.ao"):
+        quantize_dynamic(nn.Sequential(module_class(3, 4)), qconfig_spec={module_class})
+    torch_class = getattr(torch.ao.nn.quantized.dynamic, module_class.__name__)
+    converted = quantize_dynamic(nn.Sequential(module_class(3, 4).to_torch()),
+                                 {getattr(nn, module_class.__name__)})
+    assert type(converted[0]) is torch_class
 
 
 def test_vanilla_model_quantizes_through_to_torch():
