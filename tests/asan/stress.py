@@ -1,5 +1,5 @@
-"""A short stress of the CPU kernels for the sanitizer build (`make test-asan`): every variant,
-dtype and hidden size around the SIMD widths (H = w - 1, w, w + 1 for w = 4, 8, 16 lanes: the
+"""A short stress of the CPU kernels for the sanitizer build (`make test-asan`): every LSTM variant
+and the GRU, every dtype and hidden size around the SIMD widths (H = w - 1, w, w + 1 for w = 4, 8, 16 lanes: the
 float/double registers of AVX2 and AVX-512), padded and packed input, on several threads, forward
 and backward of a layer and of a cell, each checked against the float64 reference.
 
@@ -16,8 +16,9 @@ import torch
 import lstm_fused
 from lstm_fused import reference
 
+# (peephole, coupled) of the LSTM, and "gru".
 VARIANTS = [(None, False), ("diagonal", False), ("full", False),
-            (None, True), ("diagonal", True), ("full", True)]
+            (None, True), ("diagonal", True), ("full", True), "gru"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 HIDDEN = sorted({w + d for w in (4, 8, 16) for d in (-1, 0, 1)})
 # Relative to the largest reference value (half types: a few steps of their rounding).
@@ -26,19 +27,21 @@ T, I = 3, 3
 
 
 def run(module, x, lengths):
-    """Output, h_n, c_n and the gradients of the input and every parameter."""
+    """Output, the final states (h_n, c_n; the GRU's h_n) and the gradients of the input and every
+    parameter."""
     x = x.clone().requires_grad_()
     inputs = x
     if lengths is not None:
         inputs = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
-    out, (h, c) = module(inputs)
+    out, states = module(inputs)
+    states = (states,) if isinstance(states, torch.Tensor) else tuple(states)
     if lengths is not None:
         out = torch.nn.utils.rnn.pad_packed_sequence(out)[0]
     g = torch.Generator().manual_seed(1)
     loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64)).sum()
-               for t in (out, h, c))
+               for t in (out, *states))
     grads = torch.autograd.grad(loss, [x, *module.parameters()])
-    return [out, h, c, *grads]
+    return [out, *states, *grads]
 
 
 def check(actual, expected, what):
@@ -49,14 +52,19 @@ def check(actual, expected, what):
         assert error <= tol * scale, f"{what}, result {i}: max error {error:.3g} (scale {scale:.3g})"
 
 
-def stress_layer(variant, dtype, hidden, packed, batch):
+def make_layer(variant, hidden, dtype):
+    if variant == "gru":
+        return lstm_fused.GRU(I, hidden, bidirectional=True, dtype=dtype)
     peephole, coupled = variant
-    fused = lstm_fused.LSTM(I, hidden, peephole=peephole, coupled=coupled, bidirectional=True,
-                            dtype=dtype)
-    ref = lstm_fused.LSTM(I, hidden, peephole=peephole, coupled=coupled, bidirectional=True,
-                          dtype=torch.float64)
+    return lstm_fused.LSTM(I, hidden, peephole=peephole, coupled=coupled, bidirectional=True,
+                           dtype=dtype)
+
+
+def stress_layer(variant, dtype, hidden, packed, batch):
+    fused = make_layer(variant, hidden, dtype)
+    ref = make_layer(variant, hidden, torch.float64)
     ref.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
-    ref._layer_fn = reference.lstm_layer
+    ref._layer_fn = reference.gru_layer if variant == "gru" else reference.lstm_layer
     x = torch.randn(T, batch, I).to(dtype)
     lengths = torch.randint(1, T + 1, (batch,)) if packed else None
     if lengths is not None:
@@ -66,6 +74,15 @@ def stress_layer(variant, dtype, hidden, packed, batch):
 
 
 def stress_cell(variant, dtype, hidden, batch):
+    if variant == "gru":  # the latency op (no_grad) and the layer op on one step (autograd)
+        fused = lstm_fused.GRUCell(I, hidden, dtype=dtype)
+        x, h = (torch.randn(batch, n, dtype=torch.float64) for n in (I, hidden))
+        params = [p.double() for p in fused.parameters()]
+        expected = reference.gru_cell(x, h, *params)
+        with torch.no_grad():
+            check([fused(x.to(dtype), h.to(dtype))], [expected], f"GRU cell step {dtype} H={hidden}")
+        check([fused(x.to(dtype), h.to(dtype))], [expected], f"GRU cell {dtype} H={hidden}")
+        return
     peephole, coupled = variant
     fused = lstm_fused.LSTMCell(I, hidden, peephole=peephole, coupled=coupled, dtype=dtype)
     x, h, c = (torch.randn(batch, n, dtype=torch.float64) for n in (I, hidden, hidden))
