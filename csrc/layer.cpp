@@ -689,6 +689,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 //                                                                   and b_n for backward)
 //   backward, per step:  pointwise backward -> da_t, db_t, dh z    (one kernel)
 //                        dh_{t-1} = dh z + db_t W_hh               (one accumulating GEMM)
+// Zoneout of h (keep values m): h_t = m h_{t-1} + (1 - m) h~_t in the kernel, and its gradient
+// split there (m dh to h_{t-1}, (1 - m) dh to the update).
 //             once:      dW_ih, dW_hh, dx, the bias gradients over all T*B rows.
 
 namespace {
@@ -718,14 +720,23 @@ int64_t check_gru_layer(const Tensor& input, const Tensor& h0, const Tensor& wei
   return H;
 }
 
+// Zoneout of the GRU's h (lstm_math.h zoneout): keep values [..., H], one row per row of input.
+void check_gru_zoneout(const OptTensor& keep_h, const Tensor& input, int64_t hidden) {
+  if (!keep_h) return;
+  check_arg({*keep_h, "zoneout_h"}, {input, "input"}, per_row_sizes(input, hidden),
+            "[..., H]: one keep value per h unit of every row of input, H = weight_ih rows / 3");
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
     const Tensor& input, const Tensor& h0, const Tensor& weight_ih, const Tensor& weight_hh,
     const OptTensor& bias_ih, const OptTensor& bias_hh, at::OptionalIntArrayRef batch_sizes,
-    bool reverse, bool need_backward, const PointwiseKernels& kernels) {
+    bool reverse, bool need_backward, const OptTensor& zoneout_h,
+    const PointwiseKernels& kernels) {
   const Schedule s = make_schedule(input, batch_sizes, reverse);
   const int64_t H = check_gru_layer(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, s);
+  check_gru_zoneout(zoneout_h, input, H);
   const c10::OptionalDeviceGuard guard(input.device());
   const int64_t B = s.batch, N = s.rows;
   const auto options = input.options();
@@ -744,7 +755,9 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
   const Tensor step_buffer = at::empty({B, kGruGates * H}, options);
   const Tensor b_hh = bias_hh ? bias_hh->contiguous() : Tensor();
 
+  const Tensor keep_h = keep_rows(zoneout_h, N, H);
   GruForwardStep p{};
+  p.keep_h_stride = keep_h.defined() ? keep_h.stride(0) : 0;
   p.input_gates_stride = input_gates.stride(0);
   p.bias_hh = b_hh.defined() ? b_hh.data_ptr() : nullptr;
   p.gates_stride = gates.stride(0);
@@ -764,6 +777,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
     p.h_prev = h_prev.data_ptr(), p.h_prev_stride = h_prev.stride(0);
     p.gates_out = need_backward ? row_ptr(gates, row) : nullptr;
     p.h_out = row_ptr(output, row);
+    p.keep_h = keep_h.defined() ? row_ptr(keep_h, row) : nullptr;
     p.rows = n;
     run_gru_forward(kernels, p);
   }
@@ -779,9 +793,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
     const Tensor& h0, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias_ih,
     const OptTensor& bias_hh, const Tensor& output, const Tensor& gates,
     at::OptionalIntArrayRef batch_sizes, bool reverse, bool need_input_grad,
-    const PointwiseKernels& kernels) {
+    const OptTensor& zoneout_h, const PointwiseKernels& kernels) {
   const Schedule s = make_schedule(input, batch_sizes, reverse);
   const int64_t H = check_gru_layer(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, s);
+  check_gru_zoneout(zoneout_h, input, H);
   const Named like{input, "input"};
   const char* per_step_h = "[..., H], with the leading dimensions of input and H = weight_ih rows / 3";
   check_arg({output, "output"}, like, per_row_sizes(input, H), per_step_h);
@@ -808,7 +823,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
                              : at::zeros({B, H}, options);
   const RepeatedGemm recurrent(weight_hh.t(), B, true);
 
+  const Tensor keep_h = keep_rows(zoneout_h, N, H);
   GruBackwardStep p{};
+  p.keep_h_stride = keep_h.defined() ? keep_h.stride(0) : 0;
   p.grad_h_stride = H, p.grad_h2_stride = H;
   p.gates_stride = saved.stride(0);
   p.h_prev_stride = H;
@@ -823,6 +840,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
     p.h_prev = row_ptr(h_prev_all, row);
     p.grad_input_gates = row_ptr(grad_a, row);
     p.grad_hidden_gates = row_ptr(grad_b, row);
+    p.keep_h = keep_h.defined() ? row_ptr(keep_h, row) : nullptr;
     p.rows = n;
     run_gru_backward(kernels, p);  // leaves dh z in dh_running
     recurrent.run_into(grad_b.narrow(0, row, n), dh_running);

@@ -67,11 +67,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 // The GRU layer (gate blocks r, z, n as nn.GRU; lstm_math.h gru_update), the same time loop
 // structure: input [T, B, I] | [N, I] with batch_sizes, h0 [B, H] -> (output [..., H], h_n [B, H],
 // gates [..., 4H] saved for backward: r, z, n and W_hn h_{t-1} + b_hn; empty without
-// need_backward).
+// need_backward). zoneout_h [..., H]: zoneout's keep values (0/1 masks in training, the rate in
+// eval; None = off), h_t = m h_{t-1} + (1 - m) h~_t.
 std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
     const Tensor& input, const Tensor& h0, const Tensor& weight_ih, const Tensor& weight_hh,
     const OptTensor& bias_ih, const OptTensor& bias_hh, at::OptionalIntArrayRef batch_sizes,
-    bool reverse, bool need_backward, const PointwiseKernels& kernels);
+    bool reverse, bool need_backward, const OptTensor& zoneout_h,
+    const PointwiseKernels& kernels);
 
 // -> (grad_input (empty without need_input_grad), grad_h0, grad_weight_ih, grad_weight_hh,
 //     grad_bias_ih, grad_bias_hh)
@@ -80,7 +82,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
     const Tensor& h0, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias_ih,
     const OptTensor& bias_hh, const Tensor& output, const Tensor& gates,
     at::OptionalIntArrayRef batch_sizes, bool reverse, bool need_input_grad,
-    const PointwiseKernels& kernels);
+    const OptTensor& zoneout_h, const PointwiseKernels& kernels);
 
 // One GRU step, forward only (inference; the latency path of GRUCell): input [B, I], hx [B, H]
 // -> h [B, H], both GEMMs and the pointwise kernel in one op, nothing saved.

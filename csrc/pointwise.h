@@ -136,6 +136,10 @@ struct GruForwardStep {
   int64_t h_out_stride;
   void* h_state;             // optional second copy of h_t (the running state); may be null
   int64_t h_state_stride;
+  // Zoneout of h (lstm_math.h zoneout): h_t = m h_{t-1} + (1 - m) h~_t, h~_t the GRU's update;
+  // rows may have stride 0 (eval: one rate per unit).
+  const void* keep_h;        // [rows, H] keep values; null: no zoneout
+  int64_t keep_h_stride;
   int64_t rows;
   int64_t hidden;
   c10::ScalarType dtype;
@@ -154,6 +158,10 @@ struct GruBackwardStep {
   int64_t grad_input_gates_stride;
   void* grad_hidden_gates;   // [rows, 3H] db, gradient of h_{t-1} W_hhᵀ + b_hh
   int64_t grad_hidden_gates_stride;
+  // Zoneout of h: the gradient of the zoned h_t is split, (1 - m) of it to the update h~_t and
+  // m of it straight to h_{t-1} (added to what grad_h2 passes on).
+  const void* keep_h;        // [rows, H] keep values; null: no zoneout
+  int64_t keep_h_stride;
   int64_t rows;
   int64_t hidden;
   c10::ScalarType dtype;
@@ -655,8 +663,11 @@ LSTM_HD inline void gru_forward_chunk(const GruForwardStep& p, int64_t row, int6
   }
   const V h_prev = IO::load(static_cast<const S*>(p.h_prev) + row * p.h_prev_stride + j, n);
   GruGates<V> gates;
-  const V h = gru_update(IO::load(a + L::r * H, n), IO::load(a + L::z * H, n),
-                         IO::load(a + L::n * H, n), b_r, b_z, b_n, h_prev, gates);
+  V h = gru_update(IO::load(a + L::r * H, n), IO::load(a + L::z * H, n),
+                   IO::load(a + L::n * H, n), b_r, b_z, b_n, h_prev, gates);
+  if (p.keep_h) {
+    h = zoneout(h_prev, h, IO::load(static_cast<const S*>(p.keep_h) + row * p.keep_h_stride + j, n));
+  }
   if (p.gates_out) {
     S* out = static_cast<S*>(p.gates_out) + row * p.gates_stride + j;
     IO::store(out + L::r * H, gates.r, n);
@@ -679,6 +690,11 @@ LSTM_HD inline void gru_backward_chunk(const GruBackwardStep& p, int64_t row, in
   if (p.grad_h) dh = IO::load(static_cast<const S*>(p.grad_h) + row * p.grad_h_stride + j, n);
   S* grad_h2 = static_cast<S*>(p.grad_h2) + row * p.grad_h2_stride + j;
   dh = dh + IO::load(grad_h2, n);
+  V dh_kept(0);  // zoneout: m dh goes straight to h_{t-1}
+  if (p.keep_h) {
+    dh = zoneout_backward(
+        dh, IO::load(static_cast<const S*>(p.keep_h) + row * p.keep_h_stride + j, n), dh_kept);
+  }
   GruGates<V> gates;
   gates.r = IO::load(saved + L::r * H, n);
   gates.z = IO::load(saved + L::z * H, n);
@@ -686,7 +702,7 @@ LSTM_HD inline void gru_backward_chunk(const GruBackwardStep& p, int64_t row, in
   GruGrads<V> grads;
   gru_update_backward(dh, IO::load(static_cast<const S*>(p.h_prev) + row * p.h_prev_stride + j, n),
                       IO::load(saved + L::b_n * H, n), gates, grads);
-  IO::store(grad_h2, grads.dh_prev, n);
+  IO::store(grad_h2, p.keep_h ? grads.dh_prev + dh_kept : grads.dh_prev, n);
   S* da = static_cast<S*>(p.grad_input_gates) + row * p.grad_input_gates_stride + j;
   S* db = static_cast<S*>(p.grad_hidden_gates) + row * p.grad_hidden_gates_stride + j;
   IO::store(da + L::r * H, grads.da_r, n);

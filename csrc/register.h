@@ -44,12 +44,12 @@ namespace lstm_fused {
       ", float cell_clip=0.0) -> (Tensor h, Tensor c)",                                         \
       "gru_layer_forward(Tensor input, Tensor h0, Tensor weight_ih, Tensor weight_hh, "         \
       "Tensor? bias_ih, Tensor? bias_hh, int[]? batch_sizes, bool reverse" LAYER_EXTRA EXTRA    \
-      ") -> (Tensor output, Tensor h_n, Tensor gates)",                                         \
+      ", Tensor? zoneout_h=None) -> (Tensor output, Tensor h_n, Tensor gates)",                 \
       "gru_layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor input, Tensor h0, "     \
       "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor output, "   \
       "Tensor gates, int[]? batch_sizes, bool reverse, bool need_input_grad" EXTRA              \
-      ") -> (Tensor grad_input, Tensor grad_h0, Tensor grad_weight_ih, Tensor grad_weight_hh, " \
-      "Tensor grad_bias_ih, Tensor grad_bias_hh)",                                              \
+      ", Tensor? zoneout_h=None) -> (Tensor grad_input, Tensor grad_h0, "                       \
+      "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh)", \
       "gru_cell_step(Tensor input, Tensor hx, Tensor weight_ih, Tensor weight_hh, "             \
       "Tensor? bias_ih, Tensor? bias_hh" EXTRA ") -> Tensor"
 
@@ -118,9 +118,10 @@ struct DeviceOps {
   static std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
       const Tensor& input, const Tensor& h0, const Tensor& weight_ih, const Tensor& weight_hh,
       const OptTensor& bias_ih, const OptTensor& bias_hh, at::OptionalIntArrayRef batch_sizes,
-      bool reverse, bool need_backward) {
+      bool reverse, bool need_backward, const OptTensor& zoneout_h) {
     return lstm_fused::gru_layer_forward(input, h0, weight_ih, weight_hh, bias_ih, bias_hh,
-                                         batch_sizes, reverse, need_backward, kKernels());
+                                         batch_sizes, reverse, need_backward, zoneout_h,
+                                         kKernels());
   }
 
   static Tensor gru_cell_step(const Tensor& input, const Tensor& hx, const Tensor& weight_ih,
@@ -135,10 +136,10 @@ struct DeviceOps {
       const Tensor& h0, const Tensor& weight_ih, const Tensor& weight_hh,
       const OptTensor& bias_ih, const OptTensor& bias_hh, const Tensor& output,
       const Tensor& gates, at::OptionalIntArrayRef batch_sizes, bool reverse,
-      bool need_input_grad) {
+      bool need_input_grad, const OptTensor& zoneout_h) {
     return lstm_fused::gru_layer_backward(grad_output, grad_h_n, input, h0, weight_ih, weight_hh,
                                           bias_ih, bias_hh, output, gates, batch_sizes, reverse,
-                                          need_input_grad, kKernels());
+                                          need_input_grad, zoneout_h, kKernels());
   }
 };
 

@@ -373,6 +373,23 @@ def check_zoneout(zoneout) -> tuple[float, float]:
     return float(rates[0]), float(rates[1])
 
 
+def check_gru_zoneout(zoneout) -> tuple[float]:
+    """The GRU's `zoneout` keyword: one rate p in [0, 1) for its one state, h; returns (p,)."""
+    if isinstance(zoneout, (tuple, list)):
+        raise ValueError(f"zoneout of a GRU should be a number (the rate of its one state, h), "
+                         f"got a {type(zoneout).__name__}")
+    return check_zoneout(zoneout)[:1]
+
+
+def check_gru_layer_zoneout(zoneout, hx: Tensor, steps: int):
+    """The functional GRU layer's `zoneout` argument: None (off), a keep rate in [0, 1) (eval:
+    the expectation) or a 0/1 mask [T, B, H] (T = steps; packed input too: step t uses rows
+    :batch_sizes[t] of mask[t]); returned unchanged."""
+    if zoneout is not None:
+        check_zoneout_keep(zoneout, hx.expand(steps, *hx.shape), "keep_h")
+    return zoneout
+
+
 def check_zoneout_keep(keep, state: Tensor, name: str) -> None:
     """One keep value of the functional `zoneout=(keep_h, keep_c)` argument, against the state
     it mixes (`name`: "keep_h" against hx, "keep_c" against cx): a rate in [0, 1) (the eval

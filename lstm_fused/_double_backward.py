@@ -146,17 +146,21 @@ def layer(input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: T
 
 def gru_layer(input: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
               bias_ih: Tensor | None, bias_hh: Tensor | None,
-              batch_sizes: Sequence[int] | None, reverse: bool) -> tuple[Tensor, Tensor]:
+              batch_sizes: Sequence[int] | None, reverse: bool,
+              zoneout_h: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """What ``lstm_fused::gru_layer_forward`` computes (its first two outputs): input [T, B, I]
     (or packed [N, I] with batch_sizes), h0 [B, H] -> (output, h_n [B, H]), with nn.GRU's
     equations (gates r, z, n):
         r = σ(a_r + b_r), z = σ(a_z + b_z), n = tanh(a_n + r b_n), h_t = (1 - z) n + z h_{t-1}
-    a = x W_ihᵀ + b_ih, b = h_{t-1} W_hhᵀ + b_hh. Rows past batch_sizes[t] keep their state."""
+    a = x W_ihᵀ + b_ih, b = h_{t-1} W_hhᵀ + b_hh. Rows past batch_sizes[t] keep their state.
+    zoneout_h [..., H] (rows like input's; None = off): h_t = m h_{t-1} + (1 - m) h_t."""
     B = h0.shape[0]
     packed = batch_sizes is not None
     sizes = list(batch_sizes) if packed else [B] * input.shape[0]
     projected = F.linear(input, weight_ih, bias_ih)
     steps = projected.split(sizes, 0) if packed else projected.unbind(0)
+    keeps = ([None] * len(sizes) if zoneout_h is None
+             else list(zoneout_h.split(sizes, 0) if packed else zoneout_h.unbind(0)))
     h = h0
     outputs: list[Tensor] = [None] * len(sizes)
     for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
@@ -166,6 +170,8 @@ def gru_layer(input: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
         r, z = torch.sigmoid(a_r + b_r), torch.sigmoid(a_z + b_z)
         new = torch.tanh(a_n + r * b_n)
         h_t = (1 - z) * new + z * h[:n]
+        if keeps[t] is not None:
+            h_t = keeps[t] * h[:n] + (1 - keeps[t]) * h_t
         outputs[t] = h_t
         h = torch.cat([h_t, h[n:]])
     if not outputs:  # no time step

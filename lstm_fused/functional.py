@@ -19,6 +19,7 @@ from ._checks import (
     check_cell_args,
     check_clips,
     check_gru_layer_args,
+    check_gru_layer_zoneout,
     check_layer_args,
     check_layer_norm_eps,
     check_layer_zoneout,
@@ -185,30 +186,37 @@ def layer_keep(keep, input: Tensor, width: int, batch_sizes: list[int] | None) -
 
 def gru_layer(input: Tensor, hx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
               bias_ih: Tensor | None = None, bias_hh: Tensor | None = None, *,
-              reverse: bool = False, batch_sizes=None) -> tuple[Tensor, Tensor]:
+              reverse: bool = False, batch_sizes=None, zoneout=None) -> tuple[Tensor, Tensor]:
     """One fused GRU layer in one direction (nn.GRU's equations and gate order r, z, n; the
     time loop runs in C++).
 
     Padded: input [T, B, I] -> output [T, B, H]. Packed: input [N, I] with `batch_sizes`
     (non-increasing, as in PackedSequence) -> output [N, H]. hx [B, H]; weight_ih [3H, I],
     weight_hh [3H, H], bias_ih / bias_hh [3H] or None. `reverse` runs from the last step to the
-    first. Returns (output, h_n [B, H]). Each bad argument is named in the error (the twin,
-    `lstm_fused.reference.gru_layer`, computes the same equations in plain PyTorch).
+    first. `zoneout`: None (off), a keep rate in [0, 1) (eval: the expectation) or a 0/1 mask
+    [T, B, H] (training; packed input too: step t uses rows :batch_sizes[t] of mask[t]),
+    h_t = m h_{t-1} + (1 - m) h~_t in the fused time loop. Returns (output, h_n [B, H]). Each
+    bad argument is named in the error (the twin, `lstm_fused.reference.gru_layer`, computes
+    the same equations in plain PyTorch).
     """
     sizes = check_gru_layer_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes)
+    zoneout = check_gru_layer_zoneout(zoneout, hx,
+                                      len(sizes) if sizes is not None else input.shape[0])
     return fused_gru_layer(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reverse=reverse,
-                           batch_sizes=sizes)
+                           batch_sizes=sizes, zoneout=zoneout)
 
 
 def fused_gru_layer(input: Tensor, hx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                     bias_ih: Tensor | None, bias_hh: Tensor | None, *, reverse: bool,
-                    batch_sizes: list[int] | None) -> tuple[Tensor, Tensor]:
-    """`gru_layer` without the argument checks; `batch_sizes` a list of ints or None."""
+                    batch_sizes: list[int] | None, zoneout=None) -> tuple[Tensor, Tensor]:
+    """`gru_layer` without the argument checks; `batch_sizes` a list of ints or None, `zoneout`
+    None or checked."""
     need_backward = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (input, hx, weight_ih, weight_hh, bias_ih, bias_hh))
+    keep_h = None if zoneout is None else layer_keep(zoneout, input, hx.shape[-1], batch_sizes)
     output, h_n, _ = ops.gru_layer_forward(input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
-                                           batch_sizes, bool(reverse), need_backward)
+                                           batch_sizes, bool(reverse), need_backward, keep_h)
     return output, h_n
 
 

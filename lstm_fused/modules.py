@@ -25,6 +25,7 @@ from ._checks import (
     check_clips,
     check_gru_cell_forward,
     check_gru_forward,
+    check_gru_zoneout,
     check_layer_norm_options,
     check_lstm_forward,
     check_regularizer_options,
@@ -69,6 +70,20 @@ class _RecurrentMixin:
         if name == "qconfig":
             _refuse_quantization(self, value)
         super().__setattr__(name, value)
+
+    def _zoneout_keeps(self, like: Tensor, steps: tuple[int, ...], widths: tuple[int, ...]):
+        """The zoneout keep values of one layer/direction or cell call, one per state (self.zoneout
+        holds a rate per state: (p_h, p_c) for the LSTM, (p_h,) for the GRU): None when off; in
+        training fresh 0/1 keep masks [*steps, width] (LSTM: h [..., R], c [..., H]), each unit
+        kept with its state's probability, drawn on like's device with torch's generator; in
+        eval the rates themselves (the expectation, deterministic). A rate of 0 draws nothing."""
+        if not any(self.zoneout):
+            return None
+        if not self.training:
+            return self.zoneout
+        return tuple(
+            like.new_empty(*steps, width).bernoulli_(rate) if rate > 0 else 0.0
+            for rate, width in zip(self.zoneout, widths, strict=True))
 
     # --- the cells' latency path (no_grad / inference_mode): one op per step --------------
 
@@ -208,19 +223,6 @@ class _VariantMixin(_RecurrentMixin):
     def _init_zoneout(self, zoneout) -> None:
         """Sets zoneout as (p_h, p_c) floats (docs/regularizers.md); checks it first."""
         self.zoneout = check_zoneout(zoneout)
-
-    def _zoneout_keeps(self, like: Tensor, steps: tuple[int, ...], widths: tuple[int, int]):
-        """The functional `zoneout` argument for one layer/direction or cell call: None when off;
-        in training fresh 0/1 keep masks [*steps, B, R] (h) and [*steps, B, H] (c), each unit kept
-        with probability p_h / p_c, drawn on like's device with torch's generator; in eval the
-        rates themselves (the expectation, deterministic). A rate of 0 draws nothing."""
-        if not any(self.zoneout):
-            return None
-        if not self.training:
-            return self.zoneout
-        return tuple(
-            like.new_empty(*steps, width).bernoulli_(rate) if rate > 0 else 0.0
-            for rate, width in zip(self.zoneout, widths, strict=True))
 
     def _variant_repr(self) -> str:
         s = ""
@@ -824,14 +826,16 @@ class _GRUMixin(_RecurrentMixin):
 
     num_gates = 3  # (r, z, n)
 
-    def _init_gru(self, input_size, hidden_size, bias, weight_dropout) -> None:
+    def _init_gru(self, input_size, hidden_size, bias, weight_dropout, zoneout) -> None:
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
         _, self.weight_dropout = check_regularizer_options(bias, 0.0, weight_dropout)
+        self.zoneout = check_gru_zoneout(zoneout)  # (p_h,): one rate for the one state
 
-    def _weight_dropout_repr(self) -> str:
-        return f", weight_dropout={self.weight_dropout}" if self.weight_dropout != 0 else ""
+    def _options_repr(self) -> str:
+        s = f", weight_dropout={self.weight_dropout}" if self.weight_dropout != 0 else ""
+        return s + (f", zoneout={self.zoneout[0]}" if self.zoneout[0] != 0 else "")
 
 
 class GRU(_GRUMixin, _LayerStack):
@@ -851,6 +855,10 @@ class GRU(_GRUMixin, _LayerStack):
         weight_dropout (keyword): DropConnect rate on every weight_hh_l{k} in training, in
             [0, 1): each layer and direction draws its own mask per forward call; identity in
             eval.
+        zoneout (keyword): p in [0, 1): in training every unit of h_t keeps its previous value
+            with probability p (fresh Bernoulli masks per call, layer and direction),
+            h_t = m h_{t-1} + (1 - m) h~_t, in the fused time loop; in eval the expectation
+            p h_{t-1} + (1 - p) h~_t. The zoned values are the states and the outputs.
 
     Inputs: input [T, B, I] ([B, T, I] if batch_first), [T, I] unbatched, or a PackedSequence;
         optional h_0 [D*L, B, H] ([D*L, H] unbatched), D = 2 if bidirectional else 1.
@@ -868,11 +876,12 @@ class GRU(_GRUMixin, _LayerStack):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, *, weight_dropout: float = 0.0) -> None:
+                 device=None, dtype=None, *, weight_dropout: float = 0.0,
+                 zoneout: float = 0.0) -> None:
         super().__init__()
         check_rnn_options(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                           bidirectional)
-        self._init_gru(input_size, hidden_size, bias, weight_dropout)
+        self._init_gru(input_size, hidden_size, bias, weight_dropout, zoneout)
         self._init_stack("GRU", num_layers, batch_first, dropout, bidirectional, 0)
         factory = {"device": device, "dtype": dtype}
         directions = 2 if bidirectional else 1
@@ -922,17 +931,18 @@ class GRU(_GRUMixin, _LayerStack):
         return (self.hidden_size,)
 
     def _layer_arguments(self, suffix, like, steps):
-        """(weight_ih, weight_hh through DropConnect, bias_ih, bias_hh) and no options."""
+        """(weight_ih, weight_hh through DropConnect, bias_ih, bias_hh) and the zoneout keeps."""
         weights = (getattr(self, "weight_ih" + suffix),
                    self._recurrent_weight(getattr(self, "weight_hh" + suffix)),
                    getattr(self, "bias_ih" + suffix, None), getattr(self, "bias_hh" + suffix, None))
-        return weights, {}
+        keeps = self._zoneout_keeps(like, steps, (self.hidden_size,))
+        return weights, {"zoneout": keeps[0] if keeps else None}
 
     def _direction_parameter_names(self) -> list[str]:
         return ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
 
     def extra_repr(self) -> str:
-        return self._stack_repr() + self._weight_dropout_repr()
+        return self._stack_repr() + self._options_repr()
 
 
 class GRUCell(_GRUMixin, nn.Module):
@@ -944,6 +954,8 @@ class GRUCell(_GRUMixin, nn.Module):
     Args (as torch.nn.GRUCell): input_size, hidden_size, bias=True, device, dtype; and
         weight_dropout (keyword): DropConnect rate on weight_hh in training, in [0, 1); identity
             in eval.
+        zoneout (keyword): p in [0, 1), as GRU's: h_1 = m h_0 + (1 - m) h~_1 with a fresh mask
+            per call in training, the expectation in eval.
 
     Inputs: input [B, I] or [I]; h_0 [B, H] or [H], zeros when omitted.
     Output: h_1 [B, H] (or [H] for unbatched input).
@@ -956,10 +968,10 @@ class GRUCell(_GRUMixin, nn.Module):
     _layer_fn = staticmethod(functional.fused_gru_layer)
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
-                 dtype=None, *, weight_dropout: float = 0.0) -> None:
+                 dtype=None, *, weight_dropout: float = 0.0, zoneout: float = 0.0) -> None:
         super().__init__()
         check_cell_options(input_size, hidden_size, bias)
-        self._init_gru(input_size, hidden_size, bias, weight_dropout)
+        self._init_gru(input_size, hidden_size, bias, weight_dropout, zoneout)
         self._make_gate_parameters("", input_size, hidden_size, {"device": device,
                                                                  "dtype": dtype})
         if not bias:  # as nn.GRUCell: the attributes exist, None
@@ -994,12 +1006,12 @@ class GRUCell(_GRUMixin, nn.Module):
         s = f"{self.input_size}, {self.hidden_size}"
         if not self.bias:
             s += ", bias=False"
-        return s + self._weight_dropout_repr()
+        return s + self._options_repr()
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """input [B, I] or [I]; hx h_0 [B, H] or [H] (zeros when None) -> h_1, same batching.
         Bad arguments raise what torch.nn.GRUCell raises (lstm_fused._checks)."""
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not any(self.zoneout):
             weights = self._latency_step_weights(input)
             if weights is not None and (hx is None or self._is_plain_state(hx, input, weights[0])):
                 if hx is None:
@@ -1012,7 +1024,9 @@ class GRUCell(_GRUMixin, nn.Module):
             hx = hx.unsqueeze(0) if hx is not None else None
         if hx is None:
             hx = input.new_zeros(input.shape[0], self.hidden_size)
+        keeps = self._zoneout_keeps(input, (1, input.shape[0]), (self.hidden_size,))
         _, h = self._layer_fn(input.unsqueeze(0), hx, self.weight_ih,
                               self._recurrent_weight(self.weight_hh), self.bias_ih, self.bias_hh,
-                              reverse=False, batch_sizes=None)
+                              reverse=False, batch_sizes=None,
+                              zoneout=keeps[0] if keeps else None)
         return h if batched else h.squeeze(0)

@@ -36,7 +36,8 @@ What each fused op becomes (ONNX gate order is i, o, f, c; B = [Wb, Rb]; P order
   (z, r, h), B = [Wb, Rb]. `export` then merges the forward and the reverse GRU node that read
   the same input into one `direction="bidirectional"` node, so a GRU is one node per layer (the
   translation table alone, used with torch.onnx.export directly, leaves the two nodes). A
-  GRUCell is a GRU node over one step.
+  GRUCell is a GRU node over one step. With zoneout (eval mode: the rates) a `Scan` of the
+  GRU's step and the mix with the previous h (the GRU node cannot express it).
 - A `PackedSequence` cannot be exported (torch.export cannot trace `pack_padded_sequence`).
 
 Importing this module imports onnx, onnxscript and onnx_ir; `import lstm_fused` does not.
@@ -344,13 +345,16 @@ def _layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight
 
 
 def _gru_layer_forward(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes, reverse,
-                       need_backward=True):
+                       need_backward=True, zoneout_h=None):
     """gru_layer_forward(input [T, B, I], h0 [B, H], ...) -> (output [T, B, H], h_n [B, H]): one
-    GRU node (linear_before_reset=1). The op's last output (gates, saved for the backward) is
-    not exported."""
+    GRU node (linear_before_reset=1), or with zoneout (eval: the rates) a Scan. The op's last
+    output (gates, saved for the backward) is not exported."""
     _refuse_packed(batch_sizes)
     g = _Nodes()
     H = _hidden_size(weight_ih.shape[0], False, "GRU")
+    if zoneout_h is not None:
+        return _emit(g, _gru_scan_layer(g, input, h0, weight_ih, weight_hh, bias_ih, bias_hh,
+                                        bool(reverse), H, zoneout_h))
     return _emit(g, _rnn_node(g, "GRU", input, (h0,), weight_ih, weight_hh, bias_ih, bias_hh,
                               bool(reverse), H))
 
@@ -570,16 +574,51 @@ def _scan_layer(g: _Nodes, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh
     if keeps[1] is not None:
         c = _zoneout(body, keeps[1], c_prev, c, input.dtype)
     scan_inputs = [zx_t, *(k for k in keeps if k is not None)]
-    graph = ir.Graph([h_prev, c_prev, *scan_inputs], [h, c, body.Identity(h)],
+    h_n, c_n, output = _scan(g, body, [h_prev, c_prev], [h, c], [h0, c0], scan_inputs,
+                             [zx, *(k for k in zoneout if k is not None)], reverse)
+    return [output, h_n, c_n]
+
+
+def _scan(g: _Nodes, body: _Nodes, states: list, new_states: list, initial_states: list,
+          step_inputs: list, sequences: list, reverse: bool) -> list:
+    """A Scan over time of `body`: (states, step inputs) -> (new states, the first new state as
+    the step's output), started from `initial_states`, the step inputs the time slices of
+    `sequences`; returns [final states..., output [T, ...]]."""
+    graph = ir.Graph([*states, *step_inputs], [*new_states, body.Identity(new_states[0])],
                      nodes=body.tape.nodes, name="lstm_fused_step")
     # Names are unique in the whole model, subgraphs included (ONNX's SSA rule).
     scan = next(_scan_counter)
-    for k, value in enumerate([h_prev, c_prev, *scan_inputs,
-                               *(v for n in graph for v in n.outputs)]):
+    for k, value in enumerate([*states, *step_inputs, *(v for n in graph for v in n.outputs)]):
         value.name = f"lstm_fused_scan{scan}_{k}"
-    directions = [1 if reverse else 0] * len(scan_inputs)
-    h_n, c_n, output = g.Scan(h0, c0, zx, *(k for k in zoneout if k is not None), body=graph,
-                              num_scan_inputs=len(scan_inputs),
-                              scan_input_directions=directions,
-                              scan_output_directions=directions[:1], _outputs=3)
-    return [output, h_n, c_n]
+    directions = [1 if reverse else 0] * len(step_inputs)
+    return g.Scan(*initial_states, *sequences, body=graph, num_scan_inputs=len(step_inputs),
+                  scan_input_directions=directions, scan_output_directions=directions[:1],
+                  _outputs=len(states) + 1)
+
+
+def _gru_scan_layer(g: _Nodes, input, h0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, H,
+                    zoneout_h):
+    """A GRU layer as a Scan (the GRU node cannot mix in the previous state, as zoneout does):
+    a = x W_ihᵀ + b_ih for all steps; per step b = h W_hhᵀ + b_hh, nn.GRU's update, then
+    h_t = m h_{t-1} + (1 - m) h_t with m the step's keep values (the rates, in eval)."""
+    a = g.MatMul(input, g.Transpose(weight_ih, perm=[1, 0]))
+    if bias_ih is not None:
+        a = g.Add(a, bias_ih)
+    w_hh_t = g.Transpose(weight_hh, perm=[1, 0])
+    body = _Nodes()
+    dtype = ir.TensorType(input.dtype)
+    batch = h0.shape[0]
+    h_prev = ir.Value(type=dtype, shape=ir.Shape([batch, H]))
+    a_t = ir.Value(type=dtype, shape=ir.Shape([batch, 3 * H]))
+    keep = ir.Value(type=dtype, shape=ir.Shape([batch, H]))
+    b = body.MatMul(h_prev, w_hh_t)
+    if bias_hh is not None:
+        b = body.Add(b, bias_hh)
+    a_r, a_z, a_n = (body.rows(a_t, k * H, (k + 1) * H, axis=-1) for k in range(3))
+    b_r, b_z, b_n = (body.rows(b, k * H, (k + 1) * H, axis=-1) for k in range(3))
+    r, z = body.Sigmoid(body.Add(a_r, b_r)), body.Sigmoid(body.Add(a_z, b_z))
+    n = body.Tanh(body.Add(a_n, body.Mul(r, b_n)))
+    h = body.Add(n, body.Mul(z, body.Sub(h_prev, n)))
+    h = _zoneout(body, keep, h_prev, h, input.dtype)
+    h_n, output = _scan(g, body, [h_prev], [h], [h0], [a_t, keep], [a, zoneout_h], reverse)
+    return [output, h_n]

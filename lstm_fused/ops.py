@@ -10,9 +10,11 @@ fake (meta) kernels for torch.compile / export, and their autograd formulas.
         weight_ln=None, layer_norm_eps=1e-5)
         -> (output [T, B, R] | [N, R], h_n [B, R], c_n [B, H], gates, cells)
     torch.ops.lstm_fused.gru_layer_forward(input [T, B, I] | [N, I], h0 [B, H], weight_ih [3H, I],
-        weight_hh [3H, H], bias_ih, bias_hh, batch_sizes, reverse, need_backward=True)
+        weight_hh [3H, H], bias_ih, bias_hh, batch_sizes, reverse, need_backward=True,
+        zoneout_h=None)
         -> (output [T, B, H] | [N, H], h_n [B, H], gates [..., 4H])   (the GRU, nn.GRU's gates
-        r, z, n; `gates` saves r, z, n and W_hn h_{t-1} + b_hn of every step)
+        r, z, n; `gates` saves r, z, n and W_hn h_{t-1} + b_hn of every step; zoneout_h
+        [..., H] the keep values of zoneout, as the LSTM's)
     torch.ops.lstm_fused.gru_cell_step(input [B, I], hx [B, H], weight_ih, weight_hh, bias_ih,
         bias_hh) -> h [B, H]       (forward only, nothing saved: GRUCell's latency path)
 
@@ -235,7 +237,7 @@ torch.library.register_autograd(
 
 @torch.library.register_fake("lstm_fused::gru_layer_forward")
 def _gru_layer_forward_fake(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes,
-                            reverse, need_backward=True):
+                            reverse, need_backward=True, zoneout_h=None):
     lead, hidden = input.shape[:-1], h0.shape[-1]
     gates = input.new_empty(*lead, 4 * hidden) if need_backward else input.new_empty(0)
     return input.new_empty(*lead, hidden), h0.new_empty(h0.shape), gates
@@ -243,7 +245,8 @@ def _gru_layer_forward_fake(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, b
 
 @torch.library.register_fake("lstm_fused::gru_layer_backward")
 def _gru_layer_backward_fake(grad_output, grad_h_n, input, h0, weight_ih, weight_hh, bias_ih,
-                             bias_hh, output, gates, batch_sizes, reverse, need_input_grad):
+                             bias_hh, output, gates, batch_sizes, reverse, need_input_grad,
+                             zoneout_h=None):
     rows = weight_ih.shape[0]
     return (input.new_empty(input.shape) if need_input_grad else input.new_empty(0),
             h0.new_empty(h0.shape), weight_ih.new_empty(weight_ih.shape),
@@ -257,22 +260,23 @@ def _gru_cell_step_fake(input, hx, weight_ih, weight_hh, bias_ih, bias_hh):
 
 def _gru_layer_setup_context(ctx, inputs, output):
     input, h0, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes, reverse, *extra = inputs
+    zoneout_h = extra[1] if len(extra) > 1 else None
     if extra and not extra[0]:
         raise RuntimeError("lstm_fused: gru_layer_forward(need_backward=False) saved nothing for "
                            "backward, but an input requires grad; call it with "
                            "need_backward=True")
     out, _, gates = output
-    ctx.save_for_backward(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, out, gates)
+    ctx.save_for_backward(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, out, gates, zoneout_h)
     ctx.options = (batch_sizes, reverse)
     ctx.mark_non_differentiable(gates)
 
 
 def _gru_layer_backward(ctx, grad_output, grad_h_n, _grad_gates):
-    input, h0, weight_ih, weight_hh, bias_ih, bias_hh, out, gates = ctx.saved_tensors
+    input, h0, weight_ih, weight_hh, bias_ih, bias_hh, out, gates, zoneout_h = ctx.saved_tensors
     batch_sizes, reverse = ctx.options
     if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
         forward = functools.partial(_double_backward.gru_layer, batch_sizes=batch_sizes,
-                                    reverse=reverse)
+                                    reverse=reverse, zoneout_h=zoneout_h)
         grads = _double_backward.differentiable_gradients(
             forward, (input, h0, weight_ih, weight_hh, bias_ih, bias_hh), (grad_output, grad_h_n))
         return *grads, *_no_grads(ctx, 6)
@@ -280,7 +284,7 @@ def _gru_layer_backward(ctx, grad_output, grad_h_n, _grad_gates):
     (grad_input, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias_ih,
      grad_bias_hh) = ops.gru_layer_backward(
         grad_output, grad_h_n, input, h0, weight_ih, weight_hh, bias_ih, bias_hh, out, gates,
-        batch_sizes, reverse, need_input_grad)
+        batch_sizes, reverse, need_input_grad, zoneout_h)
     return (grad_input if need_input_grad else None, grad_h0, grad_weight_ih, grad_weight_hh,
             grad_bias_ih if bias_ih is not None else None,
             grad_bias_hh if bias_hh is not None else None, *_no_grads(ctx, 6))

@@ -64,6 +64,7 @@ from ._checks import (
     check_clips,
     check_gru_cell_args,
     check_gru_layer_args,
+    check_gru_layer_zoneout,
     check_layer_args,
     check_layer_norm_eps,
     check_layer_zoneout,
@@ -430,6 +431,7 @@ def gru_layer(
     *,
     reverse: bool = False,
     batch_sizes=None,
+    zoneout=None,
 ) -> tuple[Tensor, Tensor]:
     """One GRU layer, one direction: (output, h_n).
 
@@ -438,8 +440,11 @@ def gru_layer(
     batch_sizes[t] rows are active. hx [B, H] with B = input.shape[1] or batch_sizes[0].
     reverse=True runs time from last to first; with packed input each row starts its reverse
     pass at its own last step, from hx[b]. h_n [B, H]: each row's final state. Parameters as in
-    :func:`gru_cell`."""
+    :func:`gru_cell`. zoneout: None (off), a keep rate in [0, 1) or a 0/1 mask [T, B, H] (step t
+    uses rows :batch_sizes[t] of mask[t]): h_t = m * h_{t-1} + (1 - m) * h_t."""
     sizes = check_gru_layer_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes)
+    zoneout = check_gru_layer_zoneout(zoneout, hx,
+                                      len(sizes) if sizes is not None else input.shape[0])
     B, H = hx.shape
     if sizes is None:
         sizes = [B] * input.shape[0]
@@ -453,6 +458,8 @@ def gru_layer(
     for t in range(T - 1, -1, -1) if reverse else range(T):
         n = sizes[t]  # rows 0..n-1 are active at step t
         h_t = _gru_step(xs[t], h[:n], weight_ih, weight_hh, bias_ih, bias_hh)
+        if zoneout is not None:
+            h_t = _zoneout(h[:n], h_t, zoneout[t, :n] if isinstance(zoneout, Tensor) else zoneout)
         outputs[t] = h_t
         # Rows n.. keep their state: finished (forward) or not started yet (reverse).
         h = torch.cat([h_t, h[n:]], dim=0)

@@ -296,7 +296,9 @@ def test_gru_cell_parameters_are_nn_gru_cells():
 
 
 def test_gru_takes_none_of_the_lstm_options():
-    for option in ("peephole", "coupled", "proj_size", "zoneout", "layer_norm", "cell_clip",
+    """The LSTM's options without a GRU counterpart (or, layer_norm, not built for the GRU yet);
+    zoneout and weight_dropout are the GRU's too."""
+    for option in ("peephole", "coupled", "proj_size", "layer_norm", "cell_clip",
                    "forget_bias"):
         with pytest.raises(TypeError, match=option):
             lstm_fused.GRU(I, H, **{option: 1})
@@ -668,3 +670,163 @@ def test_gru_cell_runs_the_fused_layer_on_one_step(monkeypatch):
     cell(torch.randn(B, I))
     cell(torch.randn(I))
     assert calls == [(1, B, I), (1, 1, I)]
+
+
+# --- zoneout of h (h_t = m h_{t-1} + (1 - m) h~_t) ---------------------------------------------
+
+
+def zoneout_layer_inputs(packed, generator, dtype=torch.float64):
+    """(input, h0, weights, batch_sizes, a 0/1 keep mask [T, B, H]) of one GRU layer."""
+    sizes = [B, B, B - 1, 2, 1] if packed else None
+    x = torch.randn(sum(sizes) if packed else T, *(() if packed else (B,)), I,
+                    generator=generator, dtype=dtype)
+    h0 = torch.randn(B, H, generator=generator, dtype=dtype)
+    weights = [torch.randn(3 * H, I, generator=generator, dtype=dtype) * 0.5,
+               torch.randn(3 * H, H, generator=generator, dtype=dtype) * 0.5,
+               torch.randn(3 * H, generator=generator, dtype=dtype) * 0.5,
+               torch.randn(3 * H, generator=generator, dtype=dtype) * 0.5]
+    mask = torch.bernoulli(torch.full((T, B, H), 0.4, dtype=dtype), generator=generator)
+    return x, h0, weights, sizes, mask
+
+
+@needs_fused
+@grid(packed=[False, True], reverse=[False, True], keep=["mask", "rate"])
+def test_zoneout_layer_fused_equals_reference_and_gradcheck(packed, reverse, keep):
+    """With an injected mask (training) or a rate (eval), the fused layer is the twin's
+    equation, forward and backward (float64 gradcheck of the fused op)."""
+    g = torch.Generator().manual_seed(21)
+    x, h0, weights, sizes, mask = zoneout_layer_inputs(packed, g)
+    zoneout = mask if keep == "mask" else 0.3
+    tensors = [t.requires_grad_() for t in (x, h0, *weights)]
+
+    def fused(*t):
+        return functional.gru_layer(*t, reverse=reverse, batch_sizes=sizes, zoneout=zoneout)
+
+    def twin(*t):
+        return reference.gru_layer(*t, reverse=reverse, batch_sizes=sizes, zoneout=zoneout)
+
+    got, expected = fused(*tensors), twin(*tensors)
+    for a, b, what in zip(got, expected, ("output", "h_n")):
+        assert_close(a, b, torch.float64, what)
+    loss_weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in got]
+    grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(got, loss_weights)), tensors)
+    expected_grads = torch.autograd.grad(
+        sum((t * w).sum() for t, w in zip(expected, loss_weights)), tensors)
+    for a, b, what in zip(grads, expected_grads, ("input", "h0", "w_ih", "w_hh", "b_ih", "b_hh")):
+        assert_close(a, b, torch.float64, f"d {what}")
+    assert torch.autograd.gradcheck(fused, tuple(tensors))
+
+
+@needs_fused
+def test_zoneout_mask_of_ones_keeps_h0_and_of_zeros_is_the_plain_layer():
+    g = torch.Generator().manual_seed(22)
+    x, h0, weights, _, mask = zoneout_layer_inputs(False, g)
+    out, h_n = functional.gru_layer(x, h0, *weights, zoneout=torch.ones_like(mask))
+    assert torch.equal(h_n, h0) and torch.equal(out, h0.expand_as(out))
+    plain = functional.gru_layer(x, h0, *weights)
+    zeros = functional.gru_layer(x, h0, *weights, zoneout=torch.zeros_like(mask))
+    for a, b in zip(zeros, plain):
+        assert torch.equal(a, b)
+
+
+@needs_fused
+def test_zoneout_masks_statistics_one_per_layer_and_direction():
+    p = 0.3
+    gru = lstm_fused.GRU(I, 64, num_layers=2, bidirectional=True, zoneout=p,
+                         dtype=torch.float64)
+    keeps = []
+
+    def recorder(*args, zoneout=None, **kwargs):
+        keeps.append(zoneout)
+        return functional.fused_gru_layer(*args, zoneout=zoneout, **kwargs)
+
+    gru._layer_fn = recorder
+    gru(torch.randn(20, 16, I, dtype=torch.float64))
+    assert len(keeps) == 4
+    for mask in keeps:
+        assert mask.shape == (20, 16, 64)
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        fraction, n = mask.mean().item(), mask.numel()
+        assert abs(fraction - p) < 4 * (p * (1 - p) / n) ** 0.5, (fraction, p)
+    for a, b in itertools.combinations(keeps, 2):
+        assert not torch.equal(a, b)
+
+
+@needs_fused
+@pytest.mark.parametrize("mode", ["padded", "packed-unsorted"])
+def test_zoneout_module_training_draws_the_twins_masks_and_eval_is_the_expectation(mode):
+    """A training call's masks, drawn again by the same seed for the twin, give the same output
+    and gradients (the backward used the forward's masks); in eval the module is the twin with
+    the rate, deterministic."""
+    def make():
+        torch.manual_seed(0)
+        return lstm_fused.GRU(I, H, num_layers=2, bidirectional=True, zoneout=0.4,
+                              weight_dropout=0.2, dtype=torch.float64)
+
+    g = torch.Generator().manual_seed(23)
+    x, leaf, to_padded = make_input(mode, False, torch.float64, g)
+    fused, twin = make(), as_reference(make())
+    torch.manual_seed(1)
+    got = outputs_and_grads(fused, x, leaf, None, to_padded)
+    torch.manual_seed(1)
+    expected = outputs_and_grads(twin, x, leaf, None, to_padded)
+    for a, b in zip([*got[0], *got[1]], [*expected[0], *expected[1]]):
+        assert_close(a, b, torch.float64)
+    fused.eval(), twin.eval()
+    with torch.no_grad():
+        first, second, reference_out = fused(x)[0], fused(x)[0], twin(x)[0]
+    assert torch.equal(to_padded(first), to_padded(second))
+    assert_close(to_padded(first), to_padded(reference_out), torch.float64)
+
+
+@needs_fused
+def test_zoneout_same_seed_bit_identical_different_seed_differs():
+    gru = lstm_fused.GRU(I, H, zoneout=0.5)
+    x = torch.randn(T, B, I)
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(gru(x)[0])
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+@needs_fused
+def test_gru_cell_zoneout_training_mask_and_eval_expectation():
+    cell = lstm_fused.GRUCell(I, H, zoneout=0.3, dtype=torch.float64)
+    x, h = torch.randn(B, I, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    params = list(cell.parameters())
+    torch.manual_seed(5)
+    got = cell(x, h)
+    torch.manual_seed(5)
+    mask = torch.empty(1, B, H, dtype=torch.float64).bernoulli_(0.3)[0]
+    new = reference.gru_cell(x, h, *params)
+    assert_close(got, mask * h + (1 - mask) * new, torch.float64)
+    cell.eval()
+    with torch.no_grad():
+        assert_close(cell(x, h), 0.3 * h + 0.7 * new, torch.float64)
+
+
+@pytest.mark.parametrize("zoneout, error, match", [
+    ((0.1, 0.2), ValueError, "one state"), (1.0, ValueError, r"\[0, 1\)"),
+    (-0.1, ValueError, r"\[0, 1\)"), ("0.1", TypeError, "real number")])
+def test_zoneout_rates_are_checked(zoneout, error, match):
+    for make in (lambda: lstm_fused.GRU(I, H, zoneout=zoneout),
+                 lambda: lstm_fused.GRUCell(I, H, zoneout=zoneout)):
+        with pytest.raises(error, match=match):
+            make()
+
+
+def test_zoneout_repr_and_no_torch_counterpart():
+    gru = lstm_fused.GRU(I, H, zoneout=0.25)
+    assert repr(gru) == f"GRU({I}, {H}, zoneout=0.25)"
+    with pytest.raises(ValueError, match="zoneout"):
+        gru.to_torch()
+
+
+def test_functional_zoneout_mask_shape_is_checked():
+    g = torch.Generator().manual_seed(24)
+    x, h0, weights, _, mask = zoneout_layer_inputs(False, g)
+    with pytest.raises(ValueError, match="keep_h"):
+        functional.gru_layer(x, h0, *weights, zoneout=mask[:, :, :-1])
+    with pytest.raises(ValueError, match="keep_h"):
+        reference.gru_layer(x, h0, *weights, zoneout=mask[:, :, :-1])

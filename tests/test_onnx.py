@@ -462,3 +462,21 @@ def test_gru_in_training_mode_with_weight_dropout_is_refused(module):
     gru.eval()  # DropConnect is the identity in eval: exported, and the plain GRU's numbers
     program = lstm_fused.onnx.export(gru, (x,), verbose=False)
     assert_matches(run_onnxruntime(program, (x,)), eager(gru, (x,)), atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{}, {"num_layers": 2, "bidirectional": True,
+                                          "batch_first": True}])
+def test_gru_with_zoneout_exports_in_eval_as_a_scan_and_matches_eager(options):
+    """The GRU node cannot mix in the previous h: a zoneout GRU in eval mode (the expectation,
+    p h_{t-1} + (1 - p) h~_t) exports as a Scan of the GRU step, at other sizes too."""
+    gru = make_gru(zoneout=0.3, **options)
+    program = lstm_fused.onnx.export(gru, gru_inputs(gru, EXPORT_T, EXPORT_B, True),
+                                     verbose=False)
+    names = [name for _, name in op_types(program)]
+    directions = 2 if gru.bidirectional else 1
+    assert names.count("Scan") == gru.num_layers * directions and "GRU" not in names
+    args = gru_inputs(gru, RUN_T, RUN_B, True)
+    got = run_onnxruntime(program, args)
+    assert_matches(got, eager(gru, args), 1e-5)
+    plain = make_gru(**options)  # the same weights without zoneout: a different function
+    assert (got[0] - eager(plain, args)[0]).abs().max() > 1e-3

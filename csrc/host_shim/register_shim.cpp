@@ -66,9 +66,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> shim_layer_forward(
 std::tuple<Tensor, Tensor, Tensor> shim_gru_layer_forward(
     const Tensor& input, const Tensor& h0, const Tensor& weight_ih, const Tensor& weight_hh,
     const OptTensor& bias_ih, const OptTensor& bias_hh, at::OptionalIntArrayRef batch_sizes,
-    bool reverse) {
+    bool reverse, const OptTensor& zoneout_h) {
   return Shim::gru_layer_forward(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes,
-                                 reverse, true);
+                                 reverse, true, zoneout_h);
 }
 
 }  // namespace
@@ -85,8 +85,8 @@ TORCH_LIBRARY_IMPL(lstm_fused_host_shim, CPU, m) {
   m.impl("layer_forward", WithShimGeometry<&shim_layer_forward, 6>::call);
   m.impl("layer_backward", WithShimGeometry<&Shim::layer_backward, 5>::call);
   m.impl("cell_step", WithShimGeometry<&Shim::cell_step, 1>::call);
-  m.impl("gru_layer_forward", WithShimGeometry<&shim_gru_layer_forward, 0>::call);
-  m.impl("gru_layer_backward", WithShimGeometry<&Shim::gru_layer_backward, 0>::call);
+  m.impl("gru_layer_forward", WithShimGeometry<&shim_gru_layer_forward, 1>::call);
+  m.impl("gru_layer_backward", WithShimGeometry<&Shim::gru_layer_backward, 1>::call);
   m.impl("gru_cell_step", WithShimGeometry<&Shim::gru_cell_step, 0>::call);
 }
 
