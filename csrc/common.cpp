@@ -98,7 +98,9 @@ void check_tensor_arguments(const c10::OperatorHandle& op, c10::DispatchKeySet k
 void register_argument_checks(torch::Library& m) {
   // BackendSelect: after autograd and autocast (which may cast the arguments), before the kernel
   // of any device, Meta included.
-  for (const char* op : {"cell_forward", "cell_backward", "layer_forward", "layer_backward"}) {
+  for (const char* op : {"cell_forward", "cell_backward", "layer_forward", "layer_backward",
+                         "cell_step", "gru_layer_forward", "gru_layer_backward",
+                         "gru_cell_step"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&check_tensor_arguments>());
   }
 }

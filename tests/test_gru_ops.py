@@ -131,7 +131,8 @@ def test_empty_sequence_returns_h0():
 
 @pytest.mark.parametrize("case, message", [
     ("weight_ih", "weight_ih"), ("weight_hh", "weight_hh"), ("h0", "h0"),
-    ("bias_hh", "bias_hh"), ("dtype", "weight_hh"), ("batch_sizes", "batch_sizes")])
+    ("bias_hh", "bias_hh"), ("dtype", "weight_hh"), ("batch_sizes", "batch_sizes"),
+    ("zoneout_h", "zoneout_h")])
 def test_op_names_the_bad_argument(case, message):
     """Direct torch.ops callers get a clear error naming the argument, from the op's own check."""
     g = torch.Generator().manual_seed(7)
@@ -149,8 +150,9 @@ def test_op_names_the_bad_argument(case, message):
         w_hh = w_hh.double()
     elif case == "batch_sizes":
         x, sizes = x.reshape(-1, x.shape[-1]), [5, 5, 6, 4]
+    keep_h = torch.zeros(*x.shape[:-1], h0.shape[-1] - 1) if case == "zoneout_h" else None
     with pytest.raises((ValueError, TypeError), match=message):
-        ops.gru_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, sizes, False)
+        ops.gru_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, sizes, False, True, keep_h)
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -265,3 +267,50 @@ def test_gru_cell_under_no_grad_takes_the_one_op_step_and_matches_autograd():
     names = {e.name for e in prof.events()}
     assert "lstm_fused::gru_cell_step" in names and "lstm_fused::gru_layer_forward" not in names
     assert_close(got, expected, torch.float32, kind="devices")
+
+
+@grid(dtype=[torch.float32, torch.float64], packed=[False, True], keep=["mask", "rate"])
+def test_gru_layer_zoneout_with_cuda_kernels_matches_cpu(host_shim, dtype, packed, keep):
+    g = torch.Generator().manual_seed(15)
+    args = gru_op_args(dtype, packed, True, g)
+    x, h0 = args[0], args[1]
+    if keep == "mask":
+        keep_h = torch.bernoulli(torch.full((*x.shape[:-1], h0.shape[-1]), 0.4), generator=g)
+    else:  # eval: one row of rates, expanded (row stride 0)
+        keep_h = torch.full((h0.shape[-1],), 0.3).expand(*x.shape[:-1], h0.shape[-1])
+    keep_h = keep_h.to(dtype)
+    expected = ops.gru_layer_forward(*args, True, keep_h)
+    got = host_shim.gru_layer_forward(*args, 3, 7, keep_h)
+    for a, b in zip(got, expected):
+        assert_close(a, b, dtype, kind="devices")
+    out, h_n, gates = expected
+    grads = [torch.randn(t.shape, generator=g).to(dtype) for t in (out, h_n)]
+    backward_args = (*grads, *args[:6], out, gates, *args[6:], True)
+    expected = ops.gru_layer_backward(*backward_args, keep_h)
+    got = host_shim.gru_layer_backward(*backward_args, 3, 7, keep_h)
+    for a, b in zip(got, expected):
+        assert_close(a, b, dtype, kind="devices")
+
+
+@pytest.mark.parametrize("op", ["gru_cell_step", "cell_step"])
+def test_step_ops_check_layouts_and_devices_before_dispatch(op):
+    """The forward-only step ops get the BackendSelect checks of the other ops: a sparse or meta
+    argument is refused by name, not dispatched to a missing or wrong kernel."""
+    g = torch.Generator().manual_seed(16)
+    x, h0, w_ih, w_hh, b_ih, b_hh, _, _ = gru_op_args(torch.float32, False, False, g, steps=1)
+    if op == "gru_cell_step":
+        args = [x[0], h0, w_ih, w_hh, b_ih, b_hh]
+    else:
+        H = h0.shape[-1]
+        args = [x[0], h0, h0.clone(), torch.randn(4 * H, x.shape[-1]), torch.randn(4 * H, H),
+                None, None, None, "none", False]
+    function = getattr(ops, op)
+    sparse = list(args)
+    weight_hh = 3 if op == "gru_cell_step" else 4  # its position
+    sparse[weight_hh] = sparse[weight_hh].to_sparse()
+    with pytest.raises(TypeError, match="weight_hh"):
+        function(*sparse)
+    meta = list(args)
+    meta[1] = meta[1].to("meta")
+    with pytest.raises(RuntimeError, match="hx"):
+        function(*meta)

@@ -48,10 +48,11 @@ def tensor_arguments(library, name):
 
 @dataclass(frozen=True)
 class Config:
-    """A valid call of each op of one kind: the cell ops, or the layer ops padded or packed."""
+    """A valid call of each op of one kind: the cell ops, the layer ops padded or packed, or the
+    GRU's layer ops padded or packed."""
 
-    kind: str  # "cell" or "layer"
-    variant: tuple
+    kind: str  # "cell", "layer" or "gru_layer"
+    variant: tuple = (None, False)  # the LSTM's; the GRU has none
     packed: bool = False
     proj: int = 0
 
@@ -59,6 +60,8 @@ class Config:
     def id(self):
         if self.kind == "cell":
             return f"cell-{variant_id(self.variant)}"
+        if self.kind == "gru_layer":
+            return f"gru-{'packed' if self.packed else 'padded'}"
         return (f"layer-{variant_id(self.variant)}-{'packed' if self.packed else 'padded'}"
                 f"-proj{self.proj}")
 
@@ -79,6 +82,8 @@ class Config:
                         "c_prev": forward["c_prev"], "c": c, "weight_ch": forward["weight_ch"],
                         "peephole": forward["peephole"], "coupled": coupled, "cell_clip": 0.0}
             return {"cell_forward": forward, "cell_backward": backward}
+        if self.kind == "gru_layer":
+            return self.gru_calls(g)
         # The arguments both libraries' layer_forward share (the shim has no need_backward), the
         # state clips (off), zoneout's keep masks and layer norm apart.
         clips = {"cell_clip": 0.0, "proj_clip": 0.0}
@@ -105,16 +110,36 @@ class Config:
         forward["layer_norm_eps"] = 1e-5  # the forward's only
         return {"layer_forward": forward, "layer_backward": backward}
 
+    def gru_calls(self, g):
+        """The GRU's layer ops: padded [T, B, I] with zoneout's keep mask, packed without."""
+        T, B, I, H = 4, 3, 5, 6
+        sizes = [3, 3, 2, 1] if self.packed else None
+        x = torch.randn(sum(sizes), I, generator=g) if self.packed else torch.randn(T, B, I,
+                                                                                     generator=g)
+        keep = None if self.packed else (torch.rand(T, B, H, generator=g) < 0.5).to(DTYPE)
+        forward = {"input": x, "h0": torch.randn(B, H, generator=g),
+                   "weight_ih": torch.randn(3 * H, I, generator=g),
+                   "weight_hh": torch.randn(3 * H, H, generator=g),
+                   "bias_ih": torch.randn(3 * H, generator=g),
+                   "bias_hh": torch.randn(3 * H, generator=g), "batch_sizes": sizes,
+                   "reverse": False, "zoneout_h": keep}
+        output, h_n, gates = ops.gru_layer_forward(**forward, need_backward=True)
+        backward = {"grad_output": torch.randn(output.shape, generator=g),
+                    "grad_h_n": torch.randn(h_n.shape, generator=g), **forward, "output": output,
+                    "gates": gates, "need_input_grad": True}
+        return {"gru_layer_forward": forward, "gru_layer_backward": backward}
 
+
+GRU_CONFIGS = [Config("gru_layer", packed=packed) for packed in (False, True)]
 CONFIGS = [Config("cell", variant) for variant in VARIANTS] + [
     Config("layer", variant, packed, proj)
-    for variant in VARIANTS for packed in (False, True) for proj in (0, 2)]
+    for variant in VARIANTS for packed in (False, True) for proj in (0, 2)] + GRU_CONFIGS
 
 # For the tests that run the kernels: every cell variant, and every layer variant once, padded
-# and packed, with and without a projection, in turn.
+# and packed, with and without a projection, in turn; the GRU padded and packed.
 SAMPLE_CONFIGS = CONFIGS[:len(VARIANTS)] + [
     Config("layer", variant, packed=i % 2 == 1, proj=2 * (i // 2 % 2))
-    for i, variant in enumerate(VARIANTS)]
+    for i, variant in enumerate(VARIANTS)] + GRU_CONFIGS
 
 config_params = pytest.mark.parametrize("config", CONFIGS, ids=[c.id for c in CONFIGS])
 sample_config_params = pytest.mark.parametrize("config", SAMPLE_CONFIGS,
@@ -126,7 +151,8 @@ def full_call(library, name, kwargs):
     """The keyword arguments for the op of `library`, checked against its schema: every argument
     given, so an argument added to a schema is not forgotten here."""
     extra = (SHIM_GEOMETRY if library == "lstm_fused_host_shim"
-             else {"need_backward": True} if name == "layer_forward" else {})
+             else {"need_backward": True} if name in ("layer_forward", "gru_layer_forward")
+             else {})
     call = {**kwargs, **extra}
     assert set(call) == {a.name for a in schema_arguments(library, name)}, (name, sorted(call))
     return call
@@ -230,12 +256,13 @@ def test_every_tensor_argument_is_spoiled(library):
 
 def scalar_spoils(config, name, call):
     """(what, spoiled call, argument to be named) for the non-tensor arguments: peephole, coupled
-    and, for the layer ops, batch_sizes."""
-    peephole = call["peephole"]
-    for other in ("diag", *({"none", "diagonal", "full"} - {peephole})):
-        yield f"peephole={other!r}", {**call, "peephole": other}, "peephole"
-    yield "coupled flipped", {**call, "coupled": not call["coupled"]}, "coupled"
-    if config.kind == "layer":
+    (the LSTM's) and, for the layer ops, batch_sizes."""
+    if config.kind != "gru_layer":
+        peephole = call["peephole"]
+        for other in ("diag", *({"none", "diagonal", "full"} - {peephole})):
+            yield f"peephole={other!r}", {**call, "peephole": other}, "peephole"
+        yield "coupled flipped", {**call, "coupled": not call["coupled"]}, "coupled"
+    if config.kind in ("layer", "gru_layer"):
         sizes = call["batch_sizes"]
         if sizes is None:
             T, B = call["input"].shape[:2]
