@@ -3,8 +3,12 @@ same assertions) and run for every variant: test_nn.py's test_rnn_args_check,
 test_projections_lstm_args_check, test_RNN_cell_no_broadcasting, test_cudnn_forward_exception,
 test_error_RNN_seq_len_zero and test_rnn_weight_norm, test/nn/test_pruning.py's
 test_rnn_pruning, and the ModuleInfo test_errors / test_gradgrad cases of LSTM and LSTMCell
-(torch/testing/_internal/common_modules.py). Then what the issue adds: double backward of every
-op (gradgradcheck in float64), nn.LSTM's flat-weight attributes, and torch.ao.quantization."""
+(torch/testing/_internal/common_modules.py). Where PyTorch's originals also cover nn.GRU /
+nn.GRUCell (test_rnn_args_check, test_RNN_cell_no_broadcasting, test_cudnn_forward_exception,
+test_error_RNN_seq_len_zero, and the ModuleInfo entries of GRU and GRUCell), the same tests run
+lstm_fused.GRU / GRUCell as one more `variant`, GRU. Then what the issue adds: double backward
+of every op (gradgradcheck in float64), nn.LSTM's flat-weight attributes, and
+torch.ao.quantization."""
 
 import itertools
 import re
@@ -12,7 +16,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import make_params, variant_params
+from conftest import VARIANTS, make_params, variant_id, variant_params
 from torch import nn
 from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 from torch.nn.utils import parametrizations, prune
@@ -28,14 +32,44 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[
 on_every_device = pytest.mark.parametrize("device", DEVICES)
 
 
+# The `variant` of the tests PyTorch also runs on nn.GRU / nn.GRUCell: lstm_fused.GRU / GRUCell,
+# checked against nn.GRU / nn.GRUCell where the LSTM variants are checked against nn.LSTM.
+GRU = "gru"
+variant_and_gru_params = pytest.mark.parametrize(
+    "variant", [*VARIANTS, GRU], ids=[*map(variant_id, VARIANTS), GRU])
+
+
 def make_lstm(variant, *args, **kwargs):
+    """Our layer stack: the LSTM of the variant, or lstm_fused.GRU for GRU."""
+    if variant == GRU:
+        return lstm_fused.GRU(*args, **kwargs)
     peephole, coupled = variant
     return lstm_fused.LSTM(*args, peephole=peephole, coupled=coupled, **kwargs)
 
 
 def make_cell(variant, *args, **kwargs):
+    """Our cell: the LSTMCell of the variant, or lstm_fused.GRUCell for GRU."""
+    if variant == GRU:
+        return lstm_fused.GRUCell(*args, **kwargs)
     peephole, coupled = variant
     return lstm_fused.LSTMCell(*args, peephole=peephole, coupled=coupled, **kwargs)
+
+
+def torch_rnn(variant, *args, **kwargs):
+    """torch.nn's layer stack for the same case: nn.GRU for GRU, else nn.LSTM."""
+    return (nn.GRU if variant == GRU else nn.LSTM)(*args, **kwargs)
+
+
+def torch_cell(variant, *args, **kwargs):
+    return (nn.GRUCell if variant == GRU else nn.LSTMCell)(*args, **kwargs)
+
+
+def state_cases(variant, state, good):
+    """The initial states to try with one wrong state tensor: the GRU's h_0 alone; for an LSTM,
+    the wrong tensor as h_0 and as c_0 beside a right one (or as both, when it is right)."""
+    if variant == GRU:
+        return [state]
+    return [(state, state)] if state is good else [(state, good), (good, state)]
 
 
 def update_shape(shape, dim, size):
@@ -56,10 +90,10 @@ def raises_as_torch(ours, theirs, error=RuntimeError, match=None):
 # --- test_nn.py: argument checks -------------------------------------------------------------
 
 
-@variant_params
+@variant_and_gru_params
 def test_rnn_args_check(variant):
     """A wrong input batch, hidden batch, input size, hidden size or number of state rows is a
-    RuntimeError, for h_0 or c_0 wrong alone."""
+    RuntimeError, for h_0 or c_0 wrong alone (test_nn.py runs it on nn.RNN, nn.GRU and nn.LSTM)."""
     input_size, hidden_size, num_layers, batch_size, seq_len, bad_size = 3, 5, 2, 4, 6, 7
     correct_input = (seq_len, batch_size, input_size)
     correct_hidden = (num_layers, batch_size, hidden_size)
@@ -69,12 +103,11 @@ def test_rnn_args_check(variant):
              (correct_input, update_shape(correct_hidden, 2, bad_size)),   # hidden size
              (correct_input, update_shape(correct_hidden, 0, bad_size))]   # hidden[0]
     ours = make_lstm(variant, input_size, hidden_size, num_layers)
-    theirs = nn.LSTM(input_size, hidden_size, num_layers)
+    theirs = torch_rnn(variant, input_size, hidden_size, num_layers)
     for input_shape, hidden_shape in cases:
-        x, hidden, good = (torch.randn(s) for s in (input_shape, hidden_shape, correct_hidden))
-        pairs = [(hidden, hidden)] if hidden_shape == correct_hidden else [(hidden, good),
-                                                                           (good, hidden)]
-        for hx in pairs:
+        x, hidden = torch.randn(input_shape), torch.randn(hidden_shape)
+        good = hidden if hidden_shape == correct_hidden else torch.randn(correct_hidden)
+        for hx in state_cases(variant, hidden, good):
             raises_as_torch(lambda: ours(x, hx), lambda: theirs(x, hx))  # noqa: B023
 
 
@@ -104,46 +137,56 @@ def test_projections_lstm_args_check(variant, bidirectional):
         raises_as_torch(lambda: ours(x, (h, c)), lambda: theirs(x, (h, c)))  # noqa: B023
 
 
-@variant_params
+@variant_and_gru_params
 def test_RNN_cell_no_broadcasting(variant):
-    """LSTMCell never broadcasts: a state of batch 1, a state of width 1 and an input of width 1
-    are RuntimeErrors, for h_0 or c_0."""
+    """LSTMCell and GRUCell never broadcast: a state of batch 1, a state of width 1 and an input
+    of width 1 are RuntimeErrors, for h_0 or c_0."""
     input_size, hidden_size = 10, 20
     good_input, good_hx = torch.randn(3, input_size), torch.randn(3, hidden_size)
-    ours, theirs = make_cell(variant, input_size, hidden_size), nn.LSTMCell(input_size,
-                                                                            hidden_size)
+    ours = make_cell(variant, input_size, hidden_size)
+    theirs = torch_cell(variant, input_size, hidden_size)
     for x, bad_hx in ((good_input, torch.randn(1, hidden_size)),   # batch broadcast
                       (good_input, torch.randn(3, 1)),             # hidden_size broadcast
                       (torch.randn(3, 1), good_hx)):               # input_size broadcast
-        for hx in ((bad_hx, good_hx), (good_hx, bad_hx)):
+        for hx in state_cases(variant, bad_hx, good_hx):
             raises_as_torch(lambda: ours(x, hx), lambda: theirs(x, hx))  # noqa: B023
 
 
-@variant_params
 @on_every_device
-@pytest.mark.parametrize("proj_size", [0, 10])
+@pytest.mark.parametrize("variant, proj_size", [
+    *((variant, proj_size) for variant in VARIANTS for proj_size in (0, 10)), (GRU, 0)],
+    ids=[*(f"{variant_id(v)}-proj{p}" for v in VARIANTS for p in (0, 10)), GRU])
 def test_cudnn_forward_exception(variant, device, proj_size):
-    """(test_nn runs it on cuDNN; the same checks hold on every device here.)"""
-    rnn = make_lstm(variant, 10, 20, batch_first=True, proj_size=proj_size, device=device)
-    hidden = (torch.zeros(1, 2, 19, device=device), torch.zeros(1, 2, 19, device=device))
+    """(test_nn runs it on cuDNN, for nn.LSTM with and without projections, nn.GRU and nn.RNN;
+    the same checks hold on every device here.)"""
+    options = {"batch_first": True, "device": device}
+    if proj_size:
+        options["proj_size"] = proj_size
+    ours, theirs = make_lstm(variant, 10, 20, **options), torch_rnn(variant, 10, 20, **options)
+    hidden = torch.zeros(1, 2, 19, device=device)
+    hidden = hidden if variant == GRU else (hidden, torch.zeros(1, 2, 19, device=device))
     x_wrong, x_right = torch.randn(2, 3, 3, device=device), torch.randn(2, 3, 10, device=device)
-    with pytest.raises(RuntimeError, match="Expected hidden.*size.*got"):
-        rnn(x_right, hidden)
-    with pytest.raises(RuntimeError, match=re.escape("input.size(-1) must be equal to input_size")):
-        rnn(x_wrong)
+    raises_as_torch(lambda: ours(x_right, hidden), lambda: theirs(x_right, hidden),
+                    match="Expected hidden.*size.*got")
+    raises_as_torch(lambda: ours(x_wrong), lambda: theirs(x_wrong),
+                    match=re.escape("input.size(-1) must be equal to input_size"))
 
 
-@variant_params
+@variant_and_gru_params
 @on_every_device
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_error_RNN_seq_len_zero(variant, device, bidirectional):
-    rnn = make_lstm(variant, 5, 6, bidirectional=bidirectional, device=device)
-    with pytest.raises(RuntimeError, match="Expected sequence length to be larger than 0 in RNN"):
-        rnn(torch.ones(0, 10, 5, device=device))
+    """(test_nn.py: nn.RNN, nn.LSTM and nn.GRU.)"""
+    x = torch.ones(0, 10, 5, device=device)
+    ours = make_lstm(variant, 5, 6, bidirectional=bidirectional, device=device)
+    theirs = torch_rnn(variant, 5, 6, bidirectional=bidirectional, device=device)
+    raises_as_torch(lambda: ours(x), lambda: theirs(x),
+                    match="Expected sequence length to be larger than 0 in RNN")
 
 
 # --- ModuleInfo test_errors (common_modules.py: module_error_inputs_torch_nn_RNN_GRU, used for
-# LSTM, and module_error_inputs_torch_nn_LSTMCell) ---------------------------------------------
+# LSTM and GRU, module_error_inputs_torch_nn_LSTMCell, and module_error_inputs_torch_nn_RNN_GRU_Cell
+# for GRUCell) --------------------------------------------------------------------------------
 
 LSTM_CONSTRUCTION_ERRORS = [  # (args, kwargs, error, regex)
     ((10, 0, 1), {}, ValueError, "hidden_size must be greater than zero"),
@@ -162,15 +205,16 @@ LSTM_CONSTRUCTION_ERRORS = [  # (args, kwargs, error, regex)
 ]
 
 
-@variant_params
+@variant_and_gru_params
 @pytest.mark.parametrize("case", LSTM_CONSTRUCTION_ERRORS, ids=lambda c: f"{c[0]}-{c[1]}")
 def test_module_info_errors_lstm_construction(variant, case):
+    """(The same list for nn.LSTM and nn.GRU.)"""
     args, kwargs, error, regex = case
     raises_as_torch(lambda: make_lstm(variant, *args, **kwargs),
-                    lambda: nn.LSTM(*args, **kwargs), error, regex)
+                    lambda: torch_rnn(variant, *args, **kwargs), error, regex)
 
 
-@variant_params
+@variant_and_gru_params
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_module_info_errors_lstm_dtype_mismatch(variant, dtype):
     mismatched = torch.float64 if dtype == torch.float32 else torch.float32
@@ -178,29 +222,55 @@ def test_module_info_errors_lstm_dtype_mismatch(variant, dtype):
     regex = (r"RNN input dtype .* does not match weight dtype .* "
              r"Convert input: input\.to\(.*\), or convert model: model\.to\(.*\)")
     raises_as_torch(lambda: make_lstm(variant, 3, 5, dtype=dtype)(x),
-                    lambda: nn.LSTM(3, 5, dtype=dtype)(x), ValueError, regex)
+                    lambda: torch_rnn(variant, 3, 5, dtype=dtype)(x), ValueError, regex)
 
 
-LSTMCELL_FORWARD_ERRORS = [  # (input shape, state shape, error, regex); LSTMCell(10, 20)
+LSTMCELL_FORWARD_ERRORS = [  # (input shape, state shape, error, regex); LSTMCell(10, 20) and
+    # GRUCell(10, 20). {state}: nn.LSTMCell names a state of the wrong rank hx[0] (then hx[1]),
+    # nn.GRUCell "hidden".
     ((3, 11), (3, 20), RuntimeError, "input has inconsistent input_size: got 11 expected 10"),
     ((3, 10), (3, 21), RuntimeError, "hidden0 has inconsistent hidden_size: got 21, expected 20"),
     ((3, 10), (5, 20), RuntimeError, "Input batch size 3 doesn't match hidden0 batch size 5"),
-    ((3, 10), (3, 1, 1, 20), ValueError, r"Expected hx\[0\] to be 1D or 2D, got 4D instead"),
+    ((3, 10), (3, 1, 1, 20), ValueError, r"Expected {state} to be 1D or 2D, got 4D instead"),
 ]
 
 
-@variant_params
+@variant_and_gru_params
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", LSTMCELL_FORWARD_ERRORS, ids=lambda c: c[3][:24])
 def test_module_info_errors_lstmcell(variant, dtype, case):
     input_shape, state_shape, error, regex = case
-    x = torch.randn(input_shape, dtype=dtype)
-    hx = (torch.randn(state_shape, dtype=dtype), torch.randn(state_shape, dtype=dtype))
+    regex = regex.format(state="hidden" if variant == GRU else r"hx\[0\]")
+    x, state = torch.randn(input_shape, dtype=dtype), torch.randn(state_shape, dtype=dtype)
+    hx = state if variant == GRU else (state, torch.randn(state_shape, dtype=dtype))
     raises_as_torch(lambda: make_cell(variant, 10, 20, dtype=dtype)(x, hx),
-                    lambda: nn.LSTMCell(10, 20, dtype=dtype)(x, hx), error, regex)
+                    lambda: torch_cell(variant, 10, 20, dtype=dtype)(x, hx), error, regex)
 
 
-# --- ModuleInfo test_gradgrad (module_inputs_torch_nn_LSTM / _LSTMCell: unbatched inputs) -----
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("nonlinearity", ["relu", "tanh"])
+def test_module_info_errors_grucell_third_argument(dtype, nonlinearity):
+    """module_error_inputs_torch_nn_RNN_GRU_Cell is shared by RNNCell and GRUCell: its last two
+    cases build the cell as RNNCell(10, 20, nonlinearity) and expect the forward's hidden-size
+    RuntimeError. For nn.GRUCell the third argument is `bias`, which it never checks ("relu" is
+    truthy: a cell with biases), so it fails only in the forward. Deliberate difference
+    (docs/guarantees.md: our cells check their constructor arguments as nn.GRU / nn.LSTM do):
+    GRUCell refuses the string at construction, with nn.GRU's TypeError for a non-bool bias."""
+    x, hx = torch.randn(3, 10, dtype=dtype), torch.randn(3, 21, dtype=dtype)
+    theirs = nn.GRUCell(10, 20, nonlinearity, dtype=dtype)
+    with pytest.raises(RuntimeError, match="hidden0 has inconsistent hidden_size: got 21, "
+                                           "expected 20"):
+        theirs(x, hx)
+    with pytest.raises(TypeError, match="bias should be of type bool, got: str") as raised:
+        lstm_fused.GRUCell(10, 20, nonlinearity, dtype=dtype)
+    assert type(raised.value) is TypeError
+    raises_as_torch(lambda: lstm_fused.GRUCell(10, 20, True, dtype=dtype)(x, hx),  # as meant
+                    lambda: nn.GRUCell(10, 20, True, dtype=dtype)(x, hx),
+                    match="hidden0 has inconsistent hidden_size: got 21, expected 20")
+
+
+# --- ModuleInfo test_gradgrad (module_inputs_torch_nn_LSTM / _LSTMCell, and for the GRU
+# module_inputs_torch_nn_RNN_GRU / _RNN_GRU_Cell: unbatched inputs) ----------------------------
 
 
 def module_gradgradcheck(module, call, inputs, fast_mode):
@@ -215,49 +285,116 @@ def module_gradgradcheck(module, call, inputs, fast_mode):
     return torch.autograd.gradgradcheck(run, (*inputs, *params), fast_mode=fast_mode)
 
 
-def lstm_module_inputs(bias, batch_first, bidirectional, proj_size, with_state):
-    hidden, rows = 3, 4 if bidirectional else 2
+def lstm_module_inputs(variant, bias, batch_first, bidirectional, proj_size, with_state):
+    """One sample of module_inputs_torch_nn_LSTM: 2 layers of hidden size 3, input [3, 2] and
+    the state ([D*2, proj_size or 3], [D*2, 3]) or none; for the GRU, of
+    module_inputs_torch_nn_RNN_GRU: 2 layers of hidden size 2 without a state, of hidden size 3
+    with h_0 [D*2, 3] (no projection)."""
+    rows = 4 if bidirectional else 2
+    hidden = 3 if variant != GRU or with_state else 2
     module_args = {"input_size": 2, "hidden_size": hidden, "num_layers": 2, "bias": bias,
-                   "batch_first": batch_first, "bidirectional": bidirectional,
-                   "proj_size": proj_size}
+                   "batch_first": batch_first, "bidirectional": bidirectional}
+    if variant != GRU:
+        module_args["proj_size"] = proj_size
     if not with_state:
-        return module_args, (torch.randn(2, 2, dtype=torch.float64, requires_grad=True),)
-    x, h, c = (torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-               for shape in ((3, 2), (rows, proj_size or hidden), (rows, hidden)))
-    return module_args, (x, (h, c))
+        return module_args, (torch.randn(3, 2, dtype=torch.float64, requires_grad=True),)
+    widths = (hidden,) if variant == GRU else (proj_size or hidden, hidden)
+    x, *state = (torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+                 for shape in ((3, 2), *((rows, width) for width in widths)))
+    return module_args, (x, state[0] if variant == GRU else tuple(state))
 
 
+def torch_twin(variant, module, factory, *args, **kwargs):
+    """factory(variant, *args, **kwargs) (torch_rnn or torch_cell: torch.nn's module built with
+    the options `module` was built with), given `module`'s weights by load_state_dict; None for
+    the variants torch.nn has not (peephole, coupled)."""
+    if variant not in (GRU, (None, False)):
+        return None
+    theirs = factory(variant, *args, **kwargs)
+    theirs.load_state_dict(module.state_dict())
+    return theirs
+
+
+def assert_derivatives_are_torchs(ours, theirs, call, inputs):
+    """call(module, *inputs) gives the same outputs with ours and theirs, the same gradients
+    (of a fixed random projection of the outputs, with respect to every input and parameter),
+    and the same second derivatives (of the gradients' squared norm, a gradient penalty), in
+    float64. (call's inputs are the same tensors for both.)"""
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    results = []
+    for module in (ours, theirs):
+        wrt = [*inputs, *module.parameters()]
+        outputs = torch.utils._pytree.tree_leaves(call(module, *inputs))
+        g = torch.Generator().manual_seed(0)
+        loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outputs)
+        grads = torch.autograd.grad(loss, wrt, create_graph=True)
+        penalty = sum(grad.pow(2).sum() for grad in grads)
+        results.append((outputs, grads, torch.autograd.grad(penalty, wrt, allow_unused=True)))
+    (out_a, grad_a, second_a), (out_b, grad_b, second_b) = results
+    for what, a, b, tol in (("outputs", out_a, out_b, 1e-12), ("gradients", grad_a, grad_b, 1e-12),
+                            ("second derivatives", second_a, second_b, 1e-10)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")  # noqa: B023
+
+
+GRU_MODULE_INPUTS = [(bias, batch_first, bidirectional, False, with_state)
+                     for bias, batch_first, bidirectional, with_state
+                     in itertools.product([False, True], repeat=4)]
 LSTM_MODULE_INPUTS = list(itertools.product([False, True], repeat=5))
 
 
+def options_id(options):
+    return "".join(map(str, map(int, options)))
+
+
 @pytest.mark.slow
-@variant_params
-@pytest.mark.parametrize("options", LSTM_MODULE_INPUTS, ids=lambda o: "".join(map(str, map(int, o))))
+@pytest.mark.parametrize("variant, options", [
+    *((variant, options) for variant in VARIANTS for options in LSTM_MODULE_INPUTS),
+    *((GRU, options) for options in GRU_MODULE_INPUTS)], ids=[
+    *(f"{options_id(o)}-{variant_id(v)}" for v in VARIANTS for o in LSTM_MODULE_INPUTS),
+    *(f"{options_id(o)}-{GRU}" for o in GRU_MODULE_INPUTS)])
 def test_module_info_gradgrad_lstm(variant, options):
     """Every sample of module_inputs_torch_nn_LSTM (bias x batch_first x bidirectional x
-    proj_size x initial state), in float64, training mode; fast-mode gradgradcheck (random
+    proj_size x initial state), and of module_inputs_torch_nn_RNN_GRU for the GRU (the same
+    without proj_size), in float64, training mode; fast-mode gradgradcheck (random
     projections of the Jacobians), as the full check of 32 x 6 two-layer modules would take
-    minutes; the full check runs on the ops below."""
+    minutes; the full check runs on the ops below. Where torch.nn has the module (the GRU, the
+    vanilla LSTM), outputs, gradients and second derivatives are also nn.GRU's / nn.LSTM's
+    with the same weights."""
     bias, batch_first, bidirectional, proj, with_state = options
-    module_args, inputs = lstm_module_inputs(bias, batch_first, bidirectional, 2 if proj else 0,
-                                             with_state)
+    module_args, inputs = lstm_module_inputs(variant, bias, batch_first, bidirectional,
+                                             2 if proj else 0, with_state)
     module = make_lstm(variant, **module_args, dtype=torch.float64)
     flat_inputs = torch.utils._pytree.tree_leaves(inputs)
 
     def run(x, *state):
+        if variant == GRU:
+            return module(x, state[0] if state else None)
         return module(x, tuple(state) if state else None)
 
+    theirs = torch_twin(variant, module, torch_rnn, **module_args, dtype=torch.float64)
+    if theirs is not None:
+        assert_derivatives_are_torchs(module, theirs, lambda m, *args: m(*inputs), flat_inputs)
     assert module_gradgradcheck(module, run, flat_inputs, fast_mode=True)
 
 
-@variant_params
+@variant_and_gru_params
 @pytest.mark.parametrize("bias", [False, True])
 def test_module_info_gradgrad_lstmcell(variant, bias):
-    """module_inputs_torch_nn_LSTMCell: unbatched input [5] and state ([10], [10]); fast-mode
-    gradgradcheck (about 1,000 parameters: the full check takes 10-20 s a variant here)."""
+    """module_inputs_torch_nn_LSTMCell: unbatched input [5] and state ([10], [10]); for GRUCell,
+    module_inputs_torch_nn_RNN_GRU_Cell: input [5] and h_0 [10]; fast-mode gradgradcheck (about
+    1,000 parameters: the full check takes 10-20 s a variant here). Where torch.nn has the cell
+    (GRUCell, the vanilla LSTMCell), also nn.GRUCell's / nn.LSTMCell's outputs, gradients and
+    second derivatives."""
     cell = make_cell(variant, 5, 10, bias=bias, dtype=torch.float64)
     x, h, c = (torch.randn(n, dtype=torch.float64, requires_grad=True) for n in (5, 10, 10))
-    assert module_gradgradcheck(cell, lambda x, h, c: cell(x, (h, c)), (x, h, c), fast_mode=True)
+    if variant == GRU:
+        inputs, call = (x, h), lambda m, x, h: m(x, h)
+    else:
+        inputs, call = (x, h, c), lambda m, x, h, c: m(x, (h, c))
+    theirs = torch_twin(variant, cell, torch_cell, 5, 10, bias=bias, dtype=torch.float64)
+    if theirs is not None:
+        assert_derivatives_are_torchs(cell, theirs, call, inputs)
+    assert module_gradgradcheck(cell, lambda *args: call(cell, *args), inputs, fast_mode=True)
 
 
 # --- double backward of the ops, every variant, float64 ----------------------------------------
