@@ -375,8 +375,10 @@ def check_zoneout(zoneout) -> tuple[float, float]:
 
 def check_gru_zoneout(zoneout) -> tuple[float]:
     """The GRU's `zoneout` keyword: one rate p in [0, 1) for its one state, h; returns (p,)."""
+    # A ValueError, as the LSTM's pair of the wrong length: a sequence of rates is the right
+    # kind of value, one per state, and the GRU has one state.
     if isinstance(zoneout, (tuple, list)):
-        raise ValueError(f"zoneout of a GRU should be a number (the rate of its one state, h), "
+        raise ValueError(f"zoneout of a GRU should be a number (the rate of its one state, h), "  # noqa: TRY004
                          f"got a {type(zoneout).__name__}")
     return check_zoneout(zoneout)[:1]
 
