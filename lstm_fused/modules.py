@@ -106,10 +106,12 @@ class _RecurrentMixin:
         if any(p is None for p in weights):
             return None
         w = weights[0]
-        if (type(input) is not Tensor or input.dim() != 2 or input.device != w.device
-                or input.device.type not in _STEP_DEVICES or input.dtype != w.dtype
+        if type(input) is not Tensor or input.dim() != 2:
+            return None
+        device = input.device  # a new torch.device per access: read once (a few µs a step)
+        if (device != w.device or device.type not in _STEP_DEVICES or input.dtype != w.dtype
                 or input.shape[1] != self.input_size
-                or torch.is_autocast_enabled(input.device.type) or torch.compiler.is_compiling()):
+                or torch.is_autocast_enabled(device.type) or torch.compiler.is_compiling()):
             return None
         return weights
 
@@ -414,12 +416,15 @@ class LSTMCell(_VariantMixin, nn.Module):
         weights = self._latency_step_weights(input)
         if weights is None:
             return None
+        w = weights[0]
+        shape = (input.shape[0], self.hidden_size)
         if hx is None:
-            h0 = c0 = input.new_zeros(input.shape[0], self.hidden_size)
+            h0 = c0 = input.new_zeros(shape)
         elif type(hx) is tuple and len(hx) == 2:
-            h0, c0 = hx
-            if not (self._is_plain_state(h0, input, weights[0])
-                    and self._is_plain_state(c0, input, weights[0])):
+            h0, c0 = hx  # checked inline: this path's cost is a few microseconds a step
+            if not (type(h0) is Tensor and type(c0) is Tensor and h0.shape == shape
+                    and c0.shape == shape and h0.dtype == c0.dtype == w.dtype
+                    and h0.device == c0.device == w.device):
                 return None
         else:
             return None
@@ -431,7 +436,8 @@ class LSTMCell(_VariantMixin, nn.Module):
 
     @property
     def _step_parameter_names(self):
-        return super()._step_parameter_names + (("weight_ch",) if self.peephole else ())
+        return (("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.bias else ())
+                + (("weight_ch",) if self.peephole else ()))
 
 
 _cell_step = torch.ops.lstm_fused.cell_step.default
