@@ -85,6 +85,13 @@ class _RecurrentMixin:
             like.new_empty(*steps, width).bernoulli_(rate) if rate > 0 else 0.0
             for rate, width in zip(self.zoneout, widths, strict=True))
 
+    def _cell_repr(self) -> str:
+        """A cell's extra_repr: torch.nn's (input_size, hidden_size, bias=False), then ours."""
+        s = f"{self.input_size}, {self.hidden_size}"
+        if not self.bias:
+            s += ", bias=False"
+        return s + self._options_repr()
+
     # --- the cells' latency path (no_grad / inference_mode): one op per step --------------
 
     @property
@@ -226,7 +233,7 @@ class _VariantMixin(_RecurrentMixin):
         """Sets zoneout as (p_h, p_c) floats (docs/regularizers.md); checks it first."""
         self.zoneout = check_zoneout(zoneout)
 
-    def _variant_repr(self) -> str:
+    def _options_repr(self) -> str:
         s = ""
         if self.peephole is not None:
             s += f", peephole={self.peephole!r}"
@@ -347,30 +354,15 @@ class LSTMCell(_VariantMixin, nn.Module):
     def from_torch(cls, cell: nn.LSTMCell) -> LSTMCell:
         """A vanilla lstm_fused.LSTMCell with the options, device, dtype and weights of `cell`
         (weight_ih [4H, I], weight_hh [4H, H], bias_ih and bias_hh [4H])."""
-        if not isinstance(cell, nn.LSTMCell):
-            raise TypeError(f"LSTMCell.from_torch: expected a torch.nn.LSTMCell, got "
-                            f"{type(cell).__name__}")
-        weight = cell.weight_ih
-        ours = LSTMCell(cell.input_size, cell.hidden_size, bias=cell.bias, device=weight.device,
-                        dtype=weight.dtype)
-        ours.load_state_dict(cell.state_dict())
-        return ours.train(cell.training)
+        return _cell_from_torch(LSTMCell, nn.LSTMCell, cell)
 
     def to_torch(self) -> nn.LSTMCell:
         """The torch.nn.LSTMCell with this cell's options, device, dtype and weights; only for
         the vanilla variant (peephole=None, coupled=False), which is exactly nn.LSTMCell."""
-        _require_vanilla(self, "to_torch")
-        weight = self.weight_ih
-        theirs = nn.LSTMCell(self.input_size, self.hidden_size, bias=self.bias,
-                             device=weight.device, dtype=weight.dtype)
-        theirs.load_state_dict(self.state_dict())
-        return theirs.train(self.training)
+        return _cell_to_torch(self, nn.LSTMCell)
 
     def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}"
-        if not self.bias:
-            s += ", bias=False"
-        return s + self._variant_repr()
+        return self._cell_repr()
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
         """input [B, I] or [I]; hx (h_0, c_0) each [B, H] or [H] -> (h_1, c_1), same batching.
@@ -730,7 +722,7 @@ class LSTM(_VariantMixin, _LayerStack):
         return names
 
     def extra_repr(self) -> str:
-        return self._stack_repr() + self._variant_repr()
+        return self._stack_repr() + self._options_repr()
 
 
 def _refuse_quantization(module, qconfig) -> None:
@@ -755,6 +747,30 @@ def _refuse_quantization(module, qconfig) -> None:
             f"floating point by leaving it out of qconfig_spec / qconfig")
     warnings.warn(f"torch.ao.quantization leaves lstm_fused.{name}{variant} in floating "
                   f"point (it quantizes only its own module types): {advice}", stacklevel=4)
+
+
+def _cell_from_torch(ours: type, theirs: type, cell):
+    """The `ours` cell (LSTMCell, GRUCell: the vanilla class) with the options, device, dtype,
+    weights and training mode of `cell`, a torch.nn `theirs`; a TypeError for anything else."""
+    if not isinstance(cell, theirs):
+        raise TypeError(f"{ours.__name__}.from_torch: expected a torch.nn.{theirs.__name__}, got "
+                        f"{type(cell).__name__}")
+    weight = cell.weight_ih
+    result = ours(cell.input_size, cell.hidden_size, bias=cell.bias, device=weight.device,
+                  dtype=weight.dtype)
+    result.load_state_dict(cell.state_dict())
+    return result.train(cell.training)
+
+
+def _cell_to_torch(cell, theirs: type):
+    """The torch.nn `theirs` cell with the options, device, dtype, weights and training mode of
+    our `cell` (only what torch.nn has: _require_vanilla)."""
+    _require_vanilla(cell, "to_torch")
+    weight = cell.weight_ih
+    result = theirs(cell.input_size, cell.hidden_size, bias=cell.bias, device=weight.device,
+                    dtype=weight.dtype)
+    result.load_state_dict(cell.state_dict())
+    return result.train(cell.training)
 
 
 def _require_vanilla(module, method):
@@ -989,30 +1005,15 @@ class GRUCell(_GRUMixin, nn.Module):
     def from_torch(cls, cell: nn.GRUCell) -> GRUCell:
         """An lstm_fused.GRUCell with the options, device, dtype, weights and training mode of
         `cell`."""
-        if not isinstance(cell, nn.GRUCell):
-            raise TypeError(f"GRUCell.from_torch: expected a torch.nn.GRUCell, got "
-                            f"{type(cell).__name__}")
-        weight = cell.weight_ih
-        ours = cls(cell.input_size, cell.hidden_size, bias=cell.bias, device=weight.device,
-                   dtype=weight.dtype)
-        ours.load_state_dict(cell.state_dict())
-        return ours.train(cell.training)
+        return _cell_from_torch(GRUCell, nn.GRUCell, cell)
 
     def to_torch(self) -> nn.GRUCell:
         """The torch.nn.GRUCell with this cell's options, device, dtype, weights and training
         mode (only without weight_dropout)."""
-        _require_vanilla(self, "to_torch")
-        weight = self.weight_ih
-        theirs = nn.GRUCell(self.input_size, self.hidden_size, bias=self.bias,
-                            device=weight.device, dtype=weight.dtype)
-        theirs.load_state_dict(self.state_dict())
-        return theirs.train(self.training)
+        return _cell_to_torch(self, nn.GRUCell)
 
     def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}"
-        if not self.bias:
-            s += ", bias=False"
-        return s + self._options_repr()
+        return self._cell_repr()
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """input [B, I] or [I]; hx h_0 [B, H] or [H] (zeros when None) -> h_1, same batching.

@@ -58,15 +58,15 @@ def run_module(module, x, hx, mode, lengths, seed):
     return outputs + list(torch.autograd.grad(loss, leaves, allow_unused=True))
 
 
-@PROPERTY_SETTINGS
-@given(lstm_cases())
-def test_lstm_module_matches_reference(case):
+def assert_module_matches_its_twin(module_class, twin_layer, case):
+    """A fused module (LSTM or GRU) and the same module running the plain-PyTorch twin's layer,
+    with the same weights, on one drawn case: outputs, states and every gradient in float64."""
     options, mode, sizes, lengths, with_state, seed = case
     torch.manual_seed(seed)
-    fused = lstm_fused.LSTM(sizes["input"], sizes["hidden"], dtype=torch.float64, **options)
-    twin = lstm_fused.LSTM(sizes["input"], sizes["hidden"], dtype=torch.float64, **options)
+    fused = module_class(sizes["input"], sizes["hidden"], dtype=torch.float64, **options)
+    twin = module_class(sizes["input"], sizes["hidden"], dtype=torch.float64, **options)
     twin.load_state_dict(fused.state_dict())
-    twin._layer_fn = reference.lstm_layer
+    twin._layer_fn = twin_layer
 
     g = torch.Generator().manual_seed(seed)
     T, B = sizes["steps"], sizes["batch"]
@@ -74,12 +74,12 @@ def test_lstm_module_matches_reference(case):
         mode, (B, T, sizes["input"]) if options["batch_first"] else (T, B, sizes["input"]))
     x = torch.randn(*shape, generator=g, dtype=torch.float64)
     hx = None
-    if with_state:
+    if with_state:  # (h_0, c_0) for the LSTM, h_0 for the GRU
         rows = fused.num_layers * (2 if fused.bidirectional else 1)
         batch = () if mode == "unbatched" else (B,)
-        hx = tuple(torch.randn(rows, *batch, size, generator=g, dtype=torch.float64)
-                   .requires_grad_() for size in (fused.proj_size or sizes["hidden"],
-                                                  sizes["hidden"]))
+        states = tuple(torch.randn(rows, *batch, width, generator=g, dtype=torch.float64)
+                       .requires_grad_() for width in fused._state_widths)
+        hx = states[0] if len(states) == 1 else states
     got = run_module(fused, x, hx, mode, lengths, seed)
     want = run_module(twin, x, hx, mode, lengths, seed)
     assert len(got) == len(want)
@@ -88,6 +88,12 @@ def test_lstm_module_matches_reference(case):
             assert a is None or not a.any()
         else:
             assert_close(a, b, torch.float64, f"{options} {mode} {sizes}")
+
+
+@PROPERTY_SETTINGS
+@given(lstm_cases())
+def test_lstm_module_matches_reference(case):
+    assert_module_matches_its_twin(lstm_fused.LSTM, reference.lstm_layer, case)
 
 
 @st.composite
@@ -108,32 +114,7 @@ def gru_cases(draw):
 @PROPERTY_SETTINGS
 @given(gru_cases())
 def test_gru_module_matches_reference(case):
-    options, mode, sizes, lengths, with_state, seed = case
-    torch.manual_seed(seed)
-    fused = lstm_fused.GRU(sizes["input"], sizes["hidden"], dtype=torch.float64, **options)
-    twin = lstm_fused.GRU(sizes["input"], sizes["hidden"], dtype=torch.float64, **options)
-    twin.load_state_dict(fused.state_dict())
-    twin._layer_fn = reference.gru_layer
-
-    g = torch.Generator().manual_seed(seed)
-    T, B = sizes["steps"], sizes["batch"]
-    shape = {"unbatched": (T, sizes["input"])}.get(
-        mode, (B, T, sizes["input"]) if options["batch_first"] else (T, B, sizes["input"]))
-    x = torch.randn(*shape, generator=g, dtype=torch.float64)
-    hx = None
-    if with_state:
-        rows = fused.num_layers * (2 if fused.bidirectional else 1)
-        batch = () if mode == "unbatched" else (B,)
-        hx = torch.randn(rows, *batch, sizes["hidden"], generator=g,
-                         dtype=torch.float64).requires_grad_()
-    got = run_module(fused, x, hx, mode, lengths, seed)
-    want = run_module(twin, x, hx, mode, lengths, seed)
-    assert len(got) == len(want)
-    for a, b in zip(got, want):
-        if b is None:  # a parameter the outputs do not depend on
-            assert a is None or not a.any()
-        else:
-            assert_close(a, b, torch.float64, f"{options} {mode} {sizes}")
+    assert_module_matches_its_twin(lstm_fused.GRU, reference.gru_layer, case)
 
 
 @PROPERTY_SETTINGS
