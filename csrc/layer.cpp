@@ -292,14 +292,6 @@ Tensor layer_norm_weight_grad(const Tensor& grad_zhat, const Tensor& normed, int
       .to(grad_zhat.scalar_type());
 }
 
-// Zoneout inside layer norm's whole-row kernels is not built yet: the combination is refused.
-void check_zoneout_without_layer_norm(const OptTensor& zoneout_h, const OptTensor& zoneout_c,
-                                      const OptTensor& weight_ln) {
-  TORCH_CHECK_VALUE(!weight_ln || (!zoneout_h && !zoneout_c),
-                    "lstm_fused: zoneout together with layer norm (weight_ln) is not supported "
-                    "yet; use one of them");
-}
-
 // The running states of a layer: h_{t-1} (for packed input or full peepholes; padded input reads
 // it from the output) and c_{t-1}, as views into one buffer for full peepholes.
 struct RunningState {
@@ -336,7 +328,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   check_clips(cell_clip, proj_clip, weight_hr);
   check_zoneout(zoneout_h, zoneout_c, input, shape);
   check_layer_norm(weight_ln, layer_norm_eps, shape, {input, "input"});
-  check_zoneout_without_layer_norm(zoneout_h, zoneout_c, weight_ln);
   const bool layer_norm = weight_ln.has_value();
   const c10::OptionalDeviceGuard guard(input.device());
   const int64_t B = s.batch, H = shape.hidden, R = shape.proj, N = s.rows;
@@ -508,7 +499,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   check_zoneout(zoneout_h, zoneout_c, input, shape);
   const bool layer_norm = weight_ln.has_value();
   check_layer_norm(weight_ln, 1.0, shape, {input, "input"});
-  check_zoneout_without_layer_norm(zoneout_h, zoneout_c, weight_ln);
   check_layer_backward(grad_output, grad_h_n, grad_c_n, input, output, gates, cells, shape, s,
                        saved_width(shape, coupled, layer_norm),
                        saved_cells_width(shape.hidden, zoneout_c));
@@ -582,8 +572,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   p.consume_grad_h2 = full || zone_h;
   p.keep_c_stride = zone_c ? keep_c.stride(0) : 0;
   p.keep_h_stride = zone_h && !projected ? keep_h.stride(0) : 0;
-  // Full peepholes with zoneout of c: m dc_t from the Output part to the Update part.
-  const Tensor dc_keep = full && zone_c ? at::empty({B, H}, options) : Tensor();
+  // Zoneout of c: m dc_t from the Output part to the Update part (full peepholes) or from the
+  // first to the last loop of layer norm's rows.
+  const Tensor dc_keep = (full || layer_norm) && zone_c ? at::empty({B, H}, options) : Tensor();
   p.dc_keep = dc_keep.defined() ? dc_keep.data_ptr() : nullptr, p.dc_keep_stride = H;
   // proj_clip's gradient mask needs the clipped projection h~_t, which zoneout of h replaced in
   // the output by the zoned h_t: recomputed, one GEMM over all rows.

@@ -100,13 +100,14 @@ struct BackwardStep {
   // Zoneout (lstm_math.h zoneout_backward). `c` is then the computed c~_t and c_prev the zoned
   // c_{t-1}. keep_c: dc_in is the gradient of the zoned c_t; (1 - m) of it reaches c~_t and
   // m of it is added to dc_prev_out. Full peepholes: the Output part writes that m dc_in to
-  // dc_keep, the Update part (whose dc_in is then the total gradient of c~_t) adds it.
+  // dc_keep, the Update part (whose dc_in is then the total gradient of c~_t) adds it; layer
+  // norm's rows (which overwrite dc_prev_out before their Update loop) always go through dc_keep.
   // keep_h: the gradient of the zoned h_t, grad_h + grad_h2, is split: (1 - m) of it reaches
   // o tanh(c~_t), and m of it is written back into grad_h2 (which must then be consumed) for
   // the GEMM that adds dz W_hh to it.
   const void* keep_c;       // [rows, H] keep values of c; null: no zoneout of c
   int64_t keep_c_stride;
-  void* dc_keep;            // [rows, H] full peepholes with keep_c only
+  void* dc_keep;            // [rows, H] with keep_c: full peepholes and layer norm only
   int64_t dc_keep_stride;
   const void* keep_h;       // [rows, H] keep values of h; null: no zoneout of h
   int64_t keep_h_stride;
@@ -470,8 +471,18 @@ LSTM_HD inline void layer_norm_forward_row(const ForwardStep& p, int64_t row) {
         IO::store(out + L::f * H + j, gates.f, n);
         IO::store(out + L::g * H + j, gates.g, n);
       }
+      // Zoneout of c (after the clip): c_out keeps the computed c~_t, which the output gate's
+      // norm and tanh see; the state carried on is the zoned one.
+      V state = c;
+      if (p.keep_c) {
+        const V keep = IO::load(static_cast<const S*>(p.keep_c) + row * p.keep_c_stride + j, n);
+        state = zoneout(IO::load(c_prev + j, n), c, keep);
+        if (p.c_zoned) {
+          IO::store(static_cast<S*>(p.c_zoned) + row * p.c_zoned_stride + j, state, n);
+        }
+      }
       IO::store(c_out + j, c, n);
-      if (p.c_state) IO::store(static_cast<S*>(p.c_state) + row * p.c_state_stride + j, c, n);
+      if (p.c_state) IO::store(static_cast<S*>(p.c_state) + row * p.c_state_stride + j, state, n);
     }
     if (kPart == Part::Update) return;
   }
@@ -484,7 +495,12 @@ LSTM_HD inline void layer_norm_forward_row(const ForwardStep& p, int64_t row) {
     const V z_o =
         layer_norm_gate<IO>(p, L::o, z + L::o * H, peep_o, c_out, stats_o, normed_out, j, n);
     Gates<V> gates;
-    const V h = cell_output<false>(z_o, IO::load(c_out + j, n), V(0), gates);
+    V h = cell_output<false>(z_o, IO::load(c_out + j, n), V(0), gates);
+    if (p.keep_h) {
+      const V keep = IO::load(static_cast<const S*>(p.keep_h) + row * p.keep_h_stride + j, n);
+      h = zoneout(IO::load(static_cast<const S*>(p.h_prev) + row * p.h_prev_stride + j, n), h,
+                  keep);
+    }
     if (out) IO::store(out + L::o * H + j, gates.o, n);
     IO::store(static_cast<S*>(p.h_out) + row * p.h_out_stride + j, h, n);
     if (p.h_state) IO::store(static_cast<S*>(p.h_state) + row * p.h_state_stride + j, h, n);
@@ -560,14 +576,26 @@ LSTM_HD inline void layer_norm_backward_row(const BackwardStep& p, int64_t row) 
       const int n = chunk_width<IO>(H, j);
       V dh(0);
       if (p.grad_h) dh = IO::load(static_cast<const S*>(p.grad_h) + row * p.grad_h_stride + j, n);
-      if (p.grad_h2) {
-        S* grad_h2 = static_cast<S*>(p.grad_h2) + row * p.grad_h2_stride + j;
-        dh = dh + IO::load(grad_h2, n);
-        if (p.consume_grad_h2) IO::store(grad_h2, V(0), n);
+      S* grad_h2 = p.grad_h2 ? static_cast<S*>(p.grad_h2) + row * p.grad_h2_stride + j : nullptr;
+      if (grad_h2) dh = dh + IO::load(grad_h2, n);
+      // Zoneout of h: m dh passes straight to h_{t-1} (through grad_h2), (1 - m) dh to h~_t.
+      V dh_kept(0);
+      if (p.keep_h) {
+        const V keep = IO::load(static_cast<const S*>(p.keep_h) + row * p.keep_h_stride + j, n);
+        dh = zoneout_backward(dh, keep, dh_kept);
+      }
+      if (grad_h2 && p.consume_grad_h2) IO::store(grad_h2, dh_kept, n);
+      V dc_t = dc_in ? IO::load(dc_in + j, n) : V(0);
+      // Zoneout of c: m dc_t passes straight to c_{t-1}, kept in dc_keep for the Update loop
+      // (dc_in may alias dc_prev_out, which this loop overwrites).
+      if (p.keep_c) {
+        const V keep = IO::load(static_cast<const S*>(p.keep_c) + row * p.keep_c_stride + j, n);
+        V dc_kept(0);
+        dc_t = zoneout_backward(dc_t, keep, dc_kept);
+        IO::store(static_cast<S*>(p.dc_keep) + row * p.dc_keep_stride + j, dc_kept, n);
       }
       V dc(0);
-      const V dzhat_o = output_backward<false>(dh, dc_in ? IO::load(dc_in + j, n) : V(0),
-                                               IO::load(c + j, n),
+      const V dzhat_o = output_backward<false>(dh, dc_t, IO::load(c + j, n),
                                                IO::load(saved + L::o * H + j, n), V(0), dc);
       IO::store(dzhat + L::o * H + j, dzhat_o, n);
       IO::store(dc_prev_out + j, dc, n);  // dc so far (dc_in may alias it: read above)
@@ -605,7 +633,12 @@ LSTM_HD inline void layer_norm_backward_row(const BackwardStep& p, int64_t row) 
     if (!kCoupled) IO::store(dzhat + L::i * H + j, grads.dz_i, n);
     IO::store(dzhat + L::f * H + j, grads.dz_f, n);
     IO::store(dzhat + L::g * H + j, grads.dz_g, n);
-    IO::store(dc_prev_out + j, grads.dc_prev, n);
+    V dc_prev = grads.dc_prev;
+    if (p.keep_c) {
+      dc_prev = dc_prev +
+                IO::load(static_cast<const S*>(p.dc_keep) + row * p.dc_keep_stride + j, n);
+    }
+    IO::store(dc_prev_out + j, dc_prev, n);
   }
   LayerNormGradMeans<IO> means_i{};
   if (!kCoupled) {

@@ -494,17 +494,6 @@ def check_layer_norm_options(layer_norm, layer_norm_eps) -> tuple[bool, float]:
     return layer_norm, check_layer_norm_eps(layer_norm_eps)
 
 
-def check_zoneout_without_layer_norm(zoneout, layer_norm) -> None:
-    """Zoneout inside layer norm's whole-row kernels is not built yet: a ValueError when both are
-    on (`zoneout` None/0/(0, 0) or a pair of keep values; `layer_norm` a flag or weight_ln)."""
-    if isinstance(zoneout, (tuple, list)):
-        zoned = any(isinstance(k, Tensor) or k != 0 for k in zoneout)
-    else:
-        zoned = zoneout is not None and zoneout != 0
-    if zoned and layer_norm is not None and layer_norm is not False:
-        raise ValueError("zoneout together with layer norm is not supported yet: use one of them")
-
-
 def check_weight_ln(weight_ln, input: Tensor, weight_ih: Tensor, coupled: bool) -> None:
     """weight_ln (γ of the per-gate layer norm): None, or a [G, H] tensor on input's device of
     its dtype, G = 3 when coupled else 4 and H = weight_ih rows / G."""

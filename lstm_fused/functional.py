@@ -25,7 +25,6 @@ from ._checks import (
     check_layer_zoneout,
     check_weight_ln,
     check_zoneout_pair,
-    check_zoneout_without_layer_norm,
     normalize_peephole,
 )
 from .ops import ops
@@ -47,7 +46,8 @@ def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_h
     the previous value): h = keep_h hx + (1 - keep_h) h~, c = keep_c cx + (1 - keep_c) c~, after
     the clips (docs/regularizers.md). `weight_ln` [G, H] (γ) normalises each gate over its H
     units before its activation, with the biases added after the norm (docs/layer-norm.md);
-    `layer_norm_eps` the norm's epsilon (zoneout and layer norm together: not yet, a ValueError).
+    `layer_norm_eps` the norm's epsilon; with zoneout too, the norm's c and h are the computed
+    (unzoned) ones of the step, the zoned ones the states.
     Each bad argument is named in the error (the twin,
     `lstm_fused.reference.lstm_cell`, rejects the same).
     """
@@ -58,7 +58,6 @@ def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_h
     zoneout = check_zoneout_pair(zoneout, hx, cx)
     check_weight_ln(weight_ln, input, weight_ih, bool(coupled))
     layer_norm_eps = check_layer_norm_eps(layer_norm_eps)
-    check_zoneout_without_layer_norm(zoneout, weight_ln)
     return fused_cell(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                       weight_hr, peephole=peephole, coupled=coupled, cell_clip=cell_clip,
                       proj_clip=proj_clip, zoneout=zoneout, weight_ln=weight_ln,
@@ -72,15 +71,16 @@ def fused_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_
                proj_clip: float = 0.0, zoneout=None, weight_ln: Tensor | None = None,
                layer_norm_eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """`lstm_cell` without the argument checks; `peephole` in canonical form (None,
-    "diagonal" or "full"), the clips floats (0.0 = off), `zoneout` None or checked (not with
-    weight_ln)."""
+    "diagonal" or "full"), the clips floats (0.0 = off), `zoneout` None or checked."""
     if weight_ln is not None:
         # The norm reduces over each gate's H units of a row, which the layer op's row kernels
-        # do: one step of it is the cell.
+        # do: one step of it is the cell (zoneout's [B, D] masks become one step's [1, B, D]).
+        if zoneout is not None:
+            zoneout = tuple(k.unsqueeze(0) if isinstance(k, Tensor) else k for k in zoneout)
         output, state = fused_layer(input.unsqueeze(0), hx, cx, weight_ih, weight_hh, bias_ih,
                                     bias_hh, weight_ch, weight_hr, peephole=peephole,
                                     coupled=coupled, reverse=False, batch_sizes=None,
-                                    cell_clip=cell_clip, proj_clip=proj_clip,
+                                    cell_clip=cell_clip, proj_clip=proj_clip, zoneout=zoneout,
                                     weight_ln=weight_ln, layer_norm_eps=layer_norm_eps)
         return output[0], state[1]
     gates = F.linear(input, weight_ih, bias_ih) + F.linear(hx, weight_hh, bias_hh)
@@ -133,7 +133,6 @@ def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_
                                   len(sizes) if sizes is not None else input.shape[0])
     check_weight_ln(weight_ln, input, weight_ih, bool(coupled))
     layer_norm_eps = check_layer_norm_eps(layer_norm_eps)
-    check_zoneout_without_layer_norm(zoneout, weight_ln)
     return fused_layer(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch,
                        weight_hr, peephole=peephole, coupled=coupled, reverse=reverse,
                        batch_sizes=sizes, cell_clip=cell_clip, proj_clip=proj_clip,

@@ -31,7 +31,6 @@ from ._checks import (
     check_regularizer_options,
     check_rnn_options,
     check_zoneout,
-    check_zoneout_without_layer_norm,
 )
 from .ops import BUILT_WITH_CUDA
 
@@ -321,8 +320,8 @@ class LSTMCell(_VariantMixin, nn.Module):
             h_1 = m h_0 + (1 - m) h~_1; in eval the expectation p h_0 + (1 - p) h~_1.
         layer_norm, layer_norm_eps (keywords): normalise each gate over its H units before its
             activation (mean, biased variance, eps), scale by weight_ln and add the biases after
-            the norm (TFLite's layer-norm LSTM; docs/layer-norm.md). Default off, eps 1e-5. Not
-            yet with zoneout (a ValueError).
+            the norm (TFLite's layer-norm LSTM; docs/layer-norm.md). Default off, eps 1e-5.
+            Composes with zoneout.
 
     Inputs: input [B, I] or [I]; (h_0, c_0) each [B, H] or [H], zeros when omitted.
     Outputs: (h_1, c_1), each [B, H] (or [H] for unbatched input).
@@ -345,7 +344,6 @@ class LSTMCell(_VariantMixin, nn.Module):
         self._init_clips(cell_clip, None, 0)
         self._init_zoneout(zoneout)
         self._init_layer_norm(layer_norm, layer_norm_eps)
-        check_zoneout_without_layer_norm(self.zoneout, self.layer_norm)
         factory = {"device": device, "dtype": dtype}
         self._make_parameters("", self.input_size, self.hidden_size, 0, factory)
         self.reset_parameters()
@@ -615,8 +613,8 @@ class LSTM(_VariantMixin, _LayerStack):
             p h_{t-1} + (1 - p) h~_t. The zoned values are the states and the outputs.
         layer_norm, layer_norm_eps (keywords): normalise each gate over its H units before its
             activation, scale by weight_ln_l{k}, add the biases after the norm (TFLite's
-            layer-norm LSTM; docs/layer-norm.md). Default off, eps 1e-5. Not yet with zoneout
-            (a ValueError).
+            layer-norm LSTM; docs/layer-norm.md). Default off, eps 1e-5. Composes with
+            zoneout (the norm sees the step's computed c, the zoned values are the states).
 
     Inputs: input [T, B, I] ([B, T, I] if batch_first), [T, I] unbatched, or a PackedSequence;
         optional (h_0 [D*L, B, R], c_0 [D*L, B, H]) with D = 2 if bidirectional else 1 and
@@ -647,7 +645,6 @@ class LSTM(_VariantMixin, _LayerStack):
         self._init_clips(cell_clip, proj_clip, proj_size)
         self._init_zoneout(zoneout)
         self._init_layer_norm(layer_norm, layer_norm_eps)
-        check_zoneout_without_layer_norm(self.zoneout, self.layer_norm)
         self._init_stack("LSTM", num_layers, batch_first, dropout, bidirectional, proj_size)
         factory = {"device": device, "dtype": dtype}
         directions = 2 if self.bidirectional else 1

@@ -70,7 +70,6 @@ from ._checks import (
     check_layer_zoneout,
     check_weight_ln,
     check_zoneout_pair,
-    check_zoneout_without_layer_norm,
     normalize_peephole,
 )
 
@@ -276,7 +275,6 @@ def lstm_cell(
     zoneout = check_zoneout_pair(zoneout, hx, cx)
     check_weight_ln(weight_ln, input, weight_ih, coupled)
     eps = check_layer_norm_eps(layer_norm_eps)
-    check_zoneout_without_layer_norm(zoneout, weight_ln)
     h, c = _any_step(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_ch, weight_hr,
                      peephole, coupled, cell_clip, proj_clip, weight_ln, eps)
     if zoneout is not None:
@@ -343,7 +341,6 @@ def lstm_layer(
     B, R = hx.shape
     zoneout = check_layer_zoneout(zoneout, hx, cx,
                                   len(sizes) if sizes is not None else input.shape[0])
-    check_zoneout_without_layer_norm(zoneout, weight_ln)
     if sizes is None:
         sizes = [B] * input.shape[0]
         xs = input.unbind(0)  # T tensors [B, I]

@@ -263,21 +263,25 @@ def test_gru_cell_latency_path_runs_gru_cell_step_on_cuda():
 
 
 @variant_params
-@grid(dtype=[torch.float32, torch.float64], packed=[False, True], proj=[0, 2])
-def test_layer_ops_with_zoneout_agree_with_cpu(variant, dtype, packed, proj):
-    """Zoneout's keep masks (and cell_clip) through the CUDA layer ops, forward and backward."""
+@grid(dtype=[torch.float32, torch.float64], packed=[False, True], proj=[0, 2],
+      layer_norm=[False, True])
+def test_layer_ops_with_zoneout_agree_with_cpu(variant, dtype, packed, proj, layer_norm):
+    """Zoneout's keep masks (and cell_clip) through the CUDA layer ops, forward and backward,
+    without and with layer norm's rows."""
     g = torch.Generator().manual_seed(4)
     args = layer_op_args(variant, dtype, packed, False, proj, g)
     lead, R, H = args[0].shape[:-1], args[1].shape[-1], args[2].shape[-1]
     keeps = tuple((torch.rand(*lead, width, generator=g) < 0.5).to(dtype) for width in (R, H))
-    extra = (True, 0.4, 0.0, *keeps)
+    gates = 3 if variant[1] else 4
+    norm = ((1 + 0.2 * torch.randn(gates, H, generator=g)).to(dtype),) if layer_norm else ()
+    extra = (True, 0.4, 0.0, *keeps, *norm)
     expected = ops.layer_forward(*args, *extra)
     got = ops.layer_forward(*to_device(args), *to_device(extra))
     for a, b, name in zip(got, expected, ("output", "h_n", "c_n", "gates", "cells")):
         assert_agree(a, b, dtype, name)
     out, h_n, c_n, gates, cells = expected
     backward_args = (*random_like([out, h_n, c_n], seed=3), *args[:9], out, gates, cells,
-                     *args[9:], True, 0.4, 0.0, *keeps)
+                     *args[9:], True, 0.4, 0.0, *keeps, *norm)
     expected = ops.layer_backward(*backward_args)
     got = ops.layer_backward(*to_device(backward_args))
     for k, (a, b) in enumerate(zip(got, expected)):

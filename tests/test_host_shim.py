@@ -190,11 +190,11 @@ def test_forced_simd_gemm_still_runs_the_cuda_kernels(host_shim, op):
 
 @variant_params
 @grid(dtype=[torch.float32, torch.float64], packed=[False, True], proj=[0, 2],
-      keep=["masks", "rates"])
+      keep=["masks", "rates"], layer_norm=[False, True])
 def test_layer_zoneout_with_cuda_kernels_matches_cpu(host_shim, variant, dtype, packed, proj,
-                                                     keep):
+                                                     keep, layer_norm):
     """Zoneout's keep values (0/1 masks, or eval's rates as one expanded row) through the CUDA
-    kernels, forward and backward, with a cell clip."""
+    kernels, forward and backward, with a cell clip, without and with layer norm's rows."""
     g = torch.Generator().manual_seed(3)
     args = layer_op_args(variant, dtype, packed, False, proj, g)
     lead, R, H = args[0].shape[:-1], args[1].shape[-1], args[2].shape[-1]
@@ -204,8 +204,10 @@ def test_layer_zoneout_with_cuda_kernels_matches_cpu(host_shim, variant, dtype, 
         keeps = tuple(torch.full((width,), rate, dtype=dtype).expand(*lead, width)
                       for width, rate in ((R, 0.3), (H, 0.6)))
     clips = (0.4, 0.0)
-    expected = ops.layer_forward(*args, True, *clips, *keeps)
-    got = host_shim.layer_forward(*args, 3, 7, *clips, *keeps)
+    gates = 3 if variant[1] else 4
+    norm = ((1 + 0.2 * torch.randn(gates, H, generator=g)).to(dtype),) if layer_norm else ()
+    expected = ops.layer_forward(*args, True, *clips, *keeps, *norm)
+    got = host_shim.layer_forward(*args, 3, 7, *clips, *keeps, *norm)
     for a, b in zip(got, expected):
         close(a, b, dtype)
 
@@ -213,7 +215,7 @@ def test_layer_zoneout_with_cuda_kernels_matches_cpu(host_shim, variant, dtype, 
     assert cells.shape[-1] == 2 * H  # the computed and the zoned c
     grads = [torch.randn(t.shape, generator=g).to(dtype) for t in (out, h_n, c_n)]
     backward_args = (*grads, *args[:9], out, gates, cells, *args[9:], True)
-    expected = ops.layer_backward(*backward_args, *clips, *keeps)
-    got = host_shim.layer_backward(*backward_args, 3, 7, *clips, *keeps)
+    expected = ops.layer_backward(*backward_args, *clips, *keeps, *norm)
+    got = host_shim.layer_backward(*backward_args, 3, 7, *clips, *keeps, *norm)
     for a, b in zip(got, expected):
         close(a, b, dtype)

@@ -629,26 +629,27 @@ def test_layer_norm_benchmark_runs_and_checks_the_loop_computes_the_same(tmp_pat
     assert (tmp_path / "r.json").stat().st_size > 0
 
 
-# --- zoneout with layer norm: refused (not built yet) ------------------------------------------
+# --- zoneout with layer norm (issue 23: the regularizers compose with layer norm) --------------
 
 
-def test_zoneout_with_layer_norm_is_refused_with_a_clear_error():
-    """Layer norm's whole-row kernels do not zone yet: every entry point refuses the pair by
-    name (ValueError) instead of computing one of them silently; either alone still runs."""
-    for make in (lambda **kw: lstm_fused.LSTM(4, 6, **kw),
-                 lambda **kw: lstm_fused.LSTMCell(4, 6, **kw)):
-        with pytest.raises(ValueError, match="zoneout together with layer norm"):
-            make(zoneout=0.1, layer_norm=True)
-        make(zoneout=0.1), make(layer_norm=True)
-    g = torch.Generator().manual_seed(0)
-    args, weight_ln = layer_norm_op_args((None, False), torch.float64, False, 0, g)
-    x, h0, c0 = args[:3]
-    keeps = (torch.ones(*x.shape[:-1], h0.shape[-1], dtype=x.dtype),
-             torch.ones(*x.shape[:-1], c0.shape[-1], dtype=x.dtype))
-    for fn in (functional.lstm_layer, reference.lstm_layer):
-        with pytest.raises(ValueError, match="zoneout together with layer norm"):
-            fn(*args[:9], zoneout=keeps, weight_ln=weight_ln)
-    with pytest.raises(ValueError, match="zoneout together with layer norm"):
-        functional.lstm_cell(x[0], h0, c0, *args[3:9], zoneout=(0.5, 0.5), weight_ln=weight_ln)
-    with pytest.raises(ValueError, match="zoneout together with layer norm"):
-        ops.layer_forward(*args, True, 0.0, 0.0, *keeps, weight_ln, 1e-5)
+def test_zoneout_with_layer_norm_runs_at_every_entry_point_and_zones():
+    """Every entry point takes the pair (test_regularizers.py compares them with the twin):
+    the modules in training keep units of the states at their previous values, and in eval
+    they give the expectation, which differs from layer norm alone."""
+    torch.manual_seed(0)
+    for module in (lstm_fused.LSTM(4, 6, zoneout=0.5, layer_norm=True),
+                   lstm_fused.LayerNormLSTM(4, 6, zoneout=(0.5, 0.5))):
+        assert "zoneout=(0.5, 0.5)" in repr(module) and "layer_norm=True" in repr(module)
+        x = torch.randn(5, 3, 4)
+        out, _ = module(x)
+        kept = (out[1:] == out[:-1]).float().mean().item()
+        assert 0.3 < kept < 0.7  # half the units keep h_{t-1}, bit for bit
+        module.eval()
+        plain = lstm_fused.LSTM(4, 6, layer_norm=True).eval()
+        plain.load_state_dict(module.state_dict())
+        assert not torch.allclose(module(x)[0], plain(x)[0])
+    cell = lstm_fused.LSTMCell(4, 6, zoneout=0.5, layer_norm=True)
+    x, h0, c0 = torch.randn(64, 4), torch.randn(64, 6), torch.randn(64, 6)
+    h1, c1 = cell(x, (h0, c0))
+    for new, old in ((h1, h0), (c1, c0)):
+        assert 0.4 < (new == old).float().mean().item() < 0.6

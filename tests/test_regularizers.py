@@ -199,6 +199,7 @@ LAYER_CASES = {
     "stacked-bidirectional": {"num_layers": 2, "bidirectional": True},
     "projection": {"proj_size": 2},
     "interlayer-dropout": {"num_layers": 2, "dropout": 0.5},
+    "layer-norm": {"layer_norm": True, "cell_clip": 0.5, "proj_size": 2},
 }
 
 
@@ -543,17 +544,119 @@ def test_zoneout_layer_inference_path_equals_training_path(variant, proj, packed
         torch.testing.assert_close(a.detach(), b, rtol=1e-12, atol=1e-12)
 
 
-def test_zoneout_layer_double_backward_matches_reference():
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer-norm"])
+def test_zoneout_layer_double_backward_matches_reference(layer_norm):
     variant = ("diagonal", False)
     tensors, params = zoneout_layer_inputs(variant, 2, True)
     masks = zoneout_masks(2, H)
+    norm = {"weight_ln": layer_norm_weight(variant)} if layer_norm else {}
     results = []
     for layer_fn in (lstm_fused.functional.lstm_layer, reference.lstm_layer):
-        out, _, c = run_zoneout_layer(layer_fn, variant, 2, True, tensors, params, masks)
+        out, _, c = run_zoneout_layer(layer_fn, variant, 2, True, tensors, params, masks, **norm)
         (grad_x,) = torch.autograd.grad(out.sin().sum() + c.sum(), tensors[0], create_graph=True)
         results.append(torch.autograd.grad(grad_x.square().sum(), [tensors[1], params[1]]))
     for fused, ref in zip(*results, strict=True):
         torch.testing.assert_close(fused, ref, rtol=1e-9, atol=1e-10)
+
+
+def layer_norm_weight(variant, dtype=torch.float64, seed=8):
+    """γ [G, H] around 1 (G = 3 coupled, else 4), requiring grad."""
+    generator = torch.Generator().manual_seed(seed)
+    gates = 3 if variant[1] else 4
+    return (1 + 0.3 * torch.randn(gates, H, generator=generator, dtype=torch.float64)).to(
+        dtype).requires_grad_()
+
+
+@variant_params
+@pytest.mark.parametrize("proj", [0, 2])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_zoneout_with_layer_norm_layer_fused_equals_reference_and_gradcheck(variant, proj,
+                                                                            packed):
+    """Zoneout inside layer norm's whole-row kernels: with injected masks, and with eval's
+    rates and the clips, the fused layer equals the twin (whose norm sees the step's computed
+    c, and whose zoneout comes after), forward and every gradient (γ's too); gradcheck of the
+    masked layer (float64)."""
+    clips = {"cell_clip": 0.3, **({"proj_clip": 0.05} if proj else {})}
+    for zoneout, options in ((zoneout_masks(proj or H, H), {}), ((0.3, 0.6), clips),
+                             ((0.0, 0.5), clips), (zoneout_masks(proj or H, H), clips)):
+        tensors, params = zoneout_layer_inputs(variant, proj, packed)
+        weight_ln = layer_norm_weight(variant)
+        inputs = [*tensors, *params, weight_ln]
+        results = []
+        for layer_fn in (lstm_fused.functional.lstm_layer, reference.lstm_layer):
+            outputs = run_zoneout_layer(layer_fn, variant, proj, packed, tensors, params,
+                                        zoneout, weight_ln=weight_ln, **options)
+            results.append([*outputs, *zoneout_grads(outputs, inputs)])
+        for fused, ref in zip(*results, strict=True):
+            torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-10)
+
+    masks = zoneout_masks(proj or H, H)
+    positions = [k for k, t in enumerate(inputs) if t is not None]
+
+    def by_position(*values):
+        full = list(inputs)
+        for k, v in zip(positions, values):
+            full[k] = v
+        return run_zoneout_layer(lstm_fused.functional.lstm_layer, variant, proj, packed,
+                                 full[:3], full[3:-1], masks, weight_ln=full[-1])
+
+    assert torch.autograd.gradcheck(by_position, [inputs[k] for k in positions])
+
+
+@variant_params
+def test_zoneout_with_layer_norm_float32_and_inference_path(variant):
+    """float32 against the twin at tolerances that catch a missing term, and the no_grad path
+    (the computed c~ in a step buffer of its own) equal to the training path."""
+    tensors, params = zoneout_layer_inputs(variant, 2, False, dtype=torch.float32)
+    weight_ln = layer_norm_weight(variant, torch.float32)
+    masks = zoneout_masks(2, H, dtype=torch.float32)
+    inputs = [*tensors, *params, weight_ln]
+    results = []
+    for layer_fn in (lstm_fused.functional.lstm_layer, reference.lstm_layer):
+        outputs = run_zoneout_layer(layer_fn, variant, 2, False, tensors, params, masks,
+                                    weight_ln=weight_ln, cell_clip=0.4)
+        results.append([*outputs, *zoneout_grads(outputs, inputs)])
+    for fused, ref in zip(*results, strict=True):
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        inferred = run_zoneout_layer(lstm_fused.functional.lstm_layer, variant, 2, False,
+                                     tensors, params, masks, weight_ln=weight_ln, cell_clip=0.4)
+    for a, b in zip(results[0][:3], inferred, strict=True):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-6, atol=1e-6)
+
+
+@variant_params
+def test_zoneout_with_layer_norm_cell_equals_reference_and_gradcheck(variant):
+    peephole, coupled = variant
+    generator = torch.Generator().manual_seed(4)
+    params = make_params_z(peephole, coupled, 0, torch.float64, generator)
+    x, hx, cx = (torch.randn(B_Z, width, generator=generator, dtype=torch.float64)
+                 .requires_grad_() for width in (I, H, H))
+    weight_ln = layer_norm_weight(variant)
+    mask_h, mask_c = (m[0] for m in zoneout_masks(H, H))
+    inputs = [x, hx, cx, *params, weight_ln]
+    positions = [k for k, t in enumerate(inputs) if t is not None]
+
+    def cell(fn, *values, zoneout=(mask_h, mask_c)):
+        return fn(*values[:-1], peephole=peephole, coupled=coupled, zoneout=zoneout,
+                  weight_ln=values[-1], cell_clip=0.5)
+
+    for zoneout in ((mask_h, mask_c), (0.3, 0.6)):
+        results = []
+        for fn in (lstm_fused.functional.lstm_cell, reference.lstm_cell):
+            h, c = cell(fn, *inputs, zoneout=zoneout)
+            results.append([h, c, *torch.autograd.grad(
+                h.sin().sum() + (c * c).sum(), [inputs[k] for k in positions])])
+        for fused, ref in zip(*results, strict=True):
+            torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-10)
+
+    def by_position(*values):
+        full = list(inputs)
+        for k, v in zip(positions, values):
+            full[k] = v
+        return cell(lstm_fused.functional.lstm_cell, *full)
+
+    assert torch.autograd.gradcheck(by_position, [inputs[k] for k in positions])
 
 
 @variant_params
@@ -642,7 +745,7 @@ def test_zoneout_masks_statistics_one_per_layer_and_direction():
 
 @variant_params
 @pytest.mark.parametrize("case", ["plain", "stacked-bidirectional", "projection",
-                                  "interlayer-dropout"])
+                                  "interlayer-dropout", "layer-norm"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_zoneout_module_forward_and_backward_see_the_same_masks(variant, case, packed):
     """The masks a training call drew, given to the twin (the same seed draws them again),
@@ -779,7 +882,8 @@ def test_onnx_export_with_zoneout_eval_matches_eager_and_training_is_refused():
     import lstm_fused.onnx
 
     torch.manual_seed(0)
-    for options in ({}, {"proj_size": 2, "cell_clip": 0.5, "bidirectional": True}):
+    for options in ({}, {"proj_size": 2, "cell_clip": 0.5, "bidirectional": True},
+                    {"layer_norm": True, "peephole": "diagonal", "coupled": True}):
         lstm = lstm_fused.LSTM(I, H, num_layers=2, zoneout=(0.3, 0.5), **options)
         x = sequences(dtype=torch.float32)
         with pytest.raises(ValueError, match=r"training mode with zoneout=\(0.3, 0.5\).*eval"):
