@@ -18,7 +18,11 @@ Candidates, each one training step (forward, sum of the output, backward) on the
 Reported: median ms over rotating rounds (every candidate timed once per round, so all see the
 same machine noise) and four ratios, each the median of the per-round ratios: DropConnect / fused
 and zoneout / fused (targets <= 1.10), DropConnect / WeightDrop and zoneout / the cell loop
-(targets <= 0.5).
+(targets <= 0.5). And the GEMM floor: the FLOPs of the six GEMMs every LSTM training step
+needs (forward x W_ih and h W_hh, backward dx, dh, dW_ih, dW_hh: 6 T B 4H (I + H) multiply-adds
+x 2) at the fastest GEMM rate measured here (bench.py's GEMM peak: the step's GEMM shapes
+through torch.mm and oneDNN, the best), so no implementation on this CPU can train faster than it; floor / WeightDrop and
+floor / cell loop are the lowest ratios any of them could reach.
 """
 
 from __future__ import annotations
@@ -27,13 +31,16 @@ import argparse
 import json
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from onnx_vs_fused import cpu_name  # benchmarks/, beside this script
+from onnx_vs_fused import cpu_name
 from torch import nn
 
 import lstm_fused
+
+from bench import Timer, measure_gemm_peak  # benchmarks/, beside this script
 
 
 class WeightDrop(nn.Module):
@@ -55,18 +62,20 @@ class WeightDrop(nn.Module):
 
 class ZoneoutCellLoop(nn.Module):
     """Zoneout as users write it without lstm_fused: a Python loop over time of nn.LSTMCell, each
-    step's new (h, c) mixed with the previous ones by Bernoulli(p) keep masks (drawn as
-    lstm_fused.LSTM draws them: [T, B, H] for h, then for c), the expectation in eval."""
+    step's new (h, c) mixed with the previous ones by Bernoulli(p) keep masks ([T, B, H] for
+    h, then for c, drawn with torch's bernoulli_ as users do), the expectation in eval. `draw`
+    replaces the draw (check_same_function gives it lstm_fused's)."""
 
     def __init__(self, cell: nn.LSTMCell, p: float):
         super().__init__()
         self.cell, self.p = cell, p
+        self.draw = lambda like, size, p: like.new_empty(size).bernoulli_(p)
 
     def forward(self, x):
         T, B, _ = x.shape
         h = c = x.new_zeros(B, self.cell.hidden_size)
         if self.training:
-            keep_h, keep_c = (x.new_empty(T, B, self.cell.hidden_size).bernoulli_(self.p)
+            keep_h, keep_c = (self.draw(x, (T, B, self.cell.hidden_size), self.p)
                               for _ in range(2))
         outputs = []
         for t in range(T):
@@ -102,8 +111,11 @@ SAME_FUNCTION = (("fused + DropConnect", "nn.LSTM + WeightDrop"),
 
 
 def check_same_function(models, x) -> float:
-    """Each pair of SAME_FUNCTION draws the same masks from the same seed: same output. Returns
-    the largest difference (an AssertionError past 1e-4)."""
+    """Each pair of SAME_FUNCTION draws the same masks from the same seed (the cell loop with
+    lstm_fused's draw for this check): same output. Returns the largest difference (an
+    AssertionError past 1e-4)."""
+    loop = models["nn.LSTMCell loop + zoneout"]
+    users_draw, loop.draw = loop.draw, lstm_fused.functional.keep_mask
     errors = []
     for pair in SAME_FUNCTION:
         outputs = []
@@ -115,6 +127,7 @@ def check_same_function(models, x) -> float:
         if error > 1e-4:
             raise AssertionError(f"{pair[0]} and {pair[1]} differ by {error:.2e}")
         errors.append(error)
+    loop.draw = users_draw
     return max(errors)
 
 
@@ -140,6 +153,18 @@ def measure(models, call, warmup, repeats) -> dict[str, list[float]]:
     return times
 
 
+def gemm_floor_ms(size) -> tuple[float, float]:
+    """(floor ms, GFLOP/s): a training step's GEMM FLOPs (6 GEMMs of T*B x (I or H) x 4H)
+    at the best measured GEMM rate."""
+    T, B, I, H = size
+    device = torch.device("cpu")
+    peak = measure_gemm_peak(size, SimpleNamespace(device=device, dtype=torch.float32),
+                             Timer(device))
+    gflops = peak["peak_gflops"]
+    step_flops = 2 * 3 * T * B * 4 * H * (I + H)
+    return step_flops / (gflops * 1e9) * 1e3, gflops
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python benchmarks/regularizer_cost.py",
                                      description=__doc__.split("\n")[0])
@@ -160,6 +185,7 @@ def main(argv=None) -> dict:
     error = check_same_function(models, x)
     times = measure(models, lambda model: step(model, x), args.warmup, args.repeats)
     median = {name: statistics.median(t) for name, t in times.items()}
+    floor, gflops = gemm_floor_ms(args.size)
     def ratio(ours, other):
         return statistics.median(a / b for a, b in zip(times[ours], times[other], strict=True))
 
@@ -171,6 +197,9 @@ def main(argv=None) -> dict:
         "ratio_vs_wrapper": ratio("fused + DropConnect", "nn.LSTM + WeightDrop"),
         "zoneout_ratio_vs_plain": ratio("fused + zoneout", "fused"),
         "zoneout_ratio_vs_cell_loop": ratio("fused + zoneout", "nn.LSTMCell loop + zoneout"),
+        "gemm_gflops": gflops, "gemm_floor_ms": floor,
+        "floor_ratio_vs_wrapper": floor / median["nn.LSTM + WeightDrop"],
+        "floor_ratio_vs_cell_loop": floor / median["nn.LSTMCell loop + zoneout"],
     }
     print(f"{result['cpu']}, {result['threads']} threads, torch {torch.__version__}; "
           f"T={T} B={B} I={I} H={H}, weight_dropout={args.p}, zoneout={args.zoneout}, "
@@ -183,6 +212,9 @@ def main(argv=None) -> dict:
           f"(target <= 1.10)")
     print(f"  zoneout / nn.LSTMCell loop  {result['zoneout_ratio_vs_cell_loop']:.3f}x   "
           f"(target <= 0.50)")
+    print(f"  GEMM floor {floor:.1f} ms (the step's GEMM FLOPs at {gflops:.0f} GFLOP/s): "
+          f"{result['floor_ratio_vs_wrapper']:.3f}x WeightDrop, "
+          f"{result['floor_ratio_vs_cell_loop']:.3f}x the cell loop (the lowest reachable)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -95,6 +95,8 @@ void register_autocast(torch::Library& m) {
   m.impl("gru_layer_forward", &GruLayerForward::autocast_dtype<kDevice>);
   m.impl("gru_cell_step", &GruCellStep::autocast_dtype<kDevice>);
   m.impl("gru_layer_backward", &GruLayerBackward::forward_dtype<kDevice, kGruLayerBackwardGates>);
+  // keep_mask takes no floating-point tensor and makes its output in the dtype it is given.
+  m.impl("keep_mask", torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace

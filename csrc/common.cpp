@@ -100,7 +100,7 @@ void register_argument_checks(torch::Library& m) {
   // of any device, Meta included.
   for (const char* op : {"cell_forward", "cell_backward", "layer_forward", "layer_backward",
                          "cell_step", "gru_layer_forward", "gru_layer_backward",
-                         "gru_cell_step"}) {
+                         "gru_cell_step", "keep_mask"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&check_tensor_arguments>());
   }
 }
@@ -181,6 +181,31 @@ Tensor peephole_grad(Peephole peephole, const Tensor& grad_z, const Tensor& c_pr
       break;
   }
   return at::empty({0}, grad_z.options());
+}
+
+Tensor keep_mask(const Tensor& seed, at::IntArrayRef size, double p, at::ScalarType dtype,
+                 const PointwiseKernels& kernels) {
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong && seed.numel() == 1,
+                   "lstm_fused: keep_mask expected seed to be an int64 tensor of one element (the "
+                   "generator's key), got a ", seed.scalar_type(), " tensor of shape ",
+                   seed.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(p) && p >= 0 && p <= 1,
+                    "lstm_fused: keep_mask expected p, the probability of keeping a unit, in "
+                    "[0, 1], got ", p);
+  TORCH_CHECK_TYPE(at::isFloatingType(dtype),
+                   "lstm_fused: keep_mask expected a floating-point dtype, got ", dtype);
+  for (const int64_t extent : size) {
+    TORCH_CHECK_VALUE(extent >= 0, "lstm_fused: keep_mask expected a size of non-negative "
+                      "extents, got ", size);
+  }
+  const c10::OptionalDeviceGuard device_guard(seed.device());
+  Tensor out = at::empty(size, seed.options().dtype(dtype));
+  const Tensor key = seed.contiguous();
+  KeepMask mask{out.data_ptr(), out.numel(), key.const_data_ptr<int64_t>(), keep_threshold(p),
+                dtype};
+  RECORD_FUNCTION("lstm_fused::keep_mask", {});
+  kernels.keep_mask(mask);
+  return out;
 }
 
 }  // namespace lstm_fused

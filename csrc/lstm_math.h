@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include "isa_namespace.h"
 
@@ -248,6 +249,62 @@ LSTM_HD inline void gru_update_backward(V dh, V h_prev, V b_n, const GruGates<V>
   grads.db_n = gates.r * grads.da_n;
   grads.da_r = b_n * grads.da_n * gates.r * (V(1) - gates.r);
   grads.da_z = dz * gates.z * (V(1) - gates.z);
+}
+
+// --- zoneout's keep masks: a counter-based generator ------------------------------------------
+// Philox4x32-10 (Salmon, Moraes, Dror & Shaw, "Parallel random numbers: as easy as 1, 2, 3",
+// SC 2011; the generator of cuRAND and of torch's CUDA random ops): four 32-bit words from a
+// 128-bit counter c and a 64-bit key k, ten rounds of
+//   (c0, c1, c2, c3) <- (hi(M1 c2) ^ c1 ^ k0, lo(M1 c2), hi(M0 c0) ^ c3 ^ k1, lo(M0 c0)),
+//   k <- k + (W0, W1) between rounds,
+// with M0 = 0xD2511F53, M1 = 0xCD9E8D57, W0 = 0x9E3779B9, W1 = 0xBB67AE85. Every word depends only
+// on (counter, key): any thread, SIMD lane or device computes element i's word alone, so a mask
+// is the same on every CPU build, on the GPU and for any thread count.
+struct Philox4 {
+  uint32_t word[4];
+};
+constexpr int kPhiloxRounds = 10;
+
+// The high 32 bits of the 64-bit product a m (the low ones are a * m in uint32_t). U is
+// uint32_t here; the CPU's SIMD build overloads it for registers of 32-bit lanes
+// (cpu/pointwise_cpu_kernels.h), whose *, ^ and broadcast from uint32_t are the lanes'.
+LSTM_HD inline uint32_t philox_mulhi(uint32_t a, uint32_t m) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * m) >> 32);
+}
+
+// One round on counter (c0, c1, c2, c3) with round key (k0, k1).
+template <typename U>
+LSTM_HD inline void philox_round(U& c0, U& c1, U& c2, U& c3, uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  const U n0 = philox_mulhi(c2, kM1) ^ c1 ^ U(k0);
+  const U n2 = philox_mulhi(c0, kM0) ^ c3 ^ U(k1);
+  c1 = c2 * U(kM1), c3 = c0 * U(kM0), c0 = n0, c2 = n2;
+}
+// The key of round r + 1 from that of round r.
+LSTM_HD inline void philox_next_key(uint32_t& k0, uint32_t& k1) {
+  k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
+}
+
+LSTM_HD inline Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                     uint32_t k0, uint32_t k1) {
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    if (round > 0) philox_next_key(k0, k1);
+    philox_round(c0, c1, c2, c3, k0, k1);
+  }
+  return {{c0, c1, c2, c3}};
+}
+
+// A keep mask of n elements drawn with key `seed`: Q = ceil(n / 4) blocks, and element i is word
+// i / Q of the block at counter (i % Q as two 32-bit halves, 0, 0), so each word fills a
+// contiguous quarter of the mask; kept (1) when the word is below `threshold` = round(p 2^32),
+// so P(keep) = p to within 2^-33.
+LSTM_HD inline uint64_t keep_threshold(double p) {
+  return static_cast<uint64_t>(p * 4294967296.0 + 0.5);
+}
+LSTM_HD inline int64_t keep_mask_blocks(int64_t numel) { return (numel + 3) / 4; }
+LSTM_HD inline Philox4 keep_mask_block(uint64_t seed, uint64_t block) {
+  return philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), 0u, 0u,
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
 }  // namespace LSTM_FUSED_ISA

@@ -64,6 +64,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     double proj_clip, const OptTensor& zoneout_h, const OptTensor& zoneout_c,
     const OptTensor& weight_ln, const PointwiseKernels& kernels);
 
+// Zoneout's keep mask [size] of `dtype` on seed's device: 1 with probability p, else 0, from the
+// 64-bit key in `seed` (an int64 tensor of one element, read by the kernel) (pointwise.h KeepMask).
+Tensor keep_mask(const Tensor& seed, at::IntArrayRef size, double p, at::ScalarType dtype,
+                 const PointwiseKernels& kernels);
+
 // The GRU layer (gate blocks r, z, n as nn.GRU; lstm_math.h gru_update), the same time loop
 // structure: input [T, B, I] | [N, I] with batch_sizes, h0 [B, H] -> (output [..., H], h_n [B, H],
 // gates [..., 4H] saved for backward: r, z, n and W_hn h_{t-1} + b_hn; empty without

@@ -774,11 +774,37 @@ inline void variant_switch(const Step& step, const F& f) {
 }  // namespace LSTM_FUSED_ISA
 
 // One kernel table per device; the drivers in cell.cpp and layer.cpp are device-generic.
+// Zoneout's keep mask (lstm_math.h keep_mask_block): out[i] = 1 with probability p (threshold =
+// keep_threshold(p)), else 0, for i < numel; the 64-bit key is read from *seed by the kernel (on
+// the GPU it stays in device memory: no synchronisation).
+struct KeepMask {
+  void* out;                // [numel] contiguous
+  int64_t numel;
+  const int64_t* seed;      // one element
+  uint64_t threshold;
+  c10::ScalarType dtype;
+};
+
+inline namespace LSTM_FUSED_ISA {
+// The elements of Philox block `block`, one in each quarter of the mask (lstm_math.h).
+template <typename S>
+LSTM_HD inline void keep_mask_store(const KeepMask& p, uint64_t seed, int64_t block) {
+  const Philox4 bits = keep_mask_block(seed, static_cast<uint64_t>(block));
+  const int64_t quarter = keep_mask_blocks(p.numel);
+  S* out = static_cast<S*>(p.out);
+  for (int k = 0; k < 4; ++k) {
+    const int64_t i = k * quarter + block;
+    if (i < p.numel) out[i] = static_cast<S>(bits.word[k] < p.threshold ? 1.0f : 0.0f);
+  }
+}
+}  // namespace LSTM_FUSED_ISA
+
 struct PointwiseKernels {
   void (*forward)(const ForwardStep&);
   void (*backward)(const BackwardStep&);
   void (*gru_forward)(const GruForwardStep&);
   void (*gru_backward)(const GruBackwardStep&);
+  void (*keep_mask)(const KeepMask&);
   // The CPU table only: the drivers may run the simd path's one-kernel step (run_recurrent_step,
   // h W_hhᵀ and the pointwise forward together) instead of a GEMM and `forward`.
   bool cpu_simd_step = false;

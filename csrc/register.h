@@ -17,7 +17,9 @@ namespace lstm_fused {
 // (weight_ln [G, H], None = off) and eps. With layer norm the layer's saved `gates` rows are
 // [activated gates | x̂ | (mean, rstd) per gate]. The GRU's layer ops (gate blocks r, z, n, as
 // nn.GRU) save [r, z, n, W_hn h_{t-1} + b_hn] rows as `gates` ([..., 4H]); gru_cell_step is the
-// GRU's forward-only step, as cell_step is the LSTM's.
+// GRU's forward-only step, as cell_step is the LSTM's. keep_mask draws zoneout's 0/1 keep masks
+// (1 with probability p) on seed's device from the 64-bit key in seed (lstm_math.h
+// keep_mask_block: Philox4x32-10, the same mask on every device and for any thread count).
 #define LSTM_FUSED_SCHEMAS(EXTRA, LAYER_EXTRA)                                                  \
   "cell_forward(Tensor gates, Tensor c_prev, Tensor? weight_ch, str peephole, bool coupled" EXTRA \
   ", float cell_clip=0.0) -> (Tensor h, Tensor c, Tensor gates_out)",                         \
@@ -51,7 +53,8 @@ namespace lstm_fused {
       ", Tensor? zoneout_h=None) -> (Tensor grad_input, Tensor grad_h0, "                       \
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh)", \
       "gru_cell_step(Tensor input, Tensor hx, Tensor weight_ih, Tensor weight_hh, "             \
-      "Tensor? bias_ih, Tensor? bias_hh" EXTRA ") -> Tensor"
+      "Tensor? bias_ih, Tensor? bias_hh" EXTRA ") -> Tensor",                                   \
+      "keep_mask(Tensor seed, int[] size, float p, ScalarType dtype" EXTRA ") -> Tensor"
 
 using KernelTable = const PointwiseKernels& (*)();
 
@@ -141,6 +144,11 @@ struct DeviceOps {
                                           bias_ih, bias_hh, output, gates, batch_sizes, reverse,
                                           need_input_grad, zoneout_h, kKernels());
   }
+
+  static Tensor keep_mask(const Tensor& seed, at::IntArrayRef size, double p,
+                          at::ScalarType dtype) {
+    return lstm_fused::keep_mask(seed, size, p, dtype, kKernels());
+  }
 };
 
 #define LSTM_FUSED_IMPL_ALL(m, Ops)                         \
@@ -153,6 +161,7 @@ struct DeviceOps {
     m.impl("gru_layer_forward", &Ops::gru_layer_forward);   \
     m.impl("gru_layer_backward", &Ops::gru_layer_backward); \
     m.impl("gru_cell_step", &Ops::gru_cell_step);           \
+    m.impl("keep_mask", &Ops::keep_mask);                   \
   } while (0)
 
 }  // namespace lstm_fused

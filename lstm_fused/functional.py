@@ -107,6 +107,17 @@ def zoneout_mix(previous: Tensor, new: Tensor, keep) -> Tensor:
     return torch.lerp(new, previous.to(new.dtype), keep)
 
 
+def keep_mask(like: Tensor, size, p: float) -> Tensor:
+    """Zoneout's keep mask: a 0/1 tensor [*size] of like's dtype on like's device, each element
+    1 with probability p (independently). One int64 key is drawn from torch's generator of that
+    device (`torch.manual_seed` makes it reproducible; on the GPU it stays on the device); the
+    mask is computed from it by the `keep_mask` op's Philox4x32-10 kernel (csrc/lstm_math.h),
+    element i from (key, i) alone: the same mask on the CPU (every build, any thread count) and
+    on the GPU. `lstm_fused.reference.keep_mask` computes the same in plain Python."""
+    key = torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64, device=like.device)
+    return ops.keep_mask(key, [int(n) for n in size], float(p), like.dtype)
+
+
 def lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                bias_ih: Tensor | None = None, bias_hh: Tensor | None = None,
                weight_ch: Tensor | None = None, weight_hr: Tensor | None = None, *,

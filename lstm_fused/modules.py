@@ -74,15 +74,15 @@ class _RecurrentMixin:
         """The zoneout keep values of one layer/direction or cell call, one per state (self.zoneout
         holds a rate per state: (p_h, p_c) for the LSTM, (p_h,) for the GRU): None when off; in
         training fresh 0/1 keep masks [*steps, width] (LSTM: h [..., R], c [..., H]), each unit
-        kept with its state's probability, drawn on like's device with torch's generator; in
-        eval the rates themselves (the expectation, deterministic). A rate of 0 draws nothing."""
+        kept with its state's probability, drawn on like's device (functional.keep_mask: a key
+        from torch's generator, the mask by a Philox kernel); in eval the rates themselves (the
+        expectation, deterministic). A rate of 0 draws nothing."""
         if not any(self.zoneout):
             return None
         if not self.training:
             return self.zoneout
-        return tuple(
-            like.new_empty(*steps, width).bernoulli_(rate) if rate > 0 else 0.0
-            for rate, width in zip(self.zoneout, widths, strict=True))
+        return tuple(functional.keep_mask(like, (*steps, width), rate) if rate > 0 else 0.0
+                     for rate, width in zip(self.zoneout, widths, strict=True))
 
     def _cell_repr(self) -> str:
         """A cell's extra_repr: torch.nn's (input_size, hidden_size, bias=False), then ours."""

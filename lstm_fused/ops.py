@@ -67,6 +67,11 @@ def _saved_width(gate_rows: int, gates: int, layer_norm: bool) -> int:
 # --- fake kernels: output shapes only --------------------------------------------------------
 
 
+@torch.library.register_fake("lstm_fused::keep_mask")
+def _keep_mask_fake(seed, size, p, dtype):
+    return seed.new_empty(size, dtype=dtype)
+
+
 @torch.library.register_fake("lstm_fused::cell_forward")
 def _cell_forward_fake(gates, c_prev, weight_ch, peephole, coupled, cell_clip=0.0):
     return c_prev.new_empty(c_prev.shape), c_prev.new_empty(c_prev.shape), gates.new_empty(gates.shape)

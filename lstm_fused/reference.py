@@ -226,6 +226,42 @@ def _step(
     return h, c
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, ...]:
+    """Philox4x32-10 (Salmon et al., SC 2011), written out in Python integers: ten rounds of
+
+        (c0, c1, c2, c3) <- (hi(M1 c2) ^ c1 ^ k0, lo(M1 c2), hi(M0 c0) ^ c3 ^ k1, lo(M0 c0))
+
+    with the key bumped by (W0, W1) between rounds. Four 32-bit words."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for round_ in range(10):
+        if round_:
+            k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & _MASK32, (p0 >> 32) ^ c3 ^ k1, p0 & _MASK32
+    return c0, c1, c2, c3
+
+
+def keep_mask(seed: int, size, p: float, dtype=torch.float64) -> Tensor:
+    """Zoneout's keep mask as `lstm_fused.functional.keep_mask` draws it from the key `seed`
+    (an int64): with n elements and Q = ceil(n / 4) blocks, element i (row-major) is 1 when
+    word i // Q of philox4x32_10((i % Q as two 32-bit halves, 0, 0), (seed as two halves)) is
+    below round(p 2^32), else 0. Slow: for tests."""
+    key = seed & 0xFFFFFFFFFFFFFFFF
+    threshold = int(p * 2**32 + 0.5)
+    numel = 1
+    for n in size:
+        numel *= n
+    blocks = (numel + 3) // 4
+    words = [philox4x32_10((b & _MASK32, b >> 32, 0, 0), (key & _MASK32, key >> 32))
+             for b in range(blocks)]
+    return torch.tensor([float(words[i % blocks][i // blocks] < threshold) for i in range(numel)],
+                        dtype=dtype).reshape(tuple(size))
+
+
 def _zoneout(previous: Tensor, new: Tensor, keep: Tensor | float) -> Tensor:
     """m * previous + (1 - m) * new, m = keep: a 0/1 mask or a rate (the expectation)."""
     return keep * previous + (1 - keep) * new

@@ -94,6 +94,42 @@ def test_each_cpu_kernel_build_matches_reference(level):
 
 
 
+KEEP_MASK_CHECK = r"""
+import hashlib
+import json
+
+import torch
+
+import lstm_fused  # noqa: F401  (registers the ops)
+masks = []
+for threads in (1, 2, 3):
+    torch.set_num_threads(threads)
+    for size in ([7, 5, 9], [3, 1001], [64, 33]):
+        for p in (0.1, 0.5):
+            mask = torch.ops.lstm_fused.keep_mask(torch.tensor([-42], dtype=torch.int64), size, p,
+                                                 torch.float32)
+            masks.append(hashlib.sha256(mask.numpy().tobytes()).hexdigest())
+print(json.dumps({"kernels": torch.ops.lstm_fused.cpu_kernel_isa(), "masks": masks}))
+"""
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_keep_mask_is_the_same_on_each_build(level):
+    """Zoneout's keep masks from the baseline, AVX2 (8 lanes) and AVX-512 (16 lanes) Philox
+    kernels, for 1, 2 and 3 threads, equal this process's (test_regularizers.py compares those
+    with the twin bit for bit)."""
+    if not supports(level):
+        pytest.skip(f"this CPU supports up to {machine_level()}, not {level}")
+    result = json.loads(run_fresh(["-c", KEEP_MASK_CHECK], ATEN_CPU_CAPABILITY=level)
+                        .stdout.strip().splitlines()[-1])
+    here = json.loads(run_fresh(["-c", KEEP_MASK_CHECK]).stdout.strip().splitlines()[-1])
+    assert result["kernels"] == level.upper()
+    assert result["masks"] == here["masks"]
+    per_thread_count = len(here["masks"]) // 3  # the same 6 masks for 1, 2 and 3 threads
+    assert here["masks"] == here["masks"][:per_thread_count] * 3
+    assert len(set(here["masks"])) == per_thread_count
+
+
 # --- link order: no AVX code can stand in for baseline code -----------------------------------
 
 # What each instruction-set build may define with AVX instructions: names that exist only in it.

@@ -288,6 +288,16 @@ def test_layer_ops_with_zoneout_agree_with_cpu(variant, dtype, packed, proj, lay
         assert_agree(a, b, dtype, f"gradient {k}")
 
 
+def test_keep_mask_on_the_gpu_equals_the_cpu_bit_for_bit():
+    """The same key gives the same zoneout mask on the GPU (its key stays in device memory) as
+    on the CPU, in every dtype."""
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        seed = torch.tensor([-987654321987], dtype=torch.int64)
+        expected = ops.keep_mask(seed, [33, 65, 7], 0.3, dtype)
+        got = ops.keep_mask(seed.to(CUDA), [33, 65, 7], 0.3, dtype)
+        assert got.device.type == "cuda" and torch.equal(got.cpu(), expected)
+
+
 def test_zoneout_module_draws_masks_on_the_gpu_and_matches_cpu():
     """The masks come from the CUDA generator (torch.manual_seed seeds it): the same seed twice
     is bit-identical; eval (the rates) agrees with the CPU module."""

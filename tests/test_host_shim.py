@@ -79,8 +79,21 @@ def test_layer_with_cuda_kernels_matches_cpu(host_shim, variant, dtype, packed, 
         close(a, b, dtype)
 
 
+@pytest.mark.parametrize("geometry", [(1, 1), (2, 3), (0, 0)], ids=str)
+def test_keep_mask_cuda_kernel_equals_the_cpu_kernel_bit_for_bit(host_shim, geometry):
+    """Zoneout's keep masks (the Philox kernel, one block of four elements per thread, the key
+    read on the device) are the CPU kernel's, element for element, in every dtype: the same
+    seed gives the same mask on the GPU and the CPU. (0, 0): the CUDA default grid."""
+    for size in ([0], [1], [5], [7, 5, 9], [3, 129]):
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            seed = torch.tensor([-987654321987], dtype=torch.int64)
+            expected = ops.keep_mask(seed, size, 0.3, dtype)
+            got = host_shim.keep_mask(seed, size, 0.3, dtype, *geometry)
+            assert got.dtype == dtype and torch.equal(got, expected), (size, dtype)
+
+
 def test_shim_covers_every_op(host_shim):
-    for name in (*OP_NAMES, "cell_step", "gru_cell_step"):
+    for name in (*OP_NAMES, "cell_step", "gru_cell_step", "keep_mask"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lstm_fused_host_shim::{name}",
                                                               "CPU")
 

@@ -406,6 +406,7 @@ def test_regularizers_benchmark_runs_and_checks_the_wrapper_computes_the_same(tm
                                         "fused + zoneout", "nn.LSTMCell loop + zoneout"}
     assert result["ratio_vs_plain"] > 0 and result["ratio_vs_wrapper"] > 0
     assert result["zoneout_ratio_vs_plain"] > 0 and result["zoneout_ratio_vs_cell_loop"] > 0
+    assert 0 < result["floor_ratio_vs_wrapper"] and 0 < result["floor_ratio_vs_cell_loop"]
     assert (tmp_path / "r.json").stat().st_size > 0
 
 
@@ -720,6 +721,106 @@ class KeepRecorder:
     def __call__(self, *args, zoneout=None, **options):
         self.keeps.append(zoneout)
         return self.layer_fn(*args, zoneout=zoneout, **options)
+
+
+# --- zoneout's keep masks: the Philox kernel (functional.keep_mask, the keep_mask op) ---------
+
+# Random123's published known-answer vectors for Philox4x32-10 (its tests/kat_vectors):
+# (counter, key, the four output words).
+PHILOX_KNOWN_ANSWERS = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter, key, words", PHILOX_KNOWN_ANSWERS)
+def test_philox_twin_gives_random123_known_answers(counter, key, words):
+    assert reference.philox4x32_10(counter, key) == words
+
+
+def key_tensor(seed):
+    return torch.tensor([seed], dtype=torch.int64)
+
+
+# Sizes around the kernel's 4-element blocks, its 16-block lane chunks and the four quarters.
+MASK_SIZES = [[0], [1], [2], [3], [5], [7, 5, 9], [63], [64], [65], [3, 43], [257], [4, 129]]
+
+
+@pytest.mark.parametrize("size", MASK_SIZES, ids=str)
+def test_keep_mask_kernel_equals_the_twin_bit_for_bit(size):
+    """The CPU kernel (SIMD lanes, quarters, tails) against the twin written out in Python, for
+    negative and large keys, p = 0 (nothing kept), 1 (everything) and in between, every dtype."""
+    for seed in (0, 1, -1234567890123, 2**63 - 1, -2**63):
+        for p in (0.0, 0.3, 0.999, 1.0):
+            expected = reference.keep_mask(seed, size, p)
+            for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+                got = lstm_fused.ops.ops.keep_mask(key_tensor(seed), size, p, dtype)
+                assert got.dtype == dtype and list(got.shape) == size
+                assert torch.equal(got.double(), expected), (seed, p, dtype)
+
+
+def test_keep_mask_is_the_same_for_any_thread_count():
+    size = [37, 64, 19]  # 45,000 elements: several parallel chunks
+    threads = torch.get_num_threads()
+    try:
+        masks = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            masks.append(lstm_fused.ops.ops.keep_mask(key_tensor(99), size, 0.4, torch.float32))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
+def test_keep_mask_statistics(p):
+    """Over 2^20 units the kept fraction is p within 4 standard errors; neighbours (in a row,
+    across quarters of one Philox block) and two keys are uncorrelated within 4 standard
+    errors; another key gives another mask."""
+    n = 2**20
+    a = lstm_fused.ops.ops.keep_mask(key_tensor(5), [n], p, torch.float64)
+    b = lstm_fused.ops.ops.keep_mask(key_tensor(6), [n], p, torch.float64)
+    assert abs(a.mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n)
+    bound = 4 / math.sqrt(n // 4)
+    for x, y in ((a[1:], a[:-1]), (a[: n // 4], a[n // 4: n // 2]), (a, b)):
+        assert abs(torch.corrcoef(torch.stack([x, y]))[0, 1].item()) < bound
+    assert not torch.equal(a, b)
+
+
+def test_keep_mask_key_comes_from_torch_generator():
+    """functional.keep_mask draws its key from torch's generator: the same seed gives the same
+    mask, and the key is one int64 (the mask equals the twin's for the key drawn)."""
+    like = torch.empty(0, dtype=torch.float32)
+    torch.manual_seed(11)
+    first = lstm_fused.functional.keep_mask(like, (3, 4, 5), 0.3)
+    torch.manual_seed(11)
+    key = torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64).item()
+    torch.manual_seed(11)
+    assert torch.equal(lstm_fused.functional.keep_mask(like, (3, 4, 5), 0.3), first)
+    assert torch.equal(first.double(), reference.keep_mask(key, (3, 4, 5), 0.3))
+    assert first.dtype == torch.float32 and first.shape == (3, 4, 5)
+
+
+def test_keep_mask_errors_name_what_was_expected():
+    keep_mask = lstm_fused.ops.ops.keep_mask
+    with pytest.raises(TypeError, match="seed to be an int64 tensor of one element"):
+        keep_mask(torch.tensor([1.0]), [3], 0.5, torch.float32)
+    with pytest.raises(TypeError, match="seed to be an int64 tensor of one element"):
+        keep_mask(torch.tensor([1, 2]), [3], 0.5, torch.float32)
+    for p in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"p, the probability of keeping a unit, in \[0, 1\]"):
+            keep_mask(key_tensor(1), [3], p, torch.float32)
+    with pytest.raises(TypeError, match="floating-point dtype"):
+        keep_mask(key_tensor(1), [3], 0.5, torch.int32)
+    with pytest.raises(ValueError, match="non-negative extents"):
+        keep_mask(key_tensor(1), [3, -1], 0.5, torch.float32)
+
+
+def test_keep_mask_opcheck():
+    torch.library.opcheck(lstm_fused.ops.ops.keep_mask, (key_tensor(3), [4, 5], 0.25,
+                                                          torch.float32))
 
 
 def test_zoneout_masks_statistics_one_per_layer_and_direction():

@@ -189,11 +189,124 @@ void gru_backward_cpu(const GruBackwardStep& p) {
   });
 }
 
+// Philox4x32-10 (lstm_math.h philox_round) on kLanes counters at once, in place: words[k][lane]
+// is word k of lane's counter. With AVX2 / AVX-512 the lanes are a register's 32-bit lanes
+// (U32Lanes: mullo, xor, and the high half of the products from two even/odd 32x32->64
+// multiplies); the baseline build runs them one by one.
+#if defined(CPU_CAPABILITY_AVX512)
+struct U32Lanes {
+  static constexpr int kWidth = 16;
+  __m512i v;
+  U32Lanes() = default;
+  explicit U32Lanes(__m512i x) : v(x) {}
+  explicit U32Lanes(uint32_t x) : v(_mm512_set1_epi32(static_cast<int>(x))) {}
+  static U32Lanes load(const uint32_t* p) { return U32Lanes(_mm512_loadu_si512(p)); }
+  void store(uint32_t* p) const { _mm512_storeu_si512(p, v); }
+  U32Lanes operator*(U32Lanes o) const { return U32Lanes(_mm512_mullo_epi32(v, o.v)); }
+  U32Lanes operator^(U32Lanes o) const { return U32Lanes(_mm512_xor_si512(v, o.v)); }
+};
+inline U32Lanes philox_mulhi(U32Lanes a, uint32_t m) {
+  const __m512i mm = _mm512_set1_epi32(static_cast<int>(m));
+  const __m512i even = _mm512_srli_epi64(_mm512_mul_epu32(a.v, mm), 32);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a.v, 32), mm);
+  return U32Lanes(_mm512_mask_blend_epi32(0xAAAA, even, odd));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+struct U32Lanes {
+  static constexpr int kWidth = 8;
+  __m256i v;
+  U32Lanes() = default;
+  explicit U32Lanes(__m256i x) : v(x) {}
+  explicit U32Lanes(uint32_t x) : v(_mm256_set1_epi32(static_cast<int>(x))) {}
+  static U32Lanes load(const uint32_t* p) {
+    return U32Lanes(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  void store(uint32_t* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  U32Lanes operator*(U32Lanes o) const { return U32Lanes(_mm256_mullo_epi32(v, o.v)); }
+  U32Lanes operator^(U32Lanes o) const { return U32Lanes(_mm256_xor_si256(v, o.v)); }
+};
+inline U32Lanes philox_mulhi(U32Lanes a, uint32_t m) {
+  const __m256i mm = _mm256_set1_epi32(static_cast<int>(m));
+  const __m256i even = _mm256_srli_epi64(_mm256_mul_epu32(a.v, mm), 32);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a.v, 32), mm);
+  return U32Lanes(_mm256_blend_epi32(even, odd, 0xAA));
+}
+#endif
+
+template <int kLanes>
+void philox_lanes(uint32_t (&words)[4][kLanes], uint32_t k0, uint32_t k1) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  static_assert(kLanes % U32Lanes::kWidth == 0, "whole registers of lanes");
+  for (int lane = 0; lane < kLanes; lane += U32Lanes::kWidth) {
+    U32Lanes c[4];
+    for (int k = 0; k < 4; ++k) c[k] = U32Lanes::load(&words[k][lane]);
+    uint32_t r0 = k0, r1 = k1;
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      if (round > 0) philox_next_key(r0, r1);
+      philox_round(c[0], c[1], c[2], c[3], r0, r1);
+    }
+    for (int k = 0; k < 4; ++k) c[k].store(&words[k][lane]);
+  }
+#else
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    if (round > 0) philox_next_key(k0, k1);
+    for (int lane = 0; lane < kLanes; ++lane) {
+      philox_round(words[0][lane], words[1][lane], words[2][lane], words[3][lane], k0, k1);
+    }
+  }
+#endif
+}
+
+// Zoneout's keep mask: kLanes Philox blocks at a time (philox_lanes), then the compare.
+// Each element depends only on (seed, index): the same mask for any thread count and build.
+void keep_mask_cpu(const KeepMask& p) {
+  const uint64_t seed = static_cast<uint64_t>(*p.seed);
+  const int64_t blocks = keep_mask_blocks(p.numel);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_fused_keep_mask_cpu", [&] {
+    scalar_t* out = static_cast<scalar_t*>(p.out);
+    // threshold = 2^32 (p = 1) keeps every unit; below it the compare is on 32 bits.
+    const bool keep_all = p.threshold > 0xFFFFFFFFu;
+    const uint32_t below = static_cast<uint32_t>(keep_all ? 0 : p.threshold);
+    at::parallel_for(0, blocks, 2048, [&](int64_t begin, int64_t end) {
+      constexpr int kLanes = 16;
+      uint32_t words[4][kLanes];
+      for (int64_t first = begin; first < end; first += kLanes) {
+        // keep_mask_block for blocks first .. first + kLanes: counters (block, 0, 0) with the
+        // block's two halves in the first two words, every round across the lanes.
+        for (int lane = 0; lane < kLanes; ++lane) {
+          const uint64_t block = static_cast<uint64_t>(first + lane);
+          words[0][lane] = static_cast<uint32_t>(block);
+          words[1][lane] = static_cast<uint32_t>(block >> 32);
+          words[2][lane] = words[3][lane] = 0;
+        }
+        philox_lanes<kLanes>(words, static_cast<uint32_t>(seed),
+                             static_cast<uint32_t>(seed >> 32));
+        // Word k of block b is element k * blocks + b: four contiguous runs.
+        for (int k = 0; k < 4; ++k) {
+          const int64_t start = k * blocks + first;
+          const int lanes = static_cast<int>(std::min<int64_t>(
+              {kLanes, end - first, std::max<int64_t>(p.numel - start, 0)}));
+          scalar_t* run = out + start;
+          if (lanes == kLanes) {
+            for (int lane = 0; lane < kLanes; ++lane) {
+              run[lane] = static_cast<scalar_t>(keep_all || words[k][lane] < below ? 1.0f : 0.0f);
+            }
+          } else {
+            for (int lane = 0; lane < lanes; ++lane) {
+              run[lane] = static_cast<scalar_t>(keep_all || words[k][lane] < below ? 1.0f : 0.0f);
+            }
+          }
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 
 const PointwiseKernels& kernels() {
   static const PointwiseKernels table{forward_cpu, backward_cpu, gru_forward_cpu,
-                                      gru_backward_cpu, true};
+                                      gru_backward_cpu, keep_mask_cpu, true};
   return table;
 }
 

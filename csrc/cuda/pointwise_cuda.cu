@@ -21,7 +21,8 @@ namespace lstm_fused {
 const PointwiseKernels& cuda_kernels() {
   static const PointwiseKernels kernels{cuda::launch_pointwise_forward,
                                           cuda::launch_pointwise_backward,
-                                          cuda::launch_gru_forward, cuda::launch_gru_backward};
+                                          cuda::launch_gru_forward, cuda::launch_gru_backward,
+                                          cuda::launch_keep_mask};
   return kernels;
 }
 

@@ -145,6 +145,27 @@ inline void launch_gru_backward(const GruBackwardStep& p) {
   });
 }
 
+// Zoneout's keep mask, one Philox block (four elements) per thread; the key read on the device.
+template <typename scalar_t>
+__global__ void lstm_fused_keep_mask(const KeepMask p) {
+  const int64_t blocks = keep_mask_blocks(p.numel);
+  const uint64_t seed = static_cast<uint64_t>(*p.seed);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t block = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       block < blocks; block += stride) {
+    keep_mask_store<scalar_t>(p, seed, block);
+  }
+}
+
+inline void launch_keep_mask(const KeepMask& p) {
+  const int64_t blocks = keep_mask_blocks(p.numel);
+  if (blocks == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_fused_keep_mask", [&] {
+    auto* kernel = &lstm_fused_keep_mask<scalar_t>;
+    LSTM_LAUNCH(kernel, LSTM_GEOMETRY(blocks), p);
+  });
+}
+
 // The named variant of variant_switch's integral_constant arguments.
 template <typename Coupled, typename Diagonal, typename PartOf>
 using VariantOf = typename NamedVariant<Coupled::value, Diagonal::value, PartOf::value>::type;

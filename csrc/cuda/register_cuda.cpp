@@ -40,6 +40,7 @@ constexpr char kCellStep[] = "lstm_fused::cell_step";
 constexpr char kGruLayerForward[] = "lstm_fused::gru_layer_forward";
 constexpr char kGruLayerBackward[] = "lstm_fused::gru_layer_backward";
 constexpr char kGruCellStep[] = "lstm_fused::gru_cell_step";
+constexpr char kKeepMask[] = "lstm_fused::keep_mask";
 
 }  // namespace
 
@@ -53,6 +54,7 @@ TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) {
   m.impl("gru_layer_backward",
          &WithNvtxRange<kGruLayerBackward, &Cuda::gru_layer_backward>::call);
   m.impl("gru_cell_step", &WithNvtxRange<kGruCellStep, &Cuda::gru_cell_step>::call);
+  m.impl("keep_mask", &WithNvtxRange<kKeepMask, &Cuda::keep_mask>::call);
 }
 
 }  // namespace lstm_fused

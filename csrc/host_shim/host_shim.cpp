@@ -67,7 +67,8 @@ LaunchGeometry host_shim_geometry(int64_t elements) {
 const PointwiseKernels& host_shim_kernels() {
   static const PointwiseKernels kernels{host_shim::launch_pointwise_forward,
                                           host_shim::launch_pointwise_backward,
-                                          host_shim::launch_gru_forward, host_shim::launch_gru_backward};
+                                          host_shim::launch_gru_forward, host_shim::launch_gru_backward,
+                                          host_shim::launch_keep_mask};
   return kernels;
 }
 

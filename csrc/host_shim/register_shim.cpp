@@ -88,6 +88,7 @@ TORCH_LIBRARY_IMPL(lstm_fused_host_shim, CPU, m) {
   m.impl("gru_layer_forward", WithShimGeometry<&shim_gru_layer_forward, 1>::call);
   m.impl("gru_layer_backward", WithShimGeometry<&Shim::gru_layer_backward, 1>::call);
   m.impl("gru_cell_step", WithShimGeometry<&Shim::gru_cell_step, 0>::call);
+  m.impl("keep_mask", WithShimGeometry<&Shim::keep_mask, 0>::call);
 }
 
 }  // namespace lstm_fused
