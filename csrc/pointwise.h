@@ -264,6 +264,26 @@ LSTM_HD inline void forward_chunk(const ForwardStep& p, int64_t row, int64_t j, 
   if (p.h_state) IO::store(static_cast<S*>(p.h_state) + row * p.h_state_stride + j, h, n);
 }
 
+// The gradient reaching o tanh(c~_t) for units [j, j + n) of a row: grad_h + grad_h2 (the total
+// gradient of h_t), of which zoneout of h passes m straight to h_{t-1}: that part (0 without
+// zoneout) replaces grad_h2 when the step consumes it, and (1 - m) of it is returned.
+template <typename IO>
+LSTM_HD inline typename IO::V output_grad(const BackwardStep& p, int64_t row, int64_t j, int n) {
+  using S = typename IO::storage_t;
+  using V = typename IO::V;
+  V dh(0);
+  if (p.grad_h) dh = IO::load(static_cast<const S*>(p.grad_h) + row * p.grad_h_stride + j, n);
+  S* grad_h2 = p.grad_h2 ? static_cast<S*>(p.grad_h2) + row * p.grad_h2_stride + j : nullptr;
+  if (grad_h2) dh = dh + IO::load(grad_h2, n);
+  V dh_kept(0);
+  if (p.keep_h) {
+    const V keep = IO::load(static_cast<const S*>(p.keep_h) + row * p.keep_h_stride + j, n);
+    dh = zoneout_backward(dh, keep, dh_kept);
+  }
+  if (grad_h2 && p.consume_grad_h2) IO::store(grad_h2, dh_kept, n);
+  return dh;
+}
+
 template <typename IO, bool kCoupled, bool kDiagonal, Part kPart>
 LSTM_HD inline void backward_chunk(const BackwardStep& p, int64_t row, int64_t j, int n) {
   using S = typename IO::storage_t;
@@ -302,17 +322,7 @@ LSTM_HD inline void backward_chunk(const BackwardStep& p, int64_t row, int64_t j
     c = IO::load(static_cast<const S*>(p.c) + row * p.c_stride + j, n);
   }
   if (kPart != Part::Update) {
-    V dh(0);
-    if (p.grad_h) dh = IO::load(static_cast<const S*>(p.grad_h) + row * p.grad_h_stride + j, n);
-    S* grad_h2 = p.grad_h2 ? static_cast<S*>(p.grad_h2) + row * p.grad_h2_stride + j : nullptr;
-    if (grad_h2) dh = dh + IO::load(grad_h2, n);
-    // Zoneout of h: what grad_h2 passes on to h_{t-1} is m dh (nothing without zoneout).
-    V dh_kept(0);
-    if (p.keep_h) {
-      const V keep = IO::load(static_cast<const S*>(p.keep_h) + row * p.keep_h_stride + j, n);
-      dh = zoneout_backward(dh, keep, dh_kept);
-    }
-    if (grad_h2 && p.consume_grad_h2) IO::store(grad_h2, dh_kept, n);
+    const V dh = output_grad<IO>(p, row, j, n);
     const V o = IO::load(saved + L::o * H, n);
     const V dz_o = output_backward<kDiagonal>(dh, dc_in, c, o, w_co, dc);
     IO::store(dz + L::o * H, dz_o, n);
@@ -574,17 +584,7 @@ LSTM_HD inline void layer_norm_backward_row(const BackwardStep& p, int64_t row) 
   if (kPart != Part::Update) {
     for (int64_t j = 0; j < H; j += IO::kWidth) {
       const int n = chunk_width<IO>(H, j);
-      V dh(0);
-      if (p.grad_h) dh = IO::load(static_cast<const S*>(p.grad_h) + row * p.grad_h_stride + j, n);
-      S* grad_h2 = p.grad_h2 ? static_cast<S*>(p.grad_h2) + row * p.grad_h2_stride + j : nullptr;
-      if (grad_h2) dh = dh + IO::load(grad_h2, n);
-      // Zoneout of h: m dh passes straight to h_{t-1} (through grad_h2), (1 - m) dh to h~_t.
-      V dh_kept(0);
-      if (p.keep_h) {
-        const V keep = IO::load(static_cast<const S*>(p.keep_h) + row * p.keep_h_stride + j, n);
-        dh = zoneout_backward(dh, keep, dh_kept);
-      }
-      if (grad_h2 && p.consume_grad_h2) IO::store(grad_h2, dh_kept, n);
+      const V dh = output_grad<IO>(p, row, j, n);
       V dc_t = dc_in ? IO::load(dc_in + j, n) : V(0);
       // Zoneout of c: m dc_t passes straight to c_{t-1}, kept in dc_keep for the Update loop
       // (dc_in may alias dc_prev_out, which this loop overwrites).
