@@ -110,54 +110,55 @@ Tensor rows_contiguous(const Tensor& t) {
   return (t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1)) ? t : t.contiguous();
 }
 
-namespace {
-
-// The diagonal peephole gradient on the CPU: for every unit j and peephole block p,
-// sum over rows of dz_p[r, j] * state[r, j] (c_prev for i and f, c for o), in one pass over the
-// operands with no temporaries (the tensor-op form writes [N, 3H] products and reads them back).
-// Threads split the columns, each sums its columns over the rows in order, in the op-math type:
-// the result does not depend on the thread count.
-Tensor diagonal_peephole_grad_cpu(const Tensor& grad_z, const Tensor& c_prev, const Tensor& c,
-                                  bool coupled) {
-  const int64_t N = grad_z.size(0), H = c.size(-1);
-  const int blocks = num_peepholes(coupled), o_block = output_gate(coupled);
-  const Tensor dz = rows_contiguous(grad_z), cp = rows_contiguous(c_prev), cc = rows_contiguous(c);
-  Tensor grad = at::empty({blocks, H}, grad_z.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_z.scalar_type(),
-                                  "lstm_fused_peephole_grad", [&] {
+// Column sums of products on the CPU: for each pair (a, b) of [N, W] operands (rows strided, unit
+// column stride), out[j] = sum over rows of a[r, j] * b[r, j], the pairs' W columns side by side
+// in the result; in one pass over the operands with no temporaries (the tensor-op form writes the
+// [N, W] products and reads them back). Threads split the columns, each sums its columns over the
+// rows in order, in the op-math type (and returns them in it): the result does not depend on the
+// thread count.
+Tensor column_product_sums_cpu(const std::vector<std::pair<Tensor, Tensor>>& pairs) {
+  std::vector<std::pair<Tensor, Tensor>> rows;
+  std::vector<int64_t> first_column{0};  // of each pair in the result
+  for (const auto& [a, b] : pairs) {
+    rows.emplace_back(rows_contiguous(a), rows_contiguous(b));
+    first_column.push_back(first_column.back() + a.size(1));
+  }
+  const int64_t N = pairs.front().first.size(0), W = first_column.back();
+  const auto dtype = pairs.front().first.scalar_type();
+  Tensor sums = at::empty({W}, pairs.front().first.options().dtype(at::toOpMathType(dtype)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
+                                  "lstm_fused_column_product_sums", [&] {
     using math_t = at::opmath_type<scalar_t>;
-    const scalar_t* dz_data = dz.const_data_ptr<scalar_t>();
-    const scalar_t* cp_data = cp.const_data_ptr<scalar_t>();
-    const scalar_t* c_data = cc.const_data_ptr<scalar_t>();
-    scalar_t* out = grad.data_ptr<scalar_t>();
+    math_t* out = sums.data_ptr<math_t>();
     constexpr int64_t kColumns = 64;
-    at::parallel_for(0, (H + kColumns - 1) / kColumns, 1, [&](int64_t begin, int64_t end) {
-      const int64_t j0 = begin * kColumns, j1 = std::min(H, end * kColumns), width = j1 - j0;
-      std::vector<math_t> acc(blocks * width, math_t(0));
-      for (int64_t r = 0; r < N; ++r) {
-        const scalar_t* dz_row = dz_data + r * dz.stride(0);
-        const scalar_t* cp_row = cp_data + r * cp.stride(0) + j0;
-        const scalar_t* c_row = c_data + r * cc.stride(0) + j0;
-        for (int b = 0; b < blocks; ++b) {
-          // peephole block b: gate block b (i, f; f when coupled) with c_prev, or o with c
-          const bool is_o = b == blocks - 1;
-          const scalar_t* d = dz_row + (is_o ? o_block : b) * H + j0;
-          const scalar_t* state = is_o ? c_row : cp_row;
-          math_t* a = acc.data() + b * width;
+    // Tiles of at most kColumns columns, none across two pairs.
+    std::vector<std::pair<size_t, int64_t>> tiles;  // (pair, first column in it)
+    for (size_t k = 0; k < rows.size(); ++k) {
+      for (int64_t j = 0; j < rows[k].first.size(1); j += kColumns) tiles.emplace_back(k, j);
+    }
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<math_t> acc(kColumns);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const auto [k, j0] = tiles[tile];
+        const Tensor& a = rows[k].first;
+        const Tensor& b = rows[k].second;
+        const int64_t width = std::min(kColumns, a.size(1) - j0);
+        const scalar_t* a_data = a.const_data_ptr<scalar_t>() + j0;
+        const scalar_t* b_data = b.const_data_ptr<scalar_t>() + j0;
+        std::fill(acc.begin(), acc.end(), math_t(0));
+        for (int64_t r = 0; r < N; ++r) {
+          const scalar_t* a_row = a_data + r * a.stride(0);
+          const scalar_t* b_row = b_data + r * b.stride(0);
           for (int64_t j = 0; j < width; ++j) {
-            a[j] += static_cast<math_t>(d[j]) * static_cast<math_t>(state[j]);
+            acc[j] += static_cast<math_t>(a_row[j]) * static_cast<math_t>(b_row[j]);
           }
         }
-      }
-      for (int b = 0; b < blocks; ++b) {
-        for (int64_t j = 0; j < width; ++j) out[b * H + j0 + j] = acc[b * width + j];
+        for (int64_t j = 0; j < width; ++j) out[first_column[k] + j0 + j] = acc[j];
       }
     });
   });
-  return grad;
+  return sums;
 }
-
-}  // namespace
 
 Tensor peephole_grad(Peephole peephole, const Tensor& grad_z, const Tensor& c_prev,
                      const Tensor& c, bool coupled) {
@@ -167,7 +168,15 @@ Tensor peephole_grad(Peephole peephole, const Tensor& grad_z, const Tensor& c_pr
   const Tensor dz_o = grad_z.narrow(1, output_gate(coupled) * H, H);  // o sees c
   switch (peephole) {
     case Peephole::Diagonal: {
-      if (grad_z.device().is_cpu()) return diagonal_peephole_grad_cpu(grad_z, c_prev, c, coupled);
+      if (grad_z.device().is_cpu()) {
+        // peephole blocks i, f (f when coupled) with c_prev, then o with c
+        std::vector<std::pair<Tensor, Tensor>> pairs;
+        for (int64_t b = 0; b < k / H; ++b) pairs.emplace_back(dz_in.narrow(1, b * H, H), c_prev);
+        pairs.emplace_back(dz_o, c);
+        return column_product_sums_cpu(pairs)
+            .view({num_peepholes(coupled), H})
+            .to(grad_z.scalar_type());
+      }
       // Sums over all T*B rows: products and sums in the op-math type (float for half and
       // bfloat16 storage, so no product is rounded to 8 bits before it is added), cast back once.
       const auto math = at::toOpMathType(grad_z.scalar_type());

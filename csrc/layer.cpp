@@ -283,7 +283,8 @@ void set_layer_norm(ForwardStep& p, const Tensor& weight_ln, const Tensor& bias_
   p.layer_norm_eps = eps;
 }
 
-// dγ [G, H] = sum over rows of dẑ ⊙ x̂, accumulated in the op-math type.
+// dγ [G, H] = sum over rows of dẑ ⊙ x̂, accumulated in the op-math type. (The CPU accumulates it
+// step by step in the time loop instead, while the step's rows are in cache.)
 Tensor layer_norm_weight_grad(const Tensor& grad_zhat, const Tensor& normed, int64_t gates) {
   const auto opmath = at::toOpMathType(grad_zhat.scalar_type());
   return (grad_zhat.to(opmath) * normed.to(opmath))
@@ -525,6 +526,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   Tensor grad_z = at::empty({N, GH}, options);
   // Layer norm: dẑ, the gradient of the normalised pre-activations, for dγ and the bias.
   Tensor grad_zhat = layer_norm ? at::empty({N, GH}, options) : Tensor();
+  // dγ on the CPU, summed step by step in the op-math type (layer_norm_weight_grad elsewhere).
+  Tensor weight_ln_sums =
+      layer_norm && input.device().is_cpu()
+          ? at::zeros({GH}, options.dtype(at::toOpMathType(input.scalar_type())))
+          : Tensor();
   const Tensor w_ln = layer_norm ? weight_ln->contiguous() : Tensor();
   // The gradients flowing back through the running states, dh_{t} and dc_{t}.
   const RunningState grad_state(grad_h_n ? *grad_h_n : at::zeros({B, R}, options),
@@ -635,6 +641,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
       p.part = Part::Update;
     }
     run_backward(kernels, p);
+    if (weight_ln_sums.defined()) {  // dγ += this step's sum over rows of dẑ ⊙ x̂
+      weight_ln_sums.add_(column_product_sums_cpu(
+          {{grad_zhat.narrow(0, row, n), saved_gates.narrow(0, row, n).narrow(1, GH, GH)}}));
+    }
     if (full) {
       recurrent.run_into(dz, grad_state.h.narrow(0, 0, n));
       input_peephole->run_into(dz.narrow(1, 0, peep_columns), grad_state.c.narrow(0, 0, n));
@@ -653,8 +663,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   // With layer norm the bias is the norm's shift: its gradient is dẑ's, γ's is dẑ x̂'s.
   Tensor grad_bias = layer_norm ? grad_zhat.sum(0) : grad_z.sum(0);
   Tensor grad_weight_ln =
-      layer_norm ? layer_norm_weight_grad(grad_zhat, saved_gates.narrow(1, GH, GH), shape.gates)
-                 : at::empty({0}, options);
+      weight_ln_sums.defined()
+          ? weight_ln_sums.view({shape.gates, H}).to(input.scalar_type())
+      : layer_norm ? layer_norm_weight_grad(grad_zhat, saved_gates.narrow(1, GH, GH), shape.gates)
+                   : at::empty({0}, options);
   Tensor grad_weight_ch =
       shape.peephole == Peephole::None
           ? at::empty({0}, options)

@@ -285,4 +285,9 @@ inline int output_gate(bool coupled) {
 Tensor peephole_grad(Peephole peephole, const Tensor& grad_z, const Tensor& c_prev,
                      const Tensor& c, bool coupled);
 
+// CPU: for pairs (a, b) of [N, W] tensors (unit column stride), the column sums over rows of
+// a ⊙ b, each pair's W sums after the previous pair's, in one pass without temporaries, in (and
+// returned in) the op-math type, the same for any thread count.
+Tensor column_product_sums_cpu(const std::vector<std::pair<Tensor, Tensor>>& pairs);
+
 }  // namespace lstm_fused

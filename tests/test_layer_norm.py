@@ -315,6 +315,29 @@ def layer_norm_op_args(variant, dtype, packed, proj, generator):
     return (args[0] * 2, *args[1:]), weight_ln
 
 
+def test_layer_norm_weight_grad_close_to_float64():
+    """dγ, summed over rows step by step in the time loop (in the op-math type, by the column
+    sums whose thread-count independence test_cell.py checks through the peephole gradient),
+    against the float64 layer's. (Half precision: test_half_precision.py.)"""
+    dtype = torch.float32
+    g = torch.Generator().manual_seed(8)
+    args64, weight_ln64 = layer_norm_op_args(("diagonal", False), torch.float64, True, 0, g)
+    extra = (CELL_CLIP, 0.0, None, None)
+
+    def weight_ln_grad(dtype):
+        args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in args64]
+        weight_ln = weight_ln64.to(dtype)
+        out, h_n, c_n, gates, cells = ops.layer_forward(*args, True, *extra, weight_ln, 1e-5)
+        grads = [torch.ones_like(out), h_n.cos(), c_n.sin()]
+        return ops.layer_backward(*grads, *args[:9], out, gates, cells, *args[9:], True,
+                                  *extra, weight_ln)[-1]
+
+    got, expected = weight_ln_grad(dtype), weight_ln_grad(torch.float64)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
 @variant_params
 @grid(dtype=[torch.float32, torch.float64, torch.bfloat16], packed=[False, True], proj=[0, 2])
 def test_layer_norm_with_cuda_kernels_matches_cpu(host_shim, variant, dtype, packed, proj):
