@@ -15,7 +15,10 @@ Candidates (one layer, the same weights where the function is the same):
 
 Reported: median ms over rotating rounds (every candidate once per round, so all see the same
 noise) and the per-round-median ratios fused / compiled loop (target <= 0.5) and fused / nn.LSTM
-(target <= 1.3), for "forward" (no_grad) and "fwd+bwd" (forward, sum, backward).
+(target <= 1.3), for "forward" (no_grad) and "fwd+bwd" (forward, sum, backward). And the GEMM
+floor of each mode (regularizer_cost.gemm_floors: the layer's GEMM FLOPs at the best GEMM rate
+measured in the run), below which no implementation on this CPU can run, with floor / compiled
+loop: the lowest ratio any implementation could reach.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 from onnx_vs_fused import cpu_name  # benchmarks/, beside this script
-from regularizer_cost import measure
+from regularizer_cost import gemm_floors, measure
 from torch import nn
 
 import lstm_fused
@@ -162,6 +165,16 @@ def main(argv=None) -> dict:
             continue
         print(f"  {label:22s} {values[0]:11.3f}x {values[1]:11.3f}x"
               + (f"   (target {target})" if target else ""))
+    floors = gemm_floors(args.size)
+    result["gemm_floor"] = floors
+    print(f"  {'GEMM floor':22s} {floors['forward']:12.2f} {floors['fwd+bwd']:12.2f}"
+          f"   (at {floors['gflops']:.0f} GFLOP/s)")
+    if "the loop, compiled" in models:
+        lowest = [floors[m] / result["modes"][m]["median_ms"]["the loop, compiled"]
+                  for m in ("forward", "fwd+bwd")]
+        result["floor_ratio_vs_compiled_loop"] = dict(zip(("forward", "fwd+bwd"), lowest))
+        print(f"  {'floor / compiled loop':22s} {lowest[0]:11.3f}x {lowest[1]:11.3f}x"
+              "   (the lowest reachable)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -153,16 +153,17 @@ def measure(models, call, warmup, repeats) -> dict[str, list[float]]:
     return times
 
 
-def gemm_floor_ms(size) -> tuple[float, float]:
-    """(floor ms, GFLOP/s): a training step's GEMM FLOPs (6 GEMMs of T*B x (I or H) x 4H)
-    at the best measured GEMM rate."""
+def gemm_floors(size) -> dict:
+    """The GEMM floors of one LSTM layer at the best GEMM rate measured now (bench.py's GEMM
+    peak): {"forward": ms, "fwd+bwd": ms, "gflops": the rate}. Forward: x W_ih and h W_hh,
+    2 T B 4H (I + H) FLOPs; forward + backward three times that (dx, dh, dW_ih, dW_hh)."""
     T, B, I, H = size
     device = torch.device("cpu")
     peak = measure_gemm_peak(size, SimpleNamespace(device=device, dtype=torch.float32),
                              Timer(device))
     gflops = peak["peak_gflops"]
-    step_flops = 2 * 3 * T * B * 4 * H * (I + H)
-    return step_flops / (gflops * 1e9) * 1e3, gflops
+    forward_ms = 2 * T * B * 4 * H * (I + H) / (gflops * 1e9) * 1e3
+    return {"forward": forward_ms, "fwd+bwd": 3 * forward_ms, "gflops": gflops}
 
 
 def main(argv=None) -> dict:
@@ -185,7 +186,8 @@ def main(argv=None) -> dict:
     error = check_same_function(models, x)
     times = measure(models, lambda model: step(model, x), args.warmup, args.repeats)
     median = {name: statistics.median(t) for name, t in times.items()}
-    floor, gflops = gemm_floor_ms(args.size)
+    floors = gemm_floors(args.size)
+    floor, gflops = floors["fwd+bwd"], floors["gflops"]
     def ratio(ours, other):
         return statistics.median(a / b for a, b in zip(times[ours], times[other], strict=True))
 

@@ -649,6 +649,7 @@ def test_layer_norm_benchmark_runs_and_checks_the_loop_computes_the_same(tmp_pat
         assert set(numbers["median_ms"]) == {"fused LN-LSTM", "loop of nn.LayerNorm",
                                              "nn.LSTM (vanilla)"}
         assert numbers["ratio_vs_loop"] > 0 and numbers["ratio_vs_nn_lstm"] > 0
+        assert 0 < result["gemm_floor"][mode] < numbers["median_ms"]["nn.LSTM (vanilla)"] * 10
     assert (tmp_path / "r.json").stat().st_size > 0
 
 
