@@ -286,8 +286,9 @@ void keep_mask_cpu(const KeepMask& p) {
           const int64_t start = k * blocks + first;
           const int lanes = static_cast<int>(std::min<int64_t>(
               {kLanes, end - first, std::max<int64_t>(p.numel - start, 0)}));
+          if (lanes == 0) continue;  // past the end of the mask (the last quarter is shorter)
           scalar_t* run = out + start;
-          if (lanes == kLanes) {
+          if (lanes == kLanes) {  // a fixed count, which the compiler vectorises
             for (int lane = 0; lane < kLanes; ++lane) {
               run[lane] = static_cast<scalar_t>(keep_all || words[k][lane] < below ? 1.0f : 0.0f);
             }
