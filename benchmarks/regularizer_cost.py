@@ -19,10 +19,10 @@ Reported: median ms over rotating rounds (every candidate timed once per round, 
 same machine noise) and four ratios, each the median of the per-round ratios: DropConnect / fused
 and zoneout / fused (targets <= 1.10), DropConnect / WeightDrop and zoneout / the cell loop
 (targets <= 0.5). And the GEMM floor: the FLOPs of the six GEMMs every LSTM training step
-needs (forward x W_ih and h W_hh, backward dx, dh, dW_ih, dW_hh: 6 T B 4H (I + H) multiply-adds
-x 2) at the fastest GEMM rate measured here (bench.py's GEMM peak: the step's GEMM shapes
-through torch.mm and oneDNN, the best), so no implementation on this CPU can train faster than it; floor / WeightDrop and
-floor / cell loop are the lowest ratios any of them could reach.
+needs (forward x W_ih and h W_hh, backward dx, dh, dW_ih, dW_hh: 3 T B 4H (I + H) multiply-adds,
+2 FLOPs each) at the fastest GEMM rate measured here (bench.py's GEMM peak: the step's GEMM
+shapes through torch.mm and oneDNN, the best), so no implementation on this CPU can train faster
+than it; floor / WeightDrop and floor / cell loop are the lowest ratios any could reach.
 """
 
 from __future__ import annotations

@@ -285,12 +285,19 @@ LSTM_HD inline void philox_next_key(uint32_t& k0, uint32_t& k1) {
   k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
 }
 
-LSTM_HD inline Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                     uint32_t k0, uint32_t k1) {
+// All ten rounds on a counter in place, from key (k0, k1): one counter (U = uint32_t) or a
+// register of counters (the CPU's SIMD lanes).
+template <typename U>
+LSTM_HD inline void philox_rounds(U& c0, U& c1, U& c2, U& c3, uint32_t k0, uint32_t k1) {
   for (int round = 0; round < kPhiloxRounds; ++round) {
     if (round > 0) philox_next_key(k0, k1);
     philox_round(c0, c1, c2, c3, k0, k1);
   }
+}
+
+LSTM_HD inline Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                     uint32_t k0, uint32_t k1) {
+  philox_rounds(c0, c1, c2, c3, k0, k1);
   return {{c0, c1, c2, c3}};
 }
 

@@ -152,8 +152,9 @@ def _cell_backward(ctx, grad_h, grad_c, _grad_gates_out):
 def _no_zero_gradients(ctx) -> None:
     """The backward receives None, not a tensor of zeros, for an output that got no gradient:
     autograd would otherwise allocate and fill zeros shaped like every unused output on each
-    backward, the saved `gates` and `cells` included ([T*B, 4H] and more: about 10% of a
-    training step at T=100 B=64 H=256). The backward ops take each gradient as optional."""
+    backward, the saved `gates` and `cells` included ([T*B, 4H], with layer norm [T*B, 2GH+2G]:
+    about 7% of a layer-norm training step at T=100 B=64 H=256 on an AMD EPYC Zen 4, 1% without
+    layer norm). The backward ops take each gradient as optional."""
     ctx.set_materialize_grads(False)
 
 

@@ -189,7 +189,7 @@ void gru_backward_cpu(const GruBackwardStep& p) {
   });
 }
 
-// Philox4x32-10 (lstm_math.h philox_round) on kLanes counters at once, in place: words[k][lane]
+// Philox4x32-10 (lstm_math.h philox_rounds) on kLanes counters at once, in place: words[k][lane]
 // is word k of lane's counter. With AVX2 / AVX-512 the lanes are a register's 32-bit lanes
 // (U32Lanes: mullo, xor, and the high half of the products from two even/odd 32x32->64
 // multiplies); the baseline build runs them one by one.
@@ -240,19 +240,12 @@ void philox_lanes(uint32_t (&words)[4][kLanes], uint32_t k0, uint32_t k1) {
   for (int lane = 0; lane < kLanes; lane += U32Lanes::kWidth) {
     U32Lanes c[4];
     for (int k = 0; k < 4; ++k) c[k] = U32Lanes::load(&words[k][lane]);
-    uint32_t r0 = k0, r1 = k1;
-    for (int round = 0; round < kPhiloxRounds; ++round) {
-      if (round > 0) philox_next_key(r0, r1);
-      philox_round(c[0], c[1], c[2], c[3], r0, r1);
-    }
+    philox_rounds(c[0], c[1], c[2], c[3], k0, k1);
     for (int k = 0; k < 4; ++k) c[k].store(&words[k][lane]);
   }
 #else
-  for (int round = 0; round < kPhiloxRounds; ++round) {
-    if (round > 0) philox_next_key(k0, k1);
-    for (int lane = 0; lane < kLanes; ++lane) {
-      philox_round(words[0][lane], words[1][lane], words[2][lane], words[3][lane], k0, k1);
-    }
+  for (int lane = 0; lane < kLanes; ++lane) {
+    philox_rounds(words[0][lane], words[1][lane], words[2][lane], words[3][lane], k0, k1);
   }
 #endif
 }
@@ -288,14 +281,8 @@ void keep_mask_cpu(const KeepMask& p) {
               {kLanes, end - first, std::max<int64_t>(p.numel - start, 0)}));
           if (lanes == 0) continue;  // past the end of the mask (the last quarter is shorter)
           scalar_t* run = out + start;
-          if (lanes == kLanes) {  // a fixed count, which the compiler vectorises
-            for (int lane = 0; lane < kLanes; ++lane) {
-              run[lane] = static_cast<scalar_t>(keep_all || words[k][lane] < below ? 1.0f : 0.0f);
-            }
-          } else {
-            for (int lane = 0; lane < lanes; ++lane) {
-              run[lane] = static_cast<scalar_t>(keep_all || words[k][lane] < below ? 1.0f : 0.0f);
-            }
+          for (int lane = 0; lane < lanes; ++lane) {
+            run[lane] = static_cast<scalar_t>(keep_all || words[k][lane] < below ? 1.0f : 0.0f);
           }
         }
       }
