@@ -27,14 +27,17 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <mutex>
+#include <string>
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "cpu/small_gemm.h"
+
 #include "ops.h"
 
 namespace lstm_fused {
@@ -453,6 +456,53 @@ std::vector<std::pair<GemmKey, CpuGemmChoice>> cpu_gemm_choices() {
 void clear_cpu_gemm_choices() {
   const std::lock_guard<std::mutex> lock(choices().mutex);
   choices().entries.clear();
+}
+
+namespace {
+// The forced rows of an inference chunk (0: from the cache size), set_inference_chunk_rows.
+std::atomic<int64_t>& forced_chunk_rows() {
+  static std::atomic<int64_t> rows{0};
+  return rows;
+}
+
+// The size of the data cache of `level` that the first CPU sees, as Linux describes it in sysfs
+// (read from the CPU's descriptors; glibc's sysconf reports the L3 of the whole package on some
+// AMD parts, ten times what a core shares), or `otherwise` where it does not.
+int64_t cache_bytes(int level, int64_t otherwise) {
+  for (int index = 0; index < 8; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+    std::ifstream level_file(dir + "/level"), type_file(dir + "/type"), size_file(dir + "/size");
+    int found = 0;
+    std::string type, size;
+    if (!(level_file >> found) || !(type_file >> type) || !(size_file >> size)) break;
+    if (found != level || type == "Instruction") continue;
+    const int64_t value = std::atoll(size.c_str());
+    const char unit = size.empty() ? 0 : size.back();
+    const int64_t bytes = unit == 'K' ? value << 10 : unit == 'M' ? value << 20 : value;
+    return bytes > 0 ? bytes : otherwise;
+  }
+  return otherwise;
+}
+
+}  // namespace
+
+int64_t inference_chunk_rows(int64_t rows, int64_t row_bytes) {
+  const int64_t forced = forced_chunk_rows().load();
+  if (forced > 0) return forced;
+  row_bytes = std::max<int64_t>(1, row_bytes);
+  // All rows at once while they take at most half the last-level cache (they are read back from
+  // it, and one larger GEMM runs faster than several); else what the threads' L2 caches hold.
+  static const int64_t l3 = cache_bytes(3, 8 << 20), l2 = cache_bytes(2, 1 << 20);
+  if (rows <= l3 / 2 / row_bytes) return rows;
+  return std::max<int64_t>(1, l2 * at::get_num_threads() / row_bytes);
+}
+
+int64_t forced_inference_chunk_rows() { return forced_chunk_rows().load(); }
+
+void set_inference_chunk_rows(int64_t rows) {
+  TORCH_CHECK_VALUE(rows >= 0, "lstm_fused.cpu_gemm: inference chunk rows must be >= 0 (0: from "
+                    "the L2 cache size), got ", rows);
+  forced_chunk_rows().store(rows);
 }
 
 void set_cpu_gemm_test_times(std::map<CpuGemmPath, std::vector<double>> trials,

@@ -264,12 +264,11 @@ int64_t saved_width(const LayerShape& shape, bool coupled, bool layer_norm) {
   return layer_norm ? layer_norm_saved_width(coupled, shape.hidden) : shape.gates * shape.hidden;
 }
 
-// Layer norm's pre-activations of every step, x W_ih^T without bias, in the first G*H columns of
-// [N, W] rows: W = layer_norm_saved_width when the kernel saves x̂ and the statistics beside the
-// activated gates (training), G*H in inference.
-Tensor layer_norm_preactivations(const Tensor& x, const Tensor& weight_ih, bool need_backward,
-                                 bool coupled, int64_t hidden) {
-  if (!need_backward) return gemm_nt(x, weight_ih);
+// Layer norm's pre-activations of every step in training, x W_ih^T without bias, in the first
+// G*H columns of [N, W] rows, W = layer_norm_saved_width: the kernel saves x̂ and the statistics
+// beside the activated gates. (Inference needs the G*H columns only: StepPreactivations.)
+Tensor layer_norm_preactivations(const Tensor& x, const Tensor& weight_ih, bool coupled,
+                                 int64_t hidden) {
   Tensor gates = at::empty({x.size(0), layer_norm_saved_width(coupled, hidden)}, x.options());
   Tensor preactivations = gates.narrow(1, 0, weight_ih.size(0));
   at::mm_out(preactivations, x, weight_ih.t());
@@ -313,6 +312,59 @@ struct RunningState {
   Tensor final_c() const { return hc.defined() ? c.clone(at::MemoryFormat::Contiguous) : c; }
 };
 
+// The input projections x_t W_ih^T (+ b) of a layer's steps, for its time loop. In training all
+// rows at once, in the tensor the caller made (the kernel writes the saved values over them).
+// In inference on the CPU, a chunk of whole steps at a time in processing order
+// (cpu_gemm.inference_chunk_rows: what the L2 caches hold), into one buffer the chunks reuse, by a
+// GEMM whose weight is prepared once: each chunk's rows are still in the cache when its steps
+// read them, where all T*B rows at once (tens of MB at large batches) are written to memory and
+// read back, into pages faulted in on every call. A sequence that fits in one chunk is projected
+// at once, as in training.
+class StepPreactivations {
+ public:
+  StepPreactivations(const Schedule& s, Tensor all) : s_(s), rows_(std::move(all)) {}
+  // Inference: x [N, K] times weight [G*H, K]ᵀ, plus bias [G*H] if defined.
+  StepPreactivations(const Schedule& s, const Tensor& x, const Tensor& weight, const Tensor& bias)
+      : s_(s), x_(x), bias_(bias) {
+    const int64_t rows = inference_chunk_rows(s.rows, weight.size(0) * weight.element_size());
+    chunk_steps_ = std::max<int64_t>(1, rows / std::max<int64_t>(1, s.batch));
+    if (rows >= s.rows || chunk_steps_ >= s.steps() || !x.is_cpu()) {
+      rows_ = gemm_nt(x, weight, bias.defined() ? OptTensor(bias) : std::nullopt);
+      return;
+    }
+    gemm_.emplace(weight, chunk_steps_ * s.batch, bias.defined());
+    buffer_ = at::empty({chunk_steps_ * s.batch, weight.size(0)}, x.options());
+  }
+  // All rows (training; inference when one chunk holds them).
+  const Tensor& all() const { return rows_; }
+  // The row stride of every step's rows.
+  int64_t stride() const { return gemm_ ? buffer_.stride(0) : rows_.stride(0); }
+  // The tensor holding step `step`'s rows (steps in processing order), and the first row in it.
+  std::pair<Tensor, int64_t> rows_of(int64_t step) {
+    if (gemm_ && step >= chunk_end_) load(step);
+    return {rows_, s_.offsets[s_.time(step)] - row_begin_};
+  }
+
+ private:
+  // The chunk of steps [step, step + chunk_steps_): contiguous rows of x, the lowest of them at
+  // the first step or (reverse) the last.
+  void load(int64_t step) {
+    chunk_end_ = std::min(s_.steps(), step + chunk_steps_);
+    const int64_t t0 = std::min(s_.time(step), s_.time(chunk_end_ - 1));
+    const int64_t t1 = std::max(s_.time(step), s_.time(chunk_end_ - 1));
+    row_begin_ = s_.offsets[t0];
+    const int64_t n = s_.offsets[t1] + s_.sizes[t1] - row_begin_;
+    rows_ = buffer_.narrow(0, 0, n);
+    if (bias_.defined()) rows_.copy_(bias_.expand_as(rows_));
+    gemm_->run_into(x_.narrow(0, row_begin_, n), rows_);
+  }
+  const Schedule& s_;
+  Tensor x_, bias_;
+  int64_t chunk_steps_ = 0, chunk_end_ = 0, row_begin_ = 0;
+  std::optional<RepeatedGemm> gemm_;  // chunked inference
+  Tensor buffer_, rows_;
+};
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
@@ -339,11 +391,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   const Tensor x = input.reshape({N, shape.input});
   const Tensor bias = input_bias(bias_ih, bias_hh);
   // Layer norm: the biases come after the norm (the kernel adds them), so the pre-activations
-  // are x W_ih^T alone, in the first G*H columns of rows wide enough for what the kernel saves.
-  Tensor gates = layer_norm ? layer_norm_preactivations(x, weight_ih, need_backward, coupled, H)
-                            : gemm_nt(x, weight_ih, bias.defined() ? OptTensor(bias) : std::nullopt);
-  // Inference: the activated gates are not stored (gates keeps the pre-activations) and the cell
-  // state goes only to the running state.
+  // are x W_ih^T alone (in training in the first G*H columns of rows wide enough for what the
+  // kernel saves).
+  StepPreactivations preactivations =
+      !need_backward ? StepPreactivations(s, x, weight_ih, layer_norm ? Tensor() : bias)
+      : layer_norm   ? StepPreactivations(s, layer_norm_preactivations(x, weight_ih, coupled, H))
+                     : StepPreactivations(s, gemm_nt(x, weight_ih, bias.defined() ? OptTensor(bias)
+                                                                               : std::nullopt));
+  const Tensor& gates = preactivations.all();  // training: what the backward gets
+  // Inference: the activated gates are not stored and the cell state goes only to the running
+  // state.
   const bool zone_h = zoneout_h.has_value(), zone_c = zoneout_c.has_value();
   const Tensor keep_h = keep_rows(zoneout_h, N, R), keep_c = keep_rows(zoneout_c, N, H);
   Tensor cells =
@@ -362,16 +419,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   // Every per-step GEMM writes rows of `gates` (GH apart), full peepholes column blocks of them.
   // One column group per gate: the simd path's fused step computes a block of units of each.
   const RepeatedGemm recurrent(weight_hh.narrow(0, peep_columns, GH - peep_columns), B, true,
-                               gates.stride(0), full ? 1 : shape.gates);
+                               preactivations.stride(), full ? 1 : shape.gates);
   const std::optional<RepeatedGemm> input_peephole =
       full ? std::optional<RepeatedGemm>(std::in_place,
                                          input_peephole_weight(weight_hh, w_ch, coupled), B, true,
-                                         gates.stride(0))
+                                         preactivations.stride())
            : std::nullopt;
   const std::optional<RepeatedGemm> output_peephole =
       full ? std::optional<RepeatedGemm>(std::in_place,
                                          w_ch.narrow(0, peephole_input_blocks(coupled) * H, H), B,
-                                         true, gates.stride(0))
+                                         true, preactivations.stride())
            : std::nullopt;
   const std::optional<RepeatedGemm> projection =
       projected ? std::optional<RepeatedGemm>(std::in_place, *weight_hr, B, false) : std::nullopt;
@@ -384,7 +441,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   const Tensor w_ln = layer_norm ? weight_ln->contiguous() : Tensor();
   const Tensor bias_ln = layer_norm && bias.defined() ? bias.contiguous() : Tensor();
   set_layer_norm(p, w_ln, bias_ln, layer_norm_eps);
-  p.gates_stride = gates.stride(0);
+  p.gates_stride = preactivations.stride();
   p.c_prev = state.c.data_ptr();
   p.c_prev_stride = state.c.stride(0);
   // The running state is c_out itself in inference (c_prev may alias it: loads come first).
@@ -409,7 +466,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   if (one_kernel) p.h_state = nullptr;
   for (int64_t step = 0; step < s.steps(); ++step) {
     const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
-    p.gates_out = need_backward ? row_ptr(gates, row) : nullptr;
+    const auto [z_rows, z_row] = preactivations.rows_of(step);
+    p.gates_out = need_backward ? row_ptr(z_rows, z_row) : nullptr;
     p.c_out = need_backward ? row_ptr(cells, row)
               : zone_c      ? computed_c.data_ptr()
                             : state.c.data_ptr();
@@ -433,7 +491,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
                             : step == 0 ? h_first.const_data_ptr<float>()
                                         : static_cast<const float*>(
                                               row_ptr(output, s.offsets[s.time(step - 1)]));
-      p.z = row_ptr(gates, row), p.z_stride = gates.stride(0);
+      p.z = row_ptr(z_rows, z_row), p.z_stride = z_rows.stride(0);
       recurrent.run_recurrent_step(h_prev, s.ragged ? state.h.stride(0) : R, p);
       if (s.ragged && !projected) {  // both [n, R] with contiguous rows
         std::memcpy(state.h.data_ptr(), row_ptr(output, row), n * R * sizeof(float));
@@ -443,7 +501,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
       // z_t = x_t W_ih^T + b (computed for all steps above) + h_{t-1} W_hh^T: in place in the
       // gates rows (ATen, MKL packed) or a step-sized temporary (oneDNN); in training the kernel
       // writes the activated gates there. Full peepholes: two GEMMs into the rows' column blocks.
-      Tensor z = gates.narrow(0, row, n).narrow(1, 0, GH);
+      Tensor z = z_rows.narrow(0, z_row, n).narrow(1, 0, GH);
       if (full) {
         recurrent.run_into(recurrent_input, z.narrow(1, peep_columns, GH - peep_columns));
         input_peephole->run_into(state.hc.narrow(0, 0, n), z.narrow(1, 0, peep_columns));
@@ -744,9 +802,11 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
   const int64_t B = s.batch, N = s.rows;
   const auto options = input.options();
   const Tensor x = input.reshape({N, input.size(-1)});
-  // a of every step, by the same GEMM in training and inference (so both give the same
-  // numbers); in training the kernel writes the saved rows [r, z, n, b_n] to `gates`.
-  const Tensor input_gates = gemm_nt(x, weight_ih, bias_ih);
+  // a of every step (in inference a chunk of steps at a time); in training the kernel writes
+  // the saved rows [r, z, n, b_n] to `gates`.
+  const Tensor b_ih = bias_ih ? *bias_ih : Tensor();
+  StepPreactivations input_gates = need_backward ? StepPreactivations(s, gemm_nt(x, weight_ih, bias_ih))
+                                                 : StepPreactivations(s, x, weight_ih, b_ih);
   const Tensor gates =
       need_backward ? at::empty({N, kGruSaved * H}, options) : at::empty({0}, options);
   Tensor output = at::empty({N, H}, options);
@@ -761,7 +821,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
   const Tensor keep_h = keep_rows(zoneout_h, N, H);
   GruForwardStep p{};
   p.keep_h_stride = keep_h.defined() ? keep_h.stride(0) : 0;
-  p.input_gates_stride = input_gates.stride(0);
+  p.input_gates_stride = input_gates.stride();
   p.bias_hh = b_hh.defined() ? b_hh.data_ptr() : nullptr;
   p.gates_stride = gates.stride(0);
   p.h_out_stride = H;
@@ -775,7 +835,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
                                       : output.narrow(0, s.offsets[s.time(step - 1)], n);
     // In place into the step buffer, or (oneDNN) a new tensor.
     const Tensor b = recurrent.run(h_prev, step_buffer.narrow(0, 0, n));
-    p.input_gates = row_ptr(input_gates, row);
+    const auto [a_rows, a_row] = input_gates.rows_of(step);
+    p.input_gates = row_ptr(a_rows, a_row);
     p.hidden_gates = b.data_ptr(), p.hidden_gates_stride = b.stride(0);
     p.h_prev = h_prev.data_ptr(), p.h_prev_stride = h_prev.stride(0);
     p.gates_out = need_backward ? row_ptr(gates, row) : nullptr;

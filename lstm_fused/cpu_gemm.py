@@ -97,6 +97,40 @@ def clear() -> None:
     _C.clear_cpu_gemm_choices()
 
 
+def inference_chunk_rows(rows: int, row_bytes: int = 4096) -> int:
+    """Rows per chunk of a layer's input projection of `rows` rows (T * B) of `row_bytes` bytes
+    (4 * G * H for float32: 4096 at H=256) in CPU inference (`need_backward=False`, as under
+    `torch.no_grad()`).
+
+    Inference computes the input projection x_t W_ih^T a chunk of whole steps at a time, into one
+    buffer the chunks reuse, by a GEMM whose weight is prepared once, so that each chunk's rows are
+    still in the cache when its steps read them: the whole [T*B, G*H] projection is tens of MB at
+    large batches, written to memory and read back. By default the projection is computed at once
+    while it takes at most half the last-level cache, and in chunks of what the threads' L2 caches
+    hold beyond that (cache sizes as the OS reads them from the CPU; 8 MiB and 1 MiB a core where
+    it has none); a chunk holds at least one step."""
+    return _C.inference_chunk_rows(int(rows), int(row_bytes))
+
+
+def set_inference_chunk_rows(rows: int) -> None:
+    """Force the rows of an inference chunk (0: from the L2 cache size again). The results do not
+    depend on it beyond the GEMM path each chunk shape takes (the same bits with a forced path)."""
+    if isinstance(rows, bool) or not isinstance(rows, int):
+        raise TypeError(f"lstm_fused.cpu_gemm: rows must be an int, got {type(rows).__name__}")
+    _C.set_inference_chunk_rows(rows)
+
+
+@contextlib.contextmanager
+def inference_chunks(rows: int):
+    """Context manager: `set_inference_chunk_rows(rows)` inside, the previous setting after."""
+    previous = _C.forced_inference_chunk_rows()
+    set_inference_chunk_rows(rows)
+    try:
+        yield
+    finally:
+        _C.set_inference_chunk_rows(previous)
+
+
 @contextlib.contextmanager
 def _test_times(trials: dict[str, list[float]], run_seconds: float = -1.0):
     """Test only: inside, a trial of path p in round r reports `trials[p][r % len]` seconds
@@ -110,4 +144,5 @@ def _test_times(trials: dict[str, list[float]], run_seconds: float = -1.0):
         _C._set_cpu_gemm_test_times({}, -1.0)
 
 
-__all__ = ["MODES", "Choice", "available", "choices", "clear", "get_mode", "mode", "set_mode"]
+__all__ = ["MODES", "Choice", "available", "choices", "clear", "get_mode", "inference_chunk_rows",
+           "inference_chunks", "mode", "set_inference_chunk_rows", "set_mode"]

@@ -1,8 +1,9 @@
 """The time loops' CPU GEMMs (csrc/gemm.cpp, lstm_fused.cpu_gemm): every path (ATen, oneDNN,
 MKL's packed GEMM) gives the reference's results, forward and backward, padded and packed; the
 automatic choice is measured once per shape and cached; a forced path is used, deterministic and
-overridable; inference (no_grad) saves nothing for backward; the cell's latency path under no_grad
-gives the general path's results."""
+overridable; inference (no_grad) saves nothing for backward and, projecting the input a chunk of
+steps at a time, gives the training forward's outputs; the cell's latency path under no_grad gives
+the general path's results."""
 
 import os
 import subprocess
@@ -360,6 +361,78 @@ def test_inference_writes_nothing_for_backward_and_gives_the_same_outputs(varian
         assert torch.equal(a, b)
     assert training[3].numel() > 0 and training[4].numel() > 0
     assert inference[3].numel() == 0 and inference[4].numel() == 0
+
+
+# Inference projects the input a chunk of steps at a time (StepPreactivations, layer.cpp).
+CHUNK_CASES = {
+    "plain": {},
+    "layer-norm": {"layer_norm": True},
+    "projection+zoneout": {"proj_size": 3, "zoneout": 0.3},
+    "two-layers-bidirectional": {"num_layers": 2, "bidirectional": True},
+}
+
+
+def inference_outputs(module, x, chunk_rows):
+    with torch.no_grad(), cpu_gemm.inference_chunks(chunk_rows):
+        out, state = module(x)
+    out = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+    return [out, *(state if isinstance(state, tuple) else (state,))]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("case", list(CHUNK_CASES))
+@variant_params
+def test_inference_in_chunks_of_steps_gives_the_training_outputs(variant, case, packed):
+    """Chunks of one step, of a few steps with a shorter last one, of steps that do not divide
+    the rows (the chunk holds whole steps), and one chunk for all: with the simd path (panels
+    for every chunk and for the whole projection: 40 rows) bit for bit the training forward's
+    outputs; measured paths within float32 rounding."""
+    fused, _ = twins(variant, **CHUNK_CASES[case])
+    fused.eval()  # zoneout: its expectation, the same in both
+    x = torch.randn(10, 4, 5)
+    if packed:
+        x = pack_padded_sequence(x, torch.tensor([10, 10, 9, 5]))  # 34 rows
+    for path in ("simd", "auto"):
+        cpu_gemm.set_mode(path)
+        out, state = fused(x)  # training forward (the parameters require grad)
+        expected = [out.data if packed else out, *state]
+        for rows in (1, 4, 7, 12, 4096):
+            for a, b in zip(inference_outputs(fused, x, rows), expected):
+                if path == "simd":
+                    assert torch.equal(a, b.detach()), (path, rows)
+                else:
+                    assert_close(a, b.detach(), torch.float32, f"{path}, {rows} rows")
+
+
+def test_gru_inference_in_chunks_gives_the_training_outputs():
+    torch.manual_seed(0)
+    gru = lstm_fused.GRU(5, 7, num_layers=2, bidirectional=True)
+    x = torch.randn(10, 4, 5)
+    cpu_gemm.set_mode("simd")
+    out, h = gru(x)
+    for rows in (1, 4, 7, 4096):
+        a, b = inference_outputs(gru, x, rows)
+        assert torch.equal(a, out.detach()) and torch.equal(b, h.detach()), rows
+
+
+def test_inference_chunks_follow_the_cache_sizes_unless_forced():
+    small, huge = 8, 1 << 30  # rows of 4 KiB: 32 KiB, 4 TiB
+    assert cpu_gemm.inference_chunk_rows(small) == small  # fits the cache: all at once
+    chunk = cpu_gemm.inference_chunk_rows(huge)
+    assert 1 <= chunk < huge
+    assert cpu_gemm.inference_chunk_rows(huge, 2048) >= chunk  # smaller rows, as many bytes
+    assert cpu_gemm.inference_chunk_rows(huge, 1 << 40) == 1  # at least one row
+    with cpu_gemm.inference_chunks(3):
+        assert cpu_gemm.inference_chunk_rows(small) == cpu_gemm.inference_chunk_rows(huge) == 3
+        with cpu_gemm.inference_chunks(0):
+            assert cpu_gemm.inference_chunk_rows(huge) == chunk
+        assert cpu_gemm.inference_chunk_rows(huge) == 3
+    assert cpu_gemm.inference_chunk_rows(huge) == chunk
+    with pytest.raises(ValueError, match="inference chunk rows must be >= 0"):
+        cpu_gemm.set_inference_chunk_rows(-1)
+    with pytest.raises(TypeError, match="rows must be an int"):
+        cpu_gemm.set_inference_chunk_rows(2.5)
+    assert cpu_gemm.inference_chunk_rows(huge) == chunk
 
 
 def test_layer_asks_for_backward_buffers_only_when_a_gradient_is_needed(monkeypatch):
