@@ -312,18 +312,19 @@ struct RunningState {
   Tensor final_c() const { return hc.defined() ? c.clone(at::MemoryFormat::Contiguous) : c; }
 };
 
-// The input projections x_t W_ih^T (+ b) of a layer's steps, for its time loop. In training all
-// rows at once, in the tensor the caller made (the kernel writes the saved values over them).
-// In inference on the CPU, a chunk of whole steps at a time in processing order
-// (cpu_gemm.inference_chunk_rows: what the L2 caches hold), into one buffer the chunks reuse, by a
-// GEMM whose weight is prepared once: each chunk's rows are still in the cache when its steps
-// read them, where all T*B rows at once (tens of MB at large batches) are written to memory and
-// read back, into pages faulted in on every call. A sequence that fits in one chunk is projected
-// at once, as in training.
+// The input projections x_t W_ih^T (+ b) of a layer's steps, for its time loop. In the LSTM's
+// training all rows at once, in the tensor the caller made (the kernel writes the saved values
+// over them; computing them a chunk at a time into those rows measured no faster). For a loop
+// that only reads them (inference, the GRU), on the CPU, a chunk of whole steps at a time in
+// processing order (cpu_gemm.inference_chunk_rows: once they outgrow half the last-level cache,
+// what the L2 caches hold), into one buffer the chunks reuse, by a GEMM whose weight is prepared
+// once: each chunk's rows are still in the cache when its steps read them, where all T*B rows at
+// once (tens of MB at large batches) are written to memory and read back, into pages faulted in
+// on every call. A projection that fits in one chunk is computed at once.
 class StepPreactivations {
  public:
   StepPreactivations(const Schedule& s, Tensor all) : s_(s), rows_(std::move(all)) {}
-  // Inference: x [N, K] times weight [G*H, K]ᵀ, plus bias [G*H] if defined.
+  // x [N, K] times weight [G*H, K]ᵀ, plus bias [G*H] if defined, for a loop that only reads them.
   StepPreactivations(const Schedule& s, const Tensor& x, const Tensor& weight, const Tensor& bias)
       : s_(s), x_(x), bias_(bias) {
     const int64_t rows = inference_chunk_rows(s.rows, weight.size(0) * weight.element_size());
@@ -802,11 +803,11 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
   const int64_t B = s.batch, N = s.rows;
   const auto options = input.options();
   const Tensor x = input.reshape({N, input.size(-1)});
-  // a of every step (in inference a chunk of steps at a time); in training the kernel writes
-  // the saved rows [r, z, n, b_n] to `gates`.
+  // a of every step, a chunk of steps at a time at large sizes, the same in training and
+  // inference (so both give the same numbers: a is not saved); in training the kernel writes the
+  // saved rows [r, z, n, b_n] to `gates`.
   const Tensor b_ih = bias_ih ? *bias_ih : Tensor();
-  StepPreactivations input_gates = need_backward ? StepPreactivations(s, gemm_nt(x, weight_ih, bias_ih))
-                                                 : StepPreactivations(s, x, weight_ih, b_ih);
+  StepPreactivations input_gates(s, x, weight_ih, b_ih);
   const Tensor gates =
       need_backward ? at::empty({N, kGruSaved * H}, options) : at::empty({0}, options);
   Tensor output = at::empty({N, H}, options);

@@ -404,15 +404,32 @@ def test_inference_in_chunks_of_steps_gives_the_training_outputs(variant, case, 
                     assert_close(a, b.detach(), torch.float32, f"{path}, {rows} rows")
 
 
-def test_gru_inference_in_chunks_gives_the_training_outputs():
+def test_gru_projects_in_the_same_chunks_in_training_and_inference():
+    """The GRU's loop only reads its input projection: training computes it in chunks too, with
+    the same outputs and (simd path) the same gradients bit for bit as all at once."""
     torch.manual_seed(0)
     gru = lstm_fused.GRU(5, 7, num_layers=2, bidirectional=True)
     x = torch.randn(10, 4, 5)
     cpu_gemm.set_mode("simd")
-    out, h = gru(x)
+
+    def training(rows):
+        gru.zero_grad()
+        with cpu_gemm.inference_chunks(rows):
+            out, h = gru(x)
+            (out.square().sum() + h.sum()).backward()
+        return [out.detach(), h.detach()] + [p.grad.clone() for p in gru.parameters()]
+
+    whole = training(0)
     for rows in (1, 4, 7, 4096):
+        for a, b in zip(training(rows), whole):
+            assert torch.equal(a, b), rows
         a, b = inference_outputs(gru, x, rows)
-        assert torch.equal(a, out.detach()) and torch.equal(b, h.detach()), rows
+        assert torch.equal(a, whole[0]) and torch.equal(b, whole[1]), rows
+    # Training does chunk: the measured choices show the chunk's GEMM (2 steps of 4 rows).
+    cpu_gemm.set_mode("auto")
+    cpu_gemm.clear()
+    training(8)
+    assert any(c.repeated and c.rows == 8 and c.n == 21 for c in cpu_gemm.choices())
 
 
 def test_inference_chunks_follow_the_cache_sizes_unless_forced():
@@ -433,6 +450,11 @@ def test_inference_chunks_follow_the_cache_sizes_unless_forced():
     with pytest.raises(TypeError, match="rows must be an int"):
         cpu_gemm.set_inference_chunk_rows(2.5)
     assert cpu_gemm.inference_chunk_rows(huge) == chunk
+    # A forced size is used: the measured choices show the chunk's GEMM (2 steps of 4 rows).
+    cpu_gemm.set_mode("auto")
+    cpu_gemm.clear()
+    inference_outputs(lstm_fused.LSTM(5, 7), torch.randn(10, 4, 5), 8)
+    assert any(c.repeated and c.rows == 8 and c.n == 28 for c in cpu_gemm.choices())
 
 
 def test_layer_asks_for_backward_buffers_only_when_a_gradient_is_needed(monkeypatch):
