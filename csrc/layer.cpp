@@ -316,18 +316,18 @@ struct RunningState {
 // training all rows at once, in the tensor the caller made (the kernel writes the saved values
 // over them; computing them a chunk at a time into those rows measured no faster). For a loop
 // that only reads them (inference, the GRU), on the CPU, a chunk of whole steps at a time in
-// processing order (cpu_gemm.inference_chunk_rows: once they outgrow half the last-level cache,
-// what the L2 caches hold), into one buffer the chunks reuse, by a GEMM whose weight is prepared
-// once: each chunk's rows are still in the cache when its steps read them, where all T*B rows at
-// once (tens of MB at large batches) are written to memory and read back, into pages faulted in
-// on every call. A projection that fits in one chunk is computed at once.
+// processing order (cpu_gemm.inference_chunk_rows: half of what the L2 caches hold), into one
+// buffer the chunks reuse, by a GEMM whose weight is prepared once: each chunk's rows are still
+// in the cache when its steps read them, where all T*B rows at once (MBs, tens of them at large
+// batches) go to fresh pages, are written back to memory and read again. A projection that fits
+// in one chunk is computed at once.
 class StepPreactivations {
  public:
   StepPreactivations(const Schedule& s, Tensor all) : s_(s), rows_(std::move(all)) {}
   // x [N, K] times weight [G*H, K]ᵀ, plus bias [G*H] if defined, for a loop that only reads them.
   StepPreactivations(const Schedule& s, const Tensor& x, const Tensor& weight, const Tensor& bias)
       : s_(s), x_(x), bias_(bias) {
-    const int64_t rows = inference_chunk_rows(s.rows, weight.size(0) * weight.element_size());
+    const int64_t rows = inference_chunk_rows(weight.size(0) * weight.element_size());
     chunk_steps_ = std::max<int64_t>(1, rows / std::max<int64_t>(1, s.batch));
     if (rows >= s.rows || chunk_steps_ >= s.steps() || !x.is_cpu()) {
       rows_ = gemm_nt(x, weight, bias.defined() ? OptTensor(bias) : std::nullopt);

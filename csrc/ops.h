@@ -192,11 +192,11 @@ void clear_cpu_gemm_choices();
 void set_cpu_gemm_test_times(std::map<CpuGemmPath, std::vector<double>> trials,
                              double run_seconds);
 
-// Inference on the CPU computes a layer's input projection a chunk of steps at a time, so that
-// each chunk's pre-activations are still in the cache when its steps read them: the rows of a
-// chunk of a projection of `rows` rows of `row_bytes` bytes (all of them while they take at most
-// half the last-level cache, else as many as the threads' L2 caches hold; unless forced).
-int64_t inference_chunk_rows(int64_t rows, int64_t row_bytes);
+// On the CPU, a time loop that only reads its input projection (inference, the GRU) computes it
+// a chunk of steps at a time, so that each chunk's rows are still in the cache when its steps
+// read them: the rows of a chunk, for rows of `row_bytes` bytes (half of what the threads' L2
+// caches hold, unless forced).
+int64_t inference_chunk_rows(int64_t row_bytes);
 int64_t forced_inference_chunk_rows();  // 0: from the cache size
 void set_inference_chunk_rows(int64_t rows);
 

@@ -99,11 +99,9 @@ PyObject* clear_cpu_gemm_choices(PyObject*, PyObject*) {
 }
 
 PyObject* inference_chunk_rows(PyObject*, PyObject* args) {
-  long long rows = 0, row_bytes = 0;
-  if (!PyArg_ParseTuple(args, "LL", &rows, &row_bytes)) return nullptr;
-  return guarded([&] {
-    return PyLong_FromLongLong(lstm_fused::inference_chunk_rows(rows, row_bytes));
-  });
+  long long row_bytes = 0;
+  if (!PyArg_ParseTuple(args, "L", &row_bytes)) return nullptr;
+  return guarded([&] { return PyLong_FromLongLong(lstm_fused::inference_chunk_rows(row_bytes)); });
 }
 
 PyObject* forced_inference_chunk_rows(PyObject*, PyObject*) {
@@ -160,7 +158,7 @@ PyMethodDef methods[] = {
     {"cpu_gemm_choices", cpu_gemm_choices, METH_NOARGS, "The measured choices, cached."},
     {"clear_cpu_gemm_choices", clear_cpu_gemm_choices, METH_NOARGS, "Forget them."},
     {"inference_chunk_rows", inference_chunk_rows, METH_VARARGS,
-     "Rows of an inference chunk of a projection of (rows, row bytes)."},
+     "Rows of an inference chunk, for rows of that many bytes."},
     {"forced_inference_chunk_rows", forced_inference_chunk_rows, METH_NOARGS,
      "The forced inference chunk rows (0: from the L2 cache size)."},
     {"set_inference_chunk_rows", set_inference_chunk_rows, METH_O,

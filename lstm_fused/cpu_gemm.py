@@ -97,19 +97,20 @@ def clear() -> None:
     _C.clear_cpu_gemm_choices()
 
 
-def inference_chunk_rows(rows: int, row_bytes: int = 4096) -> int:
-    """Rows per chunk of a layer's input projection of `rows` rows (T * B) of `row_bytes` bytes
-    (4 * G * H for float32: 4096 at H=256) in CPU inference (`need_backward=False`, as under
-    `torch.no_grad()`).
+def inference_chunk_rows(row_bytes: int = 4096) -> int:
+    """Rows per chunk of a layer's input projection on the CPU, for rows of `row_bytes` bytes
+    (4 * G * H for float32: 4096 at H=256), where the time loop only reads the projection: LSTM
+    inference (`need_backward=False`, as under `torch.no_grad()`) and the GRU.
 
-    Inference computes the input projection x_t W_ih^T a chunk of whole steps at a time, into one
+    Such a loop computes the projection x_t W_ih^T a chunk of whole steps at a time, into one
     buffer the chunks reuse, by a GEMM whose weight is prepared once, so that each chunk's rows are
-    still in the cache when its steps read them: the whole [T*B, G*H] projection is tens of MB at
-    large batches, written to memory and read back. By default the projection is computed at once
-    while it takes at most half the last-level cache, and in chunks of what the threads' L2 caches
-    hold beyond that (cache sizes as the OS reads them from the CPU; 8 MiB and 1 MiB a core where
-    it has none); a chunk holds at least one step."""
-    return _C.inference_chunk_rows(int(rows), int(row_bytes))
+    still in the cache when its steps read them; all T*B rows at once are MBs (tens of them at
+    large batches) of fresh pages, written back to memory and read again. A chunk is half of what
+    the threads' L2 caches hold (the size Linux reads from the CPU, 1 MiB a core where it has
+    none; the other half keeps the recurrent weight), at least one step; a projection that fits in
+    one chunk is computed at once. The LSTM's training computes it at once, into the rows the
+    backward keeps."""
+    return _C.inference_chunk_rows(int(row_bytes))
 
 
 def set_inference_chunk_rows(rows: int) -> None:
