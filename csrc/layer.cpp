@@ -324,8 +324,11 @@ struct RunningState {
 class StepPreactivations {
  public:
   StepPreactivations(const Schedule& s, Tensor all) : s_(s), rows_(std::move(all)) {}
-  // x [N, K] times weight [G*H, K]ᵀ, plus bias [G*H] if defined, for a loop that only reads them.
-  StepPreactivations(const Schedule& s, const Tensor& x, const Tensor& weight, const Tensor& bias)
+  // x [N, K] times weight [G*H, K]ᵀ, plus bias [G*H] if defined, for a loop that only reads them
+  // (G = gates: the simd GEMM splits each gate's columns between the threads as the fused step
+  // splits the units).
+  StepPreactivations(const Schedule& s, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                     int64_t gates)
       : s_(s), x_(x), bias_(bias) {
     const int64_t rows = inference_chunk_rows(weight.size(0) * weight.element_size());
     chunk_steps_ = std::max<int64_t>(1, rows / std::max<int64_t>(1, s.batch));
@@ -333,7 +336,7 @@ class StepPreactivations {
       rows_ = gemm_nt(x, weight, bias.defined() ? OptTensor(bias) : std::nullopt);
       return;
     }
-    gemm_.emplace(weight, chunk_steps_ * s.batch, bias.defined());
+    gemm_.emplace(weight, chunk_steps_ * s.batch, bias.defined(), 0, gates);
     buffer_ = at::empty({chunk_steps_ * s.batch, weight.size(0)}, x.options());
   }
   // All rows (training; inference when one chunk holds them).
@@ -395,7 +398,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   // are x W_ih^T alone (in training in the first G*H columns of rows wide enough for what the
   // kernel saves).
   StepPreactivations preactivations =
-      !need_backward ? StepPreactivations(s, x, weight_ih, layer_norm ? Tensor() : bias)
+      !need_backward ? StepPreactivations(s, x, weight_ih, layer_norm ? Tensor() : bias,
+                                          shape.gates)
       : layer_norm   ? StepPreactivations(s, layer_norm_preactivations(x, weight_ih, coupled, H))
                      : StepPreactivations(s, gemm_nt(x, weight_ih, bias.defined() ? OptTensor(bias)
                                                                                : std::nullopt));
@@ -807,7 +811,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
   // inference (so both give the same numbers: a is not saved); in training the kernel writes the
   // saved rows [r, z, n, b_n] to `gates`.
   const Tensor b_ih = bias_ih ? *bias_ih : Tensor();
-  StepPreactivations input_gates(s, x, weight_ih, b_ih);
+  StepPreactivations input_gates(s, x, weight_ih, b_ih, kGruGates);
   const Tensor gates =
       need_backward ? at::empty({N, kGruSaved * H}, options) : at::empty({0}, options);
   Tensor output = at::empty({N, H}, options);

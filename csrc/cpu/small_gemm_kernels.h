@@ -213,12 +213,15 @@ void panel_columns(const PanelGemm& p, int64_t r_begin, int64_t r_end, int64_t g
 // (kRowsPerTask * K floats) stays in the core's cache while every weight panel passes once.
 constexpr int64_t kRowsPerTask = 64;
 
-// Few rows (a time step's): the threads split the columns, so each keeps its share of the weight
-// in its cache from step to step. Many rows: the threads split the rows, in blocks of
-// kRowsPerTask, each block against the whole weight.
+// Few rows (a time step's), or a weight in groups (one per gate: the recurrent weight, or the
+// input weight of a loop that reads its projection a chunk at a time): the threads split the
+// columns of each group, as the fused step splits the hidden units, so each thread keeps its
+// share of the weight in its cache and (groups) computes the pre-activations of the units whose
+// step it runs. Many rows of one group: the threads split the rows, in blocks of kRowsPerTask,
+// each block against the whole weight.
 void panel_gemm(const PanelGemm& p) {
   const int64_t blocks = (p.group_columns + kLanes - 1) / kLanes;
-  if (p.rows <= 2 * kRowsPerTask) {
+  if (p.rows <= 2 * kRowsPerTask || p.groups > 1) {
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = 0; g < p.groups; ++g) {
         panel_columns(p, 0, p.rows, g, begin * kLanes, std::min(p.group_columns, end * kLanes));
