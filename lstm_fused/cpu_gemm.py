@@ -26,6 +26,10 @@ falls back to "aten" there.
     with lstm_fused.cpu_gemm.mode("aten"):
         ...
     lstm_fused.cpu_gemm.choices()   # [Choice(repeated=True, rows=64, n=1024, k=256, ...), ...]
+
+Inference (and the GRU) computes a layer's input projection a chunk of steps at a time, so that the
+steps read it from the cache: `inference_chunk_rows()` says how many rows a chunk holds (half of the
+threads' L2 caches), `inference_chunks(n)` / `set_inference_chunk_rows(n)` force it.
 """
 
 from __future__ import annotations
