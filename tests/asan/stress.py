@@ -26,10 +26,8 @@ TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.flo
 T, I = 3, 3
 
 
-def run(module, x, lengths):
-    """Output, the final states (h_n, c_n; the GRU's h_n) and the gradients of the input and every
-    parameter."""
-    x = x.clone().requires_grad_()
+def run_outputs(module, x, lengths):
+    """Output and the final states (h_n, c_n; the GRU's h_n)."""
     inputs = x
     if lengths is not None:
         inputs = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
@@ -37,6 +35,14 @@ def run(module, x, lengths):
     states = (states,) if isinstance(states, torch.Tensor) else tuple(states)
     if lengths is not None:
         out = torch.nn.utils.rnn.pad_packed_sequence(out)[0]
+    return [out, *states]
+
+
+def run(module, x, lengths):
+    """Output, the final states (h_n, c_n; the GRU's h_n) and the gradients of the input and every
+    parameter."""
+    x = x.clone().requires_grad_()
+    out, *states = run_outputs(module, x, lengths)
     g = torch.Generator().manual_seed(1)
     loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64)).sum()
                for t in (out, *states))
@@ -69,8 +75,13 @@ def stress_layer(variant, dtype, hidden, packed, batch):
     lengths = torch.randint(1, T + 1, (batch,)) if packed else None
     if lengths is not None:
         lengths[0] = T
-    check(run(fused, x, lengths), run(ref, x.double(), lengths),
-          f"layer {variant} {dtype} H={hidden} {'packed' if packed else 'padded'}")
+    expected = run(ref, x.double(), lengths)
+    what = f"layer {variant} {dtype} H={hidden} {'packed' if packed else 'padded'}"
+    check(run(fused, x, lengths), expected, what)
+    # Inference projects the input a chunk of steps at a time: here chunks of one step.
+    with torch.no_grad(), lstm_fused.cpu_gemm.inference_chunks(batch):
+        inference = run_outputs(fused, x, lengths)
+    check(inference, expected[:len(inference)], f"{what}, inference in chunks")
 
 
 def stress_cell(variant, dtype, hidden, batch):
