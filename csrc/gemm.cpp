@@ -38,7 +38,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "cpu/small_gemm.h"
-
 #include "ops.h"
 
 namespace lstm_fused {

@@ -416,7 +416,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
       : layer_norm   ? StepPreactivations(s, layer_norm_preactivations(x, weight_ih, coupled, H))
                      : StepPreactivations(s, gemm_nt(x, weight_ih, bias.defined() ? OptTensor(bias)
                                                                                : std::nullopt));
-  const Tensor& gates = preactivations.all();  // training: what the backward gets
   // Inference: the activated gates are not stored and the cell state goes only to the running
   // state.
   const bool zone_h = zoneout_h.has_value(), zone_c = zoneout_c.has_value();
@@ -434,7 +433,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   Tensor unprojected = projected ? at::empty({B, H}, options) : Tensor();
   const Tensor w_ch = weight_ch ? weight_ch->contiguous() : Tensor();
   const int64_t GH = shape.gates * H, peep_columns = full ? input_peephole_columns(coupled, H) : 0;
-  // Every per-step GEMM writes rows of `gates` (GH apart), full peepholes column blocks of them.
+  // Every per-step GEMM writes rows of the pre-activations, full peepholes column blocks of them.
   // One column group per gate: the simd path's fused step computes a block of units of each.
   const RepeatedGemm recurrent(weight_hh.narrow(0, peep_columns, GH - peep_columns), B, true,
                                preactivations.stride(), full ? 1 : shape.gates);
@@ -556,7 +555,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   if (!need_backward) return {output.view(per_row_sizes(input, R)), h_n, state.final_c(),
                              at::empty({0}, options), at::empty({0}, options)};
   return {output.view(per_row_sizes(input, R)), h_n, state.final_c(),
-          gates.view(per_row_sizes(input, gates.size(1))),
+          preactivations.all().view(per_row_sizes(input, preactivations.all().size(1))),
           cells.view(per_row_sizes(input, cells.size(1)))};
 }
 
