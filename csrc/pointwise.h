@@ -218,7 +218,7 @@ LSTM_HD inline void forward_chunk(const ForwardStep& p, int64_t row, int64_t j, 
   const S* z = static_cast<const S*>(p.z) + row * p.z_stride + j;
   S* out = p.gates_out ? static_cast<S*>(p.gates_out) + row * p.gates_stride + j : nullptr;
   S* c_out = static_cast<S*>(p.c_out) + row * p.c_out_stride + j;
-  Gates<V> gates;
+  Gates<V> gates{};
 
   V w_ci(0), w_cf(0), w_co(0);
   if (kDiagonal) {
@@ -336,7 +336,7 @@ LSTM_HD inline void backward_chunk(const BackwardStep& p, int64_t row, int64_t j
   }
   // dc so far is the gradient of the clipped c_t (every use sees it); the update made the raw one.
   if (clipped) dc = clip_state_backward(dc, c, V(p.cell_clip));
-  Gates<V> gates;
+  Gates<V> gates{};
   gates.f = IO::load(saved + L::f * H, n);
   gates.i = kCoupled ? V(1) - gates.f : IO::load(saved + L::i * H, n);
   gates.g = IO::load(saved + L::g * H, n);
@@ -344,7 +344,7 @@ LSTM_HD inline void backward_chunk(const BackwardStep& p, int64_t row, int64_t j
                             ? static_cast<const S*>(p.c_prev) + row * p.c_prev_stride
                             : static_cast<const S*>(p.c_prev_tail) + row * p.c_prev_tail_stride;
   const V c_prev = IO::load(c_prev_row + j, n);
-  CellGrads<V> grads;
+  CellGrads<V> grads{};
   cell_update_backward<kCoupled, kDiagonal>(dc, c_prev, gates, w_ci, w_cf, grads);
   if (!kCoupled) IO::store(dz + L::i * H, grads.dz_i, n);
   IO::store(dz + L::f * H, grads.dz_f, n);
@@ -472,7 +472,7 @@ LSTM_HD inline void layer_norm_forward_row(const ForwardStep& p, int64_t row) {
           layer_norm_gate<IO>(p, L::f, z + L::f * H, peep_f, c_prev, stats_f, normed_out, j, n);
       const V z_g =
           layer_norm_gate<IO>(p, L::g, z + L::g * H, nullptr, c_prev, stats_g, normed_out, j, n);
-      Gates<V> gates;
+      Gates<V> gates{};
       V c = cell_update<kCoupled, false>(z_i, z_f, z_g, IO::load(c_prev + j, n), V(0), V(0),
                                          gates);
       if (p.cell_clip > 0) c = clip_state(c, V(p.cell_clip));
@@ -504,7 +504,7 @@ LSTM_HD inline void layer_norm_forward_row(const ForwardStep& p, int64_t row) {
     const int n = chunk_width<IO>(H, j);
     const V z_o =
         layer_norm_gate<IO>(p, L::o, z + L::o * H, peep_o, c_out, stats_o, normed_out, j, n);
-    Gates<V> gates;
+    Gates<V> gates{};
     V h = cell_output<false>(z_o, IO::load(c_out + j, n), V(0), gates);
     if (p.keep_h) {
       const V keep = IO::load(static_cast<const S*>(p.keep_h) + row * p.keep_h_stride + j, n);
@@ -624,11 +624,11 @@ LSTM_HD inline void layer_norm_backward_row(const BackwardStep& p, int64_t row) 
     const int n = chunk_width<IO>(H, j);
     V dc = dc_total ? IO::load(dc_total + j, n) : V(0);
     if (p.cell_clip > 0) dc = clip_state_backward(dc, IO::load(c + j, n), V(p.cell_clip));
-    Gates<V> gates;
+    Gates<V> gates{};
     gates.f = IO::load(saved + L::f * H + j, n);
     gates.i = kCoupled ? V(1) - gates.f : IO::load(saved + L::i * H + j, n);
     gates.g = IO::load(saved + L::g * H + j, n);
-    CellGrads<V> grads;
+    CellGrads<V> grads{};
     cell_update_backward<kCoupled, false>(dc, IO::load(c_prev + j, n), gates, V(0), V(0), grads);
     if (!kCoupled) IO::store(dzhat + L::i * H + j, grads.dz_i, n);
     IO::store(dzhat + L::f * H + j, grads.dz_f, n);
@@ -695,7 +695,7 @@ LSTM_HD inline void gru_forward_chunk(const GruForwardStep& p, int64_t row, int6
     b_n = b_n + IO::load(bias + L::n * H, n);
   }
   const V h_prev = IO::load(static_cast<const S*>(p.h_prev) + row * p.h_prev_stride + j, n);
-  GruGates<V> gates;
+  GruGates<V> gates{};
   V h = gru_update(IO::load(a + L::r * H, n), IO::load(a + L::z * H, n),
                    IO::load(a + L::n * H, n), b_r, b_z, b_n, h_prev, gates);
   if (p.keep_h) {
@@ -728,11 +728,11 @@ LSTM_HD inline void gru_backward_chunk(const GruBackwardStep& p, int64_t row, in
     dh = zoneout_backward(
         dh, IO::load(static_cast<const S*>(p.keep_h) + row * p.keep_h_stride + j, n), dh_kept);
   }
-  GruGates<V> gates;
+  GruGates<V> gates{};
   gates.r = IO::load(saved + L::r * H, n);
   gates.z = IO::load(saved + L::z * H, n);
   gates.n = IO::load(saved + L::n * H, n);
-  GruGrads<V> grads;
+  GruGrads<V> grads{};
   gru_update_backward(dh, IO::load(static_cast<const S*>(p.h_prev) + row * p.h_prev_stride + j, n),
                       IO::load(saved + L::b_n * H, n), gates, grads);
   IO::store(grad_h2, p.keep_h ? grads.dh_prev + dh_kept : grads.dh_prev, n);

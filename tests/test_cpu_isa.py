@@ -187,6 +187,35 @@ def test_isa_build_exports_no_avx_code_under_a_shared_name(isa):
     foreign = [name for name in names if not name.startswith(ISA_OWN_NAMESPACES[isa])]
     assert not foreign, f"{len(foreign)} shared functions compiled with {isa}: {foreign[:3]}"
 
+
+def _called_functions(path):
+    """Demangled names of the functions an object calls through a relocation (not inlined)."""
+    symbols = set()
+    for line in _run("objdump", "-r", str(path)).splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[1] == "R_X86_64_PLT32":
+            symbols.add(re.sub(r"[-+]0x[0-9a-f]+$", "", fields[2]))
+    return _run("c++filt", *sorted(symbols)).splitlines() if symbols else []
+
+
+@pytest.mark.skipif(not all(shutil.which(tool) for tool in ("objdump", "c++filt")),
+                    reason="binutils (objdump, c++filt) not installed")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_isa_build_inlines_every_simd_helper(isa):
+    """No at::vec function of the build's instruction set is called out of line. GCC gives the
+    implicit constructor of a struct of vectors (Gates<V> g;) the baseline target, cannot inline
+    Vectorized's constructor into it (target mismatch), and so called it through the PLT, four
+    times per 16 units in the forward step, each call with a vzeroupper that spills every live
+    register (4% of the forward's time at B=16). Structs of vectors are brace-initialised."""
+    path = _cpu_object(f"pointwise_cpu_{isa}")
+    if path is None:
+        pytest.skip("no CPU kernel objects under build/ (built elsewhere)")
+    called = _called_functions(path)
+    assert called, f"{path.name} calls nothing: the check would see nothing"
+    out_of_line = [name for name in called if name.startswith(ISA_OWN_NAMESPACES[isa][2])]
+    assert not out_of_line, f"{len(out_of_line)} at::vec functions called: {out_of_line[:3]}"
+
+
 # (what ATEN_CPU_CAPABILITY asks for, what the played CPU has)
 FORCED = [("avx512", "avx2"), ("avx512", "default"), ("avx2", "default")]
 
