@@ -384,18 +384,22 @@ Tensor pack_panels(const Tensor& weight, int64_t groups, int64_t lanes) {
 
 PanelGemm panel_gemm(const float* x, int64_t x_stride, int64_t rows, const Tensor& weight,
                      const Tensor& panels, int64_t groups, float* out, int64_t out_stride,
-                     bool accumulate) {
+                     bool accumulate, const Tensor& bias = Tensor()) {
   PanelGemm p{};
   p.x = x, p.x_stride = x_stride, p.rows = rows, p.k = weight.size(1);
   p.panels = panels.const_data_ptr<float>(), p.groups = groups;
   p.group_columns = weight.size(0) / groups;
   p.out = out, p.out_stride = out_stride, p.accumulate = accumulate;
+  TORCH_INTERNAL_ASSERT(!(accumulate && bias.defined()));
+  p.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   return p;
 }
 
-// A one-off simd GEMM: out (+)= x·wᵀ, every operand float32 with rows_strided layouts; the dot
-// form for few rows, else the weight packed for this call.
-void simd_gemm_into(const Tensor& x, const Tensor& weight, const Tensor& out, bool accumulate) {
+// A one-off simd GEMM: out (+)= x·wᵀ, or out = x·wᵀ + bias, every operand float32 with
+// rows_strided layouts (bias contiguous); the dot form for few rows (the bias then added after),
+// else the weight packed for this call (the bias added in the tiles).
+void simd_gemm_into(const Tensor& x, const Tensor& weight, const Tensor& out, bool accumulate,
+                    const Tensor& bias = Tensor()) {
   if (x.size(0) <= kSimdDotMaxRows) {
     DotGemm p{};
     p.x = x.const_data_ptr<float>(), p.x_stride = x.stride(0), p.rows = x.size(0);
@@ -403,12 +407,13 @@ void simd_gemm_into(const Tensor& x, const Tensor& weight, const Tensor& out, bo
     p.n = weight.size(0), p.out = out.data_ptr<float>(), p.out_stride = out.stride(0);
     p.accumulate = accumulate;
     simd_kernels().dot(p);
+    if (bias.defined()) out.add_(bias);
     return;
   }
   const Tensor w = contiguous_weight(weight);
   simd_kernels().panel(panel_gemm(x.const_data_ptr<float>(), x.stride(0), x.size(0), w,
                                   pack_panels(w, 1, simd_kernels().panel_lanes), 1,
-                                  out.data_ptr<float>(), out.stride(0), accumulate));
+                                  out.data_ptr<float>(), out.stride(0), accumulate, bias));
 }
 
 }  // namespace
@@ -575,6 +580,10 @@ Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias,
     const Tensor xs = rows_strided(x) ? x : x.contiguous();
     const bool in_place = addend && rows_strided(*addend);
     Tensor out = in_place ? *addend : at::empty({x.size(0), weight.size(0)}, x.options());
+    if (!addend && bias) {  // x·wᵀ + b: the bias added in the GEMM's tiles
+      simd_gemm_into(xs, w, out, false, bias->contiguous());
+      return out;
+    }
     simd_gemm_into(xs, w, out, in_place);
     if (addend && !in_place) out = addend->add_(out);
     return bias ? out.add_(*bias) : out;
@@ -594,17 +603,20 @@ Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias,
 // --- repeated GEMMs: the weight prepared once ------------------------------------------------
 
 RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumulate,
-                           int64_t out_stride, int64_t column_groups)
+                           int64_t out_stride, int64_t column_groups, const Tensor& bias)
     : weight_(contiguous_weight(weight)),
       weight_t_(weight_.t()),
+      bias_(bias.defined() ? bias.contiguous() : bias),
       accumulate_(accumulate),
       column_groups_(column_groups) {
   TORCH_INTERNAL_ASSERT(column_groups > 0 && weight.size(0) % column_groups == 0);
+  TORCH_INTERNAL_ASSERT(!(accumulate && bias.defined()));
   if (!weight_.device().is_cpu() || max_rows == 0 || weight_.numel() == 0) return;
   const at::ScalarType dtype = weight_.scalar_type();
   const int64_t ldo = std::max(out_stride, weight_.size(0));
+  // A bias is an addend like `out` (ATen and MKL add the GEMM to a copy of it).
   const GemmKey key{true, max_rows, weight_.size(0), weight_.size(1), dtype,
-                    at::get_num_threads(), accumulate, ldo};
+                    at::get_num_threads(), accumulate || bias.defined(), ldo};
   const std::vector<CpuGemmPath> paths = candidate_paths(dtype, max_rows, true);
   if (paths.size() == 1) {
     prepare(paths.front(), max_rows);
@@ -623,7 +635,7 @@ RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumula
     }
     auto found = trials.find(p);
     if (found == trials.end()) {
-      RepeatedGemm trial(weight_, accumulate, column_groups_);
+      RepeatedGemm trial(weight_, accumulate, column_groups_, bias_);
       trial.prepare(p, max_rows);
       found = trials.emplace(p, std::move(trial)).first;
     }
@@ -634,8 +646,9 @@ RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumula
   max_rows_ = max_rows;
 }
 
-RepeatedGemm::RepeatedGemm(const Tensor& weight, bool accumulate, int64_t column_groups)
-    : weight_(weight), weight_t_(weight.t()), accumulate_(accumulate),
+RepeatedGemm::RepeatedGemm(const Tensor& weight, bool accumulate, int64_t column_groups,
+                           const Tensor& bias)
+    : weight_(weight), weight_t_(weight.t()), bias_(bias), accumulate_(accumulate),
       column_groups_(column_groups) {}
 
 void RepeatedGemm::prepare(CpuGemmPath path, int64_t max_rows) {
@@ -699,6 +712,12 @@ void RepeatedGemm::run_recurrent_step(const float* h_prev, int64_t h_prev_stride
 }
 
 Tensor RepeatedGemm::compute(const Tensor& x, const Tensor& out) const {
+  // MKL's and ATen's GEMMs add to `out`: a bias is first copied there.
+  const bool onto_bias = bias_.defined() && (path_ == CpuGemmPath::Packed ||
+                                             path_ == CpuGemmPath::Aten ||
+                                             path_ == CpuGemmPath::Auto);
+  if (onto_bias) out.copy_(bias_.expand_as(out));
+  const bool adds = accumulate_ || onto_bias;
   switch (path_) {
     case CpuGemmPath::Packed: {
       if (!rows_strided(x)) return compute(x.contiguous(), out);
@@ -708,7 +727,7 @@ Tensor RepeatedGemm::compute(const Tensor& x, const Tensor& out) const {
       mkl_packed().compute(MklPacked::kRowMajor, MklPacked::kNoTrans, MklPacked::kPacked, m, n, k,
                            x.const_data_ptr<float>(), static_cast<int>(x.stride(0)),
                            static_cast<const float*>(prepared_.const_data_ptr()), n,
-                           accumulate_ ? 1.0f : 0.0f, out.data_ptr<float>(),
+                           adds ? 1.0f : 0.0f, out.data_ptr<float>(),
                            static_cast<int>(out.stride(0)));
       return out;
     }
@@ -717,18 +736,20 @@ Tensor RepeatedGemm::compute(const Tensor& x, const Tensor& out) const {
       TORCH_INTERNAL_ASSERT(rows_strided(out));
       simd_kernels().panel(panel_gemm(x.const_data_ptr<float>(), x.stride(0), x.size(0), weight_,
                                       prepared_, column_groups_, out.data_ptr<float>(),
-                                      out.stride(0), accumulate_));
+                                      out.stride(0), accumulate_, bias_));
       return out;
-    case CpuGemmPath::OneDnn:
+    case CpuGemmPath::OneDnn: {
+      const OptTensor bias = bias_.defined() ? OptTensor(bias_) : std::nullopt;
       if (accumulate_) return onednn().binary->call(x.contiguous(), out.contiguous(), prepared_,
-                                                    std::nullopt, "add");
-      return onednn().unary->call(x.contiguous(), prepared_, std::nullopt, "none",
+                                                    bias, "add");
+      return onednn().unary->call(x.contiguous(), prepared_, bias, "none",
                                   c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+    }
     case CpuGemmPath::Aten:
     case CpuGemmPath::Auto:
       break;
   }
-  aten_gemm_into(x, weight_t_, out, accumulate_);
+  aten_gemm_into(x, weight_t_, out, adds);
   return out;
 }
 

@@ -341,7 +341,7 @@ class StepPreactivations {
   // splits the units).
   StepPreactivations(const Schedule& s, const Tensor& x, const Tensor& weight, const Tensor& bias,
                      int64_t gates)
-      : s_(s), x_(x), bias_(bias) {
+      : s_(s), x_(x) {
     const int64_t rows = inference_chunk_rows(weight.size(0) * weight.element_size());
     chunk_steps_ = std::max<int64_t>(1, rows / std::max<int64_t>(1, s.batch));
     if (rows >= s.rows || chunk_steps_ >= s.steps() || !x.is_cpu()) {
@@ -350,7 +350,7 @@ class StepPreactivations {
     }
     const int64_t GH = weight.size(0);
     buffer_ = padded_rows(chunk_steps_ * s.batch, GH, x.options());
-    gemm_.emplace(weight, chunk_steps_ * s.batch, bias.defined(), buffer_.stride(0), gates);
+    gemm_.emplace(weight, chunk_steps_ * s.batch, false, buffer_.stride(0), gates, bias);
   }
   // All rows (training; inference when one chunk holds them).
   const Tensor& all() const { return rows_; }
@@ -372,11 +372,10 @@ class StepPreactivations {
     row_begin_ = s_.offsets[t0];
     const int64_t n = s_.offsets[t1] + s_.sizes[t1] - row_begin_;
     rows_ = buffer_.narrow(0, 0, n);
-    if (bias_.defined()) rows_.copy_(bias_.expand_as(rows_));
     gemm_->run_into(x_.narrow(0, row_begin_, n), rows_);
   }
   const Schedule& s_;
-  Tensor x_, bias_;
+  Tensor x_;
   int64_t chunk_steps_ = 0, chunk_end_ = 0, row_begin_ = 0;
   std::optional<RepeatedGemm> gemm_;  // chunked inference
   Tensor buffer_, rows_;

@@ -209,8 +209,9 @@ Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias = st
 // The path gemm_nt takes for that GEMM (measured on first use, or forced); Aten off the CPU.
 CpuGemmPath one_off_gemm_path(const Tensor& x, const Tensor& weight, bool accumulate);
 
-// out [m, N] = (or +=, with `accumulate`) x [m, K] · weight [N, K]ᵀ for every m <= max_rows,
-// many times with the same weight: the per-step GEMMs of the time loops. The CPU path is chosen
+// out [m, N] = (or +=, with `accumulate`) x [m, K] · weight [N, K]ᵀ (+ bias [N], if given, not
+// with `accumulate`) for every m <= max_rows, many times with the same weight: the per-step GEMMs
+// of the time loops, and the chunks of an input projection. The CPU path is chosen
 // (measured once per shape, dtype and thread count, or forced) and the weight prepared for it
 // once, at construction: packed for MKL's packed GEMM, reordered for oneDNN. On other devices,
 // ATen. `x` and `out` need a unit column stride (`out` may be a column slice of a wider tensor).
@@ -220,7 +221,7 @@ class RepeatedGemm {
   // measured trials write the same layout. column_groups: the weight's rows are that many equal
   // groups (a recurrent weight's gates, which run_recurrent_step computes one gate at a time).
   RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumulate, int64_t out_stride = 0,
-               int64_t column_groups = 1);
+               int64_t column_groups = 1, const Tensor& bias = Tensor());
   // The result: `out` itself, written in place, or (oneDNN) a new [m, N] tensor.
   Tensor run(const Tensor& x, const Tensor& out) const;
   // The result in `out`, always.
@@ -233,14 +234,15 @@ class RepeatedGemm {
   const Tensor& weight() const { return weight_; }  // contiguous
 
  private:
-  RepeatedGemm(const Tensor& weight, bool accumulate, int64_t column_groups);  // for trials
+  RepeatedGemm(const Tensor& weight, bool accumulate, int64_t column_groups,
+               const Tensor& bias);  // for trials
   void prepare(CpuGemmPath path, int64_t max_rows);
   Tensor compute(const Tensor& x, const Tensor& out) const;
   // Runs `gemm` (of `rows` rows), timing it when it is a sample for the re-check.
   template <typename F>
   auto sampled(int64_t rows, const F& gemm) const;
 
-  Tensor weight_, weight_t_, prepared_;
+  Tensor weight_, weight_t_, prepared_, bias_;
   bool accumulate_;
   int64_t column_groups_;
   CpuGemmPath path_ = CpuGemmPath::Aten;

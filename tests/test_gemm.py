@@ -385,14 +385,15 @@ def inference_outputs(module, x, chunk_rows):
 def test_inference_in_chunks_of_steps_gives_the_training_outputs(variant, case, packed):
     """Chunks of one step, of a few steps with a shorter last one, of steps that do not divide
     the rows (the chunk holds whole steps), and one chunk for all: with the simd path (panels
-    for every chunk and for the whole projection: 40 rows) bit for bit the training forward's
-    outputs; measured paths within float32 rounding."""
+    for every chunk and for the whole projection: 40 rows; the bias added in the tiles) bit for
+    bit the training forward's outputs; every other path (each adds the bias its own way) and the
+    measured choice within float32 rounding."""
     fused, _ = twins(variant, **CHUNK_CASES[case])
     fused.eval()  # zoneout: its expectation, the same in both
     x = torch.randn(10, 4, 5)
     if packed:
         x = pack_padded_sequence(x, torch.tensor([10, 10, 9, 5]))  # 34 rows
-    for path in ("simd", "auto"):
+    for path in [*cpu_gemm.available(torch.float32), "auto"]:
         cpu_gemm.set_mode(path)
         out, state = fused(x)  # training forward (the parameters require grad)
         expected = [out.data if packed else out, *state]

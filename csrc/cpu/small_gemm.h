@@ -40,6 +40,9 @@ struct PanelGemm {
   float* out;  // [rows, groups * group_columns]
   int64_t out_stride;
   bool accumulate;
+  // [groups * group_columns] added to every row after its sum, or null (not with accumulate):
+  // the input projection's bias, with no pass of its own over the output.
+  const float* bias;
 };
 
 struct ForwardStep;

@@ -132,8 +132,9 @@ void dot_gemm(const DotGemm& p) {
 // accumulator register per (row, panel); at each k, one load per panel and one broadcast per row
 // feed kRows * kPanels FMAs. No sums across lanes and no stores but the tile's vectors at the
 // end: with AVX-512, 8 rows by 3 panels keep 24 accumulators and 2 of every 3 instructions are
-// FMAs. Every output is one chain of FMAs over k in order, then added to `out` when accumulating:
-// the result depends neither on the tile an output falls in nor on the thread count.
+// FMAs. Every output is one chain of FMAs over k in order, then added to `out` when accumulating
+// (or the bias added to it): the result depends neither on the tile an output falls in nor on the
+// thread count, and equals the sum and a separate bias add (x·wᵀ + b in training) bit for bit.
 constexpr int kPanelRows = kLanes >= 16 ? 8 : 4;
 constexpr int kTilePanels = kLanes >= 16 ? 3 : 2;
 
@@ -163,12 +164,20 @@ void panel_tile(const PanelGemm& p, int64_t r0, int64_t g, int64_t c0, int last)
       for (int v = 0; v < kPanels; ++v) acc[i][v] = at::vec::fmadd(xv, wv[v], acc[i][v]);
     }
   }
+  FloatVec bias[kPanels];
+  if (p.bias) {
+    for (int v = 0; v < kPanels; ++v) {
+      bias[v] = FloatVec::loadu(p.bias + g * p.group_columns + c0 + v * kLanes,
+                                v == kPanels - 1 ? last : kLanes);
+    }
+  }
   for (int i = 0; i < kRows; ++i) {
     float* out = p.out + (r0 + i) * p.out_stride + g * p.group_columns + c0;
     for (int v = 0; v < kPanels; ++v) {
       const int n = v == kPanels - 1 ? last : kLanes;
       FloatVec sums = acc[i][v];
       if (p.accumulate) sums = sums + FloatVec::loadu(out + v * kLanes, n);
+      if (p.bias) sums = sums + bias[v];
       sums.store(out + v * kLanes, n);
     }
   }
