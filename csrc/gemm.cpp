@@ -327,8 +327,13 @@ bool is_cpu_gemm(const Tensor& x) {
 
 // A weight as contiguous [N, K] rows. The backward's weights are transposed views (W_hhᵀ,
 // W_ihᵀ), and ATen copies a transposed matrix element by element down its columns (about 0.5 ms
-// for 1 MiB, two per training step at H=256): those are copied in square blocks that stay in
-// the cache, split by rows of the result, the same bits as any copy.
+// for 1 MiB, two per training step at H=256): those are copied in square blocks, each read a
+// source row at a time into a small tile and written from it a result row at a time, so that
+// both sides touch whole cache lines in order. (Copying a block element by element straight
+// across is as slow as ATen when one side's rows are a multiple of 4 KiB apart: at H=256 the
+// 32 rows of a block then share one L1 set. Measured on a Zen 4, one thread, 1 MiB: 0.48-0.76 ms
+// that way, 0.12 ms through the tile, for both [256, 1024] and [1024, 256].) Split by rows of
+// the result; the same bits as any copy.
 Tensor contiguous_weight(const Tensor& weight) {
   if (weight.is_contiguous() || weight.dim() != 2 || weight.stride(0) != 1 ||
       !weight.device().is_cpu()) {
@@ -342,12 +347,17 @@ Tensor contiguous_weight(const Tensor& weight) {
     const scalar_t* src = weight.const_data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, (N + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+      scalar_t tile[kBlock][kBlock];  // tile[j][k]: the block's result rows
       for (int64_t j0 = begin * kBlock; j0 < std::min(N, end * kBlock); j0 += kBlock) {
+        const int64_t rows = std::min(kBlock, N - j0);
         for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
-          for (int64_t k = k0; k < std::min(K, k0 + kBlock); ++k) {
-            for (int64_t j = j0; j < std::min(N, j0 + kBlock); ++j) {
-              dst[j * K + k] = src[j + k * column_stride];
-            }
+          const int64_t columns = std::min(kBlock, K - k0);
+          for (int64_t k = 0; k < columns; ++k) {
+            const scalar_t* line = src + j0 + (k0 + k) * column_stride;  // contiguous in j
+            for (int64_t j = 0; j < rows; ++j) tile[j][k] = line[j];
+          }
+          for (int64_t j = 0; j < rows; ++j) {
+            std::copy(tile[j], tile[j] + columns, dst + (j0 + j) * K + k0);
           }
         }
       }
