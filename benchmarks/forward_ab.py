@@ -20,25 +20,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import platform
 import statistics
 import time
 
 import torch
 
 import lstm_fused
+from bench import _cpu_name  # benchmarks/bench.py, beside this script
 from lstm_fused import cpu_gemm
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -96,7 +85,7 @@ def main() -> None:
             rounds.append((base, [run_ours(*config) / base for config in configs]))
     cpu_gemm.set_mode("auto")
 
-    print(f"{cpu_name()}, torch {torch.__version__}, "
+    print(f"{_cpu_name()}, torch {torch.__version__}, "
           f"{args.threads} threads; T={T} B={B} I=H={H} {args.peephole}, forward under no_grad; "
           f"{len(rounds)} rounds of {args.calls} calls; chunk rows 0 = "
           f"{cpu_gemm.inference_chunk_rows(4 * H * 4)} here")
