@@ -26,8 +26,9 @@ import time
 import torch
 
 import lstm_fused
-from bench import _cpu_name  # benchmarks/bench.py, beside this script
 from lstm_fused import cpu_gemm
+
+from bench import _cpu_name  # benchmarks/bench.py, beside this script
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
