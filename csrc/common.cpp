@@ -116,7 +116,8 @@ Tensor rows_contiguous(const Tensor& t) {
 // [N, W] products and reads them back). Threads split the columns, each sums its columns over the
 // rows in order, in the op-math type (and returns them in it): the result does not depend on the
 // thread count.
-Tensor column_product_sums_cpu(const std::vector<std::pair<Tensor, Tensor>>& pairs) {
+Tensor column_product_sums_cpu(const std::vector<std::pair<Tensor, Tensor>>& pairs,
+                               const Tensor& into) {
   std::vector<std::pair<Tensor, Tensor>> rows;
   std::vector<int64_t> first_column{0};  // of each pair in the result
   for (const auto& [a, b] : pairs) {
@@ -125,7 +126,12 @@ Tensor column_product_sums_cpu(const std::vector<std::pair<Tensor, Tensor>>& pai
   }
   const int64_t N = pairs.front().first.size(0), W = first_column.back();
   const auto dtype = pairs.front().first.scalar_type();
-  Tensor sums = at::empty({W}, pairs.front().first.options().dtype(at::toOpMathType(dtype)));
+  const auto math_type = at::toOpMathType(dtype);
+  TORCH_INTERNAL_ASSERT(!into.defined() || (into.is_contiguous() && into.numel() == W &&
+                                            into.scalar_type() == math_type));
+  Tensor sums =
+      into.defined() ? into : at::empty({W}, pairs.front().first.options().dtype(math_type));
+  const bool accumulate = into.defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
                                   "lstm_fused_column_product_sums", [&] {
     using math_t = at::opmath_type<scalar_t>;
@@ -136,7 +142,9 @@ Tensor column_product_sums_cpu(const std::vector<std::pair<Tensor, Tensor>>& pai
     for (size_t k = 0; k < rows.size(); ++k) {
       for (int64_t j = 0; j < rows[k].first.size(1); j += kColumns) tiles.emplace_back(k, j);
     }
-    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    // About 32k products per task: a time step's few rows stay on the calling thread.
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, N * kColumns));
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), grain, [&](int64_t begin, int64_t end) {
       std::vector<math_t> acc(kColumns);
       for (int64_t tile = begin; tile < end; ++tile) {
         const auto [k, j0] = tiles[tile];
@@ -153,7 +161,8 @@ Tensor column_product_sums_cpu(const std::vector<std::pair<Tensor, Tensor>>& pai
             acc[j] += static_cast<math_t>(a_row[j]) * static_cast<math_t>(b_row[j]);
           }
         }
-        for (int64_t j = 0; j < width; ++j) out[first_column[k] + j0 + j] = acc[j];
+        math_t* sum = out + first_column[k] + j0;
+        for (int64_t j = 0; j < width; ++j) sum[j] = accumulate ? sum[j] + acc[j] : acc[j];
       }
     });
   });

@@ -160,6 +160,16 @@ void check_layer_backward(const OptTensor& grad_output, const OptTensor& grad_h_
 // row's step ([N, D], same layout), `initial` the initial states [B, D]. One concatenation of row
 // ranges of the two, so nothing is built on the host: a host-to-device index copy can
 // synchronise with the GPU and cannot be captured in a CUDA graph.
+// The time step that runs just before time t (t + 1 in reverse; out of range for the first).
+int64_t previous_time(const Schedule& s, int64_t t) { return s.reverse ? t + 1 : t - 1; }
+
+// How many rows of time t start from the previous step's state (rows that also ran then: the
+// first ones, packed sequences being sorted by length); the others start from the initial state.
+int64_t carried_rows(const Schedule& s, int64_t t) {
+  const int64_t prev = previous_time(s, t);
+  return prev >= 0 && prev < s.steps() ? std::min(s.sizes[t], s.sizes[prev]) : 0;
+}
+
 Tensor previous_states(const Tensor& states, const Tensor& initial, const Schedule& s) {
   std::vector<Tensor> pieces;
   const Tensor* last_source = nullptr;
@@ -178,11 +188,8 @@ Tensor previous_states(const Tensor& states, const Tensor& initial, const Schedu
     last_source = &source, last_start = start, last_length = length;
   };
   for (int64_t t = 0; t < s.steps(); ++t) {
-    const int64_t prev = s.reverse ? t + 1 : t - 1;
-    const bool has_prev = prev >= 0 && prev < s.steps();
-    // Rows that also ran at the neighbouring step start from its state, the others from initial.
-    const int64_t carried = has_prev ? std::min(s.sizes[t], s.sizes[prev]) : 0;
-    if (carried > 0) add(states, s.offsets[prev], carried);
+    const int64_t carried = carried_rows(s, t);
+    if (carried > 0) add(states, s.offsets[previous_time(s, t)], carried);
     add(initial, carried, s.sizes[t] - carried);
   }
   flush();
@@ -606,6 +613,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
           ? at::zeros({GH}, options.dtype(at::toOpMathType(input.scalar_type())))
           : Tensor();
   const Tensor w_ln = layer_norm ? weight_ln->contiguous() : Tensor();
+  // Diagonal peepholes on the CPU: dw_c summed step by step in the op-math type, while the step's
+  // dz and c rows are in the cache (peephole_grad, one pass over all rows, elsewhere).
+  Tensor peephole_sums =
+      shape.peephole == Peephole::Diagonal && input.device().is_cpu()
+          ? at::zeros({num_peepholes(coupled) * H},
+                      options.dtype(at::toOpMathType(input.scalar_type())))
+          : Tensor();
   // The gradients flowing back through the running states, dh_{t} and dc_{t}.
   const RunningState grad_state(grad_h_n ? *grad_h_n : at::zeros({B, R}, options),
                                 grad_c_n ? *grad_c_n : at::zeros({B, H}, options), full, true);
@@ -716,8 +730,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     }
     run_backward(kernels, p);
     if (weight_ln_sums.defined()) {  // dγ += this step's sum over rows of dẑ ⊙ x̂
-      weight_ln_sums.add_(column_product_sums_cpu(
-          {{grad_zhat.narrow(0, row, n), saved_gates.narrow(0, row, n).narrow(1, GH, GH)}}));
+      column_product_sums_cpu(
+          {{grad_zhat.narrow(0, row, n), saved_gates.narrow(0, row, n).narrow(1, GH, GH)}},
+          weight_ln_sums);
+    }
+    if (peephole_sums.defined()) {
+      // dw_c += this step's sums over rows of dz_(i,f) ⊙ c_{t-1} and dz_o ⊙ c_t, c_{t-1} from the
+      // previous step's states for the rows carried from it, else from c_0.
+      const int64_t carried = carried_rows(s, t);
+      const Tensor c_t = c_computed.narrow(0, row, n);
+      auto add_sums = [&](int64_t first, int64_t rows, const Tensor& c_prev) {
+        if (rows == 0) return;
+        std::vector<std::pair<Tensor, Tensor>> pairs;
+        for (int b = 0; b < peephole_input_blocks(coupled); ++b) {
+          pairs.emplace_back(dz.narrow(0, first, rows).narrow(1, b * H, H), c_prev);
+        }
+        pairs.emplace_back(dz.narrow(0, first, rows).narrow(1, o_column, H),
+                           c_t.narrow(0, first, rows));
+        column_product_sums_cpu(pairs, peephole_sums);
+      };
+      if (carried > 0) {
+        add_sums(0, carried, c_states.narrow(0, s.offsets[previous_time(s, t)], carried));
+      }
+      add_sums(carried, n - carried, c_init.narrow(0, carried, n - carried));
     }
     if (full) {
       recurrent.run_into(dz, grad_state.h.narrow(0, 0, n));
@@ -742,8 +777,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
       : layer_norm ? layer_norm_weight_grad(grad_zhat, saved_gates.narrow(1, GH, GH), shape.gates)
                    : at::empty({0}, options);
   Tensor grad_weight_ch =
-      shape.peephole == Peephole::None
-          ? at::empty({0}, options)
+      shape.peephole == Peephole::None ? at::empty({0}, options)
+      : peephole_sums.defined()
+          ? peephole_sums.view({num_peepholes(coupled), H}).to(input.scalar_type())
           : peephole_grad(shape.peephole, grad_z, previous_states(c_states, c_init, s).contiguous(),
                           c_computed.contiguous(), coupled);
   Tensor grad_weight_hr = at::empty({0}, options);

@@ -297,7 +297,10 @@ Tensor peephole_grad(Peephole peephole, const Tensor& grad_z, const Tensor& c_pr
 
 // CPU: for pairs (a, b) of [N, W] tensors (unit column stride), the column sums over rows of
 // a ⊙ b, each pair's W sums after the previous pair's, in one pass without temporaries, in (and
-// returned in) the op-math type, the same for any thread count.
-Tensor column_product_sums_cpu(const std::vector<std::pair<Tensor, Tensor>>& pairs);
+// returned in) the op-math type, the same for any thread count. With `into` (contiguous, the
+// op-math type, as many values as the sums), added to it in place and `into` returned: the time
+// loops' per-step sums, with no tensor op per step.
+Tensor column_product_sums_cpu(const std::vector<std::pair<Tensor, Tensor>>& pairs,
+                               const Tensor& into = Tensor());
 
 }  // namespace lstm_fused
