@@ -111,61 +111,69 @@ Tensor rows_contiguous(const Tensor& t) {
 }
 
 // Column sums of products on the CPU: for each pair (a, b) of [N, W] operands (rows strided, unit
-// column stride), out[j] = sum over rows of a[r, j] * b[r, j], the pairs' W columns side by side
-// in the result; in one pass over the operands with no temporaries (the tensor-op form writes the
-// [N, W] products and reads them back). Threads split the columns, each sums its columns over the
-// rows in order, in the op-math type (and returns them in it): the result does not depend on the
-// thread count.
-Tensor column_product_sums_cpu(const std::vector<std::pair<Tensor, Tensor>>& pairs,
-                               const Tensor& into) {
-  std::vector<std::pair<Tensor, Tensor>> rows;
-  std::vector<int64_t> first_column{0};  // of each pair in the result
-  for (const auto& [a, b] : pairs) {
-    rows.emplace_back(rows_contiguous(a), rows_contiguous(b));
-    first_column.push_back(first_column.back() + a.size(1));
-  }
-  const int64_t N = pairs.front().first.size(0), W = first_column.back();
-  const auto dtype = pairs.front().first.scalar_type();
-  const auto math_type = at::toOpMathType(dtype);
-  TORCH_INTERNAL_ASSERT(!into.defined() || (into.is_contiguous() && into.numel() == W &&
-                                            into.scalar_type() == math_type));
-  Tensor sums =
-      into.defined() ? into : at::empty({W}, pairs.front().first.options().dtype(math_type));
-  const bool accumulate = into.defined();
+// column stride), out[j] (+)= sum over rows of a[r, j] * b[r, j], the pairs' W columns side by
+// side; in one pass over the operands with no temporaries (the tensor-op form writes the [N, W]
+// products and reads them back). Threads split the columns, each sums its columns over the rows
+// in order, in the op-math type: the result does not depend on the thread count. About 32k
+// products per task, so a time step's few rows stay on the calling thread.
+void column_product_sums_into(const std::vector<ProductColumns>& pairs, int64_t rows,
+                              at::ScalarType dtype, void* sums, bool accumulate) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
                                   "lstm_fused_column_product_sums", [&] {
     using math_t = at::opmath_type<scalar_t>;
-    math_t* out = sums.data_ptr<math_t>();
+    math_t* out = static_cast<math_t*>(sums);
     constexpr int64_t kColumns = 64;
-    // Tiles of at most kColumns columns, none across two pairs.
-    std::vector<std::pair<size_t, int64_t>> tiles;  // (pair, first column in it)
-    for (size_t k = 0; k < rows.size(); ++k) {
-      for (int64_t j = 0; j < rows[k].first.size(1); j += kColumns) tiles.emplace_back(k, j);
+    // Tiles of at most kColumns columns, none across two pairs: (pair, its first column, the
+    // pair's first column in the result).
+    struct Tile {
+      size_t pair;
+      int64_t column, out_column;
+    };
+    std::vector<Tile> tiles;
+    int64_t out_column = 0;
+    for (size_t k = 0; k < pairs.size(); ++k) {
+      for (int64_t j = 0; j < pairs[k].width; j += kColumns) tiles.push_back({k, j, out_column});
+      out_column += pairs[k].width;
     }
-    // About 32k products per task: a time step's few rows stay on the calling thread.
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, N * kColumns));
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, rows * kColumns));
     at::parallel_for(0, static_cast<int64_t>(tiles.size()), grain, [&](int64_t begin, int64_t end) {
-      std::vector<math_t> acc(kColumns);
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const auto [k, j0] = tiles[tile];
-        const Tensor& a = rows[k].first;
-        const Tensor& b = rows[k].second;
-        const int64_t width = std::min(kColumns, a.size(1) - j0);
-        const scalar_t* a_data = a.const_data_ptr<scalar_t>() + j0;
-        const scalar_t* b_data = b.const_data_ptr<scalar_t>() + j0;
-        std::fill(acc.begin(), acc.end(), math_t(0));
-        for (int64_t r = 0; r < N; ++r) {
-          const scalar_t* a_row = a_data + r * a.stride(0);
-          const scalar_t* b_row = b_data + r * b.stride(0);
+      math_t acc[kColumns];
+      for (int64_t t = begin; t < end; ++t) {
+        const Tile& tile = tiles[t];
+        const ProductColumns& pair = pairs[tile.pair];
+        const int64_t width = std::min(kColumns, pair.width - tile.column);
+        const scalar_t* a_data = static_cast<const scalar_t*>(pair.a) + tile.column;
+        const scalar_t* b_data = static_cast<const scalar_t*>(pair.b) + tile.column;
+        std::fill(acc, acc + kColumns, math_t(0));
+        for (int64_t r = 0; r < rows; ++r) {
+          const scalar_t* a_row = a_data + r * pair.a_stride;
+          const scalar_t* b_row = b_data + r * pair.b_stride;
           for (int64_t j = 0; j < width; ++j) {
             acc[j] += static_cast<math_t>(a_row[j]) * static_cast<math_t>(b_row[j]);
           }
         }
-        math_t* sum = out + first_column[k] + j0;
+        math_t* sum = out + tile.out_column + tile.column;
         for (int64_t j = 0; j < width; ++j) sum[j] = accumulate ? sum[j] + acc[j] : acc[j];
       }
     });
   });
+}
+
+Tensor column_product_sums_cpu(const std::vector<std::pair<Tensor, Tensor>>& pairs) {
+  std::vector<Tensor> operands;  // keeps any contiguous copies alive
+  operands.reserve(2 * pairs.size());  // no reallocation: the references below stay valid
+  std::vector<ProductColumns> columns;
+  for (const auto& [a, b] : pairs) {
+    const Tensor& ra = operands.emplace_back(rows_contiguous(a));
+    const Tensor& rb = operands.emplace_back(rows_contiguous(b));
+    columns.push_back({ra.const_data_ptr(), ra.stride(0), rb.const_data_ptr(), rb.stride(0),
+                       ra.size(1)});
+  }
+  int64_t W = 0;
+  for (const ProductColumns& c : columns) W += c.width;
+  const auto dtype = pairs.front().first.scalar_type();
+  Tensor sums = at::empty({W}, pairs.front().first.options().dtype(at::toOpMathType(dtype)));
+  column_product_sums_into(columns, pairs.front().first.size(0), dtype, sums.data_ptr(), false);
   return sums;
 }
 

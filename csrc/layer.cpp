@@ -602,6 +602,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const Tensor c_computed = zone_c ? c_all.narrow(1, 0, H) : c_all;
   const Tensor c_states = zone_c ? c_all.narrow(1, H, H) : c_all;
   const Tensor c_init = c0.contiguous();
+  const int64_t element = input.element_size();  // bytes, for the per-step sums' raw operands
   const Tensor grad_out = grad_output ? grad_output->reshape({N, R}).contiguous() : Tensor();
 
   Tensor grad_z = padded_rows(N, GH, options);
@@ -730,29 +731,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     }
     run_backward(kernels, p);
     if (weight_ln_sums.defined()) {  // dγ += this step's sum over rows of dẑ ⊙ x̂
-      column_product_sums_cpu(
-          {{grad_zhat.narrow(0, row, n), saved_gates.narrow(0, row, n).narrow(1, GH, GH)}},
-          weight_ln_sums);
+      column_product_sums_into({{row_ptr(grad_zhat, row), GH,
+                                 static_cast<char*>(row_ptr(saved_gates, row)) + GH * element,
+                                 saved_gates.stride(0), GH}},
+                               n, input.scalar_type(), weight_ln_sums.data_ptr(), true);
     }
     if (peephole_sums.defined()) {
       // dw_c += this step's sums over rows of dz_(i,f) ⊙ c_{t-1} and dz_o ⊙ c_t, c_{t-1} from the
       // previous step's states for the rows carried from it, else from c_0.
       const int64_t carried = carried_rows(s, t);
-      const Tensor c_t = c_computed.narrow(0, row, n);
-      auto add_sums = [&](int64_t first, int64_t rows, const Tensor& c_prev) {
+      auto add_sums = [&](int64_t first, int64_t rows, const void* c_prev, int64_t c_prev_stride) {
         if (rows == 0) return;
-        std::vector<std::pair<Tensor, Tensor>> pairs;
+        const char* dz_rows = static_cast<const char*>(row_ptr(grad_z, row + first));
+        std::vector<ProductColumns> pairs;
         for (int b = 0; b < peephole_input_blocks(coupled); ++b) {
-          pairs.emplace_back(dz.narrow(0, first, rows).narrow(1, b * H, H), c_prev);
+          pairs.push_back({dz_rows + b * H * element, grad_z.stride(0), c_prev, c_prev_stride, H});
         }
-        pairs.emplace_back(dz.narrow(0, first, rows).narrow(1, o_column, H),
-                           c_t.narrow(0, first, rows));
-        column_product_sums_cpu(pairs, peephole_sums);
+        pairs.push_back({dz_rows + o_column * element, grad_z.stride(0),
+                         row_ptr(c_computed, row + first), c_computed.stride(0), H});
+        column_product_sums_into(pairs, rows, input.scalar_type(), peephole_sums.data_ptr(),
+                                 true);
       };
       if (carried > 0) {
-        add_sums(0, carried, c_states.narrow(0, s.offsets[previous_time(s, t)], carried));
+        add_sums(0, carried, row_ptr(c_states, s.offsets[previous_time(s, t)]),
+                 c_states.stride(0));
       }
-      add_sums(carried, n - carried, c_init.narrow(0, carried, n - carried));
+      add_sums(carried, n - carried, row_ptr(c_init, carried), c_init.stride(0));
     }
     if (full) {
       recurrent.run_into(dz, grad_state.h.narrow(0, 0, n));

@@ -297,10 +297,19 @@ Tensor peephole_grad(Peephole peephole, const Tensor& grad_z, const Tensor& c_pr
 
 // CPU: for pairs (a, b) of [N, W] tensors (unit column stride), the column sums over rows of
 // a ⊙ b, each pair's W sums after the previous pair's, in one pass without temporaries, in (and
-// returned in) the op-math type, the same for any thread count. With `into` (contiguous, the
-// op-math type, as many values as the sums), added to it in place and `into` returned: the time
-// loops' per-step sums, with no tensor op per step.
-Tensor column_product_sums_cpu(const std::vector<std::pair<Tensor, Tensor>>& pairs,
-                               const Tensor& into = Tensor());
+// returned in) the op-math type, the same for any thread count.
+Tensor column_product_sums_cpu(const std::vector<std::pair<Tensor, Tensor>>& pairs);
+// The same on raw operands (the time loops' per-step sums: no tensor op, no view per step): pairs
+// of [rows, width] operands of `dtype` with unit column stride, their sums added to (accumulate)
+// or written over `sums`, contiguous op-math values, pair after pair.
+struct ProductColumns {
+  const void* a;
+  int64_t a_stride;
+  const void* b;
+  int64_t b_stride;
+  int64_t width;
+};
+void column_product_sums_into(const std::vector<ProductColumns>& pairs, int64_t rows,
+                              at::ScalarType dtype, void* sums, bool accumulate);
 
 }  // namespace lstm_fused
