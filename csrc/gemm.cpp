@@ -590,13 +590,10 @@ Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias,
     const Tensor xs = rows_strided(x) ? x : x.contiguous();
     const bool in_place = addend && rows_strided(*addend);
     Tensor out = in_place ? *addend : at::empty({x.size(0), weight.size(0)}, x.options());
-    if (!addend && bias) {  // x·wᵀ + b: the bias added in the GEMM's tiles
-      simd_gemm_into(xs, w, out, false, bias->contiguous());
-      return out;
-    }
-    simd_gemm_into(xs, w, out, in_place);
+    // x·wᵀ + b: the bias added in the GEMM's tiles; with an addend, after it.
+    simd_gemm_into(xs, w, out, in_place, addend || !bias ? Tensor() : bias->contiguous());
     if (addend && !in_place) out = addend->add_(out);
-    return bias ? out.add_(*bias) : out;
+    return addend && bias ? out.add_(*bias) : out;
   }
   if (path == CpuGemmPath::OneDnn) {
     const Tensor w = contiguous_weight(weight);

@@ -156,10 +156,6 @@ void check_layer_backward(const OptTensor& grad_output, const OptTensor& grad_h_
   if (grad_c_n) check_arg({*grad_c_n, "grad_c_n"}, like, {B, H}, kStateC);
 }
 
-// [N, D]: for every row, the state it started its step from. `states` holds the state after each
-// row's step ([N, D], same layout), `initial` the initial states [B, D]. One concatenation of row
-// ranges of the two, so nothing is built on the host: a host-to-device index copy can
-// synchronise with the GPU and cannot be captured in a CUDA graph.
 // The time step that runs just before time t (t + 1 in reverse; out of range for the first).
 int64_t previous_time(const Schedule& s, int64_t t) { return s.reverse ? t + 1 : t - 1; }
 
@@ -170,6 +166,10 @@ int64_t carried_rows(const Schedule& s, int64_t t) {
   return prev >= 0 && prev < s.steps() ? std::min(s.sizes[t], s.sizes[prev]) : 0;
 }
 
+// [N, D]: for every row, the state it started its step from. `states` holds the state after each
+// row's step ([N, D], same layout), `initial` the initial states [B, D]. One concatenation of row
+// ranges of the two, so nothing is built on the host: a host-to-device index copy can
+// synchronise with the GPU and cannot be captured in a CUDA graph.
 Tensor previous_states(const Tensor& states, const Tensor& initial, const Schedule& s) {
   std::vector<Tensor> pieces;
   const Tensor* last_source = nullptr;
@@ -713,7 +713,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     if (step == 0) {
       p.c_prev = c_init.data_ptr(), p.c_prev_stride = H, p.c_prev_rows = n;
     } else {
-      const int64_t prev = s.time(step - 1);
+      const int64_t prev = previous_time(s, t);
       p.c_prev = row_ptr(c_states, s.offsets[prev]), p.c_prev_stride = c_states.stride(0);
       p.c_prev_rows = s.sizes[prev];
     }
