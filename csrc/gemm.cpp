@@ -15,7 +15,9 @@
 //           prepared; repeated GEMMs, and one-off GEMMs of more rows, pack the weight (once per
 //           call) into k-major panels and compute outer products; in a time loop each thread's
 //           share of the weight stays in its core's cache (layer.cpp and cell.cpp also fuse the
-//           forward step's GEMM with the pointwise step).
+//           forward step's GEMM with the pointwise step). The weight gradients' aᵀ·b (gemm_tn)
+//           read b's rows as stored, as panels.
+// The weight gradients choose between aten and simd only (the others take no transposed operands).
 // LSTM_FUSED_CPU_GEMM=auto|aten|onednn|packed|simd (read once, at the first GEMM) or
 // lstm_fused.cpu_gemm.set_mode() forces a path where it supports the dtype (ATen otherwise).
 // A path computes the same bits every time for the same operands and thread count.
@@ -171,8 +173,9 @@ bool supports(CpuGemmPath path, at::ScalarType dtype) {
 }
 
 // Whether `path` can run a GEMM of `rows` rows, one-off or repeated (MKL's packing pays off only
-// when the weight is reused).
-bool fits(CpuGemmPath path, int64_t /*rows*/, bool repeated) {
+// when the weight is reused), with transposed operands (ATen's and ours only).
+bool fits(CpuGemmPath path, int64_t /*rows*/, bool repeated, bool transposed) {
+  if (transposed) return path == CpuGemmPath::Aten || path == CpuGemmPath::Simd;
   if (path == CpuGemmPath::Packed) return repeated;
   return true;
 }
@@ -303,15 +306,16 @@ Measured measured_choice(const GemmKey& key, const std::vector<CpuGemmPath>& pat
 
 // The paths to consider for a GEMM: the forced one where it runs the dtype and shape (else
 // ATen), or every path that does.
-std::vector<CpuGemmPath> candidate_paths(at::ScalarType dtype, int64_t rows, bool repeated) {
+std::vector<CpuGemmPath> candidate_paths(at::ScalarType dtype, int64_t rows, bool repeated,
+                                         bool transposed = false) {
   const CpuGemmPath forced = forced_path().load();
   if (forced != CpuGemmPath::Auto) {
-    const bool ok = supports(forced, dtype) && fits(forced, rows, repeated);
+    const bool ok = supports(forced, dtype) && fits(forced, rows, repeated, transposed);
     return {ok ? forced : CpuGemmPath::Aten};
   }
   std::vector<CpuGemmPath> paths;
   for (const CpuGemmPath path : kPaths) {
-    if (supports(path, dtype) && fits(path, rows, repeated)) paths.push_back(path);
+    if (supports(path, dtype) && fits(path, rows, repeated, transposed)) paths.push_back(path);
   }
   return paths;
 }
@@ -560,13 +564,18 @@ void set_cpu_gemm_test_times(std::map<CpuGemmPath, std::vector<double>> trials,
 
 // --- one-off GEMMs ---------------------------------------------------------------------------
 
+namespace {
+// One-off GEMMs have T*B rows: keyed by the power of two above, so that a new sequence length
+// does not measure again.
+int64_t rows_bucket(int64_t rows) {
+  return int64_t{1} << (64 - __builtin_clzll(static_cast<uint64_t>(rows)));
+}
+}  // namespace
+
 CpuGemmPath one_off_gemm_path(const Tensor& x, const Tensor& weight, bool accumulate) {
   if (!is_cpu_gemm(x)) return CpuGemmPath::Aten;
-  // One-off GEMMs have T*B rows: keyed by the power of two above, so that a new sequence length
-  // does not measure again.
-  const int64_t rows = int64_t{1} << (64 - __builtin_clzll(static_cast<uint64_t>(x.size(0))));
-  const GemmKey key{false, rows, weight.size(0), weight.size(1), x.scalar_type(),
-                    at::get_num_threads(), accumulate, weight.size(0)};
+  const GemmKey key{false, rows_bucket(x.size(0)), weight.size(0), weight.size(1),
+                    x.scalar_type(), at::get_num_threads(), accumulate, weight.size(0)};
   return measured_choice(key, candidate_paths(x.scalar_type(), x.size(0), false),
                          [&](CpuGemmPath p) {
     // Trials compute the real product into a scratch tensor: the operands stay untouched.
@@ -605,6 +614,49 @@ Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias,
   // In place: an out-of-place addmm would first copy the addend (one more kernel per step).
   addend->addmm_(x, weight.t());
   return bias ? addend->add_(*bias) : *addend;
+}
+
+// --- the weight gradients: aᵀ·b --------------------------------------------------------------
+
+namespace {
+
+// aᵀ·b into a new tensor by our transposed kernel: a and b float32 with rows_strided layouts.
+Tensor simd_gemm_tn(const Tensor& a, const Tensor& b) {
+  Tensor out = at::empty({a.size(1), b.size(1)}, a.options());
+  TransposedGemm p{};
+  p.a = a.const_data_ptr<float>(), p.a_stride = a.stride(0), p.m = a.size(1);
+  p.b = b.const_data_ptr<float>(), p.b_stride = b.stride(0), p.n = b.size(1);
+  p.rows = a.size(0), p.out = out.data_ptr<float>(), p.out_stride = out.stride(0);
+  simd_kernels().transposed(p);
+  return out;
+}
+
+Tensor rows_strided_or_copy(const Tensor& t) { return rows_strided(t) ? t : t.contiguous(); }
+
+}  // namespace
+
+CpuGemmPath transposed_gemm_path(const Tensor& a, const Tensor& b) {
+  if (!is_cpu_gemm(a) || b.size(1) == 0) return CpuGemmPath::Aten;
+  // In x·wᵀ terms (x = aᵀ, w = bᵀ): a's columns are the rows, the T*B summed rows are K.
+  GemmKey key{false, a.size(1), b.size(1), rows_bucket(a.size(0)), a.scalar_type(),
+              at::get_num_threads(), false, b.size(1)};
+  key.transposed = true;
+  return measured_choice(key, candidate_paths(a.scalar_type(), a.size(1), false, true),
+                         [&](CpuGemmPath p) {
+    if (p == CpuGemmPath::Simd) {
+      simd_gemm_tn(rows_strided_or_copy(a), rows_strided_or_copy(b));
+    } else {
+      at::mm(a.t(), b);
+    }
+  }).path;
+}
+
+Tensor gemm_tn(const Tensor& a, const Tensor& b) {
+  TORCH_INTERNAL_ASSERT(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0));
+  if (transposed_gemm_path(a, b) == CpuGemmPath::Simd) {
+    return simd_gemm_tn(rows_strided_or_copy(a), rows_strided_or_copy(b));
+  }
+  return at::mm(a.t(), b);
 }
 
 // --- repeated GEMMs: the weight prepared once ------------------------------------------------

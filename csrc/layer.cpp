@@ -771,8 +771,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 
   Tensor grad_input = need_input_grad ? gemm_nt(grad_z, weight_ih.t()).view(input.sizes())
                                       : at::empty({0}, options);
-  Tensor grad_weight_ih = grad_z.t().mm(x);
-  Tensor grad_weight_hh = grad_z.t().mm(previous_states(out, h0, s));
+  Tensor grad_weight_ih = gemm_tn(grad_z, x);
+  Tensor grad_weight_hh = gemm_tn(grad_z, previous_states(out, h0, s));
   // With layer norm the bias is the norm's shift: its gradient is dẑ's, γ's is dẑ x̂'s.
   Tensor grad_bias = layer_norm ? grad_zhat.sum(0) : grad_z.sum(0);
   Tensor grad_weight_ln =
@@ -789,7 +789,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   Tensor grad_weight_hr = at::empty({0}, options);
   if (projected) {
     const Tensor unprojected = saved_gates.narrow(1, o_column, H) * c_computed.tanh();
-    grad_weight_hr = grad_h_all.t().mm(unprojected);
+    grad_weight_hr = gemm_tn(grad_h_all, unprojected);
   }
   const Tensor grad_h0 = carry_in_state ? grad_state.final_h() : dh_carry;
   return {grad_input, grad_h0, grad_state.final_c(), grad_weight_ih, grad_weight_hh,
@@ -967,7 +967,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
   }
   Tensor grad_input = need_input_grad ? gemm_nt(grad_a, weight_ih.t()).view(input.sizes())
                                       : at::empty({0}, options);
-  return {grad_input,         dh_carry,          grad_a.t().mm(x), grad_b.t().mm(h_prev_all),
+  return {grad_input,         dh_carry,          gemm_tn(grad_a, x), gemm_tn(grad_b, h_prev_all),
           grad_a.sum(0),      grad_b.sum(0)};
 }
 

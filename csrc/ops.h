@@ -148,8 +148,9 @@ Tensor rows_contiguous(const Tensor& t);
 enum class CpuGemmPath : int { Auto = 0, Aten = 1, OneDnn = 2, Packed = 3, Simd = 4 };
 
 // What a measured choice is cached by: one-off or repeated GEMM, its rows (the batch), N (output
-// features), K, dtype, threads, whether it accumulates into an addend, and the row stride of its
-// output (N, or more for a column block of a wider tensor, which costs some paths a copy).
+// features), K, dtype, threads, whether it accumulates into an addend, the row stride of its
+// output (N, or more for a column block of a wider tensor, which costs some paths a copy), and
+// whether its operands come transposed (the weight gradients, gemm_tn: x = aᵀ, weight = bᵀ).
 struct GemmKey {
   bool repeated;
   int64_t rows, n, k;
@@ -157,7 +158,10 @@ struct GemmKey {
   int threads;
   bool accumulate;
   int64_t out_stride;
-  auto tie() const { return std::tie(repeated, rows, n, k, dtype, threads, accumulate, out_stride); }
+  bool transposed = false;
+  auto tie() const {
+    return std::tie(repeated, rows, n, k, dtype, threads, accumulate, out_stride, transposed);
+  }
   bool operator<(const GemmKey& other) const { return tie() < other.tie(); }
 };
 
@@ -208,6 +212,14 @@ Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias = st
               const OptTensor& addend = std::nullopt);
 // The path gemm_nt takes for that GEMM (measured on first use, or forced); Aten off the CPU.
 CpuGemmPath one_off_gemm_path(const Tensor& x, const Tensor& weight, bool accumulate);
+
+// a [K, M]ᵀ · b [K, N] as a new [M, N] tensor: the weight gradients (dzᵀ x, dzᵀ h_{t-1}), summed
+// over the K = T*B rows. On the CPU, ATen's mm or (float32) our simd kernel, which reads both
+// operands as stored, whichever measured faster for the shape (or the forced path; oneDNN and
+// MKL's packed GEMM take ATen's place); ATen elsewhere.
+Tensor gemm_tn(const Tensor& a, const Tensor& b);
+// The path gemm_tn takes for those operands.
+CpuGemmPath transposed_gemm_path(const Tensor& a, const Tensor& b);
 
 // out [m, N] = (or +=, with `accumulate`) x [m, K] · weight [N, K]ᵀ (+ bias [N], if given, not
 // with `accumulate`) for every m <= max_rows, many times with the same weight: the per-step GEMMs

@@ -6,7 +6,8 @@ MKL), "simd" (our own kernels, float32: the time loops pack the weight once per 
 compute outer-product register tiles of 8 rows by 48 columns, each thread's share of the weight
 staying in its core's cache; the LSTMCell step's one-off GEMMs of up to 32 rows take dot products
 over the weight as it is stored; in a layer's forward and the LSTMCell step fused with the
-pointwise step). By default ("auto") the first GEMM of each shape (rows, N, K), dtype and thread
+pointwise step; the backward's weight gradients dz^T x sum the T*B rows in blocks, x's rows read
+as stored, as the panels of a packed weight). By default ("auto") the first GEMM of each shape (rows, N, K), dtype and thread
 count in the process times every path this CPU supports for that dtype and keeps the fastest, as
 `torch.backends.cudnn.benchmark` does; the choices are cached (`choices()`).
 
@@ -48,7 +49,9 @@ class Choice(NamedTuple):
     """One cached measurement: the GEMM out[rows, n] (+)= x[rows, k] weight[n, k]^T run once per
     call (`repeated` False) or every step with a prepared weight, into rows `out_stride` apart (n,
     or more for a column block of a wider tensor), the median seconds per GEMM of every path
-    tried, and how many times it was measured (1, plus one per re-check after a slow streak)."""
+    tried, and how many times it was measured (1, plus one per re-check after a slow streak).
+    `transposed`: the operands come as x^T and weight^T (the weight gradients a^T b, summed over
+    the k = T*B rows of a [k, rows] and b [k, n]; "aten" and "simd" are measured)."""
 
     repeated: bool
     rows: int
@@ -61,6 +64,7 @@ class Choice(NamedTuple):
     path: str
     seconds: dict
     measurements: int
+    transposed: bool
 
 
 def get_mode() -> str:

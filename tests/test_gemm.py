@@ -5,6 +5,7 @@ overridable; inference (no_grad) saves nothing for backward and, projecting the 
 steps at a time, gives the training forward's outputs; the cell's latency path under no_grad gives
 the general path's results."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -177,6 +178,86 @@ def test_simd_results_do_not_depend_on_the_row_blocking():
         together = module(x)[0]
         for b in range(15):
             assert torch.equal(module(x[:, b:b + 1])[0], together[:, b:b + 1]), b
+
+
+# --- the weight gradients' transposed GEMM (gemm_tn: aᵀ·b over the T*B rows) ------------------
+
+def weight_gradients(module, x):
+    """The parameters' gradients after a backward of `module`'s output on x [T, B, I]."""
+    module.zero_grad()
+    out = module(x)[0]
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    (out * weights).sum().backward()
+    return [p.grad.clone() for p in module.parameters()]
+
+
+def weight_gradient_modules(kind, input_size, hidden):
+    torch.manual_seed(0)
+    if kind == "gru":  # dW: [3H, I] and [3H, H]
+        return lstm_fused.GRU(input_size, hidden)
+    if kind == "projected":  # dW_hr [R, H]: R = 5 out rows (a tile of 4, then 1) where H > 5
+        if hidden == 1:
+            pytest.skip("a projection needs hidden_size > 1")
+        return lstm_fused.LSTM(input_size, hidden, proj_size=min(5, hidden - 1))
+    return lstm_fused.LSTM(input_size, hidden, coupled=kind == "coupled")  # [4H or 3H, I or H]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "coupled", "gru", "projected"])
+@pytest.mark.parametrize("hidden, input_size, steps, batch", [
+    (1, 1, 1, 1), (7, 17, 127, 1), (9, 16, 64, 2), (5, 15, 43, 3), (13, 47, 129, 1),
+    (16, 48, 3, 43), (3, 49, 257, 1), (33, 100, 10, 30)])
+def test_simd_weight_gradients_match_float64(kind, hidden, input_size, steps, batch):
+    """The simd path's transposed kernel (forced) against the same module in float64 (ATen):
+    out rows (4H, 3H, R) in tiles of 8, then 4, 2 and 1 (coupled 3 * 7 = 21 = 2 * 8 + 4 + 1,
+    GRU 3 * 9 = 27 = 3 * 8 + 2 + 1), columns (I, H) in tiles of 3, 2 and 1 panels, whole or not,
+    and T*B summed rows in blocks of 128 (127, 128, 129, 257, 300). The error bound is relative
+    to the largest gradient: one summed row left out, or added twice, is hundreds of times
+    larger."""
+    cpu_gemm.set_mode("simd")
+    module = weight_gradient_modules(kind, input_size, hidden)
+    exact = copy.deepcopy(module).double()
+    x = torch.randn(steps, batch, input_size)
+    for name, a, b in zip([n for n, _ in module.named_parameters()],
+                          weight_gradients(module, x), weight_gradients(exact, x.double())):
+        scale = b.abs().max().clamp(min=1.0)
+        error = (a.double() - b).abs().max()
+        assert error <= 2e-5 * scale, f"{name}: max error {error:.3g}, scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "projected"])
+def test_simd_weight_gradients_do_not_depend_on_the_thread_count(kind):
+    """Each thread sums its own out rows (odd tile counts split unevenly), every output one chain
+    over the summed rows in order: 1, 2 and 3 threads give the same bits."""
+    cpu_gemm.set_mode("simd")
+    module, x = weight_gradient_modules(kind, 40, 37), torch.randn(60, 5, 40)  # 300 rows
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(weight_gradients(module, x))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_weight_gradient_gemm_is_measured_between_aten_and_simd():
+    """In training, the weight gradients' GEMM (aᵀ·b: out rows 4H, columns I or H, summed over
+    T*B rows, keyed by the power of two above) is its own measured choice, between the two paths
+    that take transposed operands."""
+    cpu_gemm.set_mode("auto")
+    cpu_gemm.clear()
+    module = lstm_fused.LSTM(24, 40)
+    weight_gradients(module, torch.randn(3, 9, 24))
+    transposed = [c for c in cpu_gemm.choices() if c.transposed]
+    assert {(c.rows, c.n, c.k) for c in transposed} == {(160, 24, 32), (160, 40, 32)}, transposed
+    candidates = {"aten", "simd"} & set(cpu_gemm.available(torch.float32))
+    for choice in transposed:
+        assert set(choice.seconds) == candidates and choice.path in candidates, choice
+        assert not choice.repeated and not choice.accumulate
+    assert not any(c.transposed for c in cpu_gemm.choices() if c.repeated)
 
 
 @pytest.mark.parametrize("path", PATHS + ["auto"])

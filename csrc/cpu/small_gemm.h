@@ -2,8 +2,9 @@
 // with the pointwise kernels): out[r, j] (+)= sum_k x[r, k] w[j, k], for r < rows, j < n. Two
 // forms: DotGemm reads the weight as it is stored (one-off GEMMs: the LSTMCell step, where
 // nothing can be prepared), PanelGemm reads it packed into panels once per call (the time loops'
-// repeated GEMMs). gemm.cpp offers them as the "simd" path of its measured choice, next to ATen,
-// oneDNN and MKL; layer.cpp and cell.cpp run a whole forward step with them.
+// repeated GEMMs); and TransposedGemm, aᵀ·b (the weight gradients). gemm.cpp offers them as the
+// "simd" path of its measured choice, next to ATen, oneDNN and MKL; layer.cpp and cell.cpp run a
+// whole forward step with them.
 #pragma once
 
 #include <cstdint>
@@ -45,11 +46,28 @@ struct PanelGemm {
   const float* bias;
 };
 
+// out [m, n] = aᵀ b, the sum over `rows` of outer products of a row of a [rows, m] and a row of
+// b [rows, n] (unit column strides): the weight gradients dzᵀ x and dzᵀ h_{t-1}. The rows of b are
+// already what the panels above hold for a packed weight (each row's next lanes columns in one
+// SIMD load), so nothing is packed.
+struct TransposedGemm {
+  const float* a;
+  int64_t a_stride;
+  int64_t m;
+  const float* b;
+  int64_t b_stride;
+  int64_t n;
+  int64_t rows;
+  float* out;  // [m, n]
+  int64_t out_stride;
+};
+
 struct ForwardStep;
 
 struct CpuGemmKernels {
   void (*dot)(const DotGemm&);
   void (*panel)(const PanelGemm&);
+  void (*transposed)(const TransposedGemm&);
   // A forward step, float32, peephole none or diagonal: gemm (x = h_{t-1}, w = W_hh, out = z,
   // accumulating) and then step's pointwise forward, per block of hidden units; the weight as
   // stored (the cell step) or packed in one panel group per gate (a layer's time loop).

@@ -16,6 +16,8 @@
 // not depend on the thread count (nor on the tile an output falls in).
 #pragma once
 
+#include <vector>
+
 #include "small_gemm.h"
 
 namespace lstm_fused::CPU_CAPABILITY {
@@ -288,11 +290,173 @@ void recurrent_step_panels(const PanelGemm& gemm, const ForwardStep& step) {
   });
 }
 
+
+// --- the transposed form: the weight gradients (small_gemm.h, TransposedGemm) -----------------
+//
+// The panel tile with the roles of the operands' rows and columns swapped: out rows m0.. (columns
+// of a) by kPanels panels of out columns n0.. (columns of b). At each summed row k, kRows
+// broadcasts of a's values and kPanels loads of b's row (the panels of a packed weight are
+// exactly such rows) feed kRows * kPanels FMAs. The rows are summed a block at a time so that
+// the block of b stays in the core's cache while every tile of the thread's out rows passes over
+// it; a's values of the block are copied first, each tile's side by side (a_step apart). A tile
+// starts from the sums of the earlier blocks in `out` (stored and loaded exactly): every output
+// is one chain of FMAs over k in order, whatever the blocking and the thread count. kFull: the
+// last panel is whole (else its first `last` columns only).
+template <int kRows, int kPanels, bool kFull>
+C10_NOINLINE void transposed_tile(const float* a, int64_t a_step, const float* b,
+                                  int64_t b_step, int64_t count, float* out, int64_t out_stride,
+                                  bool first, int last) {
+  const auto width = [&](int v) { return kFull || v < kPanels - 1 ? kLanes : last; };
+  FloatVec acc[kRows][kPanels];
+  for (int i = 0; i < kRows; ++i) {
+    for (int v = 0; v < kPanels; ++v) {
+      acc[i][v] = first ? FloatVec(0.f)
+                        : FloatVec::loadu(out + i * out_stride + v * kLanes, width(v));
+    }
+  }
+  for (int64_t k = 0; k < count; ++k, a += a_step, b += b_step) {
+    FloatVec wv[kPanels];
+    for (int v = 0; v < kPanels; ++v) {
+      wv[v] = kFull || v < kPanels - 1 ? FloatVec::loadu(b + v * kLanes)
+                                       : FloatVec::loadu(b + v * kLanes, last);
+    }
+    for (int i = 0; i < kRows; ++i) {
+      const FloatVec xv(a[i]);
+      for (int v = 0; v < kPanels; ++v) acc[i][v] = at::vec::fmadd(xv, wv[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < kRows; ++i) {
+    for (int v = 0; v < kPanels; ++v) acc[i][v].store(out + i * out_stride + v * kLanes, width(v));
+  }
+}
+
+// Rows summed per block: the block of b (128 KiB at 256 columns) and two blocks of the thread's
+// a values (the one the tiles read, the next one being copied) stay in a core's L2 cache.
+constexpr int64_t kTransposedBlockRows = 128;
+
+// Out rows [m0, m0 + kRows) by all columns, summed over the block's `count` rows from k0: tiles
+// of kTilePanels panels, the rest narrower. a_values: the tile's a values of each row, kPanelRows
+// apart.
+template <int kRows>
+void transposed_rows(const TransposedGemm& p, int64_t m0, int64_t k0, int64_t count,
+                     const float* a_values) {
+  const float* b = p.b + k0 * p.b_stride;
+  float* out = p.out + m0 * p.out_stride;
+  const bool first = k0 == 0;
+  constexpr int64_t kTileColumns = kTilePanels * kLanes;
+  int64_t n = 0;
+  for (; n + kTileColumns <= p.n; n += kTileColumns) {
+    transposed_tile<kRows, kTilePanels, true>(a_values, kPanelRows, b + n, p.b_stride, count,
+                                              out + n, p.out_stride, first, kLanes);
+  }
+  if (n == p.n) return;
+  const int64_t columns = p.n - n;
+  const int panels = static_cast<int>((columns + kLanes - 1) / kLanes);
+  const int last = static_cast<int>(columns - (panels - 1) * kLanes);
+  const auto tile = [&](auto panels_c, auto full_c) {
+    transposed_tile<kRows, decltype(panels_c)::value, decltype(full_c)::value>(
+        a_values, kPanelRows, b + n, p.b_stride, count, out + n, p.out_stride, first, last);
+  };
+  using Full = std::true_type;
+  using Part = std::false_type;
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  if (panels == 1) {
+    last == kLanes ? tile(One{}, Full{}) : tile(One{}, Part{});
+  } else if (panels == 2) {
+    last == kLanes ? tile(Two{}, Full{}) : tile(Two{}, Part{});
+  } else if constexpr (kTilePanels > 2) {  // 3 panels, the last partial
+    tile(std::integral_constant<int, 3>{}, Part{});
+  }
+}
+
+// A thread's a values of one block of rows (columns [m_begin, m_begin + width) of a), copied
+// into slots of kPanelRows columns, one per tile of out rows, which the tiles then read in order.
+// Slots are one cache line longer than their values: the copy writes a value group to each slot
+// per row, and slots a multiple of 4 KiB apart would all share one L1 set.
+class TransposedBlockValues {
+ public:
+  TransposedBlockValues(const TransposedGemm& p, int64_t m_begin, int64_t width)
+      : p_(p), m_begin_(m_begin), width_(width),
+        slot_floats_(kTransposedBlockRows * kPanelRows + 64 / sizeof(float)),
+        values_(((width + kPanelRows - 1) / kPanelRows) * slot_floats_) {}
+
+  // Rows [k_begin, k_end) of the block from row k0. a's rows (the backward's dz, 4 KiB or more
+  // apart) are on pages of their own, where the hardware does not prefetch: see prefetch.
+  void copy(int64_t k0, int64_t k_begin, int64_t k_end) {
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      const float* row = p_.a + (k0 + k) * p_.a_stride + m_begin_;
+      float* dst = values_.data() + k * kPanelRows;
+      int64_t m = 0;
+      for (; m + kPanelRows <= width_; m += kPanelRows, dst += slot_floats_) {
+        for (int i = 0; i < kPanelRows; ++i) dst[i] = row[m + i];
+      }
+      std::copy(row + m, row + width_, dst);
+    }
+  }
+  // Asks for the same rows' values (into L2), ahead of their copy.
+  void prefetch(int64_t k0, int64_t k_begin, int64_t k_end) const {
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      const float* row = p_.a + (k0 + k) * p_.a_stride + m_begin_;
+      for (int64_t m = 0; m < width_; m += 64 / sizeof(float)) __builtin_prefetch(row + m, 0, 2);
+    }
+  }
+  // The values of out row m (>= m_begin), a row of the block after another, kPanelRows apart.
+  const float* at(int64_t m) const {
+    return values_.data() + ((m - m_begin_) / kPanelRows) * slot_floats_ +
+           (m - m_begin_) % kPanelRows;
+  }
+
+ private:
+  const TransposedGemm& p_;
+  int64_t m_begin_, width_, slot_floats_;
+  std::vector<float> values_;
+};
+
+// The threads split the out rows (tiles of kPanelRows), each summing every row of a and b. The
+// a values of the next block are copied while the tiles of this one run: a part of its rows
+// after each tile of out rows, the part after it asked for (prefetched) then, a tile's time
+// before its copy.
+void transposed_gemm(const TransposedGemm& p) {
+  const int64_t m_tiles = (p.m + kPanelRows - 1) / kPanelRows;
+  at::parallel_for(0, m_tiles, 1, [&](int64_t begin, int64_t end) {
+    const int64_t m_begin = begin * kPanelRows, m_end = std::min(p.m, end * kPanelRows);
+    const int64_t full_tiles = (m_end - m_begin) / kPanelRows;
+    TransposedBlockValues blocks[2] = {{p, m_begin, m_end - m_begin},
+                                       {p, m_begin, m_end - m_begin}};
+    const auto block_rows = [&](int64_t k0) { return std::min(p.rows - k0, kTransposedBlockRows); };
+    blocks[0].prefetch(0, 0, block_rows(0));
+    blocks[0].copy(0, 0, block_rows(0));
+    for (int64_t k0 = 0, current = 0; k0 < p.rows; k0 += kTransposedBlockRows, current ^= 1) {
+      const int64_t count = block_rows(k0), next_k0 = k0 + kTransposedBlockRows;
+      const int64_t next_count = next_k0 < p.rows ? block_rows(next_k0) : 0;
+      const TransposedBlockValues& values = blocks[current];
+      TransposedBlockValues& next = blocks[current ^ 1];
+      // The next block's rows copied after tile t: [part(t), part(t + 1)).
+      const auto part = [&](int64_t t) { return next_count * t / std::max<int64_t>(1, full_tiles); };
+      next.prefetch(next_k0, 0, part(1));
+      int64_t m = m_begin;
+      for (int64_t t = 0; t < full_tiles; ++t, m += kPanelRows) {
+        transposed_rows<kPanelRows>(p, m, k0, count, values.at(m));
+        next.prefetch(next_k0, part(t + 1), part(t + 2));
+        next.copy(next_k0, part(t), part(t + 1));
+      }
+      next.copy(next_k0, part(full_tiles), next_count);  // (no full tiles: every row)
+      // The last out rows in tiles of 4, 2 and 1.
+      if constexpr (kPanelRows > 4) {
+        for (; m + 4 <= m_end; m += 4) transposed_rows<4>(p, m, k0, count, values.at(m));
+      }
+      for (; m + 2 <= m_end; m += 2) transposed_rows<2>(p, m, k0, count, values.at(m));
+      for (; m < m_end; ++m) transposed_rows<1>(p, m, k0, count, values.at(m));
+    }
+  });
+}
+
 }  // namespace
 
 const CpuGemmKernels& gemm_kernels() {
-  static const CpuGemmKernels table{dot_gemm, panel_gemm, recurrent_step, recurrent_step_panels,
-                                    kLanes};
+  static const CpuGemmKernels table{dot_gemm, panel_gemm, transposed_gemm, recurrent_step,
+                                    recurrent_step_panels, kLanes};
   return table;
 }
 
