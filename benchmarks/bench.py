@@ -429,6 +429,8 @@ def run_point(args, size, mode, cands, timer, peak_gflops) -> list[dict]:
     device, dtype = args.device, args.dtype
     g = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randn(T, B, I, generator=g).to(device, dtype)
+    if mode == "fwdbwd" and args.input_grad:
+        x.requires_grad_()
     R = args.proj_size or H
     grad_out = torch.randn(T, B, R, generator=g).to(device, dtype)
     # the GRU's output is H wide (no projection): the same gradient where R == H
@@ -483,6 +485,7 @@ def run_point(args, size, mode, cands, timer, peak_gflops) -> list[dict]:
                 if mode == "fwdbwd":
                     for p in c.module.parameters():
                         p.grad = None
+                    x.grad = None
             for c in active:
                 c.times.append(round_times[c.name])
                 if bases[c.name] is not None:
@@ -846,7 +849,8 @@ def format_sweep(rows: list[dict], choices, meta: dict) -> str:
     lines = [(f"Ratio vs torch.nn.LSTM (our time / theirs, the median of same-round ratios; < 1 = "
              f"faster), T={T} I={I} H={H}, {meta['dtype']}, {meta['threads']} threads, "
              f"{meta['cpu']} (ATen {meta['cpu_capability']}), torch {meta['torch']}, "
-             f"CPU GEMM mode {meta['cpu_gemm_mode']}."), ""]
+             f"CPU GEMM mode {meta['cpu_gemm_mode']}"
+             f"{'; fwd+bwd with the input gradient' if meta.get('input_grad') else ''}."), ""]
     header = ["B"] + [f"{v} {'fwd' if m == 'fwd' else 'fwd+bwd'}" for m in modes
                       for v in variants] + ["recurrent GEMM"]
     lines.append("| " + " | ".join(header) + " |")
@@ -970,6 +974,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-variants", type=_csv(list(VARIANTS)), default=["diagonal"],
                    help="variants for the reference loop and the compiled cell (default diagonal)")
     p.add_argument("--proj-size", type=int, default=0, help="projection size (default 0: none)")
+    p.add_argument("--input-grad", action="store_true",
+                   help="fwdbwd: the input requires grad, so the backward computes its gradient "
+                   "too (as every layer but the first of a stack does; nn.LSTM always computes it)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
@@ -1087,6 +1094,7 @@ def main(argv=None) -> dict:
                                              else "default"),
         "sizes": sizes, "modes": args.modes, "warmup": args.warmup, "repeats": args.repeats,
         "point_budget_s": args.point_budget, "proj_size": args.proj_size,
+        "input_grad": args.input_grad,
         "headline": args.headline, "gemm_peak": peak, "compile": compile_info,
         "fused_skipped": fused_skips, "elapsed_s": elapsed,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -268,6 +268,43 @@ def test_gemm_paths_reports_each_path_by_batch_size(capsys):
     assert "nn.LSTM" in capsys.readouterr().out
 
 
+def test_gemm_paths_reports_the_weight_gradient_paths(capsys):
+    import gemm_paths
+
+    rows = gemm_paths.main(["--weight-gradients", "--batches", "2,3", "--hidden", "8",
+                            "--steps", "5", "--measurements", "2"])
+    assert [(r["B"], r["rows"]) for r in rows] == [(2, 10), (3, 15)]
+    candidates = {"aten", "simd"} & set(lstm_fused.cpu_gemm.available(torch.float32))
+    for r in rows:
+        assert set(r["ms"]) == candidates and all(v > 0 for v in r["ms"].values())
+        if "simd" in candidates:
+            assert r["ratio"] == pytest.approx(r["ms"]["simd"] / r["ms"]["aten"])
+    assert "simd/aten" in capsys.readouterr().out
+
+
+def test_batch_sweep_with_the_input_gradient(tmp_path, monkeypatch):
+    """--input-grad: the input of the forward+backward requires grad (both candidates compute its
+    gradient, which each round clears), and the table says so."""
+    seen = []
+    real = bench.run_point
+
+    def spy(args, size, mode, cands, timer, peak):
+        for c in cands:
+            if c.module is not None:
+                c.module.register_forward_pre_hook(
+                    lambda module, inputs: seen.append(inputs[0].requires_grad))
+        return real(args, size, mode, cands, timer, peak)
+
+    monkeypatch.setattr(bench, "run_point", spy)
+    result = bench.main(["--batch-sweep", "--sweep-shape", "3,6,5", "--sweep-batches", "2",
+                         "--modes", "fwdbwd", "--variants", "vanilla", "--input-grad",
+                         "--headline", "3,2,6,5", "--warmup", "1", "--repeats", "2",
+                         "--min-repeats", "1", "--point-budget", "0.2", "--out", str(tmp_path)])
+    assert seen and all(seen)  # every timed forward (nn.LSTM's and ours) got such an input
+    assert result["meta"]["input_grad"] is True
+    assert "with the input gradient" in (tmp_path / "batch-sweep.md").read_text()
+
+
 def test_cell_step_case_times_the_gru_cells_against_nn_grucell(toy_run):
     """The batch-1 cell-step case: nn.LSTMCell and our LSTM cells, nn.GRUCell and our GRUCell, in
     the same rounds; each ratio against its own torch cell."""
