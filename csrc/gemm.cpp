@@ -409,19 +409,37 @@ PanelGemm panel_gemm(const float* x, int64_t x_stride, int64_t rows, const Tenso
   return p;
 }
 
-// A one-off simd GEMM: out (+)= x·wᵀ, or out = x·wᵀ + bias, every operand float32 with
-// rows_strided layouts (bias contiguous); the dot form for few rows (the bias then added after),
-// else the weight packed for this call (the bias added in the tiles).
+// A weight BLAS would read transposed: unit row stride (the input gradient's W_ihᵀ, a view of
+// W_ih), its columns as stored rows.
+bool columns_strided(const Tensor& t) {
+  return t.stride(0) == 1 && (t.size(1) == 1 || t.stride(1) >= t.size(0));
+}
+
+// A one-off simd GEMM: out (+)= x·wᵀ, or out = x·wᵀ + bias, float32, x and out with rows_strided
+// layouts (bias contiguous): the dot form for few rows (the bias then added after); a weight
+// stored transposed without addend or bias (the input gradient dz·W_ih) by the transposed kernel,
+// which reads W_ih's rows as panels; else the weight packed for this call (the bias added in the
+// tiles).
 void simd_gemm_into(const Tensor& x, const Tensor& weight, const Tensor& out, bool accumulate,
                     const Tensor& bias = Tensor()) {
   if (x.size(0) <= kSimdDotMaxRows) {
+    const Tensor w = rows_strided(weight) ? weight : contiguous_weight(weight);
     DotGemm p{};
     p.x = x.const_data_ptr<float>(), p.x_stride = x.stride(0), p.rows = x.size(0);
-    p.k = x.size(1), p.w = weight.const_data_ptr<float>(), p.w_stride = weight.stride(0);
-    p.n = weight.size(0), p.out = out.data_ptr<float>(), p.out_stride = out.stride(0);
+    p.k = x.size(1), p.w = w.const_data_ptr<float>(), p.w_stride = w.stride(0);
+    p.n = w.size(0), p.out = out.data_ptr<float>(), p.out_stride = out.stride(0);
     p.accumulate = accumulate;
     simd_kernels().dot(p);
     if (bias.defined()) out.add_(bias);
+    return;
+  }
+  if (!accumulate && !bias.defined() && columns_strided(weight)) {
+    TransposedGemm p{};
+    p.a = x.const_data_ptr<float>(), p.a_stride = x.stride(0), p.a_transposed = true;
+    p.m = x.size(0), p.rows = x.size(1);
+    p.b = weight.const_data_ptr<float>(), p.b_stride = weight.stride(1), p.n = weight.size(0);
+    p.out = out.data_ptr<float>(), p.out_stride = out.stride(0);
+    simd_kernels().transposed(p);
     return;
   }
   const Tensor w = contiguous_weight(weight);
@@ -583,8 +601,12 @@ CpuGemmPath one_off_gemm_path(const Tensor& x, const Tensor& weight, bool accumu
       onednn().unary->call(x.contiguous(), contiguous_weight(weight), std::nullopt, "none",
                            c10::List<std::optional<c10::Scalar>>(), std::nullopt);
     } else if (p == CpuGemmPath::Simd) {
-      simd_gemm_into(x.contiguous(), contiguous_weight(weight),
-                    at::empty({x.size(0), weight.size(0)}, x.options()), false);
+      // (the same route as the real call: a transposed weight is read as stored only without
+      // an addend)
+      const auto shape = {x.size(0), weight.size(0)};
+      simd_gemm_into(x.contiguous(), weight,
+                     accumulate ? at::zeros(shape, x.options()) : at::empty(shape, x.options()),
+                     accumulate);
     } else {
       at::mm(x, weight.t());
     }
@@ -595,12 +617,11 @@ Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias,
               const OptTensor& addend) {
   const CpuGemmPath path = one_off_gemm_path(x, weight, addend.has_value());
   if (path == CpuGemmPath::Simd) {
-    const Tensor w = rows_strided(weight) ? weight : contiguous_weight(weight);
     const Tensor xs = rows_strided(x) ? x : x.contiguous();
     const bool in_place = addend && rows_strided(*addend);
     Tensor out = in_place ? *addend : at::empty({x.size(0), weight.size(0)}, x.options());
     // x·wᵀ + b: the bias added in the GEMM's tiles; with an addend, after it.
-    simd_gemm_into(xs, w, out, in_place, addend || !bias ? Tensor() : bias->contiguous());
+    simd_gemm_into(xs, weight, out, in_place, addend || !bias ? Tensor() : bias->contiguous());
     if (addend && !in_place) out = addend->add_(out);
     return addend && bias ? out.add_(*bias) : out;
   }

@@ -183,12 +183,14 @@ def test_simd_results_do_not_depend_on_the_row_blocking():
 # --- the weight gradients' transposed GEMM (gemm_tn: aᵀ·b over the T*B rows) ------------------
 
 def weight_gradients(module, x):
-    """The parameters' gradients after a backward of `module`'s output on x [T, B, I]."""
+    """The parameters' gradients after a backward of `module`'s output on x [T, B, I], and the
+    input's (dz W_ih: the transposed kernel with a stored [m, rows]) where x requires grad."""
     module.zero_grad()
+    x.grad = None
     out = module(x)[0]
     weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
     (out * weights).sum().backward()
-    return [p.grad.clone() for p in module.parameters()]
+    return [p.grad.clone() for p in module.parameters()] + ([x.grad] if x.requires_grad else [])
 
 
 def weight_gradient_modules(kind, input_size, hidden):
@@ -205,20 +207,23 @@ def weight_gradient_modules(kind, input_size, hidden):
 @pytest.mark.parametrize("kind", ["lstm", "coupled", "gru", "projected"])
 @pytest.mark.parametrize("hidden, input_size, steps, batch", [
     (1, 1, 1, 1), (7, 17, 127, 1), (9, 16, 64, 2), (5, 15, 43, 3), (13, 47, 129, 1),
-    (16, 48, 3, 43), (3, 49, 257, 1), (33, 100, 10, 30)])
+    (16, 48, 3, 43), (3, 49, 257, 1), (33, 100, 10, 30), (5, 7, 300, 4)])
 def test_simd_weight_gradients_match_float64(kind, hidden, input_size, steps, batch):
-    """The simd path's transposed kernel (forced) against the same module in float64 (ATen):
-    out rows (4H, 3H, R) in tiles of 8, then 4, 2 and 1 (coupled 3 * 7 = 21 = 2 * 8 + 4 + 1,
-    GRU 3 * 9 = 27 = 3 * 8 + 2 + 1), columns (I, H) in tiles of 3, 2 and 1 panels, whole or not,
-    and T*B summed rows in blocks of 128 (127, 128, 129, 257, 300). The error bound is relative
-    to the largest gradient: one summed row left out, or added twice, is hundreds of times
-    larger."""
+    """The simd path's transposed kernel (forced) against the same module in float64 (ATen), for
+    the weight gradients aᵀ·b: out rows (4H, 3H, R) in tiles of 8, then 4, 2 and 1 (coupled
+    3 * 7 = 21 = 2 * 8 + 4 + 1, GRU 3 * 9 = 27 = 3 * 8 + 2 + 1), columns (I, H) in tiles of 3, 2
+    and 1 panels, whole or not, T*B summed rows in blocks of 128 (127, 128, 129, 257, 300); and
+    for the input gradient a·b (T*B out rows, over 32, each thread's in chunks of 512: 300 * 4 =
+    1200 rows, summed over 4H or 3H). The error bound is relative to the largest gradient: one summed
+    row left out, or added twice, is hundreds of times larger."""
     cpu_gemm.set_mode("simd")
     module = weight_gradient_modules(kind, input_size, hidden)
     exact = copy.deepcopy(module).double()
-    x = torch.randn(steps, batch, input_size)
-    for name, a, b in zip([n for n, _ in module.named_parameters()],
-                          weight_gradients(module, x), weight_gradients(exact, x.double())):
+    x = torch.randn(steps, batch, input_size, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    names = [n for n, _ in module.named_parameters()] + ["input"]
+    for name, a, b in zip(names, weight_gradients(module, x), weight_gradients(exact, x64),
+                          strict=True):
         scale = b.abs().max().clamp(min=1.0)
         error = (a.double() - b).abs().max()
         assert error <= 2e-5 * scale, f"{name}: max error {error:.3g}, scale {scale:.3g}"
@@ -227,9 +232,12 @@ def test_simd_weight_gradients_match_float64(kind, hidden, input_size, steps, ba
 @pytest.mark.parametrize("kind", ["lstm", "gru", "projected"])
 def test_simd_weight_gradients_do_not_depend_on_the_thread_count(kind):
     """Each thread sums its own out rows (odd tile counts split unevenly), every output one chain
-    over the summed rows in order: 1, 2 and 3 threads give the same bits."""
+    over the summed rows in order: 1, 2 and 3 threads give the same bits (the input's gradient
+    too)."""
     cpu_gemm.set_mode("simd")
-    module, x = weight_gradient_modules(kind, 40, 37), torch.randn(60, 5, 40)  # 300 rows
+    # T*B = 1200 rows: summed by the weight gradients, out rows of the input gradient (chunks
+    # of 512 per thread)
+    module, x = weight_gradient_modules(kind, 40, 37), torch.randn(60, 20, 40, requires_grad=True)
     threads = torch.get_num_threads()
     try:
         results = []

@@ -2,9 +2,9 @@
 // with the pointwise kernels): out[r, j] (+)= sum_k x[r, k] w[j, k], for r < rows, j < n. Two
 // forms: DotGemm reads the weight as it is stored (one-off GEMMs: the LSTMCell step, where
 // nothing can be prepared), PanelGemm reads it packed into panels once per call (the time loops'
-// repeated GEMMs); and TransposedGemm, aᵀ·b (the weight gradients). gemm.cpp offers them as the
-// "simd" path of its measured choice, next to ATen, oneDNN and MKL; layer.cpp and cell.cpp run a
-// whole forward step with them.
+// repeated GEMMs); and TransposedGemm, aᵀ·b (the weight gradients) or a·b (the input gradient).
+// gemm.cpp offers them as the "simd" path of its measured choice, next to ATen, oneDNN and MKL;
+// layer.cpp and cell.cpp run a whole forward step with them.
 #pragma once
 
 #include <cstdint>
@@ -47,12 +47,14 @@ struct PanelGemm {
 };
 
 // out [m, n] = aᵀ b, the sum over `rows` of outer products of a row of a [rows, m] and a row of
-// b [rows, n] (unit column strides): the weight gradients dzᵀ x and dzᵀ h_{t-1}. The rows of b are
-// already what the panels above hold for a packed weight (each row's next lanes columns in one
-// SIMD load), so nothing is packed.
+// b [rows, n] (unit column strides): the weight gradients dzᵀ x and dzᵀ h_{t-1}; or, with
+// a_transposed, out = a b for a stored as [m, rows] (the input gradient dz W_ih). The rows of b
+// are already what the panels above hold for a packed weight (each row's next lanes columns in
+// one SIMD load), so b is read as stored.
 struct TransposedGemm {
-  const float* a;
+  const float* a;  // a(k, j) = a[k * a_stride + j], or a[j * a_stride + k] if a_transposed
   int64_t a_stride;
+  bool a_transposed;
   int64_t m;
   const float* b;
   int64_t b_stride;

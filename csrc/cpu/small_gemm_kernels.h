@@ -291,19 +291,19 @@ void recurrent_step_panels(const PanelGemm& gemm, const ForwardStep& step) {
 }
 
 
-// --- the transposed form: the weight gradients (small_gemm.h, TransposedGemm) -----------------
+// --- the transposed form: the weight and input gradients (small_gemm.h, TransposedGemm) ------
 //
 // The panel tile with the roles of the operands' rows and columns swapped: out rows m0.. (columns
 // of a) by kPanels panels of out columns n0.. (columns of b). At each summed row k, kRows
-// broadcasts of a's values and kPanels loads of b's row (the panels of a packed weight are
-// exactly such rows) feed kRows * kPanels FMAs. The rows are summed a block at a time so that
-// the block of b stays in the core's cache while every tile of the thread's out rows passes over
-// it; a's values of the block are copied first, each tile's side by side (a_step apart). A tile
-// starts from the sums of the earlier blocks in `out` (stored and loaded exactly): every output
-// is one chain of FMAs over k in order, whatever the blocking and the thread count. kFull: the
-// last panel is whole (else its first `last` columns only).
+// broadcasts of a's values (a(k, m0 + i) at a[k * a_step + i * a_row]: TransposedBlockValues)
+// and kPanels loads of b's row (the panels of a packed weight are exactly such rows) feed
+// kRows * kPanels FMAs. The rows are summed a block at a time so that the block of b stays in
+// the core's cache while every tile of the thread's out rows passes over it. A tile starts from
+// the sums of the earlier blocks in `out` (stored and loaded exactly): every output is one chain
+// of FMAs over k in order, whatever the blocking and the thread count. kFull: the last panel is
+// whole (else its first `last` columns only).
 template <int kRows, int kPanels, bool kFull>
-C10_NOINLINE void transposed_tile(const float* a, int64_t a_step, const float* b,
+C10_NOINLINE void transposed_tile(const float* a, int64_t a_step, int64_t a_row, const float* b,
                                   int64_t b_step, int64_t count, float* out, int64_t out_stride,
                                   bool first, int last) {
   const auto width = [&](int v) { return kFull || v < kPanels - 1 ? kLanes : last; };
@@ -321,7 +321,7 @@ C10_NOINLINE void transposed_tile(const float* a, int64_t a_step, const float* b
                                        : FloatVec::loadu(b + v * kLanes, last);
     }
     for (int i = 0; i < kRows; ++i) {
-      const FloatVec xv(a[i]);
+      const FloatVec xv(a[i * a_row]);
       for (int v = 0; v < kPanels; ++v) acc[i][v] = at::vec::fmadd(xv, wv[v], acc[i][v]);
     }
   }
@@ -331,22 +331,22 @@ C10_NOINLINE void transposed_tile(const float* a, int64_t a_step, const float* b
 }
 
 // Rows summed per block: the block of b (128 KiB at 256 columns) and two blocks of the thread's
-// a values (the one the tiles read, the next one being copied) stay in a core's L2 cache.
+// copied a values (the one the tiles read, the next one being copied) stay in a core's L2 cache.
 constexpr int64_t kTransposedBlockRows = 128;
 
 // Out rows [m0, m0 + kRows) by all columns, summed over the block's `count` rows from k0: tiles
-// of kTilePanels panels, the rest narrower. a_values: the tile's a values of each row, kPanelRows
-// apart.
+// of kTilePanels panels, the rest narrower. a_values: the tile's first a value of the block,
+// a_step apart from row to row, a_row from out row to out row.
 template <int kRows>
 void transposed_rows(const TransposedGemm& p, int64_t m0, int64_t k0, int64_t count,
-                     const float* a_values) {
+                     const float* a_values, int64_t a_step, int64_t a_row) {
   const float* b = p.b + k0 * p.b_stride;
   float* out = p.out + m0 * p.out_stride;
   const bool first = k0 == 0;
   constexpr int64_t kTileColumns = kTilePanels * kLanes;
   int64_t n = 0;
   for (; n + kTileColumns <= p.n; n += kTileColumns) {
-    transposed_tile<kRows, kTilePanels, true>(a_values, kPanelRows, b + n, p.b_stride, count,
+    transposed_tile<kRows, kTilePanels, true>(a_values, a_step, a_row, b + n, p.b_stride, count,
                                               out + n, p.out_stride, first, kLanes);
   }
   if (n == p.n) return;
@@ -355,7 +355,7 @@ void transposed_rows(const TransposedGemm& p, int64_t m0, int64_t k0, int64_t co
   const int last = static_cast<int>(columns - (panels - 1) * kLanes);
   const auto tile = [&](auto panels_c, auto full_c) {
     transposed_tile<kRows, decltype(panels_c)::value, decltype(full_c)::value>(
-        a_values, kPanelRows, b + n, p.b_stride, count, out + n, p.out_stride, first, last);
+        a_values, a_step, a_row, b + n, p.b_stride, count, out + n, p.out_stride, first, last);
   };
   using Full = std::true_type;
   using Part = std::false_type;
@@ -370,22 +370,29 @@ void transposed_rows(const TransposedGemm& p, int64_t m0, int64_t k0, int64_t co
   }
 }
 
-// A thread's a values of one block of rows (columns [m_begin, m_begin + width) of a), copied
-// into slots of kPanelRows columns, one per tile of out rows, which the tiles then read in order.
-// Slots are one cache line longer than their values: the copy writes a value group to each slot
-// per row, and slots a multiple of 4 KiB apart would all share one L1 set.
+// Where the tiles find a's values of a block of rows for a chunk of out rows [m_begin, m_begin +
+// width): a(k, m) at at(m)[k * step() + (m - m0) * row()] for the tile's first out row m0.
+// Stored [m, rows] (the input gradient's dz), a itself: each out row's values are a run the
+// tile reads in order, as the forward's tile reads x. Stored [rows, m] (the weight gradients'
+// dz), they are copied first into slots of kPanelRows values per row, one slot per tile: a's
+// rows are 4 KiB or more apart, each on pages of its own, where the hardware does not prefetch,
+// so they are asked for (prefetch) ahead of the copy, and copied during the previous block's
+// tiles, in parts: units [u0, u1) of units() (rows) at a time. Slots are one cache line longer
+// than their values: slots a multiple of 4 KiB apart would all share one L1 set.
 class TransposedBlockValues {
  public:
-  TransposedBlockValues(const TransposedGemm& p, int64_t m_begin, int64_t width)
-      : p_(p), m_begin_(m_begin), width_(width),
-        slot_floats_(kTransposedBlockRows * kPanelRows + 64 / sizeof(float)),
-        values_(((width + kPanelRows - 1) / kPanelRows) * slot_floats_) {}
+  TransposedBlockValues(const TransposedGemm& p, int64_t max_width)
+      : p_(p), slot_floats_(kTransposedBlockRows * kPanelRows + 64 / sizeof(float)),
+        values_(p.a_transposed ? 0 : ((max_width + kPanelRows - 1) / kPanelRows) * slot_floats_) {}
 
-  // Rows [k_begin, k_end) of the block from row k0. a's rows (the backward's dz, 4 KiB or more
-  // apart) are on pages of their own, where the hardware does not prefetch: see prefetch.
-  void copy(int64_t k0, int64_t k_begin, int64_t k_end) {
-    for (int64_t k = k_begin; k < k_end; ++k) {
-      const float* row = p_.a + (k0 + k) * p_.a_stride + m_begin_;
+  // Now for out rows [m_begin, m_begin + width) and the block's `count` rows from k0.
+  void start(int64_t m_begin, int64_t width, int64_t k0, int64_t count) {
+    m_begin_ = m_begin, width_ = width, k0_ = k0, count_ = count;
+  }
+  int64_t units() const { return p_.a_transposed ? 0 : count_; }
+  void copy(int64_t u0, int64_t u1) {
+    for (int64_t k = u0; k < u1; ++k) {
+      const float* row = p_.a + (k0_ + k) * p_.a_stride + m_begin_;
       float* dst = values_.data() + k * kPanelRows;
       int64_t m = 0;
       for (; m + kPanelRows <= width_; m += kPanelRows, dst += slot_floats_) {
@@ -394,60 +401,84 @@ class TransposedBlockValues {
       std::copy(row + m, row + width_, dst);
     }
   }
-  // Asks for the same rows' values (into L2), ahead of their copy.
-  void prefetch(int64_t k0, int64_t k_begin, int64_t k_end) const {
-    for (int64_t k = k_begin; k < k_end; ++k) {
-      const float* row = p_.a + (k0 + k) * p_.a_stride + m_begin_;
+  void prefetch(int64_t u0, int64_t u1) const {
+    for (int64_t k = u0; k < u1; ++k) {
+      const float* row = p_.a + (k0_ + k) * p_.a_stride + m_begin_;
       for (int64_t m = 0; m < width_; m += 64 / sizeof(float)) __builtin_prefetch(row + m, 0, 2);
     }
   }
-  // The values of out row m (>= m_begin), a row of the block after another, kPanelRows apart.
   const float* at(int64_t m) const {
+    if (p_.a_transposed) return p_.a + m * p_.a_stride + k0_;
     return values_.data() + ((m - m_begin_) / kPanelRows) * slot_floats_ +
            (m - m_begin_) % kPanelRows;
   }
+  int64_t step() const { return p_.a_transposed ? 1 : kPanelRows; }
+  int64_t row() const { return p_.a_transposed ? p_.a_stride : 1; }
 
  private:
   const TransposedGemm& p_;
-  int64_t m_begin_, width_, slot_floats_;
+  int64_t slot_floats_, m_begin_ = 0, width_ = 0, k0_ = 0, count_ = 0;
   std::vector<float> values_;
 };
 
-// The threads split the out rows (tiles of kPanelRows), each summing every row of a and b. The
-// a values of the next block are copied while the tiles of this one run: a part of its rows
-// after each tile of out rows, the part after it asked for (prefetched) then, a tile's time
-// before its copy.
+// Out rows per chunk: a thread sums every block of rows for a chunk of out rows before the next
+// chunk, so that the chunk's out rows (with the a values, two blocks' worth) stay in its L2
+// cache from block to block however many out rows there are (the input gradient has T*B).
+constexpr int64_t kTransposedChunkRows = 64 * kPanelRows;
+
+// The threads split the out rows (tiles of kPanelRows), each summing every row of a and b for a
+// chunk of its out rows at a time. Where a's values are copied (a stored [rows, m]), the next
+// block's (of this chunk, or the first of the next) are copied while the tiles of this one run:
+// a part of its rows after each tile of out rows, the part after it asked for (prefetched) then,
+// a tile's time before its copy.
 void transposed_gemm(const TransposedGemm& p) {
   const int64_t m_tiles = (p.m + kPanelRows - 1) / kPanelRows;
   at::parallel_for(0, m_tiles, 1, [&](int64_t begin, int64_t end) {
     const int64_t m_begin = begin * kPanelRows, m_end = std::min(p.m, end * kPanelRows);
-    const int64_t full_tiles = (m_end - m_begin) / kPanelRows;
-    TransposedBlockValues blocks[2] = {{p, m_begin, m_end - m_begin},
-                                       {p, m_begin, m_end - m_begin}};
-    const auto block_rows = [&](int64_t k0) { return std::min(p.rows - k0, kTransposedBlockRows); };
-    blocks[0].prefetch(0, 0, block_rows(0));
-    blocks[0].copy(0, 0, block_rows(0));
-    for (int64_t k0 = 0, current = 0; k0 < p.rows; k0 += kTransposedBlockRows, current ^= 1) {
-      const int64_t count = block_rows(k0), next_k0 = k0 + kTransposedBlockRows;
-      const int64_t next_count = next_k0 < p.rows ? block_rows(next_k0) : 0;
-      const TransposedBlockValues& values = blocks[current];
-      TransposedBlockValues& next = blocks[current ^ 1];
-      // The next block's rows copied after tile t: [part(t), part(t + 1)).
-      const auto part = [&](int64_t t) { return next_count * t / std::max<int64_t>(1, full_tiles); };
-      next.prefetch(next_k0, 0, part(1));
-      int64_t m = m_begin;
+    const int64_t blocks = (p.rows + kTransposedBlockRows - 1) / kTransposedBlockRows;
+    const int64_t chunks = (m_end - m_begin + kTransposedChunkRows - 1) / kTransposedChunkRows;
+    // Work item w: block w % blocks of chunk w / blocks.
+    const auto chunk_begin = [&](int64_t w) { return m_begin + (w / blocks) * kTransposedChunkRows; };
+    const auto chunk_end = [&](int64_t w) {
+      return std::min(m_end, chunk_begin(w) + kTransposedChunkRows);
+    };
+    const auto block_k0 = [&](int64_t w) { return (w % blocks) * kTransposedBlockRows; };
+    const auto block_rows = [&](int64_t w) {
+      return std::min(p.rows - block_k0(w), kTransposedBlockRows);
+    };
+    const int64_t width = std::min(m_end - m_begin, kTransposedChunkRows);
+    TransposedBlockValues values[2] = {{p, width}, {p, width}};
+    const auto start = [&](TransposedBlockValues& v, int64_t w) {
+      v.start(chunk_begin(w), chunk_end(w) - chunk_begin(w), block_k0(w), block_rows(w));
+    };
+    start(values[0], 0);
+    values[0].prefetch(0, values[0].units());
+    values[0].copy(0, values[0].units());
+    for (int64_t w = 0; w < chunks * blocks; ++w) {
+      const int64_t m0 = chunk_begin(w), m1 = chunk_end(w), k0 = block_k0(w), count = block_rows(w);
+      const TransposedBlockValues& current = values[w % 2];
+      TransposedBlockValues& next = values[(w + 1) % 2];
+      const bool more = w + 1 < chunks * blocks;
+      if (more) start(next, w + 1);
+      const int64_t next_units = more ? next.units() : 0;
+      const int64_t full_tiles = (m1 - m0) / kPanelRows;
+      // The next block's units copied after tile t: [part(t), part(t + 1)).
+      const auto part = [&](int64_t t) { return next_units * t / std::max<int64_t>(1, full_tiles); };
+      next.prefetch(0, part(1));
+      int64_t m = m0;
       for (int64_t t = 0; t < full_tiles; ++t, m += kPanelRows) {
-        transposed_rows<kPanelRows>(p, m, k0, count, values.at(m));
-        next.prefetch(next_k0, part(t + 1), part(t + 2));
-        next.copy(next_k0, part(t), part(t + 1));
+        transposed_rows<kPanelRows>(p, m, k0, count, current.at(m), current.step(), current.row());
+        next.prefetch(part(t + 1), part(t + 2));
+        next.copy(part(t), part(t + 1));
       }
-      next.copy(next_k0, part(full_tiles), next_count);  // (no full tiles: every row)
-      // The last out rows in tiles of 4, 2 and 1.
+      next.copy(part(full_tiles), next_units);  // (no full tiles: every unit)
+      // The chunk's last out rows in tiles of 4, 2 and 1.
+      const int64_t step = current.step(), row = current.row();
       if constexpr (kPanelRows > 4) {
-        for (; m + 4 <= m_end; m += 4) transposed_rows<4>(p, m, k0, count, values.at(m));
+        for (; m + 4 <= m1; m += 4) transposed_rows<4>(p, m, k0, count, current.at(m), step, row);
       }
-      for (; m + 2 <= m_end; m += 2) transposed_rows<2>(p, m, k0, count, values.at(m));
-      for (; m < m_end; ++m) transposed_rows<1>(p, m, k0, count, values.at(m));
+      for (; m + 2 <= m1; m += 2) transposed_rows<2>(p, m, k0, count, current.at(m), step, row);
+      for (; m < m1; ++m) transposed_rows<1>(p, m, k0, count, current.at(m), step, row);
     }
   });
 }
