@@ -9,10 +9,11 @@ aten, onednn, packed and simd, each GEMM [B, H] x [4H, H]^T into the gates), the
 and per time step a whole forward step, lstm_fused.LSTM (auto) against torch.nn.LSTM (oneDNN),
 both timed in alternating rounds on the same input (T steps, median per step).
 
---weight-gradients: the training backward's weight-gradient GEMM instead (dz^T x: [4H, I] summed
-over the T*B rows, T = --steps), the paths that take transposed operands (ATen's mm, our simd
-kernel) side by side: its measured choice made afresh --measurements times (each one interleaved
-rounds of both paths, csrc/gemm.cpp), the medians of their trial medians, GFLOP/s and ratio.
+--weight-gradients: the training backward's GEMMs after the loop instead, T = --steps: the weight
+gradient dz^T x ([4H, I] summed over the T*B rows; ATen's mm or our simd kernel, the paths that
+take transposed operands) and the input gradient dz W_ih ([T*B, I], every one-off path), each
+measured choice made afresh --measurements times (each one interleaved rounds of its paths,
+csrc/gemm.cpp): the medians of the trial medians, GFLOP/s and the simd/aten ratio.
 """
 
 from __future__ import annotations
@@ -37,35 +38,42 @@ def per_step_us(module, x, rounds: int) -> list[float]:
     return times
 
 
+# The backward's one-off GEMMs after the loop: (label, the choice's selector given H).
+BACKWARD_GEMMS = (
+    ("weight gradient dz^T x [4H, I]", lambda c, H: c.transposed and (c.rows, c.n) == (4 * H, H)),
+    ("input gradient dz W_ih [T*B, I]",
+     lambda c, H: not (c.repeated or c.transposed) and (c.n, c.k) == (H, 4 * H)),
+)
+
+
 def weight_gradient_rows(args) -> list[dict]:
     H = args.hidden
     print(f"threads {args.threads}, I=H={H}, T={args.steps}, ATen "
-          f"{torch.backends.cpu.get_cpu_capability()}; weight-gradient GEMM [4H, I] over T*B rows: "
-          f"median over {args.measurements} measurements of each path's trial median")
-    print(f"{'B':>4} {'rows':>6} {'aten ms':>8} {'simd ms':>8} {'aten GF/s':>9} {'simd GF/s':>9} "
-          f"{'simd/aten':>9}")
+          f"{torch.backends.cpu.get_cpu_capability()}; the backward's GEMMs over T*B rows: median "
+          f"over {args.measurements} measurements of each path's trial median, ms (GFLOP/s)")
     rows = []
     for B in (int(b) for b in args.batches.split(",")):
         torch.manual_seed(0)
-        module, x = lstm_fused.LSTM(H, H), torch.randn(args.steps, B, H)
-        seconds = {}
+        module = lstm_fused.LSTM(H, H)
+        x = torch.randn(args.steps, B, H, requires_grad=True)
+        seconds = {label: {} for label, _ in BACKWARD_GEMMS}
         for _ in range(args.measurements):
             lstm_fused.cpu_gemm.clear()
             module(x)[0].sum().backward()
-            (choice,) = [c for c in lstm_fused.cpu_gemm.choices()
-                         if c.transposed and (c.rows, c.n) == (4 * H, H)]
-            for path, s in choice.seconds.items():
-                seconds.setdefault(path, []).append(s)
-        median = {path: statistics.median(s) for path, s in seconds.items()}
+            for label, selects in BACKWARD_GEMMS:
+                (choice,) = [c for c in lstm_fused.cpu_gemm.choices() if selects(c, H)]
+                for path, s in choice.seconds.items():
+                    seconds[label].setdefault(path, []).append(s)
         flops = 2 * 4 * H * H * args.steps * B
-        row = {"B": B, "rows": args.steps * B, "ms": {q: s * 1e3 for q, s in median.items()},
-               "gflops": {q: flops / s / 1e9 for q, s in median.items()},
-               "ratio": median.get("simd", float("nan")) / median["aten"]}
-        rows.append(row)
-        ms, gf = row["ms"], row["gflops"]
-        print(f"{B:>4} {row['rows']:>6} {ms['aten']:>8.3f} {ms.get('simd', float('nan')):>8.3f} "
-              f"{gf['aten']:>9.0f} {gf.get('simd', float('nan')):>9.0f} {row['ratio']:>9.3f}",
-              flush=True)
+        for label, _ in BACKWARD_GEMMS:
+            median = {path: statistics.median(s) for path, s in seconds[label].items()}
+            row = {"B": B, "rows": args.steps * B, "gemm": label,
+                   "ms": {q: s * 1e3 for q, s in median.items()},
+                   "gflops": {q: flops / s / 1e9 for q, s in median.items()},
+                   "ratio": median.get("simd", float("nan")) / median["aten"]}
+            rows.append(row)
+            paths = "  ".join(f"{q} {row['ms'][q]:.3f} ({row['gflops'][q]:.0f})" for q in median)
+            print(f"B={B:<4} {label:<32} {paths}  simd/aten {row['ratio']:.3f}", flush=True)
     return rows
 
 
@@ -77,7 +85,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--weight-gradients", action="store_true",
-                   help="the weight-gradient GEMM of the backward instead (T = --steps)")
+                   help="the backward's weight- and input-gradient GEMMs instead (T = --steps)")
     p.add_argument("--measurements", type=int, default=5,
                    help="--weight-gradients: fresh measured choices per batch size")
     args = p.parse_args(argv)

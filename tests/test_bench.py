@@ -268,15 +268,18 @@ def test_gemm_paths_reports_each_path_by_batch_size(capsys):
     assert "nn.LSTM" in capsys.readouterr().out
 
 
-def test_gemm_paths_reports_the_weight_gradient_paths(capsys):
+def test_gemm_paths_reports_the_backward_gemm_paths(capsys):
     import gemm_paths
 
-    rows = gemm_paths.main(["--weight-gradients", "--batches", "2,3", "--hidden", "8",
+    rows = gemm_paths.main(["--weight-gradients", "--batches", "2,9", "--hidden", "8",
                             "--steps", "5", "--measurements", "2"])
-    assert [(r["B"], r["rows"]) for r in rows] == [(2, 10), (3, 15)]
-    candidates = {"aten", "simd"} & set(lstm_fused.cpu_gemm.available(torch.float32))
-    for r in rows:
-        assert set(r["ms"]) == candidates and all(v > 0 for v in r["ms"].values())
+    assert [(r["B"], r["rows"]) for r in rows] == [(2, 10), (2, 10), (9, 45), (9, 45)]
+    available = set(lstm_fused.cpu_gemm.available(torch.float32))
+    for r, (label, _) in zip(rows, gemm_paths.BACKWARD_GEMMS * 2):
+        assert r["gemm"] == label
+        # (MKL's packed GEMM is for repeated GEMMs only)
+        candidates = {"aten", "simd"} & available if "weight" in label else available - {"packed"}
+        assert set(r["ms"]) == candidates and all(v > 0 for v in r["ms"].values()), r
         if "simd" in candidates:
             assert r["ratio"] == pytest.approx(r["ms"]["simd"] / r["ms"]["aten"])
     assert "simd/aten" in capsys.readouterr().out
