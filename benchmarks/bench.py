@@ -466,6 +466,7 @@ def run_point(args, size, mode, cands, timer, peak_gflops) -> list[dict]:
                 last[c.name] = timer(fns[c.name])
             for p in c.module.parameters():
                 p.grad = None
+            x.grad = None
     if mode == args.modes[0]:
         check_against_reference(active, x[: min(T, 8)])
 

@@ -13,7 +13,8 @@
 //   simd    our own kernels (cpu/small_gemm_kernels.h; float32): one-off GEMMs of up to
 //           kSimdDotMaxRows rows take dot products over the weight as it is stored, nothing
 //           prepared; repeated GEMMs, and one-off GEMMs of more rows, pack the weight (once per
-//           call) into k-major panels and compute outer products; in a time loop each thread's
+//           call) into k-major panels (a weight stored transposed, W_ihᵀ, is read as stored
+//           instead) and compute outer products; in a time loop each thread's
 //           share of the weight stays in its core's cache (layer.cpp and cell.cpp also fuse the
 //           forward step's GEMM with the pointwise step). The weight gradients' aᵀ·b (gemm_tn)
 //           read b's rows as stored, as panels.
@@ -415,11 +416,17 @@ bool columns_strided(const Tensor& t) {
   return t.stride(0) == 1 && (t.size(1) == 1 || t.stride(1) >= t.size(0));
 }
 
+// The transposed kernel, which needs rows to sum and out rows.
+void run_transposed(const TransposedGemm& p) {
+  TORCH_INTERNAL_ASSERT(p.rows > 0 && p.m > 0 && p.n > 0);
+  simd_kernels().transposed(p);
+}
+
 // A one-off simd GEMM: out (+)= x·wᵀ, or out = x·wᵀ + bias, float32, x and out with rows_strided
 // layouts (bias contiguous): the dot form for few rows (the bias then added after); a weight
-// stored transposed without addend or bias (the input gradient dz·W_ih) by the transposed kernel,
-// which reads W_ih's rows as panels; else the weight packed for this call (the bias added in the
-// tiles).
+// stored transposed, without addend (the input gradient dz·W_ih), by the transposed kernel, which
+// reads W_ih's rows as panels (a bias added after); else the weight packed for this call (the
+// bias added in the tiles). The route does not depend on the bias: the measured trials run none.
 void simd_gemm_into(const Tensor& x, const Tensor& weight, const Tensor& out, bool accumulate,
                     const Tensor& bias = Tensor()) {
   if (x.size(0) <= kSimdDotMaxRows) {
@@ -433,13 +440,14 @@ void simd_gemm_into(const Tensor& x, const Tensor& weight, const Tensor& out, bo
     if (bias.defined()) out.add_(bias);
     return;
   }
-  if (!accumulate && !bias.defined() && columns_strided(weight)) {
+  if (!accumulate && !rows_strided(weight) && columns_strided(weight)) {
     TransposedGemm p{};
     p.a = x.const_data_ptr<float>(), p.a_stride = x.stride(0), p.a_transposed = true;
     p.m = x.size(0), p.rows = x.size(1);
     p.b = weight.const_data_ptr<float>(), p.b_stride = weight.stride(1), p.n = weight.size(0);
     p.out = out.data_ptr<float>(), p.out_stride = out.stride(0);
-    simd_kernels().transposed(p);
+    run_transposed(p);
+    if (bias.defined()) out.add_(bias);
     return;
   }
   const Tensor w = contiguous_weight(weight);
@@ -592,8 +600,12 @@ int64_t rows_bucket(int64_t rows) {
 
 CpuGemmPath one_off_gemm_path(const Tensor& x, const Tensor& weight, bool accumulate) {
   if (!is_cpu_gemm(x)) return CpuGemmPath::Aten;
-  const GemmKey key{false, rows_bucket(x.size(0)), weight.size(0), weight.size(1),
-                    x.scalar_type(), at::get_num_threads(), accumulate, weight.size(0)};
+  // A weight stored transposed (the input gradient's W_ihᵀ) takes another simd route than a
+  // weight as stored (the input projection's W_ih): measured apart, even where the shapes agree.
+  GemmKey key{false, rows_bucket(x.size(0)), weight.size(0), weight.size(1), x.scalar_type(),
+              at::get_num_threads(), accumulate, weight.size(0)};
+  key.weight_transposed = !rows_strided(weight) && columns_strided(weight);
+  Tensor scratch;
   return measured_choice(key, candidate_paths(x.scalar_type(), x.size(0), false),
                          [&](CpuGemmPath p) {
     // Trials compute the real product into a scratch tensor: the operands stay untouched.
@@ -601,12 +613,9 @@ CpuGemmPath one_off_gemm_path(const Tensor& x, const Tensor& weight, bool accumu
       onednn().unary->call(x.contiguous(), contiguous_weight(weight), std::nullopt, "none",
                            c10::List<std::optional<c10::Scalar>>(), std::nullopt);
     } else if (p == CpuGemmPath::Simd) {
-      // (the same route as the real call: a transposed weight is read as stored only without
-      // an addend)
-      const auto shape = {x.size(0), weight.size(0)};
-      simd_gemm_into(x.contiguous(), weight,
-                     accumulate ? at::zeros(shape, x.options()) : at::empty(shape, x.options()),
-                     accumulate);
+      // The real call's route: operands read in place, an addend accumulated into.
+      if (!scratch.defined()) scratch = at::zeros({x.size(0), weight.size(0)}, x.options());
+      simd_gemm_into(rows_strided(x) ? x : x.contiguous(), weight, scratch, accumulate);
     } else {
       at::mm(x, weight.t());
     }
@@ -648,7 +657,7 @@ Tensor simd_gemm_tn(const Tensor& a, const Tensor& b) {
   p.a = a.const_data_ptr<float>(), p.a_stride = a.stride(0), p.m = a.size(1);
   p.b = b.const_data_ptr<float>(), p.b_stride = b.stride(0), p.n = b.size(1);
   p.rows = a.size(0), p.out = out.data_ptr<float>(), p.out_stride = out.stride(0);
-  simd_kernels().transposed(p);
+  run_transposed(p);
   return out;
 }
 

@@ -149,8 +149,9 @@ enum class CpuGemmPath : int { Auto = 0, Aten = 1, OneDnn = 2, Packed = 3, Simd 
 
 // What a measured choice is cached by: one-off or repeated GEMM, its rows (the batch), N (output
 // features), K, dtype, threads, whether it accumulates into an addend, the row stride of its
-// output (N, or more for a column block of a wider tensor, which costs some paths a copy), and
-// whether its operands come transposed (the weight gradients, gemm_tn: x = aᵀ, weight = bᵀ).
+// output (N, or more for a column block of a wider tensor, which costs some paths a copy),
+// whether its operands come transposed (the weight gradients, gemm_tn: x = aᵀ, weight = bᵀ), and
+// whether the weight of a gemm_nt is a transposed view (the input gradient's W_ihᵀ).
 struct GemmKey {
   bool repeated;
   int64_t rows, n, k;
@@ -159,8 +160,10 @@ struct GemmKey {
   bool accumulate;
   int64_t out_stride;
   bool transposed = false;
+  bool weight_transposed = false;
   auto tie() const {
-    return std::tie(repeated, rows, n, k, dtype, threads, accumulate, out_stride, transposed);
+    return std::tie(repeated, rows, n, k, dtype, threads, accumulate, out_stride, transposed,
+                    weight_transposed);
   }
   bool operator<(const GemmKey& other) const { return tie() < other.tie(); }
 };

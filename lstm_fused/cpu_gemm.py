@@ -6,10 +6,11 @@ MKL), "simd" (our own kernels, float32: the time loops pack the weight once per 
 compute outer-product register tiles of 8 rows by 48 columns, each thread's share of the weight
 staying in its core's cache; the LSTMCell step's one-off GEMMs of up to 32 rows take dot products
 over the weight as it is stored; in a layer's forward and the LSTMCell step fused with the
-pointwise step; the backward's weight gradients dz^T x sum the T*B rows in blocks, x's rows read
-as stored, as the panels of a packed weight). By default ("auto") the first GEMM of each shape (rows, N, K), dtype and thread
-count in the process times every path this CPU supports for that dtype and keeps the fastest, as
-`torch.backends.cudnn.benchmark` does; the choices are cached (`choices()`).
+pointwise step; the backward's weight gradients dz^T x and input gradient dz W_ih sum in blocks,
+reading x's and W_ih's rows as stored, as the panels of a packed weight). By default ("auto") the
+first GEMM of each shape (rows, N, K), dtype and thread count in the process times every path this
+CPU supports for that dtype and keeps the fastest, as `torch.backends.cudnn.benchmark` does; the
+choices are cached (`choices()`).
 
 The measurement is made hard to fool: the candidates' trials are interleaved (at least 7 rounds,
 each in a rotated order) and each path's median decides, so one disturbed trial cannot move the
@@ -51,7 +52,9 @@ class Choice(NamedTuple):
     or more for a column block of a wider tensor), the median seconds per GEMM of every path
     tried, and how many times it was measured (1, plus one per re-check after a slow streak).
     `transposed`: the operands come as x^T and weight^T (the weight gradients a^T b, summed over
-    the k = T*B rows of a [k, rows] and b [k, n]; "aten" and "simd" are measured)."""
+    the k = T*B rows of a [k, rows] and b [k, n]; "aten" and "simd" are measured);
+    `weight_transposed`: the weight is a transposed view (the input gradient dz W_ih: "simd" reads
+    W_ih's rows as they are stored)."""
 
     repeated: bool
     rows: int
@@ -65,6 +68,7 @@ class Choice(NamedTuple):
     seconds: dict
     measurements: int
     transposed: bool
+    weight_transposed: bool
 
 
 def get_mode() -> str:

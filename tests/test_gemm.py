@@ -207,12 +207,15 @@ def weight_gradient_modules(kind, input_size, hidden):
 @pytest.mark.parametrize("kind", ["lstm", "coupled", "gru", "projected"])
 @pytest.mark.parametrize("hidden, input_size, steps, batch", [
     (1, 1, 1, 1), (7, 17, 127, 1), (9, 16, 64, 2), (5, 15, 43, 3), (13, 47, 129, 1),
-    (16, 48, 3, 43), (3, 49, 257, 1), (33, 100, 10, 30), (5, 7, 300, 4)])
+    (16, 48, 3, 43), (3, 49, 257, 1), (33, 100, 10, 30), (5, 7, 300, 4), (9, 80, 20, 7),
+    (7, 24, 9, 15), (260, 8, 26, 5)])
 def test_simd_weight_gradients_match_float64(kind, hidden, input_size, steps, batch):
     """The simd path's transposed kernel (forced) against the same module in float64 (ATen), for
     the weight gradients aᵀ·b: out rows (4H, 3H, R) in tiles of 8, then 4, 2 and 1 (coupled
     3 * 7 = 21 = 2 * 8 + 4 + 1, GRU 3 * 9 = 27 = 3 * 8 + 2 + 1), columns (I, H) in tiles of 3, 2
-    and 1 panels, whole or not, T*B summed rows in blocks of 128 (127, 128, 129, 257, 300); and
+    and 1 panels, whole or not (I = 80: 3 + 2 whole panels with AVX-512; 24: 2 + 1 with AVX2),
+    T*B summed rows in blocks of 128 (127, 128, 129, 257, 300), 4H = 1040 out rows in chunks of
+    512 per thread (the copied values of a new chunk); and
     for the input gradient a·b (T*B out rows, over 32, each thread's in chunks of 512: 300 * 4 =
     1200 rows, summed over 4H or 3H). The error bound is relative to the largest gradient: one summed
     row left out, or added twice, is hundreds of times larger."""
@@ -229,15 +232,17 @@ def test_simd_weight_gradients_match_float64(kind, hidden, input_size, steps, ba
         assert error <= 2e-5 * scale, f"{name}: max error {error:.3g}, scale {scale:.3g}"
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "projected"])
-def test_simd_weight_gradients_do_not_depend_on_the_thread_count(kind):
+@pytest.mark.parametrize("kind, input_size, hidden", [("lstm", 40, 37), ("gru", 40, 37),
+                                                     ("projected", 40, 37), ("lstm", 8, 260)])
+def test_simd_weight_gradients_do_not_depend_on_the_thread_count(kind, input_size, hidden):
     """Each thread sums its own out rows (odd tile counts split unevenly), every output one chain
     over the summed rows in order: 1, 2 and 3 threads give the same bits (the input's gradient
-    too)."""
+    too; 4H = 1040 out rows: one chunk or more per thread)."""
     cpu_gemm.set_mode("simd")
     # T*B = 1200 rows: summed by the weight gradients, out rows of the input gradient (chunks
     # of 512 per thread)
-    module, x = weight_gradient_modules(kind, 40, 37), torch.randn(60, 20, 40, requires_grad=True)
+    module = weight_gradient_modules(kind, input_size, hidden)
+    x = torch.randn(60, 20, input_size, requires_grad=True)
     threads = torch.get_num_threads()
     try:
         results = []
@@ -255,17 +260,32 @@ def test_weight_gradient_gemm_is_measured_between_aten_and_simd():
     """In training, the weight gradients' GEMM (aᵀ·b: out rows 4H, columns I or H, summed over
     T*B rows, keyed by the power of two above) is its own measured choice, between the two paths
     that take transposed operands."""
+    require("simd")  # (a choice of one candidate is not measured, nor kept)
     cpu_gemm.set_mode("auto")
     cpu_gemm.clear()
     module = lstm_fused.LSTM(24, 40)
     weight_gradients(module, torch.randn(3, 9, 24))
     transposed = [c for c in cpu_gemm.choices() if c.transposed]
     assert {(c.rows, c.n, c.k) for c in transposed} == {(160, 24, 32), (160, 40, 32)}, transposed
-    candidates = {"aten", "simd"} & set(cpu_gemm.available(torch.float32))
+    candidates = {"aten", "simd"}
     for choice in transposed:
         assert set(choice.seconds) == candidates and choice.path in candidates, choice
         assert not choice.repeated and not choice.accumulate
     assert not any(c.transposed for c in cpu_gemm.choices() if c.repeated)
+
+
+def test_input_gradient_is_measured_apart_from_the_input_projection():
+    """With I = 4H the input projection x W_ih^T (W_ih as stored: packed panels) and the input
+    gradient dz W_ih (the transposed view: read as stored by the transposed kernel) have one
+    shape; they take different simd routes, so each has its own measured choice."""
+    require("simd")
+    cpu_gemm.set_mode("auto")
+    cpu_gemm.clear()
+    module = lstm_fused.LSTM(40, 10)  # 4H = I = 40, T*B = 45 rows: more than the dot form's 32
+    weight_gradients(module, torch.randn(5, 9, 40, requires_grad=True))
+    one_off = [c for c in cpu_gemm.choices()
+               if not (c.repeated or c.transposed) and (c.n, c.k) == (40, 40)]
+    assert sorted(c.weight_transposed for c in one_off) == [False, True], one_off
 
 
 @pytest.mark.parametrize("path", PATHS + ["auto"])

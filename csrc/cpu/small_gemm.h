@@ -1,5 +1,5 @@
 // Few-row float32 GEMMs of our own (small_gemm_kernels.h, one build per instruction set, chosen
-// with the pointwise kernels): out[r, j] (+)= sum_k x[r, k] w[j, k], for r < rows, j < n. Two
+// with the pointwise kernels): out[r, j] (+)= sum_k x[r, k] w[j, k], for r < rows, j < n. Three
 // forms: DotGemm reads the weight as it is stored (one-off GEMMs: the LSTMCell step, where
 // nothing can be prepared), PanelGemm reads it packed into panels once per call (the time loops'
 // repeated GEMMs); and TransposedGemm, aᵀ·b (the weight gradients) or a·b (the input gradient).

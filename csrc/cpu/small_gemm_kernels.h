@@ -2,7 +2,7 @@
 // pointwise kernels (included by pointwise_cpu*.cpp after pointwise_cpu_kernels.h, whose
 // includes and namespaces it shares); small_gemm.h describes them.
 //
-// Two forms (small_gemm.h). The dot form reads the weight as it is stored ([N, K] rows, as
+// Three forms (small_gemm.h; the transposed form has its own section below). The dot form reads the weight as it is stored ([N, K] rows, as
 // nn.LSTM keeps it), so nothing is packed per call (the LSTMCell step): a tile of kRows rows of x
 // (4, then 2 and 1 for the rest) and kLanes / kRows weight rows (one SIMD register's width in all:
 // 16 with AVX-512) is computed with one accumulator register per output, and the accumulators are
@@ -402,7 +402,7 @@ class TransposedBlockValues {
     }
   }
   void prefetch(int64_t u0, int64_t u1) const {
-    for (int64_t k = u0; k < u1; ++k) {
+    for (int64_t k = u0; k < std::min(u1, units()); ++k) {
       const float* row = p_.a + (k0_ + k) * p_.a_stride + m_begin_;
       for (int64_t m = 0; m < width_; m += 64 / sizeof(float)) __builtin_prefetch(row + m, 0, 2);
     }
