@@ -326,6 +326,15 @@ bool rows_strided(const Tensor& t) {
   return t.stride(1) == 1 && (t.size(0) == 1 || t.stride(0) >= t.size(1));
 }
 
+Tensor rows_strided_or_copy(const Tensor& t) { return rows_strided(t) ? t : t.contiguous(); }
+
+// A weight the simd path reads transposed, as stored: unit row stride, its columns stored rows
+// (the input gradient's W_ihᵀ, a view of W_ih), and not also rows_strided (a single column).
+bool read_transposed(const Tensor& weight) {
+  return !rows_strided(weight) && weight.stride(0) == 1 &&
+         (weight.size(1) == 1 || weight.stride(1) >= weight.size(0));
+}
+
 bool is_cpu_gemm(const Tensor& x) {
   return x.device().is_cpu() && x.size(0) > 0 && x.size(1) > 0;
 }
@@ -410,12 +419,6 @@ PanelGemm panel_gemm(const float* x, int64_t x_stride, int64_t rows, const Tenso
   return p;
 }
 
-// A weight BLAS would read transposed: unit row stride (the input gradient's W_ihᵀ, a view of
-// W_ih), its columns as stored rows.
-bool columns_strided(const Tensor& t) {
-  return t.stride(0) == 1 && (t.size(1) == 1 || t.stride(1) >= t.size(0));
-}
-
 // The transposed kernel, which needs rows to sum and out rows.
 void run_transposed(const TransposedGemm& p) {
   TORCH_INTERNAL_ASSERT(p.rows > 0 && p.m > 0 && p.n > 0);
@@ -440,7 +443,7 @@ void simd_gemm_into(const Tensor& x, const Tensor& weight, const Tensor& out, bo
     if (bias.defined()) out.add_(bias);
     return;
   }
-  if (!accumulate && !rows_strided(weight) && columns_strided(weight)) {
+  if (!accumulate && read_transposed(weight)) {
     TransposedGemm p{};
     p.a = x.const_data_ptr<float>(), p.a_stride = x.stride(0), p.a_transposed = true;
     p.m = x.size(0), p.rows = x.size(1);
@@ -604,7 +607,7 @@ CpuGemmPath one_off_gemm_path(const Tensor& x, const Tensor& weight, bool accumu
   // weight as stored (the input projection's W_ih): measured apart, even where the shapes agree.
   GemmKey key{false, rows_bucket(x.size(0)), weight.size(0), weight.size(1), x.scalar_type(),
               at::get_num_threads(), accumulate, weight.size(0)};
-  key.weight_transposed = !rows_strided(weight) && columns_strided(weight);
+  key.weight_transposed = read_transposed(weight);
   Tensor scratch;
   return measured_choice(key, candidate_paths(x.scalar_type(), x.size(0), false),
                          [&](CpuGemmPath p) {
@@ -615,7 +618,7 @@ CpuGemmPath one_off_gemm_path(const Tensor& x, const Tensor& weight, bool accumu
     } else if (p == CpuGemmPath::Simd) {
       // The real call's route: operands read in place, an addend accumulated into.
       if (!scratch.defined()) scratch = at::zeros({x.size(0), weight.size(0)}, x.options());
-      simd_gemm_into(rows_strided(x) ? x : x.contiguous(), weight, scratch, accumulate);
+      simd_gemm_into(rows_strided_or_copy(x), weight, scratch, accumulate);
     } else {
       at::mm(x, weight.t());
     }
@@ -626,7 +629,7 @@ Tensor gemm_nt(const Tensor& x, const Tensor& weight, const OptTensor& bias,
               const OptTensor& addend) {
   const CpuGemmPath path = one_off_gemm_path(x, weight, addend.has_value());
   if (path == CpuGemmPath::Simd) {
-    const Tensor xs = rows_strided(x) ? x : x.contiguous();
+    const Tensor xs = rows_strided_or_copy(x);
     const bool in_place = addend && rows_strided(*addend);
     Tensor out = in_place ? *addend : at::empty({x.size(0), weight.size(0)}, x.options());
     // x·wᵀ + b: the bias added in the GEMM's tiles; with an addend, after it.
@@ -660,8 +663,6 @@ Tensor simd_gemm_tn(const Tensor& a, const Tensor& b) {
   run_transposed(p);
   return out;
 }
-
-Tensor rows_strided_or_copy(const Tensor& t) { return rows_strided(t) ? t : t.contiguous(); }
 
 }  // namespace
 
