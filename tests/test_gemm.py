@@ -148,6 +148,25 @@ def test_simd_kernels_match_the_reference_at_every_width(hidden, input_size, row
             assert_close(a, b, torch.float32, "simd")
 
 
+def test_balanced_chunks_give_the_bits_of_one_thread_whoever_runs_them():
+    """From 8 rows the fused step's chunks go to whichever thread is free (run_balanced): three
+    threads on this machine's cores are descheduled in turn, so their chunks change hands from one
+    call to the next; every output is still the one-thread result bit for bit, in the step and in
+    the chunked input projection."""
+    cpu_gemm.set_mode("simd")
+    module, x = lstm_fused.LSTM(40, 200), torch.randn(12, 37, 40)
+    threads = torch.get_num_threads()
+    try:
+        with cpu_gemm.inference_chunks(37 * 4), torch.no_grad():
+            torch.set_num_threads(1)
+            expected = module(x)[0]
+            torch.set_num_threads(3)
+            for _ in range(20):
+                assert torch.equal(module(x)[0], expected)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("rows", [3, 6, 9, 21, 32, 50])
 def test_simd_results_do_not_depend_on_the_thread_count(rows):
     cpu_gemm.set_mode("simd")

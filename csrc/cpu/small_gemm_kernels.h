@@ -16,6 +16,8 @@
 // not depend on the thread count (nor on the tile an output falls in).
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "small_gemm.h"
@@ -109,22 +111,23 @@ constexpr int kRowBlock = kLanes >= 4 ? 4 : kLanes >= 2 ? 2 : 1;
 
 // Output columns [j_begin, j_end) of p, every row: per column slice of kLanes (whose weight rows
 // then stay in L1 for every row block), rows in blocks of kRowBlock, the rest in 2 and 1.
-void dot_columns(const DotGemm& p, int64_t j_begin, int64_t j_end) {
+void dot_columns(const DotGemm& p, int64_t r_begin, int64_t r_end, int64_t j_begin,
+                 int64_t j_end) {
   for (int64_t j = j_begin; j < j_end; j += kLanes) {
     const int64_t j1 = std::min(j_end, j + kLanes);
-    int64_t r = 0;
-    for (; r + kRowBlock <= p.rows; r += kRowBlock) dot_rows<kRowBlock>(p, r, j, j1);
+    int64_t r = r_begin;
+    for (; r + kRowBlock <= r_end; r += kRowBlock) dot_rows<kRowBlock>(p, r, j, j1);
     if constexpr (kRowBlock > 2) {
-      for (; r + 2 <= p.rows; r += 2) dot_rows<2>(p, r, j, j1);
+      for (; r + 2 <= r_end; r += 2) dot_rows<2>(p, r, j, j1);
     }
-    for (; r < p.rows; ++r) dot_rows<1>(p, r, j, j1);
+    for (; r < r_end; ++r) dot_rows<1>(p, r, j, j1);
   }
 }
 
 void dot_gemm(const DotGemm& p) {
   const int64_t blocks = (p.n + kLanes - 1) / kLanes;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    dot_columns(p, begin * kLanes, std::min(p.n, end * kLanes));
+    dot_columns(p, 0, p.rows, begin * kLanes, std::min(p.n, end * kLanes));
   });
 }
 
@@ -220,19 +223,95 @@ void panel_columns(const PanelGemm& p, int64_t r_begin, int64_t r_end, int64_t g
   }
 }
 
+// Runs body(c) once for every c in [0, chunks), on the threads of one parallel region. Each
+// thread owns the contiguous segment of chunks a static split gives it (the same at every call,
+// so in a time loop it keeps the same weight columns in its core's cache step after step) and
+// runs it front to back; a thread done with its own takes what is left of the other segments
+// from their backs. A core slowed by another process then hands its last chunks to the other
+// instead of holding every thread at the end of the step. Which thread runs a chunk does not
+// change its result.
+template <typename Body>
+void run_balanced(int64_t chunks, const Body& body) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (int64_t c = 0; c < chunks; ++c) body(c);
+    return;
+  }
+  // A segment's chunks [begin, end): `left` counts down on every claim (its owner's from the
+  // front, the others' from the back), so no chunk is claimed twice; on a cache line of its own.
+  struct alignas(64) Segment {
+    std::atomic<int64_t> left{0}, taken_from_back{0};
+    int64_t begin = 0, end = 0;
+  };
+  std::vector<Segment> segments(threads);
+  for (int64_t i = 0; i < threads; ++i) {
+    segments[i].begin = i * chunks / threads, segments[i].end = (i + 1) * chunks / threads;
+    segments[i].left.store(segments[i].end - segments[i].begin, std::memory_order_relaxed);
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t own = first; own < last; ++own) {
+      Segment& s = segments[own];
+      for (int64_t c = s.begin; s.left.fetch_sub(1, std::memory_order_relaxed) > 0; ++c) body(c);
+    }
+    for (int64_t i = 1; i < threads; ++i) {
+      Segment& s = segments[(last - 1 + i) % threads];
+      while (s.left.fetch_sub(1, std::memory_order_relaxed) > 0) {
+        body(s.end - 1 - s.taken_from_back.fetch_add(1, std::memory_order_relaxed));
+      }
+    }
+  });
+}
+
+// Rows of a balanced chunk, and the fewest rows that are run in balanced chunks: a step of fewer
+// rows takes a few microseconds, and a chunk claimed across cores costs more than the imbalance
+// it saves (at B = 1 on a Zen 4 the forward took 1.04-1.06x the static split's time; B = 8,
+// 0.98-1.00x; B = 16-64 with one core slowed by another process, 0.80-0.88x).
+constexpr int64_t kChunkRows = 16, kBalancedRows = 8;
+
+// body(r0, r1, u0, u1) for rows [r0, r1) and units [u0, u1) (of each column group: a gate's hidden
+// units) covering [0, rows) x [0, units) once, split between the threads by units as every
+// GEMM of a step and of its chunked input projection is, so each thread keeps its share of the
+// weights in its cache and computes the pre-activations its own step activates. From
+// kBalancedRows rows, in chunks of kChunkRows rows by up to kTilePanels panels (the GEMM's widest
+// tiles; at least 4 chunks of units a thread), run_balanced; fewer, a static split.
+template <typename Body>
+void split_by_units(int64_t rows, int64_t units, const Body& body) {
+  const int64_t blocks = (units + kLanes - 1) / kLanes;
+  if (rows < kBalancedRows) {
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      body(0, rows, begin * kLanes, std::min(units, end * kLanes));
+    });
+    return;
+  }
+  const int64_t chunk_units =
+      kLanes *
+      std::clamp<int64_t>(blocks / (4 * std::max(1, at::get_num_threads())), 1, kTilePanels);
+  const int64_t row_chunks = (rows + kChunkRows - 1) / kChunkRows;
+  const int64_t unit_chunks = (units + chunk_units - 1) / chunk_units;
+  run_balanced(unit_chunks * row_chunks, [&](int64_t c) {
+    const int64_t u = c / row_chunks, r = c % row_chunks;
+    body(r * kChunkRows, std::min(rows, (r + 1) * kChunkRows), u * chunk_units,
+         std::min(units, (u + 1) * chunk_units));
+  });
+}
+
 // Rows per task when a GEMM has many rows (a layer's input projection, T * B rows): their x
 // (kRowsPerTask * K floats) stays in the core's cache while every weight panel passes once.
 constexpr int64_t kRowsPerTask = 64;
 
-// Few rows (a time step's), or a weight in groups (one per gate: the recurrent weight, or the
-// input weight of a loop that reads its projection a chunk at a time): the threads split the
-// columns of each group, as the fused step splits the hidden units, so each thread keeps its
-// share of the weight in its cache and (groups) computes the pre-activations of the units whose
-// step it runs. Many rows of one group: the threads split the rows, in blocks of kRowsPerTask,
-// each block against the whole weight.
+// A weight in groups (one per gate: the recurrent weight, or the input weight of a loop that reads
+// its projection a chunk at a time): split_by_units, as the fused step. Few rows (a time step's)
+// of one group: the threads split the columns. Many rows of one group: the threads split the
+// rows, in blocks of kRowsPerTask, each block against the whole weight.
 void panel_gemm(const PanelGemm& p) {
+  if (p.groups > 1) {
+    split_by_units(p.rows, p.group_columns, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
+      for (int64_t g = 0; g < p.groups; ++g) panel_columns(p, r0, r1, g, u0, u1);
+    });
+    return;
+  }
   const int64_t blocks = (p.group_columns + kLanes - 1) / kLanes;
-  if (p.rows <= 2 * kRowsPerTask || p.groups > 1) {
+  if (p.rows <= 2 * kRowsPerTask) {
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = 0; g < p.groups; ++g) {
         panel_columns(p, 0, p.rows, g, begin * kLanes, std::min(p.group_columns, end * kLanes));
@@ -249,20 +328,16 @@ void panel_gemm(const PanelGemm& p) {
   });
 }
 
-// One forward step: z += h_{t-1} W_hhᵀ, then the pointwise forward, split by hidden units. A
-// thread takes units [u0, u1): `gate_columns(g, u0, u1)` adds gate g's GEMM columns for them,
-// then the thread runs their pointwise step, so the step needs one parallel region, and z is
-// activated while it is in the cache.
+// One forward step: z += h_{t-1} W_hhᵀ, then the pointwise forward, split_by_units: for rows
+// [r0, r1) and units [u0, u1), `gate_columns(r0, r1, g, u0, u1)` adds gate g's GEMM columns, then
+// their pointwise step runs while z is in the cache, so the step needs one parallel region.
 template <typename GateColumns>
 void recurrent_step_by_units(const ForwardStep& step, const GateColumns& gate_columns) {
-  const int64_t H = step.hidden;
   const int gates = num_gates(step.coupled);
-  const int64_t blocks = (H + kLanes - 1) / kLanes;
   variant_switch(step, [&](auto coupled, auto diagonal, auto part) {
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      const int64_t u0 = begin * kLanes, u1 = std::min(H, end * kLanes);
-      for (int g = 0; g < gates; ++g) gate_columns(g, u0, u1);
-      for (int64_t row = 0; row < step.rows; ++row) {
+    split_by_units(step.rows, step.hidden, [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
+      for (int g = 0; g < gates; ++g) gate_columns(r0, r1, g, u0, u1);
+      for (int64_t row = r0; row < r1; ++row) {
         for (int64_t j = u0; j < u1; j += kLanes) {
           forward_chunk<SimdIO<float>, decltype(coupled)::value, decltype(diagonal)::value,
                         decltype(part)::value>(step, row, j,
@@ -276,8 +351,8 @@ void recurrent_step_by_units(const ForwardStep& step, const GateColumns& gate_co
 // The weight as stored ([G * H, K] rows): the LSTMCell step.
 void recurrent_step(const DotGemm& gemm, const ForwardStep& step) {
   const int64_t H = step.hidden;
-  recurrent_step_by_units(step, [&](int g, int64_t u0, int64_t u1) {
-    dot_columns(gemm, g * H + u0, g * H + u1);
+  recurrent_step_by_units(step, [&](int64_t r0, int64_t r1, int g, int64_t u0, int64_t u1) {
+    dot_columns(gemm, r0, r1, g * H + u0, g * H + u1);
   });
 }
 
@@ -285,8 +360,8 @@ void recurrent_step(const DotGemm& gemm, const ForwardStep& step) {
 void recurrent_step_panels(const PanelGemm& gemm, const ForwardStep& step) {
   TORCH_INTERNAL_ASSERT(gemm.group_columns == step.hidden &&
                         gemm.groups == num_gates(step.coupled));
-  recurrent_step_by_units(step, [&](int g, int64_t u0, int64_t u1) {
-    panel_columns(gemm, 0, gemm.rows, g, u0, u1);
+  recurrent_step_by_units(step, [&](int64_t r0, int64_t r1, int g, int64_t u0, int64_t u1) {
+    panel_columns(gemm, r0, r1, g, u0, u1);
   });
 }
 
