@@ -208,13 +208,16 @@ TestTimes& test_times() {
 // The robustness of the choice. Trials interleave the candidates (round r runs them in an order
 // rotated by r, so a slow spell hits each path in turn rather than one path's run of trials) and
 // each path's median over at least kMinRounds rounds decides: one disturbed trial in a path (or
-// up to half of them) moves its median by at most one rank. A path other than ATen (the default,
-// the first candidate) is taken only when its median beats ATen's by kMargin, so a near-tie, whose
-// winner noise decides, always resolves the same way. Afterwards, every kSampleEvery-th step of
-// a repeated GEMM at its full row count is timed (two clock reads, not the first step of a call,
-// whose weight may not be in the cache yet); kSlowStreak samples in a row slower than kSlowFactor
-// times the trial's median mark the choice stale, and the next call of that shape measures again,
-// at most kMaxMeasurements times per shape (a machine that stays slow is measured slow).
+// up to half of them) moves its median by at most one rank. A path other than the default (the
+// first candidate: ATen, or for a weight in column groups our simd kernel, the one path that
+// computes each thread's units where that thread's step reads them next and adds the bias in its
+// tiles, which no trial of the GEMM alone sees) is taken only when its median beats the
+// default's by kMargin, so a near-tie, whose winner noise decides, always resolves the same way.
+// Afterwards, every kSampleEvery-th step of a repeated GEMM at its full row count is timed (two
+// clock reads, not the first step of a call, whose weight may not be in the cache yet);
+// kSlowStreak samples in a row slower than kSlowFactor times the trial's median mark the choice
+// stale, and the next call of that shape measures again, at most kMaxMeasurements times per shape
+// (a machine that stays slow is measured slow).
 constexpr int kMinRounds = 7, kMaxRounds = 25;
 constexpr double kBudgetSeconds = 0.02;  // per candidate, after kMinRounds
 constexpr double kMargin = 0.05;
@@ -230,7 +233,7 @@ double seconds_since(Clock::time_point start) {
 }
 
 // The path chosen from each candidate's trial seconds: the fastest median, unless it is not
-// kMargin faster than the default (paths.front(), ATen where it is a candidate).
+// kMargin faster than the default (paths.front()).
 size_t chosen_index(std::vector<std::vector<double>>& times) {
   std::vector<double> medians;
   for (auto& t : times) {
@@ -306,9 +309,9 @@ Measured measured_choice(const GemmKey& key, const std::vector<CpuGemmPath>& pat
 }
 
 // The paths to consider for a GEMM: the forced one where it runs the dtype and shape (else
-// ATen), or every path that does.
+// ATen), or every path that does, the default first (ATen, or simd with `simd_default`).
 std::vector<CpuGemmPath> candidate_paths(at::ScalarType dtype, int64_t rows, bool repeated,
-                                         bool transposed = false) {
+                                         bool transposed = false, bool simd_default = false) {
   const CpuGemmPath forced = forced_path().load();
   if (forced != CpuGemmPath::Auto) {
     const bool ok = supports(forced, dtype) && fits(forced, rows, repeated, transposed);
@@ -318,6 +321,8 @@ std::vector<CpuGemmPath> candidate_paths(at::ScalarType dtype, int64_t rows, boo
   for (const CpuGemmPath path : kPaths) {
     if (supports(path, dtype) && fits(path, rows, repeated, transposed)) paths.push_back(path);
   }
+  const auto simd = std::find(paths.begin(), paths.end(), CpuGemmPath::Simd);
+  if (simd_default && simd != paths.end()) std::rotate(paths.begin(), simd, simd + 1);
   return paths;
 }
 
@@ -705,9 +710,11 @@ RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumula
   const at::ScalarType dtype = weight_.scalar_type();
   const int64_t ldo = std::max(out_stride, weight_.size(0));
   // A bias is an addend like `out` (ATen and MKL add the GEMM to a copy of it).
-  const GemmKey key{true, max_rows, weight_.size(0), weight_.size(1), dtype,
-                    at::get_num_threads(), accumulate || bias.defined(), ldo};
-  const std::vector<CpuGemmPath> paths = candidate_paths(dtype, max_rows, true);
+  GemmKey key{true, max_rows, weight_.size(0), weight_.size(1), dtype,
+              at::get_num_threads(), accumulate || bias.defined(), ldo};
+  key.column_groups = column_groups_;
+  const std::vector<CpuGemmPath> paths =
+      candidate_paths(dtype, max_rows, true, false, column_groups_ > 1);
   if (paths.size() == 1) {
     prepare(paths.front(), max_rows);
     return;

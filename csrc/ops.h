@@ -150,8 +150,9 @@ enum class CpuGemmPath : int { Auto = 0, Aten = 1, OneDnn = 2, Packed = 3, Simd 
 // What a measured choice is cached by: one-off or repeated GEMM, its rows (the batch), N (output
 // features), K, dtype, threads, whether it accumulates into an addend, the row stride of its
 // output (N, or more for a column block of a wider tensor, which costs some paths a copy),
-// whether its operands come transposed (the weight gradients, gemm_tn: x = aᵀ, weight = bᵀ), and
-// whether the weight of a gemm_nt is a transposed view (the input gradient's W_ihᵀ).
+// whether its operands come transposed (the weight gradients, gemm_tn: x = aᵀ, weight = bᵀ),
+// whether the weight of a gemm_nt is a transposed view (the input gradient's W_ihᵀ), and the
+// column groups of a repeated GEMM's weight (one per gate where the fused step splits units).
 struct GemmKey {
   bool repeated;
   int64_t rows, n, k;
@@ -161,9 +162,10 @@ struct GemmKey {
   int64_t out_stride;
   bool transposed = false;
   bool weight_transposed = false;
+  int64_t column_groups = 1;
   auto tie() const {
     return std::tie(repeated, rows, n, k, dtype, threads, accumulate, out_stride, transposed,
-                    weight_transposed);
+                    weight_transposed, column_groups);
   }
   bool operator<(const GemmKey& other) const { return tie() < other.tie(); }
 };

@@ -54,7 +54,11 @@ class Choice(NamedTuple):
     `transposed`: the operands come as x^T and weight^T (the weight gradients a^T b, summed over
     the k = T*B rows of a [k, rows] and b [k, n]; "aten" and "simd" are measured);
     `weight_transposed`: the weight is a transposed view (the input gradient dz W_ih: "simd" reads
-    W_ih's rows as they are stored)."""
+    W_ih's rows as they are stored); `column_groups`: the weight's columns in groups, one per gate,
+    that the fused step splits between the threads by hidden units (the recurrent weight, and the
+    input weight of an inference loop): "simd" is the default there, left only for a 5% gain,
+    since only it computes each thread's units where that thread's step reads them next and adds
+    the bias in its tiles, which a trial of the GEMM alone does not see."""
 
     repeated: bool
     rows: int
@@ -69,6 +73,7 @@ class Choice(NamedTuple):
     measurements: int
     transposed: bool
     weight_transposed: bool
+    column_groups: int
 
 
 def get_mode() -> str:
