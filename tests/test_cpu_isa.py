@@ -36,24 +36,36 @@ from lstm_fused import reference
 
 torch.manual_seed(0)
 T, B, I, H = 6, 5, 7, 37            # H not a multiple of any SIMD width: tails are exercised
+
+
+def compare(rows, input_size, peephole, coupled, dtype, tol):
+    fused = lstm_fused.LSTM(input_size, H, peephole=peephole, coupled=coupled, dtype=dtype)
+    ref = lstm_fused.LSTM(input_size, H, peephole=peephole, coupled=coupled, dtype=dtype)
+    ref.load_state_dict(fused.state_dict())
+    ref._layer_fn = reference.lstm_layer
+    x = torch.randn(T, rows, input_size, dtype=dtype)
+    results = []
+    for m in (fused, ref):
+        xi = x.clone().requires_grad_()
+        out, (h, c) = m(xi)
+        (out.square().sum() + h.sum() + c.sum()).backward()
+        results.append([out, h, c, xi.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     for peephole in (None, "diagonal", "full"):
         for coupled in (False, True):
             for dtype, tol in ((torch.float32, TOL32), (torch.float64, TOL64)):
-                fused = lstm_fused.LSTM(I, H, peephole=peephole, coupled=coupled, dtype=dtype)
-                ref = lstm_fused.LSTM(I, H, peephole=peephole, coupled=coupled, dtype=dtype)
-                ref.load_state_dict(fused.state_dict())
-                ref._layer_fn = reference.lstm_layer
-                x = torch.randn(T, B, I, dtype=dtype)
-                results = []
-                for m in (fused, ref):
-                    xi = x.clone().requires_grad_()
-                    out, (h, c) = m(xi)
-                    (out.square().sum() + h.sum() + c.sum()).backward()
-                    results.append([out, h, c, xi.grad] + [p.grad for p in m.parameters()])
-                for a, b in zip(*results):
-                    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+                compare(B, I, peephole, coupled, dtype, tol)
+    # Our GEMM kernels at every row count around their tiles (8 rows with AVX-512, 6 with AVX2;
+    # then 4, 2, 1), and the out-row tiles of the weight and input gradients (4H = 148 rows).
+    with lstm_fused.cpu_gemm.mode("simd"):
+        for rows in [*range(1, 19), 22, 24, 31]:
+            for peephole, coupled in ((None, False), ("diagonal", True)):
+                compare(rows, 19, peephole, coupled, torch.float32, TOL32)
     kernels = torch.ops.lstm_fused.cpu_kernel_isa()
 print(json.dumps({"torch": torch.backends.cpu.get_cpu_capability(), "kernels": kernels,
                   "warnings": [str(w.message) for w in caught if "lstm_fused" in str(w.message)]}))

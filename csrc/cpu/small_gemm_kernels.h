@@ -137,10 +137,13 @@ void dot_gemm(const DotGemm& p) {
 // accumulator register per (row, panel); at each k, one load per panel and one broadcast per row
 // feed kRows * kPanels FMAs. No sums across lanes and no stores but the tile's vectors at the
 // end: with AVX-512, 8 rows by 3 panels keep 24 accumulators and 2 of every 3 instructions are
-// FMAs. Every output is one chain of FMAs over k in order, then added to `out` when accumulating
+// FMAs; with AVX2 (16 registers), 6 rows by 2 panels keep 12, more chains of FMAs than the two
+// pipes' latency needs in flight (4 by 2, whose 8 chains just cover it, took 1.04-1.10x the time
+// of the B = 12-64 recurrent GEMM and 1.03-1.09x of the weight and input gradients on a Zen 4
+// capped at AVX2). Every output is one chain of FMAs over k in order, then added to `out` when accumulating
 // (or the bias added to it): the result depends neither on the tile an output falls in nor on the
 // thread count, and equals the sum and a separate bias add (x·wᵀ + b in training) bit for bit.
-constexpr int kPanelRows = kLanes >= 16 ? 8 : 4;
+constexpr int kPanelRows = kLanes >= 16 ? 8 : 6;
 constexpr int kTilePanels = kLanes >= 16 ? 3 : 2;
 
 const float* panel_at(const PanelGemm& p, int64_t group, int64_t column) {
@@ -194,7 +197,8 @@ template <int kPanels>
 void panel_rows(const PanelGemm& p, int64_t r_begin, int64_t r_end, int64_t g, int64_t c0,
                 int last) {
   int64_t r = r_begin;
-  for (; r + kPanelRows <= r_end; r += kPanelRows) {
+  // 8 rows are two tiles of 4, not 6 and 2 (the 2-row tile's 4 chains of FMAs wait on latency).
+  for (; r + kPanelRows <= r_end && !(kPanelRows == 6 && r_end - r == 8); r += kPanelRows) {
     panel_tile<kPanelRows, kPanels>(p, r, g, c0, last);
   }
   if constexpr (kPanelRows > 4) {
