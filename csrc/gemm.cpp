@@ -11,10 +11,11 @@
 //           run time; float32 only): the weight packed once per call, every step then computes
 //           straight into the addend with no allocation and no dispatcher call.
 //   simd    our own kernels (cpu/small_gemm_kernels.h; float32): one-off GEMMs of up to
-//           kSimdDotMaxRows rows take dot products over the weight as it is stored, nothing
-//           prepared; repeated GEMMs, and one-off GEMMs of more rows, pack the weight (once per
-//           call) into k-major panels (a weight stored transposed, W_ihᵀ, is read as stored
-//           instead) and compute outer products; in a time loop each thread's
+//           kSimdDotMaxRows rows, and repeated ones of a few rows and as many in all, take dot
+//           products over the weight as it is stored, nothing prepared; other repeated GEMMs,
+//           and one-off GEMMs of more rows, pack the weight (once per call) into k-major panels
+//           (a weight stored transposed, W_ihᵀ, is read as stored instead) and compute outer
+//           products; in a time loop each thread's
 //           share of the weight stays in its core's cache (layer.cpp and cell.cpp also fuse the
 //           forward step's GEMM with the pointwise step). The weight gradients' aᵀ·b (gemm_tn)
 //           read b's rows as stored, as panels.
@@ -389,6 +390,7 @@ Tensor contiguous_weight(const Tensor& weight) {
 // groups of N / groups rows, each in panels of `lanes` rows stored k-major, zeros past a group's
 // end. One pass, split by panels.
 Tensor pack_panels(const Tensor& weight, int64_t groups, int64_t lanes) {
+  RECORD_FUNCTION("lstm_fused::pack_weight", {});
   const int64_t N = weight.size(0), K = weight.size(1), columns = N / groups;
   const int64_t group_panels = (columns + lanes - 1) / lanes;
   Tensor panels = at::empty({groups * group_panels, K, lanes}, weight.options());
@@ -409,6 +411,16 @@ Tensor pack_panels(const Tensor& weight, int64_t groups, int64_t lanes) {
     }
   });
   return panels;
+}
+
+// The dot form's operands: out [rows, N] (+)= x [rows, K] · weight [N, K]ᵀ, weight rows strided.
+DotGemm dot_gemm(const float* x, int64_t x_stride, int64_t rows, const Tensor& weight, float* out,
+                 int64_t out_stride, bool accumulate) {
+  DotGemm p{};
+  p.x = x, p.x_stride = x_stride, p.rows = rows, p.k = weight.size(1);
+  p.w = weight.const_data_ptr<float>(), p.w_stride = weight.stride(0), p.n = weight.size(0);
+  p.out = out, p.out_stride = out_stride, p.accumulate = accumulate;
+  return p;
 }
 
 PanelGemm panel_gemm(const float* x, int64_t x_stride, int64_t rows, const Tensor& weight,
@@ -439,12 +451,8 @@ void simd_gemm_into(const Tensor& x, const Tensor& weight, const Tensor& out, bo
                     const Tensor& bias = Tensor()) {
   if (x.size(0) <= kSimdDotMaxRows) {
     const Tensor w = rows_strided(weight) ? weight : contiguous_weight(weight);
-    DotGemm p{};
-    p.x = x.const_data_ptr<float>(), p.x_stride = x.stride(0), p.rows = x.size(0);
-    p.k = x.size(1), p.w = w.const_data_ptr<float>(), p.w_stride = w.stride(0);
-    p.n = w.size(0), p.out = out.data_ptr<float>(), p.out_stride = out.stride(0);
-    p.accumulate = accumulate;
-    simd_kernels().dot(p);
+    simd_kernels().dot(dot_gemm(x.const_data_ptr<float>(), x.stride(0), x.size(0), w,
+                                out.data_ptr<float>(), out.stride(0), accumulate));
     if (bias.defined()) out.add_(bias);
     return;
   }
@@ -469,13 +477,10 @@ void simd_gemm_into(const Tensor& x, const Tensor& weight, const Tensor& out, bo
 void run_recurrent_step(const float* h_prev, int64_t h_prev_stride, const Tensor& weight_hh,
                         const ForwardStep& step) {
   RECORD_FUNCTION("lstm_fused::recurrent_step", {});
-  DotGemm gemm{};
-  gemm.x = h_prev, gemm.x_stride = h_prev_stride, gemm.rows = step.rows;
-  gemm.k = weight_hh.size(1), gemm.w = weight_hh.const_data_ptr<float>();
-  gemm.w_stride = weight_hh.stride(0), gemm.n = weight_hh.size(0);
-  gemm.out = static_cast<float*>(const_cast<void*>(step.z)), gemm.out_stride = step.z_stride;
-  gemm.accumulate = true;
-  simd_kernels().recurrent_step(gemm, step);
+  simd_kernels().recurrent_step(dot_gemm(h_prev, h_prev_stride, step.rows, weight_hh,
+                                         static_cast<float*>(const_cast<void*>(step.z)),
+                                         step.z_stride, true),
+                                step);
 }
 
 namespace {
@@ -697,7 +702,7 @@ Tensor gemm_tn(const Tensor& a, const Tensor& b) {
 
 // --- repeated GEMMs: the weight prepared once ------------------------------------------------
 
-RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumulate,
+RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, int64_t uses, bool accumulate,
                            int64_t out_stride, int64_t column_groups, const Tensor& bias)
     : weight_(contiguous_weight(weight)),
       weight_t_(weight_.t()),
@@ -713,10 +718,12 @@ RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumula
   GemmKey key{true, max_rows, weight_.size(0), weight_.size(1), dtype,
               at::get_num_threads(), accumulate || bias.defined(), ldo};
   key.column_groups = column_groups_;
+  key.weight_as_stored =
+      max_rows <= kSimdDotRepeatedMaxRows && max_rows * uses <= kSimdDotMaxRows;
   const std::vector<CpuGemmPath> paths =
       candidate_paths(dtype, max_rows, true, false, column_groups_ > 1);
   if (paths.size() == 1) {
-    prepare(paths.front(), max_rows);
+    prepare(paths.front(), max_rows, key.weight_as_stored);
     return;
   }
   // Trials on a [max_rows, K] input of constants into a scratch output (made only when
@@ -733,12 +740,12 @@ RepeatedGemm::RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumula
     auto found = trials.find(p);
     if (found == trials.end()) {
       RepeatedGemm trial(weight_, accumulate, column_groups_, bias_);
-      trial.prepare(p, max_rows);
+      trial.prepare(p, max_rows, key.weight_as_stored);
       found = trials.emplace(p, std::move(trial)).first;
     }
     found->second.run(x, out);
   });
-  prepare(chosen.path, max_rows);
+  prepare(chosen.path, max_rows, key.weight_as_stored);
   health_ = chosen.health;
   max_rows_ = max_rows;
 }
@@ -748,12 +755,13 @@ RepeatedGemm::RepeatedGemm(const Tensor& weight, bool accumulate, int64_t column
     : weight_(weight), weight_t_(weight.t()), bias_(bias), accumulate_(accumulate),
       column_groups_(column_groups) {}
 
-void RepeatedGemm::prepare(CpuGemmPath path, int64_t max_rows) {
+void RepeatedGemm::prepare(CpuGemmPath path, int64_t max_rows, bool weight_as_stored) {
   path_ = path;
+  dot_ = path == CpuGemmPath::Simd && weight_as_stored;
   const int64_t N = weight_.size(0), K = weight_.size(1);
   if (path == CpuGemmPath::OneDnn) {
     prepared_ = onednn().reorder->call(weight_, max_rows);
-  } else if (path == CpuGemmPath::Simd) {
+  } else if (path == CpuGemmPath::Simd && !dot_) {
     prepared_ = pack_panels(weight_, column_groups_, simd_kernels().panel_lanes);
   } else if (path == CpuGemmPath::Packed) {
     const MklPacked& mkl = mkl_packed();
@@ -799,11 +807,16 @@ void RepeatedGemm::run_recurrent_step(const float* h_prev, int64_t h_prev_stride
                                       const ForwardStep& step) const {
   TORCH_INTERNAL_ASSERT(path_ == CpuGemmPath::Simd);
   sampled(step.rows, [&] {
+    if (dot_) {
+      lstm_fused::run_recurrent_step(h_prev, h_prev_stride, weight_, step);
+      return true;
+    }
+    float* z = static_cast<float*>(const_cast<void*>(step.z));
     RECORD_FUNCTION("lstm_fused::recurrent_step", {});
-    simd_kernels().recurrent_step_panels(
-        panel_gemm(h_prev, h_prev_stride, step.rows, weight_, prepared_, column_groups_,
-                   static_cast<float*>(const_cast<void*>(step.z)), step.z_stride, true),
-        step);
+    simd_kernels().recurrent_step_panels(panel_gemm(h_prev, h_prev_stride, step.rows, weight_,
+                                                    prepared_, column_groups_, z, step.z_stride,
+                                                    true),
+                                         step);
     return true;
   });
 }
@@ -831,6 +844,10 @@ Tensor RepeatedGemm::compute(const Tensor& x, const Tensor& out) const {
     case CpuGemmPath::Simd:
       if (!rows_strided(x)) return compute(x.contiguous(), out);
       TORCH_INTERNAL_ASSERT(rows_strided(out));
+      if (dot_) {  // the bias (not with accumulate) added after, as the one-off dot form does
+        simd_gemm_into(x, weight_, out, accumulate_, bias_);
+        return out;
+      }
       simd_kernels().panel(panel_gemm(x.const_data_ptr<float>(), x.stride(0), x.size(0), weight_,
                                       prepared_, column_groups_, out.data_ptr<float>(),
                                       out.stride(0), accumulate_, bias_));

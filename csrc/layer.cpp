@@ -357,7 +357,8 @@ class StepPreactivations {
     }
     const int64_t GH = weight.size(0);
     buffer_ = padded_rows(chunk_steps_ * s.batch, GH, x.options());
-    gemm_.emplace(weight, chunk_steps_ * s.batch, false, buffer_.stride(0), gates, bias);
+    gemm_.emplace(weight, chunk_steps_ * s.batch, (s.steps() + chunk_steps_ - 1) / chunk_steps_,
+                  false, buffer_.stride(0), gates, bias);
   }
   // All rows (training; inference when one chunk holds them).
   const Tensor& all() const { return rows_; }
@@ -441,20 +442,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   const int64_t GH = shape.gates * H, peep_columns = full ? input_peephole_columns(coupled, H) : 0;
   // Every per-step GEMM writes rows of the pre-activations, full peepholes column blocks of them.
   // One column group per gate: the simd path's fused step computes a block of units of each.
-  const RepeatedGemm recurrent(weight_hh.narrow(0, peep_columns, GH - peep_columns), B, true,
+  const int64_t T = s.steps();  // the uses of every per-step GEMM
+  const RepeatedGemm recurrent(weight_hh.narrow(0, peep_columns, GH - peep_columns), B, T, true,
                                preactivations.stride(), full ? 1 : shape.gates);
   const std::optional<RepeatedGemm> input_peephole =
       full ? std::optional<RepeatedGemm>(std::in_place,
-                                         input_peephole_weight(weight_hh, w_ch, coupled), B, true,
-                                         preactivations.stride())
+                                         input_peephole_weight(weight_hh, w_ch, coupled), B, T,
+                                         true, preactivations.stride())
            : std::nullopt;
   const std::optional<RepeatedGemm> output_peephole =
       full ? std::optional<RepeatedGemm>(std::in_place,
                                          w_ch.narrow(0, peephole_input_blocks(coupled) * H, H), B,
-                                         true, preactivations.stride())
+                                         T, true, preactivations.stride())
            : std::nullopt;
   const std::optional<RepeatedGemm> projection =
-      projected ? std::optional<RepeatedGemm>(std::in_place, *weight_hr, B, false) : std::nullopt;
+      projected ? std::optional<RepeatedGemm>(std::in_place, *weight_hr, B, T, false)
+                : std::nullopt;
   const int64_t o_column = output_gate(coupled) * H;
 
   ForwardStep p{};
@@ -634,18 +637,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const int64_t state_stride = full ? R + H : 0;
   // Zoneout of h: the kernel (or, projected, the loop) leaves m dh_t in the running dh_{t-1},
   // so the GEMM adds to it.
-  const RepeatedGemm recurrent(weight_hh.t(), B, full || zone_h, state_stride);
+  const int64_t T = s.steps();  // the uses of every per-step GEMM
+  const RepeatedGemm recurrent(weight_hh.t(), B, T, full || zone_h, state_stride);
   const std::optional<RepeatedGemm> input_peephole =
       full ? std::optional<RepeatedGemm>(std::in_place, w_ch.narrow(0, 0, peep_columns).t(), B,
-                                         true, state_stride)
+                                         T, true, state_stride)
            : std::nullopt;
   const std::optional<RepeatedGemm> output_peephole =
       full ? std::optional<RepeatedGemm>(
                  std::in_place, w_ch.narrow(0, peephole_input_blocks(coupled) * H, H).t(), B,
-                 true, state_stride)
+                 T, true, state_stride)
            : std::nullopt;
   const std::optional<RepeatedGemm> projection =
-      projected ? std::optional<RepeatedGemm>(std::in_place, weight_hr->t(), B, false)
+      projected ? std::optional<RepeatedGemm>(std::in_place, weight_hr->t(), B, T, false)
                 : std::nullopt;
   const int64_t o_column = output_gate(coupled) * H;
 
@@ -870,7 +874,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
   // reads h_{t-1} from the previous step's output rows.
   const Tensor h_initial = rows_contiguous(h0);
   Tensor h_state = s.ragged ? h0.clone(at::MemoryFormat::Contiguous) : Tensor();
-  const RepeatedGemm recurrent(weight_hh, B, false);
+  const RepeatedGemm recurrent(weight_hh, B, s.steps(), false);
   const Tensor step_buffer = at::empty({B, kGruGates * H}, options);
   const Tensor b_hh = bias_hh ? bias_hh->contiguous() : Tensor();
 
@@ -941,7 +945,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
   // sequences that end at an earlier step still hold their grad_h_n.
   Tensor dh_carry = grad_h_n ? grad_h_n->clone(at::MemoryFormat::Contiguous)
                              : at::zeros({B, H}, options);
-  const RepeatedGemm recurrent(weight_hh.t(), B, true);
+  const RepeatedGemm recurrent(weight_hh.t(), B, s.steps(), true);
 
   const Tensor keep_h = keep_rows(zoneout_h, N, H);
   GruBackwardStep p{};

@@ -151,8 +151,9 @@ enum class CpuGemmPath : int { Auto = 0, Aten = 1, OneDnn = 2, Packed = 3, Simd 
 // features), K, dtype, threads, whether it accumulates into an addend, the row stride of its
 // output (N, or more for a column block of a wider tensor, which costs some paths a copy),
 // whether its operands come transposed (the weight gradients, gemm_tn: x = aᵀ, weight = bᵀ),
-// whether the weight of a gemm_nt is a transposed view (the input gradient's W_ihᵀ), and the
-// column groups of a repeated GEMM's weight (one per gate where the fused step splits units).
+// whether the weight of a gemm_nt is a transposed view (the input gradient's W_ihᵀ), the
+// column groups of a repeated GEMM's weight (one per gate where the fused step splits units), and
+// whether a repeated GEMM's simd path reads the weight as stored (few rows in all: the dot form).
 struct GemmKey {
   bool repeated;
   int64_t rows, n, k;
@@ -163,9 +164,10 @@ struct GemmKey {
   bool transposed = false;
   bool weight_transposed = false;
   int64_t column_groups = 1;
+  bool weight_as_stored = false;
   auto tie() const {
     return std::tie(repeated, rows, n, k, dtype, threads, accumulate, out_stride, transposed,
-                    weight_transposed, column_groups);
+                    weight_transposed, column_groups, weight_as_stored);
   }
   bool operator<(const GemmKey& other) const { return tie() < other.tie(); }
 };
@@ -234,11 +236,13 @@ CpuGemmPath transposed_gemm_path(const Tensor& a, const Tensor& b);
 // ATen. `x` and `out` need a unit column stride (`out` may be a column slice of a wider tensor).
 class RepeatedGemm {
  public:
-  // out_stride: the row stride of the outputs `run` will get (0: N, contiguous rows); the
-  // measured trials write the same layout. column_groups: the weight's rows are that many equal
-  // groups (a recurrent weight's gates, which run_recurrent_step computes one gate at a time).
-  RepeatedGemm(const Tensor& weight, int64_t max_rows, bool accumulate, int64_t out_stride = 0,
-               int64_t column_groups = 1, const Tensor& bias = Tensor());
+  // uses: how many times the call will run it (a loop's steps), which with max_rows decides
+  // whether the simd path packs the weight (kSimdDotMaxRows). out_stride: the row stride of the
+  // outputs `run` will get (0: N, contiguous rows); the measured trials write the same layout.
+  // column_groups: the weight's rows are that many equal groups (a recurrent weight's gates,
+  // which run_recurrent_step computes one gate at a time).
+  RepeatedGemm(const Tensor& weight, int64_t max_rows, int64_t uses, bool accumulate,
+               int64_t out_stride = 0, int64_t column_groups = 1, const Tensor& bias = Tensor());
   // The result: `out` itself, written in place, or (oneDNN) a new [m, N] tensor.
   Tensor run(const Tensor& x, const Tensor& out) const;
   // The result in `out`, always.
@@ -253,7 +257,7 @@ class RepeatedGemm {
  private:
   RepeatedGemm(const Tensor& weight, bool accumulate, int64_t column_groups,
                const Tensor& bias);  // for trials
-  void prepare(CpuGemmPath path, int64_t max_rows);
+  void prepare(CpuGemmPath path, int64_t max_rows, bool weight_as_stored);
   Tensor compute(const Tensor& x, const Tensor& out) const;
   // Runs `gemm` (of `rows` rows), timing it when it is a sample for the re-check.
   template <typename F>
@@ -261,6 +265,7 @@ class RepeatedGemm {
 
   Tensor weight_, weight_t_, prepared_, bias_;
   bool accumulate_;
+  bool dot_ = false;  // the simd path with the weight as stored (kSimdDotMaxRows)
   int64_t column_groups_;
   CpuGemmPath path_ = CpuGemmPath::Aten;
   std::shared_ptr<ChoiceHealth> health_;  // measured choices only
@@ -288,7 +293,16 @@ inline void run_gru_backward(const PointwiseKernels& kernels, const GruBackwardS
 
 // One-off simd GEMMs (the LSTMCell step's) of up to this many rows read the weight as it is
 // stored (the dot form: packing it would cost more than it saves); more rows pack it (gemm.cpp).
+// So do repeated ones of up to kSimdDotRepeatedMaxRows rows and as many rows in all (max_rows *
+// uses: a short sequence at a small batch, streaming inference), whose packing is paid once per
+// call. On a Zen 4 (H = 256) the dot form's step took 0.7 us more than the panel tile's at
+// batch 1, 1.6 us at batch 2, about 10% more at batch 4 and 23% at 16; packing the 1 MiB weight
+// about 50 us: packing paid from about 64 rows in all at batches 1-4. From 8 rows a step the dot
+// form is slow enough that the measured choice may take another path, whose preparation
+// (oneDNN's reorder) it does not count either.
 constexpr int64_t kSimdDotMaxRows = 32;
+constexpr int64_t kSimdDotRepeatedMaxRows = 4;
+
 
 // The float32 CPU forward step of the simd path (peephole none or diagonal): h_{t-1} W_hhᵀ added
 // to z and the pointwise forward, in one kernel (cpu/small_gemm_kernels.h), with the weight as it

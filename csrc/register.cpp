@@ -67,7 +67,7 @@ PyObject* cpu_gemm_paths(PyObject*, PyObject* arg) {
 }
 
 // [(repeated, rows, n, k, dtype, threads, accumulate, out_stride, path, {path: seconds},
-//   measurements, transposed, weight_transposed, column_groups)]
+//   measurements, transposed, weight_transposed, column_groups, weight_as_stored)]
 PyObject* cpu_gemm_choices(PyObject*, PyObject*) {
   return guarded([] {
     PyObject* list = PyList_New(0);
@@ -79,13 +79,13 @@ PyObject* cpu_gemm_choices(PyObject*, PyObject*) {
         Py_DECREF(value);
       }
       PyObject* item = Py_BuildValue(
-          "(OLLLsiOLsNiOOL)", key.repeated ? Py_True : Py_False, static_cast<long long>(key.rows),
+          "(OLLLsiOLsNiOOLO)", key.repeated ? Py_True : Py_False, static_cast<long long>(key.rows),
           static_cast<long long>(key.n), static_cast<long long>(key.k),
           std::string(c10::getDtypeNames(key.dtype).first).c_str(), key.threads,
           key.accumulate ? Py_True : Py_False, static_cast<long long>(key.out_stride),
           lstm_fused::cpu_gemm_path_name(choice.path).c_str(), seconds, choice.measurements,
           key.transposed ? Py_True : Py_False, key.weight_transposed ? Py_True : Py_False,
-          static_cast<long long>(key.column_groups));
+          static_cast<long long>(key.column_groups), key.weight_as_stored ? Py_True : Py_False);
       PyList_Append(list, item);
       Py_DECREF(item);
     }

@@ -58,7 +58,10 @@ class Choice(NamedTuple):
     that the fused step splits between the threads by hidden units (the recurrent weight, and the
     input weight of an inference loop): "simd" is the default there, left only for a 5% gain,
     since only it computes each thread's units where that thread's step reads them next and adds
-    the bias in its tiles, which a trial of the GEMM alone does not see."""
+    the bias in its tiles, which a trial of the GEMM alone does not see; `weight_as_stored`: a
+    repeated GEMM of at most 4 rows a step and 32 in all over the call (a short sequence at a small
+    batch: streaming), where "simd" takes dot products over the weight as stored instead of
+    packing it at every call."""
 
     repeated: bool
     rows: int
@@ -74,6 +77,7 @@ class Choice(NamedTuple):
     transposed: bool
     weight_transposed: bool
     column_groups: int
+    weight_as_stored: bool
 
 
 def get_mode() -> str:

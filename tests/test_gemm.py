@@ -122,6 +122,33 @@ def test_simd_path_runs_the_fused_step_at_every_batch_size(batch):
     assert seen.get("lstm_fused::recurrent_step", 0) == 3 and seen.get("aten::addmm_", 0) == 0
 
 
+@pytest.mark.parametrize("steps, batch", [(1, 1), (32, 1), (33, 1), (16, 2), (17, 2), (8, 4),
+                                          (9, 4), (3, 9), (4, 9), (1, 32), (1, 33)])
+def test_a_short_call_reads_the_weights_as_stored(steps, batch):
+    """A call of at most 32 rows in all (T * B: streaming inference, a short sequence at a small
+    batch) takes dot products over W_ih as it is stored (the input projection, a one-off GEMM of
+    T * B rows), and over W_hh too at batches up to 4 (the loop's recurrent GEMM, B rows T
+    times), as the LSTMCell step does: packing 1 MiB of weight each (H = 256) at every call would
+    cost more than the short forward itself. Otherwise each weight is packed, once per call. The
+    choice says which form its simd path took."""
+    require("simd")
+    cpu_gemm.set_mode("simd")
+    module, x = lstm_fused.LSTM(8, 16), torch.randn(steps, batch, 8)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        module(x)
+    seen = {e.key: e.count for e in prof.key_averages()}
+    few = steps * batch <= 32
+    packs = (not few) + (not few or batch > 4)
+    assert seen.get("lstm_fused::pack_weight", 0) == packs, seen
+    assert seen.get("lstm_fused::recurrent_step", 0) == steps, seen
+    cpu_gemm.set_mode("auto")  # a measured choice (forced paths are not) shows the form
+    cpu_gemm.clear()
+    with torch.no_grad():
+        module(x)
+    repeated = [c for c in cpu_gemm.choices() if c.repeated]
+    assert [c.weight_as_stored for c in repeated] == [few and batch <= 4], repeated
+
+
 @pytest.mark.parametrize("hidden, input_size, rows", [(7, 5, 1), (16, 16, 4), (37, 19, 16),
                                                       (64, 100, 3), (130, 33, 2), (20, 17, 5),
                                                       (33, 31, 7), (16, 16, 17), (65, 40, 31),
@@ -187,12 +214,13 @@ def test_simd_results_do_not_depend_on_the_thread_count(rows):
 
 
 def test_simd_results_do_not_depend_on_the_row_blocking():
-    """Rows go through tiles of 8, 4, 2 or 1 rows (the panel kernel of the time loop; the dot
-    kernel of the input projection: 4, 2, 1); each output is summed in the same order in all of
+    """Rows go through tiles of 8, 4, 2 or 1 rows of the panel kernel (6 rows with AVX2), the
+    time loop's and the input projection's; each output is summed in the same order in all of
     them: a sequence alone (batch 1) gives the bits it gives among 15 (an 8-row, a 4-row, a 2-row
-    and a 1-row tile). T * B <= 32 rows: the input projection takes the dot form either way."""
+    and a 1-row tile). T = 40: more than 32 rows in all, so both weights are packed either way
+    (fewer take the dot form, whose sums run in another order)."""
     cpu_gemm.set_mode("simd")
-    module, x = lstm_fused.LSTM(24, 40), torch.randn(2, 15, 24)
+    module, x = lstm_fused.LSTM(24, 40), torch.randn(40, 15, 24)
     with torch.no_grad():
         together = module(x)[0]
         for b in range(15):
