@@ -297,12 +297,11 @@ inline void run_gru_backward(const PointwiseKernels& kernels, const GruBackwardS
 // uses: a short sequence at a small batch, streaming inference), whose packing is paid once per
 // call. On a Zen 4 (H = 256) the dot form's step took 0.7 us more than the panel tile's at
 // batch 1, 1.6 us at batch 2, about 10% more at batch 4 and 23% at 16; packing the 1 MiB weight
-// about 50 us: packing paid from about 64 rows in all at batches 1-4. From 8 rows a step the dot
-// form is slow enough that the measured choice may take another path, whose preparation
+// about 50 us: packing paid from about 60-70 rows in all at batches 1 and 2. From 8 rows a step
+// the dot form is slow enough that the measured choice may take another path, whose preparation
 // (oneDNN's reorder) it does not count either.
 constexpr int64_t kSimdDotMaxRows = 32;
 constexpr int64_t kSimdDotRepeatedMaxRows = 4;
-
 
 // The float32 CPU forward step of the simd path (peephole none or diagonal): h_{t-1} W_hhᵀ added
 // to z and the pointwise forward, in one kernel (cpu/small_gemm_kernels.h), with the weight as it

@@ -2,18 +2,18 @@
 // pointwise kernels (included by pointwise_cpu*.cpp after pointwise_cpu_kernels.h, whose
 // includes and namespaces it shares); small_gemm.h describes them.
 //
-// Three forms (small_gemm.h; the transposed form has its own section below). The dot form reads the weight as it is stored ([N, K] rows, as
-// nn.LSTM keeps it), so nothing is packed per call (the LSTMCell step): a tile of kRows rows of x
-// (4, then 2 and 1 for the rest) and kLanes / kRows weight rows (one SIMD register's width in all:
-// 16 with AVX-512) is computed with one accumulator register per output, and the accumulators are
-// then summed across lanes all at once by a tree of deinterleave-and-add steps, whose result holds
-// the tile's outputs in order. The panel form reads the weight packed once per call into k-major
-// panels (a layer's time loop reuses it T times), as outer products of broadcast x values and
-// weight vectors: no sums across lanes, twice the FMAs per load (the reason to pack, from 4
-// rows up). Each thread gets the same blocks at every call of the same shape (at::parallel_for
-// splits a range the same way every time), so in a time loop its share of the recurrent weight
-// stays in its core's cache. Every output is summed by one thread in a fixed order: results do
-// not depend on the thread count (nor on the tile an output falls in).
+// Three forms (small_gemm.h; the transposed form has its own section below). The dot form reads the
+// weight as it is stored ([N, K] rows, as nn.LSTM keeps it), so nothing is packed per call (the
+// LSTMCell step): a tile of kRows rows of x (4, then 2 and 1 for the rest) and kLanes / kRows
+// weight rows (one SIMD register's width in all: 16 with AVX-512) is computed with one accumulator
+// register per output, and the accumulators are then summed across lanes all at once by a tree of
+// deinterleave-and-add steps, whose result holds the tile's outputs in order. The panel form reads
+// the weight packed once per call into k-major panels (a layer's time loop reuses it T times), as
+// outer products of broadcast x values and weight vectors: no sums across lanes, twice the FMAs per
+// load (the reason to pack, from 4 rows up). Each thread gets the same blocks at every call of the
+// same shape (at::parallel_for splits a range the same way every time), so in a time loop its share
+// of the recurrent weight stays in its core's cache. Every output is summed by one thread in a
+// fixed order: results do not depend on the thread count (nor on the tile an output falls in).
 #pragma once
 
 #include <algorithm>
@@ -135,14 +135,15 @@ void dot_gemm(const DotGemm& p) {
 //
 // An outer-product tile: kRows rows of x by kPanels panels (kPanels * kLanes output columns), one
 // accumulator register per (row, panel); at each k, one load per panel and one broadcast per row
-// feed kRows * kPanels FMAs. No sums across lanes and no stores but the tile's vectors at the
-// end: with AVX-512, 8 rows by 3 panels keep 24 accumulators and 2 of every 3 instructions are
-// FMAs; with AVX2 (16 registers), 6 rows by 2 panels keep 12, more chains of FMAs than the two
-// pipes' latency needs in flight (4 by 2, whose 8 chains just cover it, took 1.04-1.10x the time
-// of the B = 12-64 recurrent GEMM and 1.03-1.09x of the weight and input gradients on a Zen 4
-// capped at AVX2). Every output is one chain of FMAs over k in order, then added to `out` when accumulating
-// (or the bias added to it): the result depends neither on the tile an output falls in nor on the
-// thread count, and equals the sum and a separate bias add (x·wᵀ + b in training) bit for bit.
+// feed kRows * kPanels FMAs. No sums across lanes and no stores but the tile's vectors at the end:
+// with AVX-512, 8 rows by 3 panels keep 24 accumulators and 2 of every 3 instructions are FMAs;
+// with AVX2 (16 registers), 6 rows by 2 panels keep 12, more chains of FMAs than the two pipes'
+// latency needs in flight (4 by 2, whose 8 chains just cover it, took 1.05-1.13x the time of the
+// B = 12-32 recurrent GEMM on a Zen 4 capped at AVX2, and its weight and input gradients were 3-9%
+// slower against ATen's). Every output is one chain of FMAs over k in order, then added to `out`
+// when accumulating (or the bias added to it): the result depends neither on the tile an output
+// falls in nor on the thread count, and equals the sum and a separate bias add (x·wᵀ + b in
+// training) bit for bit.
 constexpr int kPanelRows = kLanes >= 16 ? 8 : 6;
 constexpr int kTilePanels = kLanes >= 16 ? 3 : 2;
 
