@@ -214,17 +214,20 @@ def test_simd_results_do_not_depend_on_the_thread_count(rows):
 
 
 def test_simd_results_do_not_depend_on_the_row_blocking():
-    """Rows go through tiles of 8, 4, 2 or 1 rows of the panel kernel (6 rows with AVX2), the
-    time loop's and the input projection's; each output is summed in the same order in all of
-    them: a sequence alone (batch 1) gives the bits it gives among 15 (an 8-row, a 4-row, a 2-row
-    and a 1-row tile). T = 40: more than 32 rows in all, so both weights are packed either way
-    (fewer take the dot form, whose sums run in another order)."""
+    """Rows go through tiles of 8, 4, 2 or 1 rows of the panel kernel (6 rows with AVX2) in the
+    input projection, and with AVX-512 through tiles of every gate's units by 6, 4, 2 or 1 rows in
+    the time loop; each output is summed in the same order in all of them: a sequence alone
+    (batch 1) gives the bits it gives among 15 (8 + 4 + 2 + 1; 6 + 6 + 2 + 1) or 31 (8 * 3 + 4 +
+    2 + 1; 6 * 4 + 4 + 2 + 1). T = 40: more than 32 rows in all, so both weights are packed either
+    way (fewer take the dot form, whose sums run in another order)."""
     cpu_gemm.set_mode("simd")
-    module, x = lstm_fused.LSTM(24, 40), torch.randn(40, 15, 24)
-    with torch.no_grad():
-        together = module(x)[0]
-        for b in range(15):
-            assert torch.equal(module(x[:, b:b + 1])[0], together[:, b:b + 1]), b
+    module = lstm_fused.LSTM(24, 40)
+    for batch in (15, 31):
+        x = torch.randn(40, batch, 24)
+        with torch.no_grad():
+            together = module(x)[0]
+            for b in range(batch):
+                assert torch.equal(module(x[:, b:b + 1])[0], together[:, b:b + 1]), (batch, b)
 
 
 # --- the weight gradients' transposed GEMM (gemm_tn: aᵀ·b over the T*B rows) ------------------
