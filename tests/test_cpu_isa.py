@@ -343,8 +343,9 @@ import torch
 import lstm_fused  # noqa: F401  (registers the ops)
 
 H = 4099                           # not a multiple of any SIMD width: the tails run too
-x = torch.cat([torch.linspace(-12, 12, H - 7), torch.tensor(
-    [0.0, -0.0, 1e-30, -3e-4, float("inf"), float("-inf"), float("nan")])])
+x = torch.cat([torch.linspace(-12, 12, H - 13), torch.tensor(
+    [0.0, -0.0, 1e-30, -3e-4, -88.5, -80.0, -30.0, 30.0, 87.5, 100.0, float("inf"),
+     float("-inf"), float("nan")])])
 gates = torch.zeros(1, 4, H)
 gates[0, 1] = 40.0                 # forget gate 1, c_prev 0: c = i * g
 gates[0, 0] = x                    # i = sigmoid(x)
@@ -367,8 +368,10 @@ print(json.dumps({"tanh": worst(out[2], torch.tanh(xd)),
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_simd_activations_are_accurate_on_each_build(level):
-    """tanh (rational approximation) within 4 ULP and sigmoid (ATen's 20-ULP exp) within 24 ULP
-    of float64, NaN kept, tanh(+-inf) = +-1, in each kernel build."""
+    """tanh (rational approximation) within 4 ULP and sigmoid (1 / (1 + exp(-x)), our exp:
+    1.6 ULP on the Zen 4 with AVX2 and AVX-512) within 4 ULP of float64, also where exp(-x)
+    over- or underflows (|x| up to 100 and inf), NaN kept, tanh(+-inf) = +-1, in each kernel
+    build."""
     if not supports(level):
         pytest.skip(f"this CPU supports up to {machine_level()}, not {level}")
     run = run_fresh(["-c", ACTIVATIONS], ATEN_CPU_CAPABILITY=level)
@@ -378,7 +381,7 @@ def test_simd_activations_are_accurate_on_each_build(level):
     tanh_rel, tanh_nan, tanh_inf = result["tanh"]
     assert tanh_rel < 4 * eps and tanh_nan and tanh_inf, result
     sigmoid_rel, sigmoid_nan, _ = result["sigmoid"]
-    assert sigmoid_rel < 24 * eps and sigmoid_nan, result
+    assert sigmoid_rel < 4 * eps and sigmoid_nan, result
 
 
 # --- the simd GEMM kernels in each build ----------------------------------------------------------

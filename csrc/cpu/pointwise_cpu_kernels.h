@@ -25,11 +25,53 @@ namespace lstm_fused {
 inline namespace LSTM_FUSED_ISA {
 template <typename T>
 inline at::vec::Vectorized<T> lstm_exp(at::vec::Vectorized<T> x) { return x.exp(); }
-// float: ATen's polynomial exp (20 ULP, ~1e-6 relative), as its softmax uses; the 1-ULP Sleef exp
-// costs about twice as much and the fused step computes up to three per element. exp_u20 clamps
-// its input first, which turns NaN into a number: NaN is put back, so a NaN gate stays NaN.
+// float: exp(x) = 2^n e^r, n = round(x log2 e), r = x - n ln 2 (ln 2 in two parts, so r is exact
+// to a few ULP), e^r by its Taylor polynomial of degree 6 (|r| <= ln2 / 2: error below 1.2e-7);
+// at most 4 ULP on [-87, 88]. The fused step computes up to three per element; this form takes 12
+// vector operations with AVX-512 (scalef multiplies by 2^n and overflows to inf, underflows to 0)
+// and 15 with AVX2 (2^n built in the exponent bits, n clamped to the normal range), against 21
+// for ATen's 20-ULP exp_u20 with the NaN put back that it loses (the LSTM forward's activations,
+// in a loop on a Zen 4: 88 cycles per 16 units against 98; the inference forward at T = 100,
+// I = H = 256, B = 16-64: 0.98-0.99x the time, capped at AVX2 0.98x). The clamps keep NaN
+// (min/max return their second operand when one is NaN), so a NaN gate stays NaN.
 inline at::vec::Vectorized<float> lstm_exp(at::vec::Vectorized<float> x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  using Reg = __m512;
+  const auto set = [](float v) { return _mm512_set1_ps(v); };
+  const Reg v = _mm512_max_ps(set(-104.f), _mm512_min_ps(set(89.f), x));
+  const Reg n = _mm512_roundscale_ps(_mm512_mul_ps(v, set(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const auto fma = [](Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); };
+  const auto fnma = [](Reg a, Reg b, Reg c) { return _mm512_fnmadd_ps(a, b, c); };
+#elif defined(CPU_CAPABILITY_AVX2)
+  using Reg = __m256;
+  const auto set = [](float v) { return _mm256_set1_ps(v); };
+  const Reg v = _mm256_max_ps(set(-87.3f), _mm256_min_ps(set(88.7f), x));  // n in [-126, 128]
+  const Reg n = _mm256_round_ps(_mm256_mul_ps(v, set(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const auto fma = [](Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); };
+  const auto fnma = [](Reg a, Reg b, Reg c) { return _mm256_fnmadd_ps(a, b, c); };
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  Reg r = fnma(n, set(0.693359375f), v);  // ln 2 = 0.693359375 - 2.12194440e-4 (+ 1e-11)
+  r = fnma(n, set(-2.12194440e-4f), r);
+  Reg p = fma(set(1.f / 720), r, set(1.f / 120));
+  p = fma(p, r, set(1.f / 24));
+  p = fma(p, r, set(1.f / 6));
+  p = fma(p, r, set(0.5f));
+  p = fma(p, r, set(1.f));
+  p = fma(p, r, set(1.f));
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_scalef_ps(p, n);
+#elif defined(CPU_CAPABILITY_AVX2)
+  // 2^n from its exponent bits: n = 128 gives the bits of inf (e^88.38.. is near FLT_MAX).
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+#else
   return at::vec::Vectorized<float>::blendv(x.exp_u20(), x, x.isnan());
+#endif
 }
 template <typename T>
 inline at::vec::Vectorized<T> lstm_tanh(at::vec::Vectorized<T> x) { return x.tanh(); }
