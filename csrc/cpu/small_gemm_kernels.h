@@ -152,8 +152,10 @@ void dot_gemm(const DotGemm& p) {
 // instead of 2 to 8. Against tiles of one gate, a Zen 4's inference forward (T = 100, I = H = 256,
 // 2 threads; in one process, the order of the two forms shuffled every round) took 0.99x the time
 // at B = 1, 0.97x at B = 4, 0.98x at B = 16 and 0.99-1.00x at B = 64-128. AVX2 has too few
-// registers for it: 4 gates by 3 rows (12 accumulators and 4 weight registers) ran even, by 4 and
-// 2 rows 1.2-1.3x slower.
+// registers for it as the main tile: 4 gates by 3 rows (12 accumulators and 4 weight registers)
+// was slower than 6 rows by 2 panels at B = 16 (1.06x), by 4 and 2 rows 1.2-1.3x; it takes only
+// the 1-3 rows that one-gate tiles would leave to 2- and 1-row tiles (group_columns): capped at
+// AVX2, B = 1 0.79x, B = 2 0.89x, B = 3 0.75x, B = 5 0.89x the time.
 constexpr int kPanelRows = kLanes >= 16 ? 8 : 6;
 constexpr int kTilePanels = kLanes >= 16 ? 3 : 2;
 constexpr bool kGroupTiles = kLanes >= 16;
@@ -254,15 +256,30 @@ void panel_columns(const PanelGemm& p, int64_t r_begin, int64_t r_end, int64_t g
   }
 }
 
-// Rows [r_begin, r_end) of every group's columns [c_begin, c_end) (c_begin a multiple of kLanes):
-// with kGroupTiles and 3 or 4 groups (the gates), tiles of one panel of each group, 24 / groups
-// rows; else panel_columns of each group.
+// The rows of [0, rows) that tile_rows<6, ...> leaves to its 2- and 1-row tiles (0-3).
+int64_t short_tile_rows(int64_t rows) {
+  int64_t r = 0;
+  while (r + 6 <= rows && rows - r != 8) r += 6;
+  while (r + 4 <= rows) r += 4;
+  return rows - r;
+}
+
+// Rows [r_begin, r_end) of every group's columns [c_begin, c_end) (c_begin a multiple of kLanes).
+// With 3 or 4 groups (the gates), tiles of one panel of each group: with AVX-512 every row, 24 /
+// groups rows at a time; with AVX2 the 1-3 rows that the one-group tiles would leave to their
+// 2- and 1-row tiles (4 and 2 chains of FMAs, where the two pipes need 8 in flight; 3 rows of 4
+// gates keep 12, but as the main tile they ran slower than 6 rows by 2 panels). Else (and the
+// other rows) panel_columns of each group.
 void group_columns(const PanelGemm& p, int64_t r_begin, int64_t r_end, int64_t c_begin,
                    int64_t c_end) {
-  if (!kGroupTiles || (p.groups != 3 && p.groups != 4)) {
-    for (int64_t g = 0; g < p.groups; ++g) panel_columns(p, r_begin, r_end, g, c_begin, c_end);
-    return;
+  const bool gates = p.groups == 3 || p.groups == 4;
+  const int64_t r_split = !gates      ? r_end
+                          : kGroupTiles ? r_begin
+                                        : r_end - short_tile_rows(r_end - r_begin);
+  if (r_split > r_begin) {
+    for (int64_t g = 0; g < p.groups; ++g) panel_columns(p, r_begin, r_split, g, c_begin, c_end);
   }
+  if (r_split == r_end) return;
   auto tiles = [&](auto groups) {
     constexpr int kGroups = decltype(groups)::value;
     TileColumns<kGroups> t;
@@ -272,7 +289,7 @@ void group_columns(const PanelGemm& p, int64_t r_begin, int64_t r_end, int64_t c
         t.column[v] = v * p.group_columns + c;
         t.width[v] = static_cast<int>(std::min<int64_t>(kLanes, c_end - c));
       }
-      tile_rows<24 / kGroups>(p, r_begin, r_end, t);
+      tile_rows<kGroupTiles ? 24 / kGroups : 3>(p, r_split, r_end, t);
     }
   };
   if (p.groups == 4) {
