@@ -207,15 +207,18 @@ void panel_tile(const PanelGemm& p, int64_t r0, const TileColumns<kPanels>& t) {
   }
 }
 
+// Whether tile_rows takes a tile of kRows rows with `left` rows to go: 8 rows by fewer than 4
+// panels are two tiles of 4, not 6 and 2 (the 2-row tile's few chains of FMAs wait on latency).
+template <int kRows, int kPanels>
+constexpr bool wide_tile_next(int64_t left) {
+  return left >= kRows && !(kRows == 6 && kPanels < 4 && left == 8);
+}
+
 // Rows [r_begin, r_end) of the tile's columns, in row tiles of kRows, then 4, 2 and 1 rows.
 template <int kRows, int kPanels>
 void tile_rows(const PanelGemm& p, int64_t r_begin, int64_t r_end, const TileColumns<kPanels>& t) {
   int64_t r = r_begin;
-  // 8 rows by fewer than 4 panels are two tiles of 4, not 6 and 2 (the 2-row tile's few chains
-  // of FMAs wait on latency).
-  for (; r + kRows <= r_end && !(kRows == 6 && kPanels < 4 && r_end - r == 8); r += kRows) {
-    panel_tile<kRows, kPanels>(p, r, t);
-  }
+  for (; wide_tile_next<kRows, kPanels>(r_end - r); r += kRows) panel_tile<kRows, kPanels>(p, r, t);
   if constexpr (kRows > 4) {
     for (; r + 4 <= r_end; r += 4) panel_tile<4, kPanels>(p, r, t);
   }
@@ -256,12 +259,11 @@ void panel_columns(const PanelGemm& p, int64_t r_begin, int64_t r_end, int64_t g
   }
 }
 
-// The rows of [0, rows) that tile_rows<6, ...> leaves to its 2- and 1-row tiles (0-3).
+// How many of `rows` rows tile_rows<kRows, kPanels> leaves to its 2- and 1-row tiles (0-3).
+template <int kRows, int kPanels>
 int64_t short_tile_rows(int64_t rows) {
-  int64_t r = 0;
-  while (r + 6 <= rows && rows - r != 8) r += 6;
-  while (r + 4 <= rows) r += 4;
-  return rows - r;
+  while (wide_tile_next<kRows, kPanels>(rows)) rows -= kRows;
+  return kRows > 4 ? rows % 4 : rows;
 }
 
 // Rows [r_begin, r_end) of every group's columns [c_begin, c_end) (c_begin a multiple of kLanes).
@@ -273,9 +275,8 @@ int64_t short_tile_rows(int64_t rows) {
 void group_columns(const PanelGemm& p, int64_t r_begin, int64_t r_end, int64_t c_begin,
                    int64_t c_end) {
   const bool gates = p.groups == 3 || p.groups == 4;
-  const int64_t r_split = !gates      ? r_end
-                          : kGroupTiles ? r_begin
-                                        : r_end - short_tile_rows(r_end - r_begin);
+  const int64_t short_rows = short_tile_rows<kPanelRows, kTilePanels>(r_end - r_begin);
+  const int64_t r_split = !gates ? r_end : kGroupTiles ? r_begin : r_end - short_rows;
   if (r_split > r_begin) {
     for (int64_t g = 0; g < p.groups; ++g) panel_columns(p, r_begin, r_split, g, c_begin, c_end);
   }
