@@ -161,8 +161,8 @@ def test_simd_kernels_match_the_reference_at_every_width(hidden, input_size, row
                                                          packed):
     """Weight rows and K that are not multiples of the SIMD width: the dot kernel's partial
     tiles and masked K tail (one-off GEMMs of up to 32 rows, row blocks of 4, then 2 and 1), the
-    panel kernel's zero-padded last panel of each gate and its tiles of 3, 2 and 1 panels by 8,
-    4, 2 and 1 rows (the time loop's GEMMs, and one-off GEMMs of more rows: 6 * 22 and 6 * 24
+    panel kernel's zero-padded last panel of each gate and its tiles of 3, 2 and 1 panels by 1
+    to 8 rows (the time loop's GEMMs, and one-off GEMMs of more rows: 6 * 22 and 6 * 24
     input rows, over 128, take its row-split form), forward and backward; full peepholes take
     the simd GEMM without the fused step. Packed input keeps h in a running state that the fused
     step reads from every thread: it must not be overwritten while the step runs."""
@@ -213,16 +213,19 @@ def test_simd_results_do_not_depend_on_the_thread_count(rows):
             assert torch.equal(a, b)
 
 
-def test_simd_results_do_not_depend_on_the_row_blocking():
-    """Rows go through tiles of 8, 4, 2 or 1 rows of the panel kernel (6 rows with AVX2) in the
-    input projection, and with AVX-512 through tiles of every gate's units by 6, 4, 2 or 1 rows in
-    the time loop; each output is summed in the same order in all of them: a sequence alone
-    (batch 1) gives the bits it gives among 15 (8 + 4 + 2 + 1; 6 + 6 + 2 + 1) or 31 (8 * 3 + 4 +
-    2 + 1; 6 * 4 + 4 + 2 + 1). T = 40: more than 32 rows in all, so both weights are packed either
-    way (fewer take the dot form, whose sums run in another order)."""
+@pytest.mark.parametrize("coupled", [False, True], ids=["4gates", "3gates"])
+def test_simd_results_do_not_depend_on_the_row_blocking(coupled):
+    """Rows go through row tiles of the panel kernel of 1 to 8 rows (6 with AVX2) in the input
+    projection, and with AVX-512 through tiles of every gate's units of up to 6 rows (8 for the
+    3 coupled gates) in the time loop: kRows while 3 rows or more would be left, then one tile
+    or two near-equal ones, in chunks of 16 rows from 8 rows (2; 5; 7 = 4 + 3; 8 = 4 + 4 (8);
+    9 = 6 + 3 (5 + 4); 14 = 6 + 4 + 4 (8 + 6); 15; 31 = 16 + 15). Each output is summed in the
+    same order in all of them: a sequence alone (batch 1) gives the bits it gives among the
+    others. T = 40: more than 32 rows in all, so both weights are packed either way (fewer take
+    the dot form, whose sums run in another order)."""
     cpu_gemm.set_mode("simd")
-    module = lstm_fused.LSTM(24, 40)
-    for batch in (15, 31):
+    module = lstm_fused.LSTM(24, 40, coupled=coupled)
+    for batch in (2, 5, 7, 8, 9, 14, 15, 31):
         x = torch.randn(40, batch, 24)
         with torch.no_grad():
             together = module(x)[0]

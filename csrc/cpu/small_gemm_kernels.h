@@ -154,8 +154,9 @@ void dot_gemm(const DotGemm& p) {
 // at B = 1, 0.97x at B = 4, 0.98x at B = 16 and 0.99-1.00x at B = 64-128. AVX2 has too few
 // registers for it as the main tile: 4 gates by 3 rows (12 accumulators and 4 weight registers)
 // was slower than 6 rows by 2 panels at B = 16 (1.06x), by 4 and 2 rows 1.2-1.3x; it takes only
-// the 1-3 rows that one-gate tiles would leave to 2- and 1-row tiles (group_columns): capped at
-// AVX2, B = 1 0.79x, B = 2 0.89x, B = 3 0.75x, B = 5 0.89x the time.
+// the 1-3 rows that one-gate tiles would leave to a last tile of fewer than 4 rows
+// (group_columns): capped at AVX2, B = 1 0.79x, B = 2 0.89x, B = 3 0.75x, B = 5 0.89x the time
+// (against 2- and 1-row tiles, before next_tile_rows).
 constexpr int kPanelRows = kLanes >= 16 ? 8 : 6;
 constexpr int kTilePanels = kLanes >= 16 ? 3 : 2;
 constexpr bool kGroupTiles = kLanes >= 16;
@@ -207,23 +208,35 @@ void panel_tile(const PanelGemm& p, int64_t r0, const TileColumns<kPanels>& t) {
   }
 }
 
-// Whether tile_rows takes a tile of kRows rows with `left` rows to go: 8 rows by fewer than 4
-// panels are two tiles of 4, not 6 and 2 (the 2-row tile's few chains of FMAs wait on latency).
-template <int kRows, int kPanels>
-constexpr bool wide_tile_next(int64_t left) {
-  return left >= kRows && !(kRows == 6 && kPanels < 4 && left == 8);
+// The rows of the next row tile with `left` rows to go, tiles of at most kRows rows: kRows while
+// at least 3 rows would be left after it, then the rest in one tile, or kRows + 1 or + 2 rows in
+// two near-equal tiles (8 rows by 6 are 4 + 4, not 6 + 2: a tile of 1 or 2 rows has few chains
+// of FMAs, which wait on latency, and reads the tile's weight once more for a row or two).
+// Against tiles of kRows, then 4, 2 and 1 rows, a Zen 4's inference forward (T = 100, I = H =
+// 256, 2 threads, the two plans in one process in a shuffled order) took 0.91x the time at B = 3,
+// 0.94x at B = 5, 0.96x at B = 7, 0.97x at B = 8; capped at AVX2, 0.91x at B = 5, 0.98x at
+// B = 7, the same at 1, 3, 8 and 16.
+constexpr int64_t next_tile_rows(int64_t left, int64_t max_rows) {
+  return left <= max_rows ? left : left - max_rows >= 3 ? max_rows : (left + 1) / 2;
 }
 
-// Rows [r_begin, r_end) of the tile's columns, in row tiles of kRows, then 4, 2 and 1 rows.
+// panel_tile<rows, kPanels> for 1 <= rows <= kRows.
+template <int kRows, int kPanels>
+void panel_tile_of(int64_t rows, const PanelGemm& p, int64_t r0, const TileColumns<kPanels>& t) {
+  if constexpr (kRows > 1) {
+    if (rows < kRows) return panel_tile_of<kRows - 1, kPanels>(rows, p, r0, t);
+  }
+  panel_tile<kRows, kPanels>(p, r0, t);
+}
+
+// Rows [r_begin, r_end) of the tile's columns, in row tiles of up to kRows (next_tile_rows).
 template <int kRows, int kPanels>
 void tile_rows(const PanelGemm& p, int64_t r_begin, int64_t r_end, const TileColumns<kPanels>& t) {
-  int64_t r = r_begin;
-  for (; wide_tile_next<kRows, kPanels>(r_end - r); r += kRows) panel_tile<kRows, kPanels>(p, r, t);
-  if constexpr (kRows > 4) {
-    for (; r + 4 <= r_end; r += 4) panel_tile<4, kPanels>(p, r, t);
+  for (int64_t r = r_begin; r < r_end;) {
+    const int64_t rows = next_tile_rows(r_end - r, kRows);
+    panel_tile_of<kRows, kPanels>(rows, p, r, t);
+    r += rows;
   }
-  for (; r + 2 <= r_end; r += 2) panel_tile<2, kPanels>(p, r, t);
-  for (; r < r_end; ++r) panel_tile<1, kPanels>(p, r, t);
 }
 
 // Rows [r_begin, r_end) of group g's columns [c0, c0 + kPanels * kLanes) (kPanels <=
@@ -259,23 +272,23 @@ void panel_columns(const PanelGemm& p, int64_t r_begin, int64_t r_end, int64_t g
   }
 }
 
-// How many of `rows` rows tile_rows<kRows, kPanels> leaves to its 2- and 1-row tiles (0-3).
-template <int kRows, int kPanels>
+// How many of `rows` rows tile_rows<kRows> leaves to a last tile of fewer than 4 rows (0-3).
+template <int kRows>
 int64_t short_tile_rows(int64_t rows) {
-  while (wide_tile_next<kRows, kPanels>(rows)) rows -= kRows;
-  return kRows > 4 ? rows % 4 : rows;
+  while (next_tile_rows(rows, kRows) < rows) rows -= next_tile_rows(rows, kRows);
+  return rows < 4 ? rows : 0;
 }
 
 // Rows [r_begin, r_end) of every group's columns [c_begin, c_end) (c_begin a multiple of kLanes).
 // With 3 or 4 groups (the gates), tiles of one panel of each group: with AVX-512 every row, 24 /
-// groups rows at a time; with AVX2 the 1-3 rows that the one-group tiles would leave to their
-// 2- and 1-row tiles (4 and 2 chains of FMAs, where the two pipes need 8 in flight; 3 rows of 4
-// gates keep 12, but as the main tile they ran slower than 6 rows by 2 panels). Else (and the
-// other rows) panel_columns of each group.
+// groups rows at a time; with AVX2 the 1-3 rows that the one-group tiles would leave to a last
+// tile of fewer than 4 rows (2 to 6 chains of FMAs, where the two pipes need 8 in flight; 3 rows
+// of 4 gates keep 12, but as the main tile they ran slower than 6 rows by 2 panels). Else (and
+// the other rows) panel_columns of each group.
 void group_columns(const PanelGemm& p, int64_t r_begin, int64_t r_end, int64_t c_begin,
                    int64_t c_end) {
   const bool gates = p.groups == 3 || p.groups == 4;
-  const int64_t short_rows = short_tile_rows<kPanelRows, kTilePanels>(r_end - r_begin);
+  const int64_t short_rows = short_tile_rows<kPanelRows>(r_end - r_begin);
   const int64_t r_split = !gates ? r_end : kGroupTiles ? r_begin : r_end - short_rows;
   if (r_split > r_begin) {
     for (int64_t g = 0; g < p.groups; ++g) panel_columns(p, r_begin, r_split, g, c_begin, c_end);
