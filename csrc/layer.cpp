@@ -19,6 +19,7 @@
 #include <numeric>
 
 #include "ops.h"
+#include "thread_team.h"
 
 namespace lstm_fused {
 
@@ -362,6 +363,8 @@ class StepPreactivations {
   }
   // All rows (training; inference when one chunk holds them).
   const Tensor& all() const { return rows_; }
+  // Whether loading a chunk runs the simd GEMM (or nothing: all rows at once).
+  bool chunks_on_simd_path() const { return !gemm_ || gemm_->path() == CpuGemmPath::Simd; }
   // The row stride of every step's rows.
   int64_t stride() const { return gemm_ ? buffer_.stride(0) : rows_.stride(0); }
   // The tensor holding step `step`'s rows (steps in processing order), and the first row in it.
@@ -490,73 +493,77 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   // Every thread's GEMM reads all of h_{t-1} while other threads already write their units' h_t:
   // the kernel must not write the running h it reads (packed input), which is updated after it.
   if (one_kernel) p.h_state = nullptr;
-  for (int64_t step = 0; step < s.steps(); ++step) {
-    const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
-    const auto [z_rows, z_row] = preactivations.rows_of(step);
-    p.gates_out = need_backward ? row_ptr(z_rows, z_row) : nullptr;
-    p.c_out = need_backward ? row_ptr(cells, row)
-              : zone_c      ? computed_c.data_ptr()
-                            : state.c.data_ptr();
-    p.h_out = projected ? unprojected.data_ptr() : row_ptr(output, row);
-    p.rows = n;
-    p.keep_c = zone_c ? row_ptr(keep_c, row) : nullptr;
-    p.c_zoned = zoned_cells.defined() ? row_ptr(zoned_cells, row) : nullptr;
-    // h_{t-1} of rows :n (what the recurrent GEMM reads): the running state (packed input, full
-    // peepholes), else h0 or the previous step's output rows. The one-kernel path without
-    // zoneout of h reads raw pointers instead, so it makes no view.
-    const Tensor previous_h = one_kernel && !zone_h ? Tensor()
-                              : full || s.ragged     ? state.h.narrow(0, 0, n)
-                              : step == 0            ? h_initial
-                                           : output.narrow(0, s.offsets[s.time(step - 1)], n);
-    if (zone_h && !projected) {
-      p.keep_h = row_ptr(keep_h, row);
-      p.h_prev = previous_h.data_ptr(), p.h_prev_stride = previous_h.stride(0);
-    }
-    if (one_kernel) {
-      const float* h_prev = s.ragged    ? state.h.const_data_ptr<float>()
-                            : step == 0 ? h_first.const_data_ptr<float>()
-                                        : static_cast<const float*>(
-                                              row_ptr(output, s.offsets[s.time(step - 1)]));
-      p.z = row_ptr(z_rows, z_row), p.z_stride = z_rows.stride(0);
-      recurrent.run_recurrent_step(h_prev, s.ragged ? state.h.stride(0) : R, p);
-      if (s.ragged && !projected) {  // both [n, R] with contiguous rows
-        std::memcpy(state.h.data_ptr(), row_ptr(output, row), n * R * sizeof(float));
+  // The one-kernel loop keeps its threads for all its steps (thread_team.h) where every GEMM in
+  // it is ours: an ATen, MKL or oneDNN call there would run on one thread.
+  run_with_thread_team(one_kernel && !projected && preactivations.chunks_on_simd_path(), [&] {
+    for (int64_t step = 0; step < s.steps(); ++step) {
+      const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
+      const auto [z_rows, z_row] = preactivations.rows_of(step);
+      p.gates_out = need_backward ? row_ptr(z_rows, z_row) : nullptr;
+      p.c_out = need_backward ? row_ptr(cells, row)
+                : zone_c      ? computed_c.data_ptr()
+                              : state.c.data_ptr();
+      p.h_out = projected ? unprojected.data_ptr() : row_ptr(output, row);
+      p.rows = n;
+      p.keep_c = zone_c ? row_ptr(keep_c, row) : nullptr;
+      p.c_zoned = zoned_cells.defined() ? row_ptr(zoned_cells, row) : nullptr;
+      // h_{t-1} of rows :n (what the recurrent GEMM reads): the running state (packed input, full
+      // peepholes), else h0 or the previous step's output rows. The one-kernel path without
+      // zoneout of h reads raw pointers instead, so it makes no view.
+      const Tensor previous_h = one_kernel && !zone_h ? Tensor()
+                                : full || s.ragged     ? state.h.narrow(0, 0, n)
+                                : step == 0            ? h_initial
+                                             : output.narrow(0, s.offsets[s.time(step - 1)], n);
+      if (zone_h && !projected) {
+        p.keep_h = row_ptr(keep_h, row);
+        p.h_prev = previous_h.data_ptr(), p.h_prev_stride = previous_h.stride(0);
       }
-    } else {
-      const Tensor& recurrent_input = previous_h;
-      // z_t = x_t W_ih^T + b (computed for all steps above) + h_{t-1} W_hh^T: in place in the
-      // gates rows (ATen, MKL packed) or a step-sized temporary (oneDNN); in training the kernel
-      // writes the activated gates there. Full peepholes: two GEMMs into the rows' column blocks.
-      Tensor z = z_rows.narrow(0, z_row, n).narrow(1, 0, GH);
-      if (full) {
-        recurrent.run_into(recurrent_input, z.narrow(1, peep_columns, GH - peep_columns));
-        input_peephole->run_into(state.hc.narrow(0, 0, n), z.narrow(1, 0, peep_columns));
+      if (one_kernel) {
+        const float* h_prev = s.ragged    ? state.h.const_data_ptr<float>()
+                              : step == 0 ? h_first.const_data_ptr<float>()
+                                          : static_cast<const float*>(
+                                                row_ptr(output, s.offsets[s.time(step - 1)]));
+        p.z = row_ptr(z_rows, z_row), p.z_stride = z_rows.stride(0);
+        recurrent.run_recurrent_step(h_prev, s.ragged ? state.h.stride(0) : R, p);
+        if (s.ragged && !projected) {  // both [n, R] with contiguous rows
+          std::memcpy(state.h.data_ptr(), row_ptr(output, row), n * R * sizeof(float));
+        }
       } else {
-        z = recurrent.run(recurrent_input, z);
-      }
-      p.z = z.data_ptr(), p.z_stride = z.stride(0);
-      if (full) {
-        p.part = Part::Update;
+        const Tensor& recurrent_input = previous_h;
+        // z_t = x_t W_ih^T + b (computed for all steps above) + h_{t-1} W_hh^T: in place in the
+        // gates rows (ATen, MKL packed) or a step-sized temporary (oneDNN); in training the kernel
+        // writes the activated gates there. Full peepholes: two GEMMs into the rows' column blocks.
+        Tensor z = z_rows.narrow(0, z_row, n).narrow(1, 0, GH);
+        if (full) {
+          recurrent.run_into(recurrent_input, z.narrow(1, peep_columns, GH - peep_columns));
+          input_peephole->run_into(state.hc.narrow(0, 0, n), z.narrow(1, 0, peep_columns));
+        } else {
+          z = recurrent.run(recurrent_input, z);
+        }
+        p.z = z.data_ptr(), p.z_stride = z.stride(0);
+        if (full) {
+          p.part = Part::Update;
+          run_forward(kernels, p);
+          // The output gate sees the computed c~_t (with zoneout of c not the state).
+          const Tensor c_t = need_backward ? cells.narrow(0, row, n).narrow(1, 0, H)
+                             : zone_c      ? computed_c.narrow(0, 0, n)
+                                           : state.c.narrow(0, 0, n);
+          output_peephole->run_into(c_t, z.narrow(1, o_column, H));
+          p.part = Part::Output;
+        }
         run_forward(kernels, p);
-        // The output gate sees the computed c~_t (with zoneout of c not the state).
-        const Tensor c_t = need_backward ? cells.narrow(0, row, n).narrow(1, 0, H)
-                           : zone_c      ? computed_c.narrow(0, 0, n)
-                                         : state.c.narrow(0, 0, n);
-        output_peephole->run_into(c_t, z.narrow(1, o_column, H));
-        p.part = Part::Output;
       }
-      run_forward(kernels, p);
+      if (projected) {
+        const Tensor h = output.narrow(0, row, n);
+        projection->run_into(unprojected.narrow(0, 0, n), h);
+        if (proj_clip > 0) h.clamp_(-proj_clip, proj_clip);
+        // Zoneout of the projected h: m h_{t-1} + (1 - m) h~_t; lerp gives either value exactly
+        // for m = 0 or 1.
+        if (zone_h) h.lerp_(previous_h, keep_h.narrow(0, row, n));
+        if (state.h.defined()) state.h.narrow(0, 0, n).copy_(h);
+      }
     }
-    if (projected) {
-      const Tensor h = output.narrow(0, row, n);
-      projection->run_into(unprojected.narrow(0, 0, n), h);
-      if (proj_clip > 0) h.clamp_(-proj_clip, proj_clip);
-      // Zoneout of the projected h: m h_{t-1} + (1 - m) h~_t; lerp gives either value exactly
-      // for m = 0 or 1.
-      if (zone_h) h.lerp_(previous_h, keep_h.narrow(0, row, n));
-      if (state.h.defined()) state.h.narrow(0, 0, n).copy_(h);
-    }
-  }
+  });
 
   Tensor h_n = state.h.defined()  ? state.final_h()
                : s.steps() == 0 ? h0.clone(at::MemoryFormat::Contiguous)

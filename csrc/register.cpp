@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "register.h"
+#include "thread_team.h"
 
 namespace {
 
@@ -153,6 +154,23 @@ PyObject* set_cpu_gemm_test_times(PyObject*, PyObject* args) {
   });
 }
 
+// Test only: (threads, jobs, late_us, work_us, throw_at), see lstm_fused::thread_team_test.
+PyObject* thread_team_test(PyObject*, PyObject* args) {
+  long long threads = 0, jobs = 0, late_us = 0, work_us = 0, throw_at = -1;
+  if (!PyArg_ParseTuple(args, "LLLLL", &threads, &jobs, &late_us, &work_us, &throw_at)) {
+    return nullptr;
+  }
+  return guarded([&]() -> PyObject* {
+    const std::vector<int64_t> counts =
+        lstm_fused::thread_team_test(threads, jobs, late_us, work_us, throw_at);
+    PyObject* list = PyList_New(static_cast<Py_ssize_t>(counts.size()));
+    for (size_t i = 0; list != nullptr && i < counts.size(); ++i) {
+      PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), PyLong_FromLongLong(counts[i]));
+    }
+    return list;
+  });
+}
+
 PyMethodDef methods[] = {
     {"cpu_gemm_mode", cpu_gemm_mode, METH_NOARGS, "The forced CPU GEMM path, or 'auto'."},
     {"set_cpu_gemm_mode", set_cpu_gemm_mode, METH_O, "Force a CPU GEMM path ('auto' measures)."},
@@ -167,6 +185,8 @@ PyMethodDef methods[] = {
      "Force the inference chunk rows (0: from the L2 cache size)."},
     {"_set_cpu_gemm_test_times", set_cpu_gemm_test_times, METH_VARARGS,
      "Test only: deterministic trial and sample timings."},
+    {"_thread_team_test", thread_team_test, METH_VARARGS,
+     "Test only: run_on_threads jobs in a thread team with late threads."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

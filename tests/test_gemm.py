@@ -16,7 +16,7 @@ from conftest import ROOT, VARIANTS, assert_close, layer_op_args, variant_params
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_fused
-from lstm_fused import cpu_gemm, functional, reference
+from lstm_fused import _C, cpu_gemm, functional, reference
 
 PATHS = ["aten", "onednn", "packed", "simd"]
 
@@ -192,6 +192,50 @@ def test_balanced_chunks_give_the_bits_of_one_thread_whoever_runs_them():
                 assert torch.equal(module(x)[0], expected)
     finally:
         torch.set_num_threads(threads)
+
+
+def thread_team(threads, jobs, late_us=0, work_us=0, throw_at=-1, team_size=2):
+    """_C._thread_team_test in a team of `team_size` threads: each job's runs per slot, and how
+    many slots ran on the calling thread."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(team_size)
+        counts = _C._thread_team_test(threads, jobs, late_us, work_us, throw_at)
+    finally:
+        torch.set_num_threads(before)
+    return [counts[j * threads:(j + 1) * threads] for j in range(jobs)], counts[-1]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_thread_team_runs_every_slot_once(threads):
+    """A time loop's steps hand their shares to a team of threads kept for the whole loop
+    (thread_team.h): every slot of every job runs exactly once, also slots past the team's
+    threads (5 slots, 2 threads: the caller's thread runs those)."""
+    runs, _ = thread_team(threads, jobs=50, work_us=20)
+    assert runs == [[1] * threads] * 50
+
+
+def test_thread_team_threads_take_their_own_slots():
+    """With its threads on time (spinning between jobs) the others take their own slots (all
+    of them, unless another process held one off its core for a whole job)."""
+    runs, on_caller = thread_team(2, jobs=20, work_us=500)
+    assert runs == [[1, 1]] * 20 and on_caller < 40
+
+
+def test_thread_team_does_not_wait_for_a_late_thread():
+    """A slot whose thread has not taken it when the caller's thread is done runs there: a
+    thread that starts 200 ms late (descheduled, say) holds no job up."""
+    runs, on_caller = thread_team(2, jobs=10, late_us=200_000)
+    assert runs == [[1, 1]] * 10 and on_caller == 20
+
+
+def test_thread_team_passes_an_error_on_and_stops():
+    """An error in a job's slot reaches the caller after the job, the team's threads stop, and
+    the next team works."""
+    with pytest.raises(RuntimeError, match="job 3 threw"):
+        thread_team(2, jobs=10, work_us=50, throw_at=3)
+    runs, _ = thread_team(2, jobs=5, work_us=50)
+    assert runs == [[1, 1]] * 5
 
 
 @pytest.mark.parametrize("rows", [3, 6, 9, 21, 32, 50])

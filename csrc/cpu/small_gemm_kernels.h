@@ -20,6 +20,7 @@
 #include <atomic>
 #include <vector>
 
+#include "../thread_team.h"
 #include "small_gemm.h"
 
 namespace lstm_fused::CPU_CAPABILITY {
@@ -313,7 +314,8 @@ void group_columns(const PanelGemm& p, int64_t r_begin, int64_t r_end, int64_t c
   }
 }
 
-// Runs body(c) once for every c in [0, chunks), on the threads of one parallel region. Each
+// Runs body(c) once for every c in [0, chunks), on the threads of one parallel region (or of the
+// time loop's thread team: run_on_threads, ../thread_team.h). Each
 // thread owns the contiguous segment of chunks a static split gives it (the same at every call,
 // so in a time loop it keeps the same weight columns in its core's cache step after step) and
 // runs it front to back; a thread done with its own takes what is left of the other segments
@@ -323,7 +325,7 @@ void group_columns(const PanelGemm& p, int64_t r_begin, int64_t r_end, int64_t c
 template <typename Body>
 void run_balanced(int64_t chunks, const Body& body) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
-  if (threads <= 1 || at::in_parallel_region()) {
+  if (threads <= 1) {
     for (int64_t c = 0; c < chunks; ++c) body(c);
     return;
   }
@@ -338,7 +340,7 @@ void run_balanced(int64_t chunks, const Body& body) {
     segments[i].begin = i * chunks / threads, segments[i].end = (i + 1) * chunks / threads;
     segments[i].left.store(segments[i].end - segments[i].begin, std::memory_order_relaxed);
   }
-  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+  run_on_threads(threads, [&](int64_t first, int64_t last) {
     for (int64_t own = first; own < last; ++own) {
       Segment& s = segments[own];
       for (int64_t c = s.begin; s.left.fetch_sub(1, std::memory_order_relaxed) > 0; ++c) body(c);
@@ -367,9 +369,13 @@ constexpr int64_t kChunkRows = 16, kBalancedRows = 8;
 template <typename Body>
 void split_by_units(int64_t rows, int64_t units, const Body& body) {
   const int64_t blocks = (units + kLanes - 1) / kLanes;
+  if (blocks == 0 || rows == 0) return;
   if (rows < kBalancedRows) {
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      body(0, rows, begin * kLanes, std::min(units, end * kLanes));
+    // Each thread a contiguous range of blocks, as at::parallel_for(0, blocks, 1) splits them.
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
+    const int64_t per_thread = (blocks + threads - 1) / threads;
+    run_on_threads((blocks + per_thread - 1) / per_thread, [&](int64_t first, int64_t last) {
+      body(0, rows, first * per_thread * kLanes, std::min(units, last * per_thread * kLanes));
     });
     return;
   }
@@ -420,7 +426,7 @@ void panel_gemm(const PanelGemm& p) {
 
 // One forward step: z += h_{t-1} W_hhᵀ, then the pointwise forward, split_by_units: for rows
 // [r0, r1) and units [u0, u1), `gemm(r0, r1, u0, u1)` adds those units' columns of every gate,
-// then their pointwise step runs while z is in the cache, so the step needs one parallel region.
+// then their pointwise step runs while z is in the cache, so the step is one job for the threads.
 template <typename ChunkGemm>
 void recurrent_step_by_units(const ForwardStep& step, const ChunkGemm& gemm) {
   variant_switch(step, [&](auto coupled, auto diagonal, auto part) {

@@ -7,7 +7,7 @@
 // whatever the link order. Two rules see to that:
 // - our inline math gets a namespace of its own (LSTM_FUSED_ISA below, ../isa_namespace.h);
 // - the library headers that every build shares (the standard library, c10, ATen's dispatch and
-//   parallel helpers) are included here, BEFORE the target pragma: GCC compiles a function, and
+//   parallel helpers, and ours: thread_team.h) are included here, BEFORE the target pragma: GCC compiles a function, and
 //   every instantiation of a template, with the target in force where it is defined, so their
 //   out-of-line copies in this object are baseline code, as in every other object, and the
 //   linker may keep any of them. Inlined into our kernels they still use the new instructions.
@@ -30,6 +30,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <c10/util/complex.h>
+
+#include "../thread_team.h"
 
 // Two warnings that only these files trigger, both from headers, neither about our code: GCC 12's
 // false -W(maybe-)uninitialized on its own `__m256i __Y = __Y;` idiom for undefined vectors, and

@@ -1,0 +1,39 @@
+// A team of threads kept for a whole time loop. Each step of a layer's forward splits its work
+// between the threads (the simd kernels' split_by_units), and at::parallel_for starts a parallel
+// region for it and ends it: about 1 us per step on a Zen 4 with 2 threads, the other thread
+// waking late, and the thread that starts first idle at the end. run_with_thread_team instead
+// opens one region for the whole loop: the caller's thread runs the loop, the others spin
+// between steps and take the shares that run_on_threads hands out at once.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include <c10/util/FunctionRef.h>
+
+namespace lstm_fused {
+
+// Runs loop() on this thread. With `use_team` (and more than one thread, outside any parallel
+// region) the other threads of one at::parallel_for region wait, spinning, for the calls of
+// run_on_threads that loop makes on this thread; they stop when loop returns or throws. Nothing
+// else in loop may need threads: an ATen operation there runs on this thread alone.
+void run_with_thread_team(bool use_team, const std::function<void()>& loop);
+
+// body(first, last) for thread slots [0, threads) (threads <= at::get_num_threads()), as
+// at::parallel_for(0, threads, 1, body) would run it: each slot once, on the thread team of
+// this thread's run_with_thread_team if there is one, else in a parallel region of its own.
+// In a team each thread takes its own slot; a slot whose thread has not taken it when the
+// caller's thread is done with its own runs there, so no slot waits for a thread that is late.
+void run_on_threads(int64_t threads, c10::function_ref<void(int64_t, int64_t)> body);
+
+// Test only (_C._thread_team_test): `jobs` calls of run_on_threads(threads, body) in one thread
+// team whose threads other than the caller's start serving `late_us` microseconds late; body
+// counts the runs of each slot, takes `work_us` microseconds a slot, and in job `throw_at` (if
+// >= 0) throws from its last slot.
+// Returns each job's runs per slot, job after job, then how many slots ran on the caller's
+// thread.
+std::vector<int64_t> thread_team_test(int64_t threads, int64_t jobs, int64_t late_us,
+                                      int64_t work_us, int64_t throw_at);
+
+}  // namespace lstm_fused
