@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "thread_team.h"
 
 namespace lstm_fused {
 
@@ -136,7 +137,7 @@ void column_product_sums_into(const std::vector<ProductColumns>& pairs, int64_t 
       out_column += pairs[k].width;
     }
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, rows * kColumns));
-    at::parallel_for(0, static_cast<int64_t>(tiles.size()), grain, [&](int64_t begin, int64_t end) {
+    parallel_range(0, static_cast<int64_t>(tiles.size()), grain, [&](int64_t begin, int64_t end) {
       math_t acc[kColumns];
       for (int64_t t = begin; t < end; ++t) {
         const Tile& tile = tiles[t];

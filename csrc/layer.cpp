@@ -15,7 +15,9 @@
 // written: no cell states of every step, and the kernel does not store the activated gates.
 // With a projection (proj_size > 0) each step has one more GEMM (h = r W_hr^T) and the
 // backward one more add and GEMM.
+#include <algorithm>
 #include <cstring>
+#include <initializer_list>
 #include <numeric>
 
 #include "ops.h"
@@ -332,6 +334,20 @@ Tensor padded_rows(int64_t rows, int64_t width, const at::TensorOptions& options
   return at::empty({rows, width + pad}, options).narrow(1, 0, width);
 }
 
+// Whether a time loop may keep its threads for all its steps (thread_team.h): every GEMM in it
+// runs our simd kernels, whose work the team splits (ATen's, MKL's or oneDNN's GEMM would run on
+// one thread inside the team's region). A GEMM the loop does not have is null.
+bool gemms_are_ours(std::initializer_list<const RepeatedGemm*> gemms) {
+  return std::all_of(gemms.begin(), gemms.end(), [](const RepeatedGemm* gemm) {
+    return gemm == nullptr || gemm->path() == CpuGemmPath::Simd;
+  });
+}
+
+template <typename T>
+const T* get_if(const std::optional<T>& value) {
+  return value ? &*value : nullptr;
+}
+
 // The input projections x_t W_ih^T (+ b) of a layer's steps, for its time loop. In the LSTM's
 // training all rows at once, in the tensor the caller made (the kernel writes the saved values
 // over them; computing them a chunk at a time into those rows measured no faster). For a loop
@@ -363,8 +379,8 @@ class StepPreactivations {
   }
   // All rows (training; inference when one chunk holds them).
   const Tensor& all() const { return rows_; }
-  // Whether loading a chunk runs the simd GEMM (or nothing: all rows at once).
-  bool chunks_on_simd_path() const { return !gemm_ || gemm_->path() == CpuGemmPath::Simd; }
+  // The GEMM that loads a chunk, or null (all rows at once).
+  const RepeatedGemm* chunk_gemm() const { return get_if(gemm_); }
   // The row stride of every step's rows.
   int64_t stride() const { return gemm_ ? buffer_.stride(0) : rows_.stride(0); }
   // The tensor holding step `step`'s rows (steps in processing order), and the first row in it.
@@ -493,9 +509,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   // Every thread's GEMM reads all of h_{t-1} while other threads already write their units' h_t:
   // the kernel must not write the running h it reads (packed input), which is updated after it.
   if (one_kernel) p.h_state = nullptr;
-  // The one-kernel loop keeps its threads for all its steps (thread_team.h) where every GEMM in
-  // it is ours: an ATen, MKL or oneDNN call there would run on one thread.
-  run_with_thread_team(one_kernel && !projected && preactivations.chunks_on_simd_path(), [&] {
+  // A projection's clip and zoneout are ATen operations: not in a team.
+  const bool team = !projected && gemms_are_ours({&recurrent, get_if(input_peephole),
+                                                  get_if(output_peephole),
+                                                  preactivations.chunk_gemm()});
+  run_with_thread_team(team, [&] {
     for (int64_t step = 0; step < s.steps(); ++step) {
       const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
       const auto [z_rows, z_row] = preactivations.rows_of(step);
@@ -694,91 +712,95 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   // sequences that end at an earlier step still hold their grad_h_n).
   Tensor dh_carry = grad_state.h;
   const bool carry_in_state = full || s.ragged || zone_h;
-  for (int64_t step = s.steps() - 1; step >= 0; --step) {
-    const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
-    Tensor dh_running = dh_carry.narrow(0, 0, n);
-    if (projected) {
-      Tensor dh = grad_h_all.narrow(0, row, n);
-      if (grad_out.defined()) {
-        at::add_out(dh, dh_running, grad_out.narrow(0, row, n));
-      } else {
-        dh.copy_(dh_running);
-      }
-      if (zone_h) {  // m dh stays in the running dh_{t-1}, (1 - m) dh reaches h~_t
-        at::mul_out(dh_running, dh, keep_h.narrow(0, row, n));
-        dh.sub_(dh_running);
-      }
-      // proj_clip: the gradient of the unclipped projection (for dW_hr and dr as well).
-      if (proj_clip > 0) dh.masked_fill_(proj_clip_source.narrow(0, row, n).abs() >= proj_clip, 0);
-      if (full && !zone_h) dh_running.zero_();
-      projection->run_into(dh, grad_unprojected.narrow(0, 0, n));
-      p.grad_h = grad_unprojected.data_ptr(), p.grad_h_stride = H;
-      p.grad_h2 = nullptr;
-    } else {
-      p.grad_h = grad_out.defined() ? row_ptr(grad_out, row) : nullptr;
-      p.grad_h_stride = R;
-      p.grad_h2 = dh_running.data_ptr(), p.grad_h2_stride = dh_running.stride(0);
-      p.keep_h = zone_h ? row_ptr(keep_h, row) : nullptr;
-    }
-    p.keep_c = zone_c ? row_ptr(keep_c, row) : nullptr;
-    if (step == 0) {
-      p.c_prev = c_init.data_ptr(), p.c_prev_stride = H, p.c_prev_rows = n;
-    } else {
-      const int64_t prev = previous_time(s, t);
-      p.c_prev = row_ptr(c_states, s.offsets[prev]), p.c_prev_stride = c_states.stride(0);
-      p.c_prev_rows = s.sizes[prev];
-    }
-    p.gates = row_ptr(saved_gates, row);
-    p.c = row_ptr(c_computed, row);
-    p.grad_z = row_ptr(grad_z, row);
-    p.grad_zhat = layer_norm ? row_ptr(grad_zhat, row) : nullptr;
-    p.rows = n;
-    Tensor dz = grad_z.narrow(0, row, n);
-    if (full) {
-      p.part = Part::Output;
-      run_backward(kernels, p);
-      output_peephole->run_into(dz.narrow(1, o_column, H), grad_state.c.narrow(0, 0, n));
-      p.part = Part::Update;
-    }
-    run_backward(kernels, p);
-    if (weight_ln_sums.defined()) {  // dγ += this step's sum over rows of dẑ ⊙ x̂
-      column_product_sums_into({{row_ptr(grad_zhat, row), GH,
-                                 static_cast<char*>(row_ptr(saved_gates, row)) + GH * element,
-                                 saved_gates.stride(0), GH}},
-                               n, input.scalar_type(), weight_ln_sums.data_ptr(), true);
-    }
-    if (peephole_sums.defined()) {
-      // dw_c += this step's sums over rows of dz_(i,f) ⊙ c_{t-1} and dz_o ⊙ c_t, c_{t-1} from the
-      // previous step's states for the rows carried from it, else from c_0.
-      const int64_t carried = carried_rows(s, t);
-      auto add_sums = [&](int64_t first, int64_t rows, const void* c_prev, int64_t c_prev_stride) {
-        if (rows == 0) return;
-        const char* dz_rows = static_cast<const char*>(row_ptr(grad_z, row + first));
-        std::vector<ProductColumns> pairs;
-        for (int b = 0; b < peephole_input_blocks(coupled); ++b) {
-          pairs.push_back({dz_rows + b * H * element, grad_z.stride(0), c_prev, c_prev_stride, H});
+  const bool team = !projected && gemms_are_ours({&recurrent, get_if(input_peephole),
+                                                  get_if(output_peephole)});
+  run_with_thread_team(team, [&] {
+    for (int64_t step = s.steps() - 1; step >= 0; --step) {
+      const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
+      Tensor dh_running = dh_carry.narrow(0, 0, n);
+      if (projected) {
+        Tensor dh = grad_h_all.narrow(0, row, n);
+        if (grad_out.defined()) {
+          at::add_out(dh, dh_running, grad_out.narrow(0, row, n));
+        } else {
+          dh.copy_(dh_running);
         }
-        pairs.push_back({dz_rows + o_column * element, grad_z.stride(0),
-                         row_ptr(c_computed, row + first), c_computed.stride(0), H});
-        column_product_sums_into(pairs, rows, input.scalar_type(), peephole_sums.data_ptr(),
-                                 true);
-      };
-      if (carried > 0) {
-        add_sums(0, carried, row_ptr(c_states, s.offsets[previous_time(s, t)]),
-                 c_states.stride(0));
+        if (zone_h) {  // m dh stays in the running dh_{t-1}, (1 - m) dh reaches h~_t
+          at::mul_out(dh_running, dh, keep_h.narrow(0, row, n));
+          dh.sub_(dh_running);
+        }
+        // proj_clip: the gradient of the unclipped projection (for dW_hr and dr as well).
+        if (proj_clip > 0) dh.masked_fill_(proj_clip_source.narrow(0, row, n).abs() >= proj_clip, 0);
+        if (full && !zone_h) dh_running.zero_();
+        projection->run_into(dh, grad_unprojected.narrow(0, 0, n));
+        p.grad_h = grad_unprojected.data_ptr(), p.grad_h_stride = H;
+        p.grad_h2 = nullptr;
+      } else {
+        p.grad_h = grad_out.defined() ? row_ptr(grad_out, row) : nullptr;
+        p.grad_h_stride = R;
+        p.grad_h2 = dh_running.data_ptr(), p.grad_h2_stride = dh_running.stride(0);
+        p.keep_h = zone_h ? row_ptr(keep_h, row) : nullptr;
       }
-      add_sums(carried, n - carried, row_ptr(c_init, carried), c_init.stride(0));
+      p.keep_c = zone_c ? row_ptr(keep_c, row) : nullptr;
+      if (step == 0) {
+        p.c_prev = c_init.data_ptr(), p.c_prev_stride = H, p.c_prev_rows = n;
+      } else {
+        const int64_t prev = previous_time(s, t);
+        p.c_prev = row_ptr(c_states, s.offsets[prev]), p.c_prev_stride = c_states.stride(0);
+        p.c_prev_rows = s.sizes[prev];
+      }
+      p.gates = row_ptr(saved_gates, row);
+      p.c = row_ptr(c_computed, row);
+      p.grad_z = row_ptr(grad_z, row);
+      p.grad_zhat = layer_norm ? row_ptr(grad_zhat, row) : nullptr;
+      p.rows = n;
+      Tensor dz = grad_z.narrow(0, row, n);
+      if (full) {
+        p.part = Part::Output;
+        run_backward(kernels, p);
+        output_peephole->run_into(dz.narrow(1, o_column, H), grad_state.c.narrow(0, 0, n));
+        p.part = Part::Update;
+      }
+      run_backward(kernels, p);
+      if (weight_ln_sums.defined()) {  // dγ += this step's sum over rows of dẑ ⊙ x̂
+        column_product_sums_into({{row_ptr(grad_zhat, row), GH,
+                                   static_cast<char*>(row_ptr(saved_gates, row)) + GH * element,
+                                   saved_gates.stride(0), GH}},
+                                 n, input.scalar_type(), weight_ln_sums.data_ptr(), true);
+      }
+      if (peephole_sums.defined()) {
+        // dw_c += this step's sums over rows of dz_(i,f) ⊙ c_{t-1} and dz_o ⊙ c_t, c_{t-1} from the
+        // previous step's states for the rows carried from it, else from c_0.
+        const int64_t carried = carried_rows(s, t);
+        auto add_sums = [&](int64_t first, int64_t rows, const void* c_prev, int64_t c_prev_stride) {
+          if (rows == 0) return;
+          const char* dz_rows = static_cast<const char*>(row_ptr(grad_z, row + first));
+          std::vector<ProductColumns> pairs;
+          for (int b = 0; b < peephole_input_blocks(coupled); ++b) {
+            pairs.push_back({dz_rows + b * H * element, grad_z.stride(0), c_prev, c_prev_stride, H});
+          }
+          pairs.push_back({dz_rows + o_column * element, grad_z.stride(0),
+                           row_ptr(c_computed, row + first), c_computed.stride(0), H});
+          column_product_sums_into(pairs, rows, input.scalar_type(), peephole_sums.data_ptr(),
+                                   true);
+        };
+        if (carried > 0) {
+          add_sums(0, carried, row_ptr(c_states, s.offsets[previous_time(s, t)]),
+                   c_states.stride(0));
+        }
+        add_sums(carried, n - carried, row_ptr(c_init, carried), c_init.stride(0));
+      }
+      if (full) {
+        recurrent.run_into(dz, grad_state.h.narrow(0, 0, n));
+        input_peephole->run_into(dz.narrow(1, 0, peep_columns), grad_state.c.narrow(0, 0, n));
+      } else if (carry_in_state) {
+        recurrent.run_into(dz, dh_running);
+      } else {
+        // In place into the running state, or (oneDNN) a new tensor the next step reads.
+        dh_carry = recurrent.run(dz, grad_state.h);
+      }
     }
-    if (full) {
-      recurrent.run_into(dz, grad_state.h.narrow(0, 0, n));
-      input_peephole->run_into(dz.narrow(1, 0, peep_columns), grad_state.c.narrow(0, 0, n));
-    } else if (carry_in_state) {
-      recurrent.run_into(dz, dh_running);
-    } else {
-      // In place into the running state, or (oneDNN) a new tensor the next step reads.
-      dh_carry = recurrent.run(dz, grad_state.h);
-    }
-  }
+  });
 
   Tensor grad_input = need_input_grad ? gemm_nt(grad_z, weight_ih.t()).view(input.sizes())
                                       : at::empty({0}, options);
@@ -895,23 +917,25 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
   p.h_state = h_state.defined() ? h_state.data_ptr() : nullptr;
   p.h_state_stride = H;
   p.hidden = H, p.dtype = input.scalar_type();
-  for (int64_t step = 0; step < s.steps(); ++step) {
-    const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
-    const Tensor h_prev = s.ragged    ? h_state.narrow(0, 0, n)
-                          : step == 0 ? h_initial
-                                      : output.narrow(0, s.offsets[s.time(step - 1)], n);
-    // In place into the step buffer, or (oneDNN) a new tensor.
-    const Tensor b = recurrent.run(h_prev, step_buffer.narrow(0, 0, n));
-    const auto [a_rows, a_row] = input_gates.rows_of(step);
-    p.input_gates = row_ptr(a_rows, a_row);
-    p.hidden_gates = b.data_ptr(), p.hidden_gates_stride = b.stride(0);
-    p.h_prev = h_prev.data_ptr(), p.h_prev_stride = h_prev.stride(0);
-    p.gates_out = need_backward ? row_ptr(gates, row) : nullptr;
-    p.h_out = row_ptr(output, row);
-    p.keep_h = keep_h.defined() ? row_ptr(keep_h, row) : nullptr;
-    p.rows = n;
-    run_gru_forward(kernels, p);
-  }
+  run_with_thread_team(gemms_are_ours({&recurrent, input_gates.chunk_gemm()}), [&] {
+    for (int64_t step = 0; step < s.steps(); ++step) {
+      const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
+      const Tensor h_prev = s.ragged    ? h_state.narrow(0, 0, n)
+                            : step == 0 ? h_initial
+                                        : output.narrow(0, s.offsets[s.time(step - 1)], n);
+      // In place into the step buffer, or (oneDNN) a new tensor.
+      const Tensor b = recurrent.run(h_prev, step_buffer.narrow(0, 0, n));
+      const auto [a_rows, a_row] = input_gates.rows_of(step);
+      p.input_gates = row_ptr(a_rows, a_row);
+      p.hidden_gates = b.data_ptr(), p.hidden_gates_stride = b.stride(0);
+      p.h_prev = h_prev.data_ptr(), p.h_prev_stride = h_prev.stride(0);
+      p.gates_out = need_backward ? row_ptr(gates, row) : nullptr;
+      p.h_out = row_ptr(output, row);
+      p.keep_h = keep_h.defined() ? row_ptr(keep_h, row) : nullptr;
+      p.rows = n;
+      run_gru_forward(kernels, p);
+    }
+  });
   Tensor h_n = h_state.defined()  ? h_state
                : s.steps() == 0 ? h0.clone(at::MemoryFormat::Contiguous)
                                  : output.narrow(0, s.offsets[s.time(s.steps() - 1)], B).clone();
@@ -962,20 +986,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
   p.h_prev_stride = H;
   p.grad_input_gates_stride = G, p.grad_hidden_gates_stride = G;
   p.hidden = H, p.dtype = input.scalar_type();
-  for (int64_t step = s.steps() - 1; step >= 0; --step) {
-    const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
-    const Tensor dh_running = dh_carry.narrow(0, 0, n);
-    p.grad_h = grad_out.defined() ? row_ptr(grad_out, row) : nullptr;
-    p.grad_h2 = dh_running.data_ptr();
-    p.gates = row_ptr(saved, row);
-    p.h_prev = row_ptr(h_prev_all, row);
-    p.grad_input_gates = row_ptr(grad_a, row);
-    p.grad_hidden_gates = row_ptr(grad_b, row);
-    p.keep_h = keep_h.defined() ? row_ptr(keep_h, row) : nullptr;
-    p.rows = n;
-    run_gru_backward(kernels, p);  // leaves dh z in dh_running
-    recurrent.run_into(grad_b.narrow(0, row, n), dh_running);
-  }
+  run_with_thread_team(gemms_are_ours({&recurrent}), [&] {
+    for (int64_t step = s.steps() - 1; step >= 0; --step) {
+      const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
+      const Tensor dh_running = dh_carry.narrow(0, 0, n);
+      p.grad_h = grad_out.defined() ? row_ptr(grad_out, row) : nullptr;
+      p.grad_h2 = dh_running.data_ptr();
+      p.gates = row_ptr(saved, row);
+      p.h_prev = row_ptr(h_prev_all, row);
+      p.grad_input_gates = row_ptr(grad_a, row);
+      p.grad_hidden_gates = row_ptr(grad_b, row);
+      p.keep_h = keep_h.defined() ? row_ptr(keep_h, row) : nullptr;
+      p.rows = n;
+      run_gru_backward(kernels, p);  // leaves dh z in dh_running
+      recurrent.run_into(grad_b.narrow(0, row, n), dh_running);
+    }
+  });
   Tensor grad_input = need_input_grad ? gemm_nt(grad_a, weight_ih.t()).view(input.sizes())
                                       : at::empty({0}, options);
   return {grad_input,         dh_carry,          gemm_tn(grad_a, x), gemm_tn(grad_b, h_prev_all),

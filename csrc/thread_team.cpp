@@ -158,6 +158,28 @@ void run_on_threads(int64_t threads, c10::function_ref<void(int64_t, int64_t)> b
   at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) { body(first, last); });
 }
 
+void parallel_range(int64_t begin, int64_t end, int64_t grain,
+                    c10::function_ref<void(int64_t, int64_t)> f) {
+  if (!current_team) {
+    at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { f(b, e); });
+    return;
+  }
+  // at::parallel_for's split (ATen/ParallelOpenMP.h): ceil(n / grain) threads at most, equal
+  // contiguous chunks.
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  const int64_t threads =
+      std::min<int64_t>(at::get_num_threads(), (n + std::max<int64_t>(grain, 1) - 1) / std::max<int64_t>(grain, 1));
+  if (n <= grain || threads <= 1) {
+    f(begin, end);
+    return;
+  }
+  const int64_t chunk = (n + threads - 1) / threads;
+  run_on_threads((n + chunk - 1) / chunk, [&](int64_t first, int64_t last) {
+    f(begin + first * chunk, std::min(end, begin + last * chunk));
+  });
+}
+
 std::vector<int64_t> thread_team_test(int64_t threads, int64_t jobs, int64_t late_us,
                                       int64_t work_us, int64_t throw_at) {
   TORCH_CHECK(threads >= 1 && jobs >= 0, "thread_team_test: threads >= 1 and jobs >= 0");

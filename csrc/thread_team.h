@@ -1,9 +1,10 @@
-// A team of threads kept for a whole time loop. Each step of a layer's forward splits its work
-// between the threads (the simd kernels' split_by_units), and at::parallel_for starts a parallel
-// region for it and ends it: about 1 us per step on a Zen 4 with 2 threads, the other thread
-// waking late, and the thread that starts first idle at the end. run_with_thread_team instead
-// opens one region for the whole loop: the caller's thread runs the loop, the others spin
-// between steps and take the shares that run_on_threads hands out at once.
+// A team of threads kept for a whole time loop. Every step of a layer's time loop (LSTM and GRU,
+// forward and backward) splits its work between the threads: the simd GEMMs and the pointwise
+// kernels, or the fused step that is both. at::parallel_for starts a parallel region for each
+// and ends it: about 1 us each on a Zen 4 with 2 threads, the other thread waking late, and the
+// thread that starts first idle at the end. run_with_thread_team instead opens one region for the
+// whole loop: the caller's thread runs the loop, the others spin between the kernels and take
+// the shares that run_on_threads (and parallel_range) hand out at once.
 #pragma once
 
 #include <cstdint>
@@ -26,6 +27,13 @@ void run_with_thread_team(bool use_team, const std::function<void()>& loop);
 // In a team each thread takes its own slot; a slot whose thread has not taken it when the
 // caller's thread is done with its own runs there, so no slot waits for a thread that is late.
 void run_on_threads(int64_t threads, c10::function_ref<void(int64_t, int64_t)> body);
+
+// f(b, e) over [begin, end) as at::parallel_for(begin, end, grain, f) splits it (each thread a
+// contiguous range, none smaller than `grain` unless the whole is; inline where the whole range
+// is at most `grain`), on this thread's team if there is one: the per-step kernels of a time
+// loop split their work with this.
+void parallel_range(int64_t begin, int64_t end, int64_t grain,
+                    c10::function_ref<void(int64_t, int64_t)> f);
 
 // Test only (_C._thread_team_test): `jobs` calls of run_on_threads(threads, body) in one thread
 // team whose threads other than the caller's start serving `late_us` microseconds late; body

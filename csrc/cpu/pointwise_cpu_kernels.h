@@ -1,6 +1,6 @@
 // CPU pointwise kernels: the shared chunk functions of pointwise.h, run over rows with
-// at::parallel_for and over hidden units with SIMD registers (float/double) or one value at a
-// time in float math (half/bfloat16 storage).
+// parallel_range (at::parallel_for, or a time loop's thread team) and over hidden units with SIMD
+// registers (float/double) or one value at a time in float math (half/bfloat16 storage).
 //
 // This file is compiled once per instruction set, like ATen's own CPU kernels: the including
 // file (pointwise_cpu*.cpp) defines CPU_CAPABILITY (DEFAULT, AVX2, AVX512) and enables the
@@ -18,6 +18,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include "../isa_namespace.h"
+#include "../thread_team.h"
 
 // SIMD overloads of the activations, visible to the templates of lstm_math.h (declared before
 // them, in their namespace).
@@ -157,7 +158,7 @@ template <typename Chunk>
 void for_each_chunk(int64_t rows, int64_t hidden, int width, const Chunk& chunk) {
   // About 32k element-operations per task; each element costs a few dozen flops.
   const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(hidden, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_range(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t j = 0; j < hidden; j += width) {
         chunk(row, j, static_cast<int>(std::min<int64_t>(width, hidden - j)));
@@ -170,7 +171,7 @@ void for_each_chunk(int64_t rows, int64_t hidden, int width, const Chunk& chunk)
 template <typename Row>
 void for_each_row(int64_t rows, int64_t hidden, const Row& row_step) {
   const int64_t grain = std::max<int64_t>(1, 256 / std::max<int64_t>(hidden, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_range(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) row_step(row);
   });
 }

@@ -127,7 +127,7 @@ void dot_columns(const DotGemm& p, int64_t r_begin, int64_t r_end, int64_t j_beg
 
 void dot_gemm(const DotGemm& p) {
   const int64_t blocks = (p.n + kLanes - 1) / kLanes;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(0, blocks, 1, [&](int64_t begin, int64_t end) {
     dot_columns(p, 0, p.rows, begin * kLanes, std::min(p.n, end * kLanes));
   });
 }
@@ -369,13 +369,9 @@ constexpr int64_t kChunkRows = 16, kBalancedRows = 8;
 template <typename Body>
 void split_by_units(int64_t rows, int64_t units, const Body& body) {
   const int64_t blocks = (units + kLanes - 1) / kLanes;
-  if (blocks == 0 || rows == 0) return;
   if (rows < kBalancedRows) {
-    // Each thread a contiguous range of blocks, as at::parallel_for(0, blocks, 1) splits them.
-    const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
-    const int64_t per_thread = (blocks + threads - 1) / threads;
-    run_on_threads((blocks + per_thread - 1) / per_thread, [&](int64_t first, int64_t last) {
-      body(0, rows, first * per_thread * kLanes, std::min(units, last * per_thread * kLanes));
+    parallel_range(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      body(0, rows, begin * kLanes, std::min(units, end * kLanes));
     });
     return;
   }
@@ -408,7 +404,7 @@ void panel_gemm(const PanelGemm& p) {
   }
   const int64_t blocks = (p.group_columns + kLanes - 1) / kLanes;
   if (p.rows <= 2 * kRowsPerTask) {
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    parallel_range(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = 0; g < p.groups; ++g) {
         panel_columns(p, 0, p.rows, g, begin * kLanes, std::min(p.group_columns, end * kLanes));
       }
@@ -416,7 +412,7 @@ void panel_gemm(const PanelGemm& p) {
     return;
   }
   const int64_t row_blocks = (p.rows + kRowsPerTask - 1) / kRowsPerTask;
-  at::parallel_for(0, row_blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(0, row_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t r0 = block * kRowsPerTask, r1 = std::min(p.rows, r0 + kRowsPerTask);
       for (int64_t g = 0; g < p.groups; ++g) panel_columns(p, r0, r1, g, 0, p.group_columns);
@@ -603,7 +599,7 @@ constexpr int64_t kTransposedChunkRows = 64 * kPanelRows;
 // a tile's time before its copy.
 void transposed_gemm(const TransposedGemm& p) {
   const int64_t m_tiles = (p.m + kPanelRows - 1) / kPanelRows;
-  at::parallel_for(0, m_tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(0, m_tiles, 1, [&](int64_t begin, int64_t end) {
     const int64_t m_begin = begin * kPanelRows, m_end = std::min(p.m, end * kPanelRows);
     const int64_t blocks = (p.rows + kTransposedBlockRows - 1) / kTransposedBlockRows;
     const int64_t chunks = (m_end - m_begin + kTransposedChunkRows - 1) / kTransposedChunkRows;
