@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -40,6 +41,9 @@ void wait_until(const Done& done) {
   }
 }
 
+class Team;
+thread_local Team* current_team = nullptr;
+
 // The threads of one parallel region, all but the caller's waiting for work. Job g (the g-th
 // call of run) opens its slots by setting their state to 2g; taking slot m for job g moves it
 // from 2g to 2g + 1, so a slot runs once, and a thread still looking at an earlier job can take
@@ -50,10 +54,18 @@ class Team {
  public:
   explicit Team(int64_t size) : slots_(size) {}
 
+  int64_t size() const { return static_cast<int64_t>(slots_.size()); }
+
   // The calling thread's own slots: [0, end).
   void set_own_slots(int64_t end) { own_end_ = end; }
 
   void run(int64_t threads, c10::function_ref<void(int64_t, int64_t)> body) {
+    // A job within a job (a slot body splitting its work again) runs on its own thread: the
+    // team has one job at a time.
+    struct Away {
+      Team* team = std::exchange(current_team, nullptr);
+      ~Away() { current_team = team; }
+    } away;
     const uint64_t g = generation_.load(std::memory_order_relaxed) + 1;
     body_.store(&body, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
@@ -63,7 +75,7 @@ class Team {
     int64_t ran = 0;
     for (int64_t m = 0; m < std::min(own_end_, shared); ++m) ran += take(m, g);
     for (int64_t m = 0; m < shared; ++m) ran += take(m, g);
-    for (int64_t m = shared; m < threads; ++m, ++ran) body(m, m + 1);  // slots past the team's
+    for (int64_t m = shared; m < threads; ++m, ++ran) run_slot(m);  // slots past the team's
     done_.fetch_add(ran, std::memory_order_relaxed);
     wait_until([&] { return done_.load(std::memory_order_acquire) == threads; });
     if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
@@ -98,13 +110,19 @@ class Team {
     if (!slots_[m].state.compare_exchange_strong(open, 2 * g + 1, std::memory_order_acq_rel)) {
       return false;
     }
+    run_slot(m);
+    return true;
+  }
+
+  // The job's body for slot m; an error is kept for the caller, who rethrows it once every slot
+  // has returned (the job's objects live until then).
+  void run_slot(int64_t m) {
     try {
       (*body_.load(std::memory_order_relaxed))(m, m + 1);
     } catch (...) {
       const std::lock_guard<std::mutex> lock(error_mutex_);
       if (!error_) error_ = std::current_exception();
     }
-    return true;
   }
 
   struct alignas(64) Slot {
@@ -120,13 +138,14 @@ class Team {
   std::exception_ptr error_;
 };
 
-thread_local Team* current_team = nullptr;
-
 }  // namespace
 
 void run_with_thread_team(bool use_team, const std::function<void()>& loop) {
   const int64_t threads = at::get_num_threads();
-  if (!use_team || threads <= 1 || at::in_parallel_region() || current_team) {
+  // With ATen's own thread pool (not OpenMP) a team's threads would hold the pool's threads
+  // for the whole loop: other callers' regions would wait for them.
+  if (!AT_PARALLEL_OPENMP || !use_team || threads <= 1 || at::in_parallel_region() ||
+      current_team) {
     loop();
     return;
   }
@@ -150,6 +169,8 @@ void run_with_thread_team(bool use_team, const std::function<void()>& loop) {
   });
 }
 
+int64_t thread_count() { return current_team ? current_team->size() : at::get_num_threads(); }
+
 void run_on_threads(int64_t threads, c10::function_ref<void(int64_t, int64_t)> body) {
   if (current_team) {
     current_team->run(threads, body);
@@ -168,8 +189,8 @@ void parallel_range(int64_t begin, int64_t end, int64_t grain,
   // contiguous chunks.
   const int64_t n = end - begin;
   if (n <= 0) return;
-  const int64_t threads =
-      std::min<int64_t>(at::get_num_threads(), (n + std::max<int64_t>(grain, 1) - 1) / std::max<int64_t>(grain, 1));
+  const int64_t tasks = (n + std::max<int64_t>(grain, 1) - 1) / std::max<int64_t>(grain, 1);
+  const int64_t threads = std::min(current_team->size(), tasks);
   if (n <= grain || threads <= 1) {
     f(begin, end);
     return;

@@ -25,8 +25,14 @@ void run_with_thread_team(bool use_team, const std::function<void()>& loop);
 // at::parallel_for(0, threads, 1, body) would run it: each slot once, on the thread team of
 // this thread's run_with_thread_team if there is one, else in a parallel region of its own.
 // In a team each thread takes its own slot; a slot whose thread has not taken it when the
-// caller's thread is done with its own runs there, so no slot waits for a thread that is late.
+// caller's thread is done with its own runs there, so no slot waits for a thread that starts
+// late (one descheduled in the middle of its slot still holds the job). A body that splits its
+// work again runs that on its own thread.
 void run_on_threads(int64_t threads, c10::function_ref<void(int64_t, int64_t)> body);
+
+// How many threads run_on_threads and parallel_range split work between: the team's, in one,
+// else at::get_num_threads().
+int64_t thread_count();
 
 // f(b, e) over [begin, end) as at::parallel_for(begin, end, grain, f) splits it (each thread a
 // contiguous range, none smaller than `grain` unless the whole is; inline where the whole range

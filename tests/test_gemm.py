@@ -229,13 +229,15 @@ def test_thread_team_does_not_wait_for_a_late_thread():
     assert runs == [[1, 1]] * 10 and on_caller == 20
 
 
-def test_thread_team_passes_an_error_on_and_stops():
-    """An error in a job's slot reaches the caller after the job, the team's threads stop, and
-    the next team works."""
+@pytest.mark.parametrize("threads", [2, 3], ids=["team-slot", "slot-past-the-team"])
+def test_thread_team_passes_an_error_on_and_stops(threads):
+    """An error in a job's slot (one of the team's threads', or one past the team that the
+    caller's thread runs) reaches the caller after the job, the team's threads stop, and the
+    next team works."""
     with pytest.raises(RuntimeError, match="job 3 threw"):
-        thread_team(2, jobs=10, work_us=50, throw_at=3)
-    runs, _ = thread_team(2, jobs=5, work_us=50)
-    assert runs == [[1, 1]] * 5
+        thread_team(threads, jobs=10, work_us=50, throw_at=3)
+    runs, _ = thread_team(threads, jobs=5, work_us=50)
+    assert runs == [[1] * threads] * 5
 
 
 def thread_count_module(kind):
@@ -290,7 +292,8 @@ def test_thread_teams_of_concurrent_calls_give_the_bits_of_one_call(kind):
 
     expected = [gradients(x) for x in inputs]
     with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda x: [gradients(x) for _ in range(5)], inputs))
+        futures = [pool.submit(lambda x=x: [gradients(x) for _ in range(5)]) for x in inputs]
+        results = [future.result(timeout=300) for future in futures]
     for k, runs in enumerate(results):
         for got in runs:
             for a, b in zip(got, expected[k]):

@@ -324,7 +324,7 @@ void group_columns(const PanelGemm& p, int64_t r_begin, int64_t r_end, int64_t c
 // change its result.
 template <typename Body>
 void run_balanced(int64_t chunks, const Body& body) {
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  const int64_t threads = std::min<int64_t>(thread_count(), chunks);
   if (threads <= 1) {
     for (int64_t c = 0; c < chunks; ++c) body(c);
     return;
@@ -377,7 +377,7 @@ void split_by_units(int64_t rows, int64_t units, const Body& body) {
   }
   const int64_t chunk_units =
       kLanes *
-      std::clamp<int64_t>(blocks / (4 * std::max(1, at::get_num_threads())), 1, kTilePanels);
+      std::clamp<int64_t>(blocks / (4 * std::max<int64_t>(1, thread_count())), 1, kTilePanels);
   const int64_t row_chunks = (rows + kChunkRows - 1) / kChunkRows;
   const int64_t unit_chunks = (units + chunk_units - 1) / chunk_units;
   run_balanced(unit_chunks * row_chunks, [&](int64_t c) {
