@@ -189,8 +189,8 @@ void parallel_range(int64_t begin, int64_t end, int64_t grain,
   // contiguous chunks.
   const int64_t n = end - begin;
   if (n <= 0) return;
-  const int64_t tasks = (n + std::max<int64_t>(grain, 1) - 1) / std::max<int64_t>(grain, 1);
-  const int64_t threads = std::min(current_team->size(), tasks);
+  const int64_t task = std::max<int64_t>(grain, 1);
+  const int64_t threads = std::min(current_team->size(), (n + task - 1) / task);
   if (n <= grain || threads <= 1) {
     f(begin, end);
     return;

@@ -289,8 +289,9 @@ int64_t short_tile_rows(int64_t rows) {
 void group_columns(const PanelGemm& p, int64_t r_begin, int64_t r_end, int64_t c_begin,
                    int64_t c_end) {
   const bool gates = p.groups == 3 || p.groups == 4;
-  const int64_t short_rows = short_tile_rows<kPanelRows>(r_end - r_begin);
-  const int64_t r_split = !gates ? r_end : kGroupTiles ? r_begin : r_end - short_rows;
+  const int64_t r_split = !gates        ? r_end
+                          : kGroupTiles ? r_begin
+                                        : r_end - short_tile_rows<kPanelRows>(r_end - r_begin);
   if (r_split > r_begin) {
     for (int64_t g = 0; g < p.groups; ++g) panel_columns(p, r_begin, r_split, g, c_begin, c_end);
   }
