@@ -204,8 +204,7 @@ void parallel_range(int64_t begin, int64_t end, int64_t grain,
 std::vector<int64_t> thread_team_test(int64_t threads, int64_t jobs, int64_t late_us,
                                       int64_t work_us, int64_t throw_at) {
   TORCH_CHECK(threads >= 1 && jobs >= 0, "thread_team_test: threads >= 1 and jobs >= 0");
-  std::vector<std::atomic<int64_t>> runs(threads * jobs);
-  std::atomic<int64_t> on_caller{0};
+  std::vector<std::atomic<int64_t>> runs(threads * jobs), on_caller(threads * jobs);
   const std::thread::id caller = std::this_thread::get_id();
   test_serve_delay_us.store(late_us);
   struct Reset {
@@ -219,7 +218,7 @@ std::vector<int64_t> thread_team_test(int64_t threads, int64_t jobs, int64_t lat
           const auto start = std::chrono::steady_clock::now();
           while (std::chrono::steady_clock::now() - start < std::chrono::microseconds(work_us)) {
           }
-          if (std::this_thread::get_id() == caller) on_caller.fetch_add(1);
+          if (std::this_thread::get_id() == caller) on_caller[job * threads + slot].store(1);
           TORCH_CHECK(!(job == throw_at && slot == threads - 1), "thread_team_test: job ", job,
                       " threw");
         }
@@ -227,7 +226,7 @@ std::vector<int64_t> thread_team_test(int64_t threads, int64_t jobs, int64_t lat
     }
   });
   std::vector<int64_t> result(runs.begin(), runs.end());
-  result.push_back(on_caller.load());
+  result.insert(result.end(), on_caller.begin(), on_caller.end());
   return result;
 }
 

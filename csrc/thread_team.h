@@ -45,8 +45,8 @@ void parallel_range(int64_t begin, int64_t end, int64_t grain,
 // team whose threads other than the caller's start serving `late_us` microseconds late; body
 // counts the runs of each slot, takes `work_us` microseconds a slot, and in job `throw_at` (if
 // >= 0) throws from its last slot.
-// Returns each job's runs per slot, job after job, then how many slots ran on the caller's
-// thread.
+// Returns each job's runs per slot, job after job, then as many flags: whether the caller's
+// thread ran that slot.
 std::vector<int64_t> thread_team_test(int64_t threads, int64_t jobs, int64_t late_us,
                                       int64_t work_us, int64_t throw_at);
 

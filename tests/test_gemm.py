@@ -195,15 +195,16 @@ def test_balanced_chunks_give_the_bits_of_one_thread_whoever_runs_them():
 
 
 def thread_team(threads, jobs, late_us=0, work_us=0, throw_at=-1, team_size=2):
-    """_C._thread_team_test in a team of `team_size` threads: each job's runs per slot, and how
-    many slots ran on the calling thread."""
+    """_C._thread_team_test in a team of `team_size` threads: each job's runs per slot, and
+    each job's slots that the calling thread ran (1) or another (0)."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(team_size)
         counts = _C._thread_team_test(threads, jobs, late_us, work_us, throw_at)
     finally:
         torch.set_num_threads(before)
-    return [counts[j * threads:(j + 1) * threads] for j in range(jobs)], counts[-1]
+    per_job = [counts[j * threads:(j + 1) * threads] for j in range(2 * jobs)]
+    return per_job[:jobs], per_job[jobs:]
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
@@ -216,17 +217,25 @@ def test_thread_team_runs_every_slot_once(threads):
 
 
 def test_thread_team_threads_take_their_own_slots():
-    """With its threads on time (spinning between jobs) the others take their own slots (all
-    of them, unless another process held one off its core for a whole job)."""
-    runs, on_caller = thread_team(2, jobs=20, work_us=500)
-    assert runs == [[1, 1]] * 20 and on_caller < 40
+    """With its threads on time (spinning between jobs) each thread takes its own slot: the
+    caller's thread slot 0, the other slot 1, in at least 15 of 20 jobs. Another process that
+    holds the other thread off its core takes that from a run (its slots then run on the
+    caller's thread, correctly): up to 5 runs, one must show it."""
+    own = []
+    for _ in range(5):
+        runs, on_caller = thread_team(2, jobs=20, work_us=2000)
+        assert runs == [[1, 1]] * 20
+        own.append(sum(caller_ran == [1, 0] for caller_ran in on_caller))
+        if own[-1] >= 15:
+            return
+    pytest.fail(f"jobs whose slots ran on their own threads, per run of 20: {own}")
 
 
 def test_thread_team_does_not_wait_for_a_late_thread():
     """A slot whose thread has not taken it when the caller's thread is done runs there: a
     thread that starts 200 ms late (descheduled, say) holds no job up."""
     runs, on_caller = thread_team(2, jobs=10, late_us=200_000)
-    assert runs == [[1, 1]] * 10 and on_caller == 20
+    assert runs == [[1, 1]] * 10 and on_caller == [[1, 1]] * 10
 
 
 @pytest.mark.parametrize("threads", [2, 3], ids=["team-slot", "slot-past-the-team"])
