@@ -839,6 +839,27 @@ def test_cell_latency_path_leaves_bad_input_to_the_general_checks():
         assert cell(torch.randn(6))[0].shape == (5,)  # unbatched: the general path
 
 
+@pytest.mark.parametrize("cell_class", [lstm_fused.LSTMCell, lstm_fused.GRUCell])
+@pytest.mark.parametrize("case", ["input_size", "batch", "state_width", "state_dtype",
+                                  "input_dtype", "state_not_a_tensor"])
+def test_cell_latency_path_raises_what_the_general_path_raises(cell_class, case):
+    """Under no_grad the cells call their one op without checking the arguments first; where
+    the op refuses them the general path runs and raises its error (torch.nn's): the same
+    exception and message as with autograd on."""
+    cell = cell_class(6, 5)
+    x, h = torch.randn(3, 6), torch.randn(3, 5)
+    x, h = {"input_size": (torch.randn(3, 7), h), "batch": (x, torch.randn(2, 5)),
+            "state_width": (x, torch.randn(3, 4)), "state_dtype": (x, h.double()),
+            "input_dtype": (x.double(), h), "state_not_a_tensor": (x, h.tolist())}[case]
+    hx = (h, torch.randn(3, 5)) if cell_class is lstm_fused.LSTMCell else h
+    with pytest.raises(Exception) as with_grad:
+        cell(x, hx)
+    with pytest.raises(Exception) as without_grad, torch.no_grad():
+        cell(x, hx)
+    assert type(without_grad.value) is type(with_grad.value)
+    assert str(without_grad.value) == str(with_grad.value)
+
+
 def test_cell_latency_path_follows_replaced_parameters():
     """Pruning or a parametrization replaces a parameter by a computed tensor (the module's
     _parameters no longer hold it): the latency path must not read a pruned bias as absent."""
