@@ -107,14 +107,19 @@ class _RecurrentMixin:
         checks the rest (shapes, dtypes, devices): _one_op_step."""
         if self.training and self.weight_dropout > 0:
             return None
-        params = self._parameters  # a dict lookup, not nn.Module.__getattr__, per parameter
-        weights = [params.get(name) for name in self._step_parameter_names]
-        if any(p is None for p in weights) or type(input) is not Tensor or input.dim() != 2:
+        if type(input) is not Tensor or input.dim() != 2:
             return None
-        device_type = input.device.type
+        device_type = "cpu" if input.is_cpu else input.device.type
         if (device_type not in _STEP_DEVICES or torch.is_autocast_enabled(device_type)
                 or torch.compiler.is_compiling()):
             return None
+        params = self._parameters  # a dict lookup, not nn.Module.__getattr__, per parameter
+        weights = []
+        for name in self._step_parameter_names:
+            weight = params.get(name)
+            if weight is None:
+                return None
+            weights.append(weight)
         return weights
 
     @staticmethod
