@@ -191,7 +191,7 @@ void parallel_range(int64_t begin, int64_t end, int64_t grain,
   if (n <= 0) return;
   const int64_t task = std::max<int64_t>(grain, 1);
   const int64_t threads = std::min(current_team->size(), (n + task - 1) / task);
-  if (n <= grain || threads <= 1) {
+  if (threads <= 1) {  // also every range of at most `grain`
     f(begin, end);
     return;
   }
