@@ -6,7 +6,7 @@ while in one process, with the host's state shown: the A/B check behind docs/bat
     python benchmarks/forward_ab.py --gemm-modes simd,onednn --split-ms 9.6
 
 Each round times nn.LSTM and every configuration (an input-projection chunk size,
-`lstm_fused.cpu_gemm.inference_chunks`, times a forced GEMM path, `cpu_gemm.set_mode`), in an
+`lstm_fused.cpu_gemm.projection_chunks`, times a forced GEMM path, `cpu_gemm.set_mode`), in an
 order rotated from round to round, each over --calls calls, and keeps each configuration's ratio to that round's nn.LSTM time: the host
 changes speed within minutes (its other tenants), and alternating lets every configuration see
 the same host. It prints each configuration's median ratio and quartiles, and nn.LSTM's time
@@ -72,7 +72,7 @@ def main() -> None:
 
     def run_ours(rows: int, mode: str) -> float:
         cpu_gemm.set_mode(mode)
-        with cpu_gemm.inference_chunks(rows):
+        with cpu_gemm.projection_chunks(rows):
             return timed(ours)
 
     rounds = []  # (nn seconds, [ratio per config])
@@ -96,7 +96,7 @@ def main() -> None:
     print(f"{_cpu_name()}, torch {torch.__version__}, "
           f"{args.threads} threads; T={T} B={B} I=H={H} {args.peephole}, forward under no_grad; "
           f"{len(rounds)} rounds of {args.calls} calls; chunk rows 0 = "
-          f"{cpu_gemm.inference_chunk_rows(4 * H * 4)} here")
+          f"{cpu_gemm.projection_chunk_rows(4 * H * 4)} here")
     groups = [("all rounds", rounds)]
     if args.split_ms > 0:
         groups += [(f"nn.LSTM < {args.split_ms} ms", [r for r in rounds if r[0] * 1e3 < args.split_ms]),

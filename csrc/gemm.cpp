@@ -548,7 +548,7 @@ void clear_cpu_gemm_choices() {
 }
 
 namespace {
-// The forced rows of an inference chunk (0: from the cache size), set_inference_chunk_rows.
+// The forced rows of a projection chunk (0: from the cache size), set_projection_chunk_rows.
 std::atomic<int64_t>& forced_chunk_rows() {
   static std::atomic<int64_t> rows{0};
   return rows;
@@ -575,7 +575,7 @@ int64_t cache_bytes(int level, int64_t otherwise) {
 
 }  // namespace
 
-int64_t inference_chunk_rows(int64_t row_bytes) {
+int64_t projection_chunk_rows(int64_t row_bytes) {
   const int64_t forced = forced_chunk_rows().load();
   if (forced > 0) return forced;
   // Half of what the running threads' L2 caches hold: the other half keeps the recurrent
@@ -586,10 +586,10 @@ int64_t inference_chunk_rows(int64_t row_bytes) {
   return std::max<int64_t>(1, l2 * at::get_num_threads() / 2 / std::max<int64_t>(1, row_bytes));
 }
 
-int64_t forced_inference_chunk_rows() { return forced_chunk_rows().load(); }
+int64_t forced_projection_chunk_rows() { return forced_chunk_rows().load(); }
 
-void set_inference_chunk_rows(int64_t rows) {
-  TORCH_CHECK_VALUE(rows >= 0, "lstm_fused.cpu_gemm: inference chunk rows must be >= 0 (0: from "
+void set_projection_chunk_rows(int64_t rows) {
+  TORCH_CHECK_VALUE(rows >= 0, "lstm_fused.cpu_gemm: projection chunk rows must be >= 0 (0: from "
                     "the L2 cache size), got ", rows);
   forced_chunk_rows().store(rows);
 }

@@ -1,9 +1,13 @@
 // One LSTM layer in one direction over a whole sequence, padded [T, B, I] or packed [N, I] with
 // per-step batch sizes. The time loop is here, in C++, and is the same for every device:
-//   forward,  once:      gates = x W_ih^T + b_ih + b_hh           (one GEMM over all steps)
+//   forward,  once:      gates = x W_ih^T + b_ih + b_hh           (one GEMM over all steps; on
+//                                                                  the CPU a chunk of steps at
+//                                                                  a time: StepPreactivations)
 //             per step:  z_t = gates_t + h_{t-1} W_hh^T           (one GEMM)
-//                        pointwise forward                        (one kernel; writes the
-//                                                                  activated gates over gates_t)
+//                        pointwise forward                        (one kernel; in training
+//                                                                  writes the activated gates:
+//                                                                  on the CPU to rows of their
+//                                                                  own, elsewhere over gates_t)
 //   backward, per step:  pointwise backward -> dz_t, dc_{t-1}      (one kernel)
 //                        dh_{t-1} = dz_t W_hh                     (one GEMM)
 //             once:      dW_ih, dW_hh, dx, bias and peephole gradients over all T*B rows.
@@ -274,9 +278,10 @@ int64_t saved_width(const LayerShape& shape, bool coupled, bool layer_norm) {
   return layer_norm ? layer_norm_saved_width(coupled, shape.hidden) : shape.gates * shape.hidden;
 }
 
-// Layer norm's pre-activations of every step in training, x W_ih^T without bias, in the first
-// G*H columns of [N, W] rows, W = layer_norm_saved_width: the kernel saves x̂ and the statistics
-// beside the activated gates. (Inference needs the G*H columns only: StepPreactivations.)
+// Layer norm's pre-activations of every step in training off the CPU, x W_ih^T without bias, in
+// the first G*H columns of [N, W] rows, W = layer_norm_saved_width: the kernel saves x̂ and the
+// statistics beside the activated gates. (Where the kernel saves them apart, the CPU and
+// inference, the G*H columns alone: StepPreactivations.)
 Tensor layer_norm_preactivations(const Tensor& x, const Tensor& weight_ih, bool coupled,
                                  int64_t hidden) {
   Tensor gates = at::empty({x.size(0), layer_norm_saved_width(coupled, hidden)}, x.options());
@@ -348,15 +353,15 @@ const T* get_if(const std::optional<T>& value) {
   return value ? &*value : nullptr;
 }
 
-// The input projections x_t W_ih^T (+ b) of a layer's steps, for its time loop. In the LSTM's
-// training all rows at once, in the tensor the caller made (the kernel writes the saved values
-// over them; computing them a chunk at a time into those rows measured no faster). For a loop
-// that only reads them (inference, the GRU), on the CPU, a chunk of whole steps at a time in
-// processing order (cpu_gemm.inference_chunk_rows: half of what the L2 caches hold), into one
-// buffer the chunks reuse, by a GEMM whose weight is prepared once: each chunk's rows are still
-// in the cache when its steps read them, where all T*B rows at once (MBs, tens of them at large
-// batches) go to fresh pages, are written back to memory and read again. A projection that fits
-// in one chunk is computed at once.
+// The input projections x_t W_ih^T (+ b) of a layer's steps, for its time loop. Off the CPU, in
+// the LSTM's training, all rows at once in the tensor the caller made (the kernel writes the
+// saved values over them). For a loop that only reads them (inference, the GRU, and on the CPU
+// the LSTM's training, whose kernel writes the saved values apart), on the CPU, a chunk of whole
+// steps at a time in processing order (cpu_gemm.projection_chunk_rows: half of what the L2 caches
+// hold), into one buffer the chunks reuse, by a GEMM whose weight is prepared once: each chunk's
+// rows are still in the cache when its steps read them, where all T*B rows at once (MBs, tens of
+// them at large batches) go to fresh pages, are written back to memory and read again. A
+// projection that fits in one chunk is computed at once.
 class StepPreactivations {
  public:
   StepPreactivations(const Schedule& s, Tensor all) : s_(s), rows_(std::move(all)) {}
@@ -366,7 +371,7 @@ class StepPreactivations {
   StepPreactivations(const Schedule& s, const Tensor& x, const Tensor& weight, const Tensor& bias,
                      int64_t gates)
       : s_(s), x_(x) {
-    const int64_t rows = inference_chunk_rows(weight.size(0) * weight.element_size());
+    const int64_t rows = projection_chunk_rows(weight.size(0) * weight.element_size());
     chunk_steps_ = std::max<int64_t>(1, rows / std::max<int64_t>(1, s.batch));
     if (rows >= s.rows || chunk_steps_ >= s.steps() || !x.is_cpu()) {
       rows_ = gemm_nt(x, weight, bias.defined() ? OptTensor(bias) : std::nullopt);
@@ -377,7 +382,7 @@ class StepPreactivations {
     gemm_.emplace(weight, chunk_steps_ * s.batch, (s.steps() + chunk_steps_ - 1) / chunk_steps_,
                   false, buffer_.stride(0), gates, bias);
   }
-  // All rows (training; inference when one chunk holds them).
+  // All rows (the caller's tensor, or one chunk that holds them all).
   const Tensor& all() const { return rows_; }
   // The GEMM that loads a chunk, or null (all rows at once).
   const RepeatedGemm* chunk_gemm() const { return get_if(gemm_); }
@@ -434,14 +439,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   const Tensor x = input.reshape({N, shape.input});
   const Tensor bias = input_bias(bias_ih, bias_hh);
   // Layer norm: the biases come after the norm (the kernel adds them), so the pre-activations
-  // are x W_ih^T alone (in training in the first G*H columns of rows wide enough for what the
-  // kernel saves).
+  // are x W_ih^T alone. In training the kernel writes what the backward needs (the activated
+  // gates; with layer norm also x̂ and the statistics, saved_width) to `saved`. On the CPU, as in
+  // inference and the GRU, the projection comes a chunk of steps at a time into a buffer the
+  // chunks reuse, and `saved` is a tensor of its own, written past the caches (stream_saved):
+  // the B = 16 training forward took 0.94x the time it took with the projection of all rows
+  // written to memory, read back and overwritten, forward+backward 0.98x at B = 16, 0.97x at
+  // B = 64, 0.95x at B = 16 capped at AVX2 (AMD EPYC Zen 4, T = 100, I = H = 256, in-process
+  // A/B; docs/batch-sweep.md). Elsewhere the projection of all rows at once, in rows as wide as
+  // `saved`, which the kernel overwrites: one tensor, not two.
+  const bool saved_apart = need_backward && input.device().is_cpu();
   StepPreactivations preactivations =
-      !need_backward ? StepPreactivations(s, x, weight_ih, layer_norm ? Tensor() : bias,
-                                          shape.gates)
-      : layer_norm   ? StepPreactivations(s, layer_norm_preactivations(x, weight_ih, coupled, H))
-                     : StepPreactivations(s, gemm_nt(x, weight_ih, bias.defined() ? OptTensor(bias)
-                                                                               : std::nullopt));
+      !need_backward || saved_apart
+          ? StepPreactivations(s, x, weight_ih, layer_norm ? Tensor() : bias, shape.gates)
+      : layer_norm ? StepPreactivations(s, layer_norm_preactivations(x, weight_ih, coupled, H))
+                   : StepPreactivations(s, gemm_nt(x, weight_ih, bias.defined() ? OptTensor(bias)
+                                                                             : std::nullopt));
+  const Tensor saved =
+      saved_apart     ? at::empty({N, saved_width(shape, coupled, layer_norm)}, options)
+      : need_backward ? preactivations.all()
+                      : Tensor();
   // Inference: the activated gates are not stored and the cell state goes only to the running
   // state.
   const bool zone_h = zoneout_h.has_value(), zone_c = zoneout_c.has_value();
@@ -486,7 +503,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   const Tensor w_ln = layer_norm ? weight_ln->contiguous() : Tensor();
   const Tensor bias_ln = layer_norm && bias.defined() ? bias.contiguous() : Tensor();
   set_layer_norm(p, w_ln, bias_ln, layer_norm_eps);
-  p.gates_stride = preactivations.stride();
+  p.gates_stride = saved.defined() ? saved.stride(0) : 0;
+  p.stream_saved = saved_apart;
   p.c_prev = state.c.data_ptr();
   p.c_prev_stride = state.c.stride(0);
   // The running state is c_out itself in inference (c_prev may alias it: loads come first).
@@ -517,7 +535,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     for (int64_t step = 0; step < s.steps(); ++step) {
       const int64_t t = s.time(step), n = s.sizes[t], row = s.offsets[t];
       const auto [z_rows, z_row] = preactivations.rows_of(step);
-      p.gates_out = need_backward ? row_ptr(z_rows, z_row) : nullptr;
+      p.gates_out = saved.defined() ? row_ptr(saved, row) : nullptr;
       p.c_out = need_backward ? row_ptr(cells, row)
                 : zone_c      ? computed_c.data_ptr()
                               : state.c.data_ptr();
@@ -589,7 +607,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
   if (!need_backward) return {output.view(per_row_sizes(input, R)), h_n, state.final_c(),
                              at::empty({0}, options), at::empty({0}, options)};
   return {output.view(per_row_sizes(input, R)), h_n, state.final_c(),
-          preactivations.all().view(per_row_sizes(input, preactivations.all().size(1))),
+          saved.view(per_row_sizes(input, saved.size(1))),
           cells.view(per_row_sizes(input, cells.size(1)))};
 }
 
@@ -913,6 +931,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(
   p.input_gates_stride = input_gates.stride();
   p.bias_hh = b_hh.defined() ? b_hh.data_ptr() : nullptr;
   p.gates_stride = gates.stride(0);
+  p.stream_saved = need_backward && input.device().is_cpu();
   p.h_out_stride = H;
   p.h_state = h_state.defined() ? h_state.data_ptr() : nullptr;
   p.h_state_stride = H;

@@ -207,9 +207,9 @@ void set_cpu_gemm_test_times(std::map<CpuGemmPath, std::vector<double>> trials,
 // a chunk of steps at a time, so that each chunk's rows are still in the cache when its steps
 // read them: the rows of a chunk, for rows of `row_bytes` bytes (half of what the threads' L2
 // caches hold, unless forced).
-int64_t inference_chunk_rows(int64_t row_bytes);
-int64_t forced_inference_chunk_rows();  // 0: from the cache size
-void set_inference_chunk_rows(int64_t rows);
+int64_t projection_chunk_rows(int64_t row_bytes);
+int64_t forced_projection_chunk_rows();  // 0: from the cache size
+void set_projection_chunk_rows(int64_t rows);
 
 // x [M, K] · weight [N, K]ᵀ (+ bias [N]) (+ addend [M, N]) as an [M, N] tensor, for GEMMs run
 // once per call (input projections, input gradients): ATen's addmm, in place into `addend` when

@@ -66,6 +66,10 @@ struct ForwardStep {
   const void* weight_ln;    // [G, H] γ, contiguous (layer_norm only)
   const void* bias_ln;      // [G*H] b_ih + b_hh, contiguous; null: no bias
   double layer_norm_eps;
+  // gates_out and (Part::All) c_out are rows saved for the backward that nothing in this call
+  // reads again: forward_chunk writes them past the CPU's caches (IO::stream), not over the
+  // step's data (layer norm's rows are written as usual).
+  bool stream_saved;
 };
 
 struct BackwardStep {
@@ -144,6 +148,7 @@ struct GruForwardStep {
   int64_t rows;
   int64_t hidden;
   c10::ScalarType dtype;
+  bool stream_saved;         // gates_out past the CPU's caches (ForwardStep::stream_saved)
 };
 
 struct GruBackwardStep {
@@ -202,9 +207,21 @@ struct ScalarIO {
   static constexpr int kWidth = 1;
   LSTM_HD static V load(const scalar_t* p, int /*n*/) { return static_cast<V>(*p); }
   LSTM_HD static void store(scalar_t* p, V v, int /*n*/) { *p = static_cast<scalar_t>(v); }
+  // A store that need not stay in the cache (the CPU's SimdIO: non-temporal where it can).
+  LSTM_HD static void stream(scalar_t* p, V v, int n) { store(p, v, n); }
   LSTM_HD static V keep(V v, int /*n*/) { return v; }  // the first n lanes, the others 0
   LSTM_HD static Scalar total(V v) { return v; }       // the sum of the lanes
 };
+
+// A value saved for the backward: streamed past the caches where the step allows it.
+template <typename IO>
+LSTM_HD inline void store_saved(bool stream, typename IO::storage_t* p, typename IO::V v, int n) {
+  if (stream) {
+    IO::stream(p, v, n);
+  } else {
+    IO::store(p, v, n);
+  }
+}
 
 // Computes the forward step for hidden units [j, j + n) of one row. IO decides how many values
 // one V holds (1 on the GPU, a SIMD register on the CPU). All loads come before all stores, so z
@@ -240,9 +257,9 @@ LSTM_HD inline void forward_chunk(const ForwardStep& p, int64_t row, int64_t j, 
     c = cell_update<kCoupled, kDiagonal>(z_i, z_f, z_g, c_prev, w_ci, w_cf, gates);
     if (p.cell_clip > 0) c = clip_state(c, V(p.cell_clip));
     if (out) {
-      if (!kCoupled) IO::store(out + L::i * H, gates.i, n);
-      IO::store(out + L::f * H, gates.f, n);
-      IO::store(out + L::g * H, gates.g, n);
+      if (!kCoupled) store_saved<IO>(p.stream_saved, out + L::i * H, gates.i, n);
+      store_saved<IO>(p.stream_saved, out + L::f * H, gates.f, n);
+      store_saved<IO>(p.stream_saved, out + L::g * H, gates.g, n);
     }
     V state = c;
     if (p.keep_c) {
@@ -250,7 +267,8 @@ LSTM_HD inline void forward_chunk(const ForwardStep& p, int64_t row, int64_t j, 
       state = zoneout(c_prev, c, keep);
       if (p.c_zoned) IO::store(static_cast<S*>(p.c_zoned) + row * p.c_zoned_stride + j, state, n);
     }
-    IO::store(c_out, c, n);
+    // Part::Update's c_out is what Part::Output reads.
+    store_saved<IO>(p.stream_saved && kPart == Part::All, c_out, c, n);
     if (p.c_state) IO::store(static_cast<S*>(p.c_state) + row * p.c_state_stride + j, state, n);
     if (kPart == Part::Update) return;
   }
@@ -259,7 +277,7 @@ LSTM_HD inline void forward_chunk(const ForwardStep& p, int64_t row, int64_t j, 
     const V keep = IO::load(static_cast<const S*>(p.keep_h) + row * p.keep_h_stride + j, n);
     h = zoneout(IO::load(static_cast<const S*>(p.h_prev) + row * p.h_prev_stride + j, n), h, keep);
   }
-  if (out) IO::store(out + L::o * H, gates.o, n);
+  if (out) store_saved<IO>(p.stream_saved, out + L::o * H, gates.o, n);
   IO::store(static_cast<S*>(p.h_out) + row * p.h_out_stride + j, h, n);
   if (p.h_state) IO::store(static_cast<S*>(p.h_state) + row * p.h_state_stride + j, h, n);
 }
@@ -703,10 +721,10 @@ LSTM_HD inline void gru_forward_chunk(const GruForwardStep& p, int64_t row, int6
   }
   if (p.gates_out) {
     S* out = static_cast<S*>(p.gates_out) + row * p.gates_stride + j;
-    IO::store(out + L::r * H, gates.r, n);
-    IO::store(out + L::z * H, gates.z, n);
-    IO::store(out + L::n * H, gates.n, n);
-    IO::store(out + L::b_n * H, b_n, n);
+    store_saved<IO>(p.stream_saved, out + L::r * H, gates.r, n);
+    store_saved<IO>(p.stream_saved, out + L::z * H, gates.z, n);
+    store_saved<IO>(p.stream_saved, out + L::n * H, gates.n, n);
+    store_saved<IO>(p.stream_saved, out + L::b_n * H, b_n, n);
   }
   IO::store(static_cast<S*>(p.h_out) + row * p.h_out_stride + j, h, n);
   if (p.h_state) IO::store(static_cast<S*>(p.h_state) + row * p.h_state_stride + j, h, n);

@@ -101,21 +101,21 @@ PyObject* clear_cpu_gemm_choices(PyObject*, PyObject*) {
   });
 }
 
-PyObject* inference_chunk_rows(PyObject*, PyObject* args) {
+PyObject* projection_chunk_rows(PyObject*, PyObject* args) {
   long long row_bytes = 0;
   if (!PyArg_ParseTuple(args, "L", &row_bytes)) return nullptr;
-  return guarded([&] { return PyLong_FromLongLong(lstm_fused::inference_chunk_rows(row_bytes)); });
+  return guarded([&] { return PyLong_FromLongLong(lstm_fused::projection_chunk_rows(row_bytes)); });
 }
 
-PyObject* forced_inference_chunk_rows(PyObject*, PyObject*) {
-  return guarded([] { return PyLong_FromLongLong(lstm_fused::forced_inference_chunk_rows()); });
+PyObject* forced_projection_chunk_rows(PyObject*, PyObject*) {
+  return guarded([] { return PyLong_FromLongLong(lstm_fused::forced_projection_chunk_rows()); });
 }
 
-PyObject* set_inference_chunk_rows(PyObject*, PyObject* arg) {
+PyObject* set_projection_chunk_rows(PyObject*, PyObject* arg) {
   const long long rows = PyLong_AsLongLong(arg);
   if (rows == -1 && PyErr_Occurred()) return nullptr;
   return guarded([&] {
-    lstm_fused::set_inference_chunk_rows(rows);
+    lstm_fused::set_projection_chunk_rows(rows);
     Py_RETURN_NONE;
   });
 }
@@ -177,12 +177,12 @@ PyMethodDef methods[] = {
     {"cpu_gemm_paths", cpu_gemm_paths, METH_O, "The CPU GEMM paths that run a dtype."},
     {"cpu_gemm_choices", cpu_gemm_choices, METH_NOARGS, "The measured choices, cached."},
     {"clear_cpu_gemm_choices", clear_cpu_gemm_choices, METH_NOARGS, "Forget them."},
-    {"inference_chunk_rows", inference_chunk_rows, METH_VARARGS,
-     "Rows of an inference chunk, for rows of that many bytes."},
-    {"forced_inference_chunk_rows", forced_inference_chunk_rows, METH_NOARGS,
-     "The forced inference chunk rows (0: from the L2 cache size)."},
-    {"set_inference_chunk_rows", set_inference_chunk_rows, METH_O,
-     "Force the inference chunk rows (0: from the L2 cache size)."},
+    {"projection_chunk_rows", projection_chunk_rows, METH_VARARGS,
+     "Rows of a projection chunk, for rows of that many bytes."},
+    {"forced_projection_chunk_rows", forced_projection_chunk_rows, METH_NOARGS,
+     "The forced projection chunk rows (0: from the L2 cache size)."},
+    {"set_projection_chunk_rows", set_projection_chunk_rows, METH_O,
+     "Force the projection chunk rows (0: from the L2 cache size)."},
     {"_set_cpu_gemm_test_times", set_cpu_gemm_test_times, METH_VARARGS,
      "Test only: deterministic trial and sample timings."},
     {"_thread_team_test", thread_team_test, METH_VARARGS,

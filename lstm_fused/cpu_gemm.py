@@ -29,9 +29,9 @@ falls back to "aten" there.
         ...
     lstm_fused.cpu_gemm.choices()   # [Choice(repeated=True, rows=64, n=1024, k=256, ...), ...]
 
-Inference (and the GRU) computes a layer's input projection a chunk of steps at a time, so that the
-steps read it from the cache: `inference_chunk_rows()` says how many rows a chunk holds (half of the
-threads' L2 caches), `inference_chunks(n)` / `set_inference_chunk_rows(n)` force it.
+A layer's time loop on the CPU computes its input projection a chunk of steps at a time, so that the
+steps read it from the cache: `projection_chunk_rows()` says how many rows a chunk holds (half of the
+threads' L2 caches), `projection_chunks(n)` / `set_projection_chunk_rows(n)` force it.
 """
 
 from __future__ import annotations
@@ -118,10 +118,10 @@ def clear() -> None:
     _C.clear_cpu_gemm_choices()
 
 
-def inference_chunk_rows(row_bytes: int = 4096) -> int:
+def projection_chunk_rows(row_bytes: int = 4096) -> int:
     """Rows per chunk of a layer's input projection on the CPU, for rows of `row_bytes` bytes
-    (4 * G * H for float32: 4096 at H=256), where the time loop only reads the projection: LSTM
-    inference (`need_backward=False`, as under `torch.no_grad()`) and the GRU.
+    (4 * G * H for float32: 4096 at H=256); the time loop only reads the projection (in training
+    the LSTM's and the GRU's kernels write what the backward needs to rows of their own).
 
     Such a loop computes the projection x_t W_ih^T a chunk of whole steps at a time, into one
     buffer the chunks reuse, by a GEMM whose weight is prepared once, so that each chunk's rows are
@@ -129,28 +129,27 @@ def inference_chunk_rows(row_bytes: int = 4096) -> int:
     large batches) of fresh pages, written back to memory and read again. A chunk is half of what
     the threads' L2 caches hold (the size Linux reads from the CPU, 1 MiB a core where it has
     none; the other half keeps the recurrent weight), at least one step; a projection that fits in
-    one chunk is computed at once. The LSTM's training computes it at once, into the rows the
-    backward keeps."""
-    return _C.inference_chunk_rows(int(row_bytes))
+    one chunk is computed at once."""
+    return _C.projection_chunk_rows(int(row_bytes))
 
 
-def set_inference_chunk_rows(rows: int) -> None:
-    """Force the rows of an inference chunk (0: from the L2 cache size again). The results do not
+def set_projection_chunk_rows(rows: int) -> None:
+    """Force the rows of a projection chunk (0: from the L2 cache size again). The results do not
     depend on it beyond the GEMM path each chunk shape takes (the same bits with a forced path)."""
     if isinstance(rows, bool) or not isinstance(rows, int):
         raise TypeError(f"lstm_fused.cpu_gemm: rows must be an int, got {type(rows).__name__}")
-    _C.set_inference_chunk_rows(rows)
+    _C.set_projection_chunk_rows(rows)
 
 
 @contextlib.contextmanager
-def inference_chunks(rows: int):
-    """Context manager: `set_inference_chunk_rows(rows)` inside, the previous setting after."""
-    previous = _C.forced_inference_chunk_rows()
-    set_inference_chunk_rows(rows)
+def projection_chunks(rows: int):
+    """Context manager: `set_projection_chunk_rows(rows)` inside, the previous setting after."""
+    previous = _C.forced_projection_chunk_rows()
+    set_projection_chunk_rows(rows)
     try:
         yield
     finally:
-        _C.set_inference_chunk_rows(previous)
+        _C.set_projection_chunk_rows(previous)
 
 
 @contextlib.contextmanager
@@ -166,5 +165,16 @@ def _test_times(trials: dict[str, list[float]], run_seconds: float = -1.0):
         _C._set_cpu_gemm_test_times({}, -1.0)
 
 
-__all__ = ["MODES", "Choice", "available", "choices", "clear", "get_mode", "inference_chunk_rows",
-           "inference_chunks", "mode", "set_inference_chunk_rows", "set_mode"]
+__all__ = [
+    "MODES",
+    "Choice",
+    "available",
+    "choices",
+    "clear",
+    "get_mode",
+    "mode",
+    "projection_chunk_rows",
+    "projection_chunks",
+    "set_mode",
+    "set_projection_chunk_rows",
+]

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, VARIANTS, assert_close, layer_op_args, variant_params
+from conftest import ROOT, VARIANTS, assert_close, layer_op_args, variant_id, variant_params
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm_fused
@@ -184,7 +184,7 @@ def test_balanced_chunks_give_the_bits_of_one_thread_whoever_runs_them():
     module, x = lstm_fused.LSTM(40, 200), torch.randn(12, 37, 40)
     threads = torch.get_num_threads()
     try:
-        with cpu_gemm.inference_chunks(37 * 4), torch.no_grad():
+        with cpu_gemm.projection_chunks(37 * 4), torch.no_grad():
             torch.set_num_threads(1)
             expected = module(x)[0]
             torch.set_num_threads(3)
@@ -554,7 +554,7 @@ def test_simd_is_the_default_for_a_weight_in_gate_groups(grouped):
     x = torch.randn(steps, batch, 24)
     cpu_gemm.clear()
     tie = {"aten": 0.97} if grouped else {"simd": 0.97}
-    with (cpu_gemm._test_times(trial_times(paths, tie)), cpu_gemm.inference_chunks(batch * 5),
+    with (cpu_gemm._test_times(trial_times(paths, tie)), cpu_gemm.projection_chunks(batch * 5),
           torch.no_grad()):
         module(x)
     repeated = [c for c in cpu_gemm.choices() if c.repeated]
@@ -662,7 +662,7 @@ CHUNK_CASES = {
 
 
 def inference_outputs(module, x, chunk_rows):
-    with torch.no_grad(), cpu_gemm.inference_chunks(chunk_rows):
+    with torch.no_grad(), cpu_gemm.projection_chunks(chunk_rows):
         out, state = module(x)
     out = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
     return [out, *(state if isinstance(state, tuple) else (state,))]
@@ -694,50 +694,82 @@ def test_inference_in_chunks_of_steps_gives_the_training_outputs(variant, case, 
                     assert_close(a, b.detach(), torch.float32, f"{path}, {rows} rows")
 
 
-def test_gru_projects_in_the_same_chunks_in_training_and_inference():
-    """The GRU's loop only reads its input projection: training computes it in chunks too, with
-    the same outputs and (simd path) the same gradients bit for bit as all at once."""
+TRAINING_CHUNK_CASES = {
+    **{f"lstm-{variant_id(v)}": {"peephole": v[0], "coupled": v[1]} for v in VARIANTS},
+    "lstm-layer-norm-diagonal": {"peephole": "diagonal", "layer_norm": True},
+    "lstm-projection+zoneout": {"proj_size": 3, "zoneout": 0.3},
+    "gru": {"family": "gru"},
+}
+
+
+@pytest.mark.parametrize("hidden", [7, 16, 18, 32])
+@pytest.mark.parametrize("case", list(TRAINING_CHUNK_CASES))
+def test_training_projects_in_chunks_with_the_results_of_one_projection(case, hidden):
+    """On the CPU training projects the input a chunk of steps at a time, as inference does, and
+    the kernel writes the saved rows apart, past the caches (stream_saved: whole aligned
+    registers of float32; H = 16 and 32 give those, H = 18 rows that are not all aligned, H = 7
+    none): in chunks of 1, 4 and 7 rows and in one, the simd path gives the outputs and the
+    gradients of every parameter and of the input bit for bit, inference the same outputs, and
+    they are the reference's within float32 rounding."""
+    kwargs = dict(TRAINING_CHUNK_CASES[case])
+    gru = kwargs.pop("family", "lstm") == "gru"
     torch.manual_seed(0)
-    gru = lstm_fused.GRU(5, 7, num_layers=2, bidirectional=True)
-    x = torch.randn(10, 4, 5)
+    module = (lstm_fused.GRU(5, hidden, num_layers=2, bidirectional=True) if gru
+              else lstm_fused.LSTM(5, hidden, num_layers=2, bidirectional=True, **kwargs))
+    x = torch.randn(10, 4, 5, requires_grad=True)
     cpu_gemm.set_mode("simd")
 
     def training(rows):
-        gru.zero_grad()
-        with cpu_gemm.inference_chunks(rows):
-            out, h = gru(x)
-            (out.square().sum() + h.sum()).backward()
-        return [out.detach(), h.detach()] + [p.grad.clone() for p in gru.parameters()]
+        module.zero_grad()
+        x.grad = None
+        torch.manual_seed(1)  # zoneout's masks
+        with cpu_gemm.projection_chunks(rows):
+            out, state = module(x)
+        states = state if isinstance(state, tuple) else (state,)
+        (out.square().sum() + sum(s.sum() for s in states)).backward()
+        return [out.detach(), *(s.detach() for s in states), x.grad.clone(),
+                *(p.grad.clone() for p in module.parameters())]
 
     whole = training(0)
     for rows in (1, 4, 7, 4096):
         for a, b in zip(training(rows), whole):
             assert torch.equal(a, b), rows
-        a, b = inference_outputs(gru, x, rows)
-        assert torch.equal(a, whole[0]) and torch.equal(b, whole[1]), rows
+        module.eval()  # zoneout: its expectation in inference
+        if not kwargs.get("zoneout"):
+            for a, b in zip(inference_outputs(module, x.detach(), rows), whole):
+                assert torch.equal(a, b), rows
+        module.train()
+    module._layer_fn = reference.gru_layer if gru else reference.lstm_layer
+    for a, b in zip(training(0), whole):
+        if kwargs.get("layer_norm"):  # the norm's divisions: test_layer_norm.py's tolerance
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        else:
+            assert_close(a, b, torch.float32, case)
     # Training does chunk: the measured choices show the chunk's GEMM (2 steps of 4 rows).
     cpu_gemm.set_mode("auto")
     cpu_gemm.clear()
+    del module._layer_fn
     training(8)
-    assert any(c.repeated and c.rows == 8 and c.n == 21 for c in cpu_gemm.choices())
+    gates = 3 if gru else 3 if kwargs.get("coupled") else 4
+    assert any(c.repeated and c.rows == 8 and c.n == gates * hidden for c in cpu_gemm.choices())
 
 
-def test_inference_chunks_follow_the_l2_cache_unless_forced():
-    chunk = cpu_gemm.inference_chunk_rows(4096)
+def test_projection_chunks_follow_the_l2_cache_unless_forced():
+    chunk = cpu_gemm.projection_chunk_rows(4096)
     assert chunk >= 1
-    assert cpu_gemm.inference_chunk_rows(2048) in (2 * chunk, 2 * chunk + 1)  # as many bytes
-    assert cpu_gemm.inference_chunk_rows(1 << 40) == 1  # at least one row
-    with cpu_gemm.inference_chunks(3):
-        assert cpu_gemm.inference_chunk_rows(4096) == cpu_gemm.inference_chunk_rows(8) == 3
-        with cpu_gemm.inference_chunks(0):
-            assert cpu_gemm.inference_chunk_rows(4096) == chunk
-        assert cpu_gemm.inference_chunk_rows(4096) == 3
-    assert cpu_gemm.inference_chunk_rows(4096) == chunk
-    with pytest.raises(ValueError, match="inference chunk rows must be >= 0"):
-        cpu_gemm.set_inference_chunk_rows(-1)
+    assert cpu_gemm.projection_chunk_rows(2048) in (2 * chunk, 2 * chunk + 1)  # as many bytes
+    assert cpu_gemm.projection_chunk_rows(1 << 40) == 1  # at least one row
+    with cpu_gemm.projection_chunks(3):
+        assert cpu_gemm.projection_chunk_rows(4096) == cpu_gemm.projection_chunk_rows(8) == 3
+        with cpu_gemm.projection_chunks(0):
+            assert cpu_gemm.projection_chunk_rows(4096) == chunk
+        assert cpu_gemm.projection_chunk_rows(4096) == 3
+    assert cpu_gemm.projection_chunk_rows(4096) == chunk
+    with pytest.raises(ValueError, match="projection chunk rows must be >= 0"):
+        cpu_gemm.set_projection_chunk_rows(-1)
     with pytest.raises(TypeError, match="rows must be an int"):
-        cpu_gemm.set_inference_chunk_rows(2.5)
-    assert cpu_gemm.inference_chunk_rows(4096) == chunk
+        cpu_gemm.set_projection_chunk_rows(2.5)
+    assert cpu_gemm.projection_chunk_rows(4096) == chunk
     # A forced size is used: the measured choices show the chunk's GEMM (2 steps of 4 rows).
     cpu_gemm.set_mode("auto")
     cpu_gemm.clear()

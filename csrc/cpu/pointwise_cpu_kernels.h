@@ -11,6 +11,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include <ATen/Dispatch.h>
@@ -135,6 +136,24 @@ struct SimdIO {
     LSTM_FUSED_ASAN_CHECK(p, n, true);
     v.store(p, n);
   }
+  // A whole aligned register of floats written with a non-temporal store, which does not read the
+  // line into the cache first nor keep it there (end_streamed_stores orders it); else a store.
+  static void stream(scalar_t* p, V v, int n) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (n == kWidth && reinterpret_cast<uintptr_t>(p) % sizeof(V) == 0) {
+        LSTM_FUSED_ASAN_CHECK(p, n, true);
+#if defined(CPU_CAPABILITY_AVX512)
+        _mm512_stream_ps(p, v);
+#else
+        _mm256_stream_ps(p, v);
+#endif
+        return;
+      }
+    }
+#endif
+    store(p, v, n);
+  }
   // The first n lanes of v, the others 0 (a partial chunk of a row reduction).
   static V keep(V v, int n) { return n == kWidth ? v : V::set(V(0), v, n); }
   static Scalar total(V v) {
@@ -149,13 +168,23 @@ struct SimdIO {
 template <typename scalar_t>
 struct ScalarCpuIO : ScalarIO<scalar_t> {};
 
+// Non-temporal stores are weakly ordered: a thread that streamed (SimdIO::stream) fences them
+// before its work is done, so a thread that waits for it reads what it wrote.
+inline void end_streamed_stores(bool streamed) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (streamed) _mm_sfence();
+#endif
+}
+
 // SIMD for the types Vectorized computes in natively, one value at a time otherwise.
 template <typename scalar_t>
 using CpuIO = std::conditional_t<std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>,
                                  SimdIO<scalar_t>, ScalarCpuIO<scalar_t>>;
 
+// `streamed`: the chunks may stream (end_streamed_stores).
 template <typename Chunk>
-void for_each_chunk(int64_t rows, int64_t hidden, int width, const Chunk& chunk) {
+void for_each_chunk(int64_t rows, int64_t hidden, int width, const Chunk& chunk,
+                    bool streamed = false) {
   // About 32k element-operations per task; each element costs a few dozen flops.
   const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(hidden, 1));
   parallel_range(0, rows, grain, [&](int64_t begin, int64_t end) {
@@ -164,6 +193,7 @@ void for_each_chunk(int64_t rows, int64_t hidden, int width, const Chunk& chunk)
         chunk(row, j, static_cast<int>(std::min<int64_t>(width, hidden - j)));
       }
     }
+    end_streamed_stores(streamed);
   });
 }
 
@@ -190,7 +220,7 @@ void forward_cpu(const ForwardStep& p) {
       for_each_chunk(p.rows, p.hidden, IO::kWidth, [&](int64_t row, int64_t j, int n) {
         forward_chunk<IO, decltype(coupled)::value, decltype(diagonal)::value,
                       decltype(part)::value>(p, row, j, n);
-      });
+      }, p.stream_saved);
     });
   });
 }
@@ -219,7 +249,7 @@ void gru_forward_cpu(const GruForwardStep& p) {
     using IO = CpuIO<scalar_t>;
     for_each_chunk(p.rows, p.hidden, IO::kWidth, [&](int64_t row, int64_t j, int n) {
       gru_forward_chunk<IO>(p, row, j, n);
-    });
+    }, p.stream_saved);
   });
 }
 

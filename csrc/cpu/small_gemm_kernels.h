@@ -436,6 +436,7 @@ void recurrent_step_by_units(const ForwardStep& step, const ChunkGemm& gemm) {
                                                static_cast<int>(std::min<int64_t>(kLanes, u1 - j)));
         }
       }
+      end_streamed_stores(step.stream_saved);
     });
   });
 }

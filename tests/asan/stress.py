@@ -79,7 +79,7 @@ def stress_layer(variant, dtype, hidden, packed, batch):
     what = f"layer {variant} {dtype} H={hidden} {'packed' if packed else 'padded'}"
     check(run(fused, x, lengths), expected, what)
     # Inference projects the input a chunk of steps at a time: here chunks of one step.
-    with torch.no_grad(), lstm_fused.cpu_gemm.inference_chunks(batch):
+    with torch.no_grad(), lstm_fused.cpu_gemm.projection_chunks(batch):
         inference = run_outputs(fused, x, lengths)
     check(inference, expected[:len(inference)], f"{what}, inference in chunks")
 
