@@ -662,11 +662,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const Tensor w_ln = layer_norm ? weight_ln->contiguous() : Tensor();
   // Diagonal peepholes on the CPU: dw_c summed step by step in the op-math type, while the step's
   // dz and c rows are in the cache (peephole_grad, one pass over all rows, elsewhere).
-  Tensor peephole_sums =
-      shape.peephole == Peephole::Diagonal && input.device().is_cpu()
-          ? at::zeros({num_peepholes(coupled) * H},
-                      options.dtype(at::toOpMathType(input.scalar_type())))
-          : Tensor();
+  const auto sum_options = options.dtype(at::toOpMathType(input.scalar_type()));
+  Tensor peephole_sums = shape.peephole == Peephole::Diagonal && input.device().is_cpu()
+                             ? at::zeros({num_peepholes(coupled) * H}, sum_options)
+                             : Tensor();
+  // The CPU's kernel of a whole step (no full peepholes, no layer norm) sums the bias gradient
+  // and dw_c itself (BackwardStep::bias_sums); otherwise dz's column sums after the loop and
+  // column_product_sums_into per step.
+  const bool sums_in_kernel = kernels.column_sums && !layer_norm && !full;
+  Tensor bias_sums = sums_in_kernel ? at::zeros({GH}, sum_options) : Tensor();
   // The gradients flowing back through the running states, dh_{t} and dc_{t}.
   const RunningState grad_state(grad_h_n ? *grad_h_n : at::zeros({B, R}, options),
                                 grad_c_n ? *grad_c_n : at::zeros({B, H}, options), full, true);
@@ -709,6 +713,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   p.grad_zhat_stride = GH;
   p.c_stride = c_all.stride(0);
   p.c_prev_tail = c_init.data_ptr(), p.c_prev_tail_stride = H;
+  p.bias_sums = bias_sums.defined() ? bias_sums.data_ptr() : nullptr;
+  p.peephole_sums = sums_in_kernel && peephole_sums.defined() ? peephole_sums.data_ptr() : nullptr;
   // Full peepholes add dh_{t-1} and part of dc_{t-1} with one accumulating GEMM, so the kernel
   // replaces dh after reading it by what passes straight to dh_{t-1} (zoneout's m dh, else 0).
   p.consume_grad_h2 = full || zone_h;
@@ -786,7 +792,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
                                    saved_gates.stride(0), GH}},
                                  n, input.scalar_type(), weight_ln_sums.data_ptr(), true);
       }
-      if (peephole_sums.defined()) {
+      if (peephole_sums.defined() && !p.peephole_sums) {
         // dw_c += this step's sums over rows of dz_(i,f) ⊙ c_{t-1} and dz_o ⊙ c_t, c_{t-1} from the
         // previous step's states for the rows carried from it, else from c_0.
         const int64_t carried = carried_rows(s, t);
@@ -825,7 +831,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   Tensor grad_weight_ih = gemm_tn(grad_z, x);
   Tensor grad_weight_hh = gemm_tn(grad_z, previous_states(out, h0, s));
   // With layer norm the bias is the norm's shift: its gradient is dẑ's, γ's is dẑ x̂'s.
-  Tensor grad_bias = layer_norm ? grad_zhat.sum(0) : grad_z.sum(0);
+  Tensor grad_bias = bias_sums.defined() ? bias_sums.to(input.scalar_type())
+                    : layer_norm          ? grad_zhat.sum(0)
+                                          : grad_z.sum(0);
   Tensor grad_weight_ln =
       weight_ln_sums.defined()
           ? weight_ln_sums.view({shape.gates, H}).to(input.scalar_type())

@@ -122,6 +122,13 @@ struct BackwardStep {
   const void* weight_ln;    // [G, H] γ, contiguous
   void* grad_zhat;          // [rows, G*H] gradient of the normalised pre-activations ẑ
   int64_t grad_zhat_stride;
+  // The CPU's step-by-step column sums, in the op-math type, added to while the step's dz rows
+  // are in the cache (null: summed elsewhere): bias_sums [G*H] += Σ_rows dz (the bias gradient),
+  // peephole_sums [P*H] += Σ_rows dz_(i,f) ⊙ c_{t-1}, dz_o ⊙ c_t (the diagonal peepholes'). Part::All
+  // without layer norm; the kernel then splits the units, not the rows, between the threads, so
+  // each column is summed in row order whatever the thread count (add_column_sums).
+  void* bias_sums;
+  void* peephole_sums;
 };
 
 // One GRU time step (lstm_math.h gru_update) for `rows` rows of `hidden` units. Saved rows for
@@ -209,6 +216,8 @@ struct ScalarIO {
   LSTM_HD static void store(scalar_t* p, V v, int /*n*/) { *p = static_cast<scalar_t>(v); }
   // A store that need not stay in the cache (the CPU's SimdIO: non-temporal where it can).
   LSTM_HD static void stream(scalar_t* p, V v, int n) { store(p, v, n); }
+  // *p += v for a sum kept in the op-math type.
+  LSTM_HD static void accumulate(Scalar* p, V v, int /*n*/) { *p += v; }
   LSTM_HD static V keep(V v, int /*n*/) { return v; }  // the first n lanes, the others 0
   LSTM_HD static Scalar total(V v) { return v; }       // the sum of the lanes
 };
@@ -302,6 +311,14 @@ LSTM_HD inline typename IO::V output_grad(const BackwardStep& p, int64_t row, in
   return dh;
 }
 
+// c_{t-1} of a row of the backward step: rows below c_prev_rows from c_prev, the others (packed
+// input: sequences that start at this step) from c_prev_tail.
+template <typename S>
+LSTM_HD inline const S* previous_cell_row(const BackwardStep& p, int64_t row) {
+  return row < p.c_prev_rows ? static_cast<const S*>(p.c_prev) + row * p.c_prev_stride
+                             : static_cast<const S*>(p.c_prev_tail) + row * p.c_prev_tail_stride;
+}
+
 template <typename IO, bool kCoupled, bool kDiagonal, Part kPart>
 LSTM_HD inline void backward_chunk(const BackwardStep& p, int64_t row, int64_t j, int n) {
   using S = typename IO::storage_t;
@@ -358,16 +375,40 @@ LSTM_HD inline void backward_chunk(const BackwardStep& p, int64_t row, int64_t j
   gates.f = IO::load(saved + L::f * H, n);
   gates.i = kCoupled ? V(1) - gates.f : IO::load(saved + L::i * H, n);
   gates.g = IO::load(saved + L::g * H, n);
-  const S* c_prev_row = row < p.c_prev_rows
-                            ? static_cast<const S*>(p.c_prev) + row * p.c_prev_stride
-                            : static_cast<const S*>(p.c_prev_tail) + row * p.c_prev_tail_stride;
-  const V c_prev = IO::load(c_prev_row + j, n);
+  const V c_prev = IO::load(previous_cell_row<S>(p, row) + j, n);
   CellGrads<V> grads{};
   cell_update_backward<kCoupled, kDiagonal>(dc, c_prev, gates, w_ci, w_cf, grads);
   if (!kCoupled) IO::store(dz + L::i * H, grads.dz_i, n);
   IO::store(dz + L::f * H, grads.dz_f, n);
   IO::store(dz + L::g * H, grads.dz_g, n);
   IO::store(dc_prev_out, p.keep_c ? grads.dc_prev + dc_kept : grads.dc_prev, n);
+}
+
+// A block of units' column sums over the rows of one backward step (BackwardStep::bias_sums).
+template <typename V>
+struct ColumnSums {
+  V dz[4];    // Σ dz of each gate block
+  V peep[3];  // Σ dz_i c_{t-1}, dz_f c_{t-1}, dz_o c_t (peep_i, peep_f, peep_o)
+};
+
+// Adds row `row`'s terms for hidden units [j, j + n) to `sums`, reading back the dz that
+// backward_chunk just wrote: the bias gradient is Σ dz, the diagonal peepholes' Σ dz_(i,f) c_{t-1}
+// and Σ dz_o c_t (the peephole terms of cell_update and cell_output).
+template <typename IO, bool kCoupled, bool kDiagonal>
+LSTM_HD inline void add_column_sums(const BackwardStep& p, int64_t row, int64_t j, int n,
+                                    ColumnSums<typename IO::V>& sums) {
+  using S = typename IO::storage_t;
+  using L = GateLayout<kCoupled>;
+  const int64_t H = p.hidden;
+  const S* dz = static_cast<const S*>(p.grad_z) + row * p.grad_z_stride + j;
+  for (int g = 0; g < L::kGates; ++g) sums.dz[g] = sums.dz[g] + IO::load(dz + g * H, n);
+  if (kDiagonal) {
+    const auto c_prev = IO::load(previous_cell_row<S>(p, row) + j, n);
+    const auto c = IO::load(static_cast<const S*>(p.c) + row * p.c_stride + j, n);
+    if (!kCoupled) sums.peep[L::peep_i] = sums.peep[L::peep_i] + IO::load(dz + L::i * H, n) * c_prev;
+    sums.peep[L::peep_f] = sums.peep[L::peep_f] + IO::load(dz + L::f * H, n) * c_prev;
+    sums.peep[L::peep_o] = sums.peep[L::peep_o] + IO::load(dz + L::o * H, n) * c;
+  }
 }
 
 // --- layer normalisation: whole rows ----------------------------------------------------------
@@ -826,6 +867,8 @@ struct PointwiseKernels {
   // The CPU table only: the drivers may run the simd path's one-kernel step (run_recurrent_step,
   // h W_hhᵀ and the pointwise forward together) instead of a GEMM and `forward`.
   bool cpu_simd_step = false;
+  // The CPU table only: `backward` sums the columns of BackwardStep::bias_sums / peephole_sums.
+  bool column_sums = false;
 };
 
 const PointwiseKernels& cpu_kernels();

@@ -405,6 +405,46 @@ def test_simd_weight_gradients_do_not_depend_on_the_thread_count(kind, input_siz
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("hidden", [7, 16, 17, 33])
+@pytest.mark.parametrize("variant", [(None, False), ("diagonal", False), (None, True),
+                                     ("diagonal", True)], ids=variant_id)
+def test_bias_and_peephole_gradients_summed_in_the_step_do_not_depend_on_the_thread_count(
+        variant, hidden, packed):
+    """The CPU's backward step sums the bias gradient and the diagonal peepholes' per block of
+    units over the rows in order (BackwardStep::bias_sums, backward_by_units), whichever thread
+    runs the block: 1, 2 and 3 threads give the same bits, and the sums are the reference's
+    (column sums of dz, and of dz times c_{t-1} / c_t) within float32 rounding. Widths below,
+    at and past the SIMD registers; packed rows read c_{t-1} of new sequences from c_0."""
+    peephole = variant[0]
+    fused, ref = twins(variant, input_size=5, hidden=hidden)
+    x = torch.randn(9, 6, 5)
+    lengths = torch.tensor([9, 9, 8, 5, 5, 2])
+    if packed:
+        x = pack_padded_sequence(x, lengths)
+    state = (torch.randn(1, 6, hidden), torch.randn(1, 6, hidden))
+
+    def gradients(module, threads):
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(threads)
+            module.zero_grad()
+            out, (h, c) = module(x, state)
+            out = out.data if packed else out
+            (out.square().sum() + h.sum() + c.square().sum()).backward()
+        finally:
+            torch.set_num_threads(before)
+        return [module.bias_ih_l0.grad.clone(), module.bias_hh_l0.grad.clone()] + (
+            [module.weight_ch_l0.grad.clone()] if peephole else [])
+
+    one = gradients(fused, 1)
+    for threads in (2, 3):
+        for a, b in zip(gradients(fused, threads), one):
+            assert torch.equal(a, b), threads
+    for a, b in zip(one, gradients(ref, 1)):
+        assert_close(a, b, torch.float32, "bias / peephole gradient")
+
+
 def test_weight_gradient_gemm_is_measured_between_aten_and_simd():
     """In training, the weight gradients' GEMM (aᵀ·b: out rows 4H, columns I or H, summed over
     T*B rows, keyed by the power of two above) is its own measured choice, between the two paths

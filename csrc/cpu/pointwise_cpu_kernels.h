@@ -154,6 +154,11 @@ struct SimdIO {
 #endif
     store(p, v, n);
   }
+  // *p += v on the first n lanes (a sum kept in the op-math type, which is scalar_t here).
+  static void accumulate(Scalar* p, V v, int n) {
+    LSTM_FUSED_ASAN_CHECK(p, n, true);
+    store(p, load(p, n) + v, n);
+  }
   // The first n lanes of v, the others 0 (a partial chunk of a row reduction).
   static V keep(V v, int n) { return n == kWidth ? v : V::set(V(0), v, n); }
   static Scalar total(V v) {
@@ -225,10 +230,47 @@ void forward_cpu(const ForwardStep& p) {
   });
 }
 
+// The backward step with its column sums (BackwardStep::bias_sums, peephole_sums): each task a
+// block of units over every row in row order, summing while the dz it wrote is in registers and
+// L1; one addition per block and step to the sums.
+template <typename IO, bool kCoupled, bool kDiagonal>
+void backward_by_units(const BackwardStep& p) {
+  using V = typename IO::V;
+  using Scalar = typename IO::Scalar;
+  using L = GateLayout<kCoupled>;
+  const int64_t H = p.hidden, blocks = (H + IO::kWidth - 1) / IO::kWidth;
+  parallel_range(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t j = block * IO::kWidth;
+      const int n = static_cast<int>(std::min<int64_t>(IO::kWidth, H - j));
+      ColumnSums<V> sums{{V(0), V(0), V(0), V(0)}, {V(0), V(0), V(0)}};
+      for (int64_t row = 0; row < p.rows; ++row) {
+        backward_chunk<IO, kCoupled, kDiagonal, Part::All>(p, row, j, n);
+        add_column_sums<IO, kCoupled, kDiagonal>(p, row, j, n, sums);
+      }
+      if (p.bias_sums) {
+        for (int g = 0; g < L::kGates; ++g) {
+          IO::accumulate(static_cast<Scalar*>(p.bias_sums) + g * H + j, sums.dz[g], n);
+        }
+      }
+      if (kDiagonal && p.peephole_sums) {
+        for (int k = 0; k < num_peepholes(kCoupled); ++k) {
+          IO::accumulate(static_cast<Scalar*>(p.peephole_sums) + k * H + j, sums.peep[k], n);
+        }
+      }
+    }
+  });
+}
+
 void backward_cpu(const BackwardStep& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "lstm_fused_backward_cpu", [&] {
     using IO = CpuIO<scalar_t>;
     variant_switch(p, [&](auto coupled, auto diagonal, auto part) {
+      if (p.bias_sums || p.peephole_sums) {
+        TORCH_INTERNAL_ASSERT(decltype(part)::value == Part::All && !p.layer_norm);
+        backward_by_units<IO, decltype(coupled)::value, decltype(diagonal)::value>(p);
+        return;
+      }
       if (p.layer_norm) {
         for_each_row(p.rows, p.hidden, [&](int64_t row) {
           layer_norm_backward_row<IO, decltype(coupled)::value, decltype(diagonal)::value,
@@ -367,7 +409,7 @@ void keep_mask_cpu(const KeepMask& p) {
 
 const PointwiseKernels& kernels() {
   static const PointwiseKernels table{forward_cpu, backward_cpu, gru_forward_cpu,
-                                      gru_backward_cpu, keep_mask_cpu, true};
+                                      gru_backward_cpu, keep_mask_cpu, true, true};
   return table;
 }
 
