@@ -400,14 +400,18 @@ LSTM_HD inline void add_column_sums(const BackwardStep& p, int64_t row, int64_t 
   using S = typename IO::storage_t;
   using L = GateLayout<kCoupled>;
   const int64_t H = p.hidden;
-  const S* dz = static_cast<const S*>(p.grad_z) + row * p.grad_z_stride + j;
-  for (int g = 0; g < L::kGates; ++g) sums.dz[g] = sums.dz[g] + IO::load(dz + g * H, n);
+  const S* dz_row = static_cast<const S*>(p.grad_z) + row * p.grad_z_stride + j;
+  typename IO::V dz[L::kGates];
+  for (int g = 0; g < L::kGates; ++g) {
+    dz[g] = IO::load(dz_row + g * H, n);
+    sums.dz[g] = sums.dz[g] + dz[g];
+  }
   if (kDiagonal) {
     const auto c_prev = IO::load(previous_cell_row<S>(p, row) + j, n);
     const auto c = IO::load(static_cast<const S*>(p.c) + row * p.c_stride + j, n);
-    if (!kCoupled) sums.peep[L::peep_i] = sums.peep[L::peep_i] + IO::load(dz + L::i * H, n) * c_prev;
-    sums.peep[L::peep_f] = sums.peep[L::peep_f] + IO::load(dz + L::f * H, n) * c_prev;
-    sums.peep[L::peep_o] = sums.peep[L::peep_o] + IO::load(dz + L::o * H, n) * c;
+    if (!kCoupled) sums.peep[L::peep_i] = sums.peep[L::peep_i] + dz[L::i] * c_prev;
+    sums.peep[L::peep_f] = sums.peep[L::peep_f] + dz[L::f] * c_prev;
+    sums.peep[L::peep_o] = sums.peep[L::peep_o] + dz[L::o] * c;
   }
 }
 
