@@ -415,7 +415,10 @@ def test_bias_and_peephole_gradients_summed_in_the_step_do_not_depend_on_the_thr
     units over the rows in order (BackwardStep::bias_sums, backward_by_units), whichever thread
     runs the block: 1, 2 and 3 threads give the same bits, and the sums are the reference's
     (column sums of dz, and of dz times c_{t-1} / c_t) within float32 rounding. Widths below,
-    at and past the SIMD registers; packed rows read c_{t-1} of new sequences from c_0."""
+    at and past the SIMD registers; packed rows read c_{t-1} of new sequences from c_0. The
+    GEMM path is forced: a measured choice is made per thread count, and another path's dh (so
+    dz) need not have the same bits."""
+    cpu_gemm.set_mode("simd")
     peephole = variant[0]
     fused, ref = twins(variant, input_size=5, hidden=hidden)
     x = torch.randn(9, 6, 5)
