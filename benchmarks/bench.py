@@ -982,10 +982,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--warmup", type=int, default=None, help="warmup calls per candidate (default 2; quick 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds per point (default 7; quick 5)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per point (default 7; quick 5; "
+                   "--batch-sweep 41)")
     p.add_argument("--min-repeats", type=int, default=3, help="rounds kept even over --point-budget")
     p.add_argument("--point-budget", type=float, default=None,
-                   help="seconds of timed rounds per (size, mode) point (default 60; quick 3)")
+                   help="seconds of timed rounds per (size, mode) point (default 60; quick 3; "
+                   "--batch-sweep 10)")
     p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager"))
     p.add_argument("--compile-timeout", type=float, default=120.0,
                    help="seconds before inductor is abandoned for aot_eager (default 120)")
@@ -1027,7 +1029,10 @@ def main(argv=None) -> dict:
         args.cell_sizes = [] if args.batch_sweep else [64, 256]
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick or args.batch_sweep
                                                                else 2)
-    args.repeats = args.repeats if args.repeats is not None else (5 if args.quick else 7)
+    # The sweep's calls are short (a few ms at small B): a median of 7 single-call rounds moved
+    # by +-3% from run to run, so it takes up to 41 rounds, still within --point-budget.
+    args.repeats = args.repeats if args.repeats is not None else (
+        5 if args.quick else 41 if args.batch_sweep else 7)
     args.min_repeats = min(args.min_repeats, args.repeats)
     if args.point_budget is None:
         args.point_budget = 3.0 if args.quick else 10.0 if args.batch_sweep else 60.0
